@@ -1,0 +1,85 @@
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+use super::{load, print_json, Outcome};
+use crate::graph::analysis::{inspect, Report, ValueDesc};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The ONNX model to describe.
+    pub model: PathBuf,
+    /// Print the report as JSON (schema: schemas/inspect.schema.json).
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(a: Args) -> anyhow::Result<Outcome> {
+    let m = load::model(&a.model)?;
+    let report = inspect(&m);
+    if a.json {
+        print_json(&report)?;
+    } else {
+        print!("{}", text(&report));
+    }
+    Ok(Outcome::Ok)
+}
+
+fn value(v: &ValueDesc) -> String {
+    let shape = match &v.shape {
+        Some(d) => format!("[{}]", d.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")),
+        None => "[?]".into(),
+    };
+    format!("{} {} {}", v.name, v.dtype, shape)
+}
+
+pub fn text(r: &Report) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "model       {}", r.file);
+    let _ = writeln!(s, "ir version  {}   producer {}", r.ir_version, r.producer);
+    let ops: Vec<String> =
+        r.opsets.iter().map(|(d, v)| format!("{}={v}", if d.is_empty() { "ai.onnx" } else { d })).collect();
+    let _ = writeln!(s, "opsets      {}", ops.join(", "));
+    for i in &r.inputs {
+        let _ = writeln!(s, "input       {}", value(i));
+    }
+    for o in &r.outputs {
+        let _ = writeln!(s, "output      {}", value(o));
+    }
+    let p = &r.parameters;
+    let _ = writeln!(s, "parameters  {} ({:.2} MB in {} tensors)", p.count, p.bytes as f64 / 1e6, p.tensors);
+    let hist: Vec<String> = r.ops.iter().map(|(k, v)| format!("{k} {v}")).collect();
+    let _ = writeln!(s, "nodes       {}: {}", r.nodes, hist.join(", "));
+    match &r.head {
+        Some(h) => {
+            let _ = writeln!(
+                s,
+                "head        {} classes via {} (weight {}{}){}",
+                h.classes,
+                h.nodes.join(" -> "),
+                h.weight,
+                h.bias.as_ref().map(|b| format!(", bias {b}")).unwrap_or_default(),
+                h.normalised.as_ref().map(|n| format!(", ends in {n}")).unwrap_or_default()
+            );
+        }
+        None => {
+            let _ = writeln!(s, "head        none (headless backbone)");
+        }
+    }
+    if let Some(f) = &r.feature {
+        let dim = f.dim.map(|d| d.to_string()).unwrap_or_else(|| "?".into());
+        let _ = writeln!(s, "feature     {} (dim {dim}, {})", f.tensor, f.from);
+    }
+    let _ = writeln!(
+        s,
+        "trainable   {} layers, {} weights",
+        r.trainable.len(),
+        r.trainable.iter().map(|l| l.params).sum::<usize>()
+    );
+    for l in &r.trainable {
+        let _ = writeln!(s, "  {:<12} {:<40} {:?}", l.op, l.weight, l.shape);
+    }
+    if !r.custom_ops.is_empty() {
+        let _ = writeln!(s, "custom ops  {}", r.custom_ops.join(", "));
+    }
+    s
+}

@@ -1,0 +1,61 @@
+//! Command-line interface: argument definitions and one module per subcommand.
+
+mod data_cmd;
+mod graph_cmd;
+mod inspect_cmd;
+mod load;
+mod run_cmd;
+
+use clap::{Parser, Subcommand};
+
+/// What a command concluded, beyond "it ran".
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Ok,
+    /// A comparison or verification found a difference (exit code 1).
+    CheckFailed,
+}
+
+/// mtpack: one pretrained ONNX backbone in, one multi-task ONNX model out.
+///
+/// Data goes to stdout (`--json` for machine-readable output); progress and logs go to
+/// stderr. Exit codes: 0 success, 1 a check failed, 2 error.
+#[derive(Parser, Debug)]
+#[command(name = "mtpack", version, about, long_about)]
+pub struct Cli {
+    /// Silence progress output on stderr.
+    #[arg(long, short, global = true)]
+    pub quiet: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Describe a model: inputs, outputs, ops, parameters, trainable layers, head and feature tensor.
+    Inspect(inspect_cmd::Args),
+    /// Run a model on inputs from a safetensors file in ONNX Runtime, tract, or both.
+    Run(run_cmd::Args),
+    /// Import and examine task datasets.
+    #[command(subcommand)]
+    Data(data_cmd::DataCommand),
+    /// Graph surgery: cut, drop or add heads, merge.
+    #[command(subcommand)]
+    Graph(graph_cmd::GraphCommand),
+}
+
+pub fn main() -> anyhow::Result<Outcome> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Inspect(a) => inspect_cmd::run(a),
+        Command::Run(a) => run_cmd::run(a),
+        Command::Data(c) => data_cmd::run(c, cli.quiet),
+        Command::Graph(c) => graph_cmd::run(c),
+    }
+}
+
+/// Prints a value as pretty JSON on stdout.
+pub(crate) fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}

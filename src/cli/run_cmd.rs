@@ -1,0 +1,277 @@
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use serde::Serialize;
+
+use super::{load, print_json, Outcome};
+use crate::data::{Dataset, Preprocessing};
+use crate::onnx::{tensor_type, Dim, Model};
+use crate::runtime::ort_rt::OrtSession;
+use crate::runtime::tract_rt::TractSession;
+use crate::runtime::{compare, Backend, Named};
+use crate::store;
+use crate::tensor::Tensor;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum RuntimeChoice {
+    Ort,
+    Tract,
+    Both,
+}
+
+/// Preprocessing flags shared by commands that feed datasets to models.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct PreprocessArgs {
+    /// Resize images to HxW (bilinear), e.g. 64x64.
+    #[arg(long, value_parser = parse_hw)]
+    pub resize: Option<[usize; 2]>,
+    /// Repeat a single grey channel to this many channels (e.g. 3 for RGB backbones).
+    #[arg(long)]
+    pub channels: Option<usize>,
+    /// Per-channel mean subtracted after scaling to [0, 1], comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub mean: Vec<f32>,
+    /// Per-channel standard deviation, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub std: Vec<f32>,
+}
+
+impl PreprocessArgs {
+    pub fn to_preprocessing(&self) -> Preprocessing {
+        Preprocessing { resize: self.resize, channels: self.channels, mean: self.mean.clone(), std: self.std.clone() }
+    }
+}
+
+pub fn parse_hw(s: &str) -> Result<[usize; 2], String> {
+    let (h, w) = s.split_once(['x', 'X']).ok_or_else(|| format!("'{s}' is not HxW (e.g. 64x64)"))?;
+    let p = |v: &str| v.trim().parse::<usize>().map_err(|_| format!("'{s}' is not HxW (e.g. 64x64)"));
+    Ok([p(h)?, p(w)?])
+}
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The ONNX model to run.
+    pub model: PathBuf,
+    /// A safetensors file: tensors named like the model's inputs, or a task dataset (its `x`
+    /// feeds the model's single input; with `y`, accuracy is reported).
+    #[arg(long)]
+    pub input: PathBuf,
+    /// Which runtime executes the model; `both` compares them.
+    #[arg(long, value_enum, default_value = "both")]
+    pub runtime: RuntimeChoice,
+    /// Largest absolute difference allowed between runtimes (with --runtime both).
+    #[arg(long, default_value_t = 1e-4)]
+    pub tolerance: f64,
+    /// Use only the first N images of a dataset.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Which split of a dataset to run.
+    #[arg(long, value_enum, default_value = "test")]
+    pub split: SplitChoice,
+    #[command(flatten)]
+    pub pre: PreprocessArgs,
+    /// Print outputs and comparisons as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SplitChoice {
+    Train,
+    Test,
+}
+
+#[derive(Serialize)]
+struct OutputRecord {
+    runtime: &'static str,
+    name: String,
+    shape: Vec<usize>,
+    values: Vec<f64>,
+}
+
+#[derive(Serialize)]
+struct RunReport {
+    schema: &'static str,
+    model: String,
+    input: String,
+    outputs: Vec<OutputRecord>,
+    max_abs_diff: Option<Vec<(String, f64)>>,
+    tolerance: f64,
+    accuracy: Option<f64>,
+    agree: bool,
+}
+
+pub fn run(a: Args) -> anyhow::Result<Outcome> {
+    let model = load::model(&a.model)?;
+    let (inputs, labels) = read_inputs(&model, &a).with_context(|| a.input.display().to_string())?;
+    let bytes = model.to_bytes();
+    let label = a.model.display().to_string();
+    let mut backends: Vec<Box<dyn Backend>> = Vec::new();
+    if matches!(a.runtime, RuntimeChoice::Ort | RuntimeChoice::Both) {
+        backends.push(Box::new(OrtSession::from_bytes(&bytes, &label)?));
+    }
+    if matches!(a.runtime, RuntimeChoice::Tract | RuntimeChoice::Both) {
+        backends.push(Box::new(TractSession::from_bytes(&bytes, &label)?));
+    }
+    let mut results: Vec<(&'static str, Named)> = Vec::new();
+    for b in &mut backends {
+        let out = b.run(&inputs).with_context(|| format!("running {label} in {}", b.name()))?;
+        results.push((b.name(), out));
+    }
+    let diffs = match results.as_slice() {
+        [(_, a_out), (_, b_out)] => Some(compare(a_out, b_out)?),
+        _ => None,
+    };
+    let agree = diffs.as_ref().is_none_or(|d| d.iter().all(|(_, v)| *v <= a.tolerance));
+    let accuracy = match (&labels, results.first()) {
+        (Some(y), Some((_, out))) => Some(accuracy(out, y, &a.model)?),
+        _ => None,
+    };
+    let report = RunReport {
+        schema: "mtpack.run/1",
+        model: label,
+        input: a.input.display().to_string(),
+        outputs: results
+            .iter()
+            .flat_map(|(rt, outs)| {
+                outs.iter().map(move |(n, t)| OutputRecord {
+                    runtime: rt,
+                    name: n.clone(),
+                    shape: t.shape().to_vec(),
+                    values: t.to_f64_vec(),
+                })
+            })
+            .collect(),
+        max_abs_diff: diffs,
+        tolerance: a.tolerance,
+        accuracy,
+        agree,
+    };
+    if a.json {
+        print_json(&report)?;
+    } else {
+        print_text(&report);
+    }
+    Ok(if agree { Outcome::Ok } else { Outcome::CheckFailed })
+}
+
+fn print_text(r: &RunReport) {
+    for o in &r.outputs {
+        let head: Vec<String> = o.values.iter().take(6).map(|v| format!("{v:.6}")).collect();
+        println!(
+            "{:<6} {} {:?} [{}{}]",
+            o.runtime,
+            o.name,
+            o.shape,
+            head.join(", "),
+            if o.values.len() > 6 { ", ..." } else { "" }
+        );
+    }
+    if let Some(acc) = r.accuracy {
+        println!("accuracy {acc:.4} (argmax of the first output against y)");
+    }
+    if let Some(d) = &r.max_abs_diff {
+        for (name, v) in d {
+            let verdict = if *v <= r.tolerance { "ok" } else { "DIFFERS" };
+            println!("max |ort - tract| {name}: {v:.3e} (tolerance {:.1e}) {verdict}", r.tolerance);
+        }
+    }
+}
+
+/// Model inputs from the file, plus the labels when the file is a dataset.
+fn read_inputs(model: &Model, a: &Args) -> anyhow::Result<(Vec<(String, Tensor)>, Option<Vec<i64>>)> {
+    let g = model.graph();
+    let names: Vec<&str> =
+        g.input.iter().map(|i| i.name()).filter(|n| !g.initializer.iter().any(|t| t.name() == *n)).collect();
+    let (tensors, _) = store::load(&a.input)?;
+    let (inputs, labels) = if names.iter().all(|n| tensors.contains_key(*n)) {
+        let mut v: Vec<(String, Tensor)> =
+            names.iter().filter_map(|n| tensors.get(*n).map(|t| (n.to_string(), t.clone()))).collect();
+        if let Some(n) = a.limit {
+            v = v.into_iter().map(|(k, t)| (k, first_rows(t, n))).collect();
+        }
+        (v, None)
+    } else if tensors.contains_key("x") {
+        let [only] = names.as_slice() else {
+            bail!(
+                "the model has {} inputs ({}); a dataset's x can feed only a single-input model",
+                names.len(),
+                names.join(", ")
+            );
+        };
+        let (x, y) = dataset_input(&a.input, a)?;
+        (vec![(only.to_string(), x)], Some(y))
+    } else {
+        bail!("holds neither the model's inputs ({}) nor a dataset's x", names.join(", "));
+    };
+    for (name, t) in &inputs {
+        check_shape(model, name, t)?;
+    }
+    Ok((inputs, labels))
+}
+
+fn dataset_input(path: &Path, a: &Args) -> anyhow::Result<(Tensor, Vec<i64>)> {
+    let d = Dataset::load(path)?;
+    let split = match (a.split, &d.test) {
+        (SplitChoice::Test, Some(t)) => t.clone(),
+        (SplitChoice::Test, None) => bail!("has no test split (x_test/y_test); pass --split train"),
+        (SplitChoice::Train, _) => d.train.clone(),
+    };
+    let n = a.limit.unwrap_or(split.len()).min(split.len());
+    let idx: Vec<usize> = (0..n).collect();
+    let split = split.select(&idx);
+    let pre = a.pre.to_preprocessing();
+    let x = if split.x.dtype() == crate::tensor::DType::F32 && pre.is_identity() && d.pixel_max == 1.0 {
+        split.x
+    } else {
+        Tensor::F32(pre.apply(&split.x, d.pixel_max)?.into_dyn())
+    };
+    Ok((x, split.y))
+}
+
+fn first_rows(t: Tensor, n: usize) -> Tensor {
+    let rows = t.shape().first().copied().unwrap_or(0).min(n);
+    let s = ndarray::Slice::from(0..rows);
+    match t {
+        Tensor::F32(a) => Tensor::F32(a.slice_axis(ndarray::Axis(0), s).to_owned()),
+        Tensor::U8(a) => Tensor::U8(a.slice_axis(ndarray::Axis(0), s).to_owned()),
+        Tensor::I64(a) => Tensor::I64(a.slice_axis(ndarray::Axis(0), s).to_owned()),
+        other => other,
+    }
+}
+
+/// Refuses inputs whose rank or fixed dimensions disagree with the model's declaration.
+fn check_shape(model: &Model, name: &str, t: &Tensor) -> anyhow::Result<()> {
+    let Some(decl) = model.graph().input.iter().find(|i| i.name() == name) else { return Ok(()) };
+    let Some((_, Some(dims))) = tensor_type(decl) else { return Ok(()) };
+    let fits = dims.len() == t.shape().len()
+        && dims.iter().zip(t.shape()).all(|(d, &s)| !matches!(d, Dim::Fixed(n) if *n >= 0 && *n as usize != s));
+    if !fits {
+        let want: Vec<String> = dims.iter().map(ToString::to_string).collect();
+        bail!("x has shape {:?} but model input '{name}' expects [{}]", t.shape(), want.join(", "));
+    }
+    Ok(())
+}
+
+fn accuracy(outputs: &Named, y: &[i64], model: &Path) -> anyhow::Result<f64> {
+    let Some((name, Tensor::F32(out))) = outputs.first() else {
+        bail!("{}: the first output is not float32", model.display())
+    };
+    let [n, k] = out.shape() else {
+        bail!("{}: output '{name}' has shape {:?}, not [N, classes]", model.display(), out.shape())
+    };
+    if let Some((i, l)) = y.iter().enumerate().find(|(_, &l)| l < 0 || l as usize >= *k) {
+        bail!("label {l} at index {i} is outside the {k} classes of output '{name}' of {}", model.display());
+    }
+    let rows = out.as_slice().map(|s| s.chunks(*k).collect::<Vec<_>>()).unwrap_or_default();
+    let correct = rows
+        .iter()
+        .zip(y)
+        .filter(|(row, &l)| {
+            let best =
+                row.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b });
+            best.0 as i64 == l
+        })
+        .count();
+    Ok(correct as f64 / (*n).max(1) as f64)
+}

@@ -1,0 +1,10 @@
+//! Task datasets: the safetensors file format, importers, splits and preprocessing.
+
+mod dataset;
+mod error;
+pub mod import;
+mod preprocess;
+
+pub use dataset::{Dataset, Split, Summary, FORMAT};
+pub use error::DataError;
+pub use preprocess::{resize_bilinear, Preprocessing};

@@ -1,0 +1,179 @@
+//! Preprocessing a task declares and the manifest records: scale to [0,1], resize (bilinear,
+//! half-pixel centres as in PyTorch's `interpolate(align_corners=False)`), repeat a grey
+//! channel, normalise with a per-channel mean and standard deviation.
+
+use ndarray::{Array4, ArrayD, Axis, Ix4};
+use serde::{Deserialize, Serialize};
+
+use super::DataError;
+use crate::tensor::Tensor;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Default)]
+pub struct Preprocessing {
+    /// Target [height, width]; None keeps the stored size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resize: Option<[usize; 2]>,
+    /// Channels after repeating a single grey channel (usually 3); None keeps them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channels: Option<usize>,
+    /// Per-channel mean subtracted after scaling to [0, 1]; empty means none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mean: Vec<f32>,
+    /// Per-channel standard deviation divided by; empty means none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub std: Vec<f32>,
+}
+
+impl Preprocessing {
+    pub fn is_identity(&self) -> bool {
+        *self == Preprocessing::default()
+    }
+
+    pub fn validate(&self) -> Result<(), DataError> {
+        let bad = |m: String| Err(DataError::Preprocessing(m));
+        if let Some([h, w]) = self.resize {
+            if h == 0 || w == 0 {
+                return bad(format!("resize {h}x{w} has a zero side"));
+            }
+        }
+        if self.channels == Some(0) {
+            return bad("channels must be at least 1".into());
+        }
+        if self.mean.len() != self.std.len() && !self.std.is_empty() && !self.mean.is_empty() {
+            return bad(format!("{} mean values but {} std values", self.mean.len(), self.std.len()));
+        }
+        if let Some(s) = self.std.iter().find(|s| !(**s > 0.0)) {
+            return bad(format!("std {s} is not positive"));
+        }
+        Ok(())
+    }
+
+    /// Applies to images [N, C, H, W]; `pixel_max` is the value that maps to 1.0 (255 for
+    /// 8-bit images, 16 for the UCI digits, 1 for data already scaled).
+    pub fn apply(&self, x: &Tensor, pixel_max: f32) -> Result<Array4<f32>, DataError> {
+        self.validate()?;
+        let scale = 1.0 / pixel_max;
+        let scaled: ArrayD<f32> = match x {
+            Tensor::U8(a) => a.mapv(|v| v as f32 * scale),
+            Tensor::F32(a) => a.mapv(|v| v * scale),
+            other => {
+                return Err(DataError::Preprocessing(format!(
+                    "images of type {} cannot be preprocessed",
+                    other.dtype()
+                )))
+            }
+        };
+        let mut img = scaled
+            .into_dimensionality::<Ix4>()
+            .map_err(|_| DataError::Preprocessing(format!("images must be [N, C, H, W], got {:?}", x.shape())))?;
+        if let Some([h, w]) = self.resize {
+            img = resize_bilinear(&img, h, w);
+        }
+        if let Some(c) = self.channels {
+            img = repeat_channels(img, c)?;
+        }
+        normalise(&mut img, &self.mean, &self.std)?;
+        Ok(img)
+    }
+}
+
+fn repeat_channels(img: Array4<f32>, c: usize) -> Result<Array4<f32>, DataError> {
+    let have = img.shape()[1];
+    if have == c {
+        return Ok(img);
+    }
+    if have != 1 {
+        return Err(DataError::Preprocessing(format!(
+            "cannot turn {have} channels into {c}: only a single channel repeats"
+        )));
+    }
+    let views: Vec<_> = (0..c).map(|_| img.view()).collect();
+    ndarray::concatenate(Axis(1), &views).map_err(|e| DataError::Preprocessing(e.to_string()))
+}
+
+fn normalise(img: &mut Array4<f32>, mean: &[f32], std: &[f32]) -> Result<(), DataError> {
+    let c = img.shape()[1];
+    let per = |v: &[f32], what: &str, default: f32| -> Result<Vec<f32>, DataError> {
+        match v.len() {
+            0 => Ok(vec![default; c]),
+            1 => Ok(vec![v[0]; c]),
+            n if n == c => Ok(v.to_vec()),
+            n => Err(DataError::Preprocessing(format!("{n} {what} values for {c} channels"))),
+        }
+    };
+    let (m, s) = (per(mean, "mean", 0.0)?, per(std, "std", 1.0)?);
+    for (ch, mut plane) in img.axis_iter_mut(Axis(1)).enumerate() {
+        let (mc, sc) = (m[ch], s[ch]);
+        plane.mapv_inplace(|v| (v - mc) / sc);
+    }
+    Ok(())
+}
+
+/// Bilinear resize with half-pixel centres (PyTorch `align_corners=False`, no antialias).
+pub fn resize_bilinear(img: &Array4<f32>, oh: usize, ow: usize) -> Array4<f32> {
+    let (n, c, ih, iw) = img.dim();
+    if (ih, iw) == (oh, ow) {
+        return img.clone();
+    }
+    let coords = |out: usize, inp: usize| -> Vec<(usize, usize, f32)> {
+        let scale = inp as f32 / out as f32;
+        (0..out)
+            .map(|o| {
+                let src = ((o as f32 + 0.5) * scale - 0.5).max(0.0);
+                let lo = (src.floor() as usize).min(inp - 1);
+                let hi = (lo + 1).min(inp - 1);
+                (lo, hi, src - lo as f32)
+            })
+            .collect()
+    };
+    let (ys, xs) = (coords(oh, ih), coords(ow, iw));
+    let mut out = Array4::<f32>::zeros((n, c, oh, ow));
+    for b in 0..n {
+        for ch in 0..c {
+            let src = img.index_axis(Axis(0), b);
+            let src = src.index_axis(Axis(0), ch);
+            for (oy, &(y0, y1, fy)) in ys.iter().enumerate() {
+                for (ox, &(x0, x1, fx)) in xs.iter().enumerate() {
+                    let top = src[[y0, x0]] * (1.0 - fx) + src[[y0, x1]] * fx;
+                    let bot = src[[y1, x0]] * (1.0 - fx) + src[[y1, x1]] * fx;
+                    out[[b, ch, oy, ox]] = top * (1.0 - fy) + bot * fy;
+                }
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::IxDyn;
+
+    #[test]
+    fn upsample_2x_matches_pytorch_half_pixel() {
+        // torch.nn.functional.interpolate([[0, 1]], size=4, mode="bilinear",
+        // align_corners=False) along one axis gives [0, 0.25, 0.75, 1].
+        let img = Array4::from_shape_vec((1, 1, 1, 2), vec![0.0, 1.0]).unwrap();
+        let out = resize_bilinear(&img, 1, 4);
+        assert_eq!(out.iter().copied().collect::<Vec<_>>(), vec![0.0, 0.25, 0.75, 1.0]);
+    }
+
+    #[test]
+    fn full_pipeline_scales_repeats_and_normalises() {
+        let x = Tensor::U8(ArrayD::from_shape_vec(IxDyn(&[1, 1, 2, 2]), vec![0, 255, 255, 0]).unwrap());
+        let p = Preprocessing { resize: None, channels: Some(3), mean: vec![0.5], std: vec![0.5] };
+        let out = p.apply(&x, 255.0).unwrap();
+        assert_eq!(out.dim(), (1, 3, 2, 2));
+        assert_eq!(out[[0, 2, 0, 1]], 1.0);
+        assert_eq!(out[[0, 1, 0, 0]], -1.0);
+    }
+
+    #[test]
+    fn bad_settings_are_named() {
+        let x = Tensor::U8(ArrayD::zeros(IxDyn(&[1, 2, 2, 2])));
+        let p = Preprocessing { channels: Some(3), ..Default::default() };
+        assert!(p.apply(&x, 255.0).unwrap_err().to_string().contains("2 channels into 3"));
+        let p = Preprocessing { std: vec![0.0], ..Default::default() };
+        assert!(p.validate().is_err());
+    }
+}

@@ -1,0 +1,279 @@
+//! What a model is made of: the facts `mtpack inspect` reports and that surgery and training
+//! build on (trainable layers, the classifier head and the feature tensor feeding it).
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde::Serialize;
+
+use super::index::{consumers, producers, Source};
+use crate::onnx::pb::{GraphProto, NodeProto};
+use crate::onnx::{attr, constant, tensor_proto, tensor_type, Dim, Model};
+
+pub const INSPECT_SCHEMA: &str = "mtpack.inspect/1";
+
+/// Ops a classifier's output may pass through after its last linear layer.
+const PASSTHROUGH: &[&str] = &["Identity", "Softmax", "LogSoftmax", "Sigmoid", "Dropout"];
+/// Ops whose second input is a weight that training can update.
+const WEIGHTED: &[&str] = &["Conv", "ConvTranspose", "Gemm", "MatMul"];
+
+#[derive(Debug, Serialize, Clone)]
+pub struct ValueDesc {
+    pub name: String,
+    pub dtype: String,
+    /// None when the model does not declare a shape.
+    pub shape: Option<Vec<Dim>>,
+}
+
+#[derive(Debug, Serialize, Clone)]
+pub struct Layer {
+    /// Name of the node that uses the weight.
+    pub node: String,
+    pub op: String,
+    pub weight: String,
+    pub shape: Vec<usize>,
+    pub bias: Option<String>,
+    pub params: usize,
+}
+
+#[derive(Debug, Serialize, Clone)]
+pub struct Head {
+    /// The nodes from the last linear layer to the output, in graph order.
+    pub nodes: Vec<String>,
+    pub output: String,
+    pub weight: String,
+    pub bias: Option<String>,
+    pub classes: usize,
+    /// The output ends in Softmax/LogSoftmax/Sigmoid (probabilities, not logits).
+    pub normalised: Option<String>,
+}
+
+#[derive(Debug, Serialize, Clone)]
+pub struct Feature {
+    pub tensor: String,
+    pub dim: Option<usize>,
+    /// "head input" when a head was found, "graph output" for a headless backbone.
+    pub from: &'static str,
+}
+
+#[derive(Debug, Serialize, Clone, Default)]
+pub struct Parameters {
+    pub tensors: usize,
+    /// Elements of floating-point constants (weights, biases, statistics).
+    pub count: usize,
+    pub bytes: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub schema: &'static str,
+    pub file: String,
+    pub ir_version: i64,
+    pub producer: String,
+    pub opsets: BTreeMap<String, i64>,
+    pub inputs: Vec<ValueDesc>,
+    pub outputs: Vec<ValueDesc>,
+    pub nodes: usize,
+    pub ops: BTreeMap<String, usize>,
+    pub parameters: Parameters,
+    pub trainable: Vec<Layer>,
+    pub head: Option<Head>,
+    pub feature: Option<Feature>,
+    /// Ops outside the default ONNX domain (custom ops), as "domain:Op".
+    pub custom_ops: Vec<String>,
+    /// Bytes of the file that belong to fields newer than mtpack's ONNX schema.
+    pub unknown_field_bytes: u64,
+}
+
+pub fn describe(v: &crate::onnx::pb::ValueInfoProto) -> ValueDesc {
+    let (dtype, shape) = match tensor_type(v) {
+        Some((code, shape)) => (tensor_proto::data_type_name(code).to_lowercase(), shape),
+        None => ("non-tensor".to_string(), None),
+    };
+    ValueDesc { name: v.name().to_string(), dtype, shape }
+}
+
+pub fn inspect(model: &Model) -> Report {
+    let g = model.graph();
+    let mut ops = BTreeMap::new();
+    let mut custom = Vec::new();
+    for n in &g.node {
+        *ops.entry(n.op_type().to_string()).or_insert(0) += 1;
+        if !n.domain().is_empty() && n.domain() != "ai.onnx" {
+            custom.push(format!("{}:{}", n.domain(), n.op_type()));
+        }
+    }
+    custom.sort();
+    custom.dedup();
+    let head = find_head(g);
+    let feature = find_feature(g, head.as_ref());
+    Report {
+        schema: INSPECT_SCHEMA,
+        file: model.origin.display().to_string(),
+        ir_version: model.proto.ir_version(),
+        producer: format!("{} {}", model.proto.producer_name(), model.proto.producer_version()).trim().to_string(),
+        opsets: model.proto.opset_import.iter().map(|o| (o.domain().to_string(), o.version())).collect(),
+        inputs: g.input.iter().filter(|i| !g.initializer.iter().any(|t| t.name() == i.name())).map(describe).collect(),
+        outputs: g.output.iter().map(describe).collect(),
+        nodes: g.node.len(),
+        ops,
+        parameters: parameters(g),
+        trainable: trainable_layers(g),
+        head,
+        feature,
+        custom_ops: custom,
+        unknown_field_bytes: model.unknown_bytes,
+    }
+}
+
+fn parameters(g: &GraphProto) -> Parameters {
+    let mut p = Parameters::default();
+    let consts = g.initializer.iter().chain(
+        g.node
+            .iter()
+            .filter(|n| n.op_type() == "Constant")
+            .filter_map(|n| attr::find(n, "value"))
+            .filter_map(|a| a.t.as_ref()),
+    );
+    for t in consts {
+        let Ok(count) = tensor_proto::declared_len(t) else { continue };
+        p.tensors += 1;
+        let dtype = tensor_proto::dtype_of(t.data_type());
+        p.bytes += dtype.map(|d| d.size()).unwrap_or(0) * count;
+        if matches!(dtype, Some(crate::tensor::DType::F32 | crate::tensor::DType::F64)) {
+            p.count += count;
+        }
+    }
+    p
+}
+
+fn const_shape(g: &GraphProto, name: &str) -> Option<Vec<usize>> {
+    let t = constant(g, name)?;
+    let float =
+        matches!(tensor_proto::dtype_of(t.data_type()), Some(crate::tensor::DType::F32 | crate::tensor::DType::F64));
+    if !float {
+        return None;
+    }
+    tensor_proto::shape_of(t).ok()
+}
+
+/// The bias added right after a MatMul: the constant input of its single Add consumer.
+fn matmul_bias(g: &GraphProto, cons: &HashMap<&str, Vec<usize>>, n: &NodeProto) -> Option<(usize, String)> {
+    let out = n.output.first()?;
+    let users = cons.get(out.as_str())?;
+    let [only] = users.as_slice() else { return None };
+    let add = g.node.get(*only)?;
+    if add.op_type() != "Add" {
+        return None;
+    }
+    let other = add.input.iter().find(|i| *i != out)?;
+    const_shape(g, other)?;
+    Some((*only, other.clone()))
+}
+
+pub fn trainable_layers(g: &GraphProto) -> Vec<Layer> {
+    let cons = consumers(g);
+    g.node
+        .iter()
+        .filter(|n| WEIGHTED.contains(&n.op_type()))
+        .filter_map(|n| {
+            let weight = n.input.get(1)?;
+            let shape = const_shape(g, weight)?;
+            let bias = match n.op_type() {
+                "MatMul" => matmul_bias(g, &cons, n).map(|(_, b)| b),
+                _ => n.input.get(2).filter(|b| !b.is_empty()).cloned(),
+            };
+            let params = shape.iter().product();
+            Some(Layer {
+                node: attr::node_label(n),
+                op: n.op_type().into(),
+                weight: weight.clone(),
+                shape,
+                bias,
+                params,
+            })
+        })
+        .collect()
+}
+
+/// Walks back from the first graph output through passthrough ops to a linear layer
+/// (Gemm, MatMul, or MatMul + Add) with a constant 2-D weight.
+pub fn find_head(g: &GraphProto) -> Option<Head> {
+    let prod = producers(g);
+    let cons = consumers(g);
+    let output = g.output.first()?.name().to_string();
+    let mut tensor = output.clone();
+    let mut chain = Vec::new();
+    let mut normalised = None;
+    loop {
+        let Some(Source::Node(idx)) = prod.get(tensor.as_str()) else { return None };
+        let n = g.node.get(*idx)?;
+        // A head's intermediate tensors belong to the head alone.
+        if tensor != output && cons.get(tensor.as_str()).is_some_and(|c| c.len() > 1) {
+            return None;
+        }
+        chain.push(*idx);
+        match n.op_type() {
+            op if PASSTHROUGH.contains(&op) => {
+                if op != "Identity" && op != "Dropout" {
+                    normalised = Some(op.to_string());
+                }
+                tensor = n.input.first()?.clone();
+            }
+            "Add" => {
+                let (a, b) = (n.input.first()?, n.input.get(1)?);
+                let (data, bias) = if const_shape(g, b).is_some() { (a, b) } else { (b, a) };
+                let Some(Source::Node(m)) = prod.get(data.as_str()) else { return None };
+                let mm = g.node.get(*m)?;
+                if mm.op_type() != "MatMul" {
+                    return None;
+                }
+                chain.push(*m);
+                return linear_head(g, mm, Some(bias.clone()), chain, output, normalised);
+            }
+            "Gemm" => {
+                let bias = n.input.get(2).filter(|b| !b.is_empty()).cloned();
+                return linear_head(g, n, bias, chain, output, normalised);
+            }
+            "MatMul" => return linear_head(g, n, None, chain, output, normalised),
+            _ => return None,
+        }
+    }
+}
+
+fn linear_head(
+    g: &GraphProto,
+    n: &NodeProto,
+    bias: Option<String>,
+    mut chain: Vec<usize>,
+    output: String,
+    normalised: Option<String>,
+) -> Option<Head> {
+    let weight = n.input.get(1)?.clone();
+    let shape = const_shape(g, &weight)?;
+    let [rows, cols] = shape.as_slice() else { return None };
+    let trans_b = n.op_type() == "Gemm" && attr::int_or(n, "transB", 0).ok()? != 0;
+    let classes = if trans_b { *rows } else { *cols };
+    chain.sort_unstable();
+    let nodes = chain.iter().filter_map(|i| g.node.get(*i)).map(attr::node_label).collect();
+    Some(Head { nodes, output, weight, bias, classes, normalised })
+}
+
+/// The linear layer's data input and its width; for a headless model, the graph output.
+pub fn find_feature(g: &GraphProto, head: Option<&Head>) -> Option<Feature> {
+    if let Some(h) = head {
+        let first = g.node.iter().find(|n| h.nodes.first().is_some_and(|f| *f == attr::node_label(n)))?;
+        let shape = const_shape(g, &h.weight)?;
+        let trans_b = first.op_type() == "Gemm" && attr::int_or(first, "transB", 0).ok()? != 0;
+        let dim = if trans_b { shape.get(1) } else { shape.first() };
+        return Some(Feature { tensor: first.input.first()?.clone(), dim: dim.copied(), from: "head input" });
+    }
+    let out = g.output.first()?;
+    let dim = match tensor_type(out).and_then(|(_, s)| s) {
+        Some(dims) if dims.len() == 2 => match dims.get(1) {
+            Some(Dim::Fixed(n)) if *n > 0 => Some(*n as usize),
+            _ => None,
+        },
+        _ => None,
+    };
+    Some(Feature { tensor: out.name().to_string(), dim, from: "graph output" })
+}

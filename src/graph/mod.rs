@@ -1,0 +1,11 @@
+//! Graph surgery and analysis on our ONNX types. Every edit goes through [`Patch`].
+
+pub mod analysis;
+pub mod cut;
+mod error;
+pub mod heads;
+pub mod index;
+mod patch;
+
+pub use error::GraphError;
+pub use patch::Patch;

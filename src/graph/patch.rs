@@ -1,0 +1,151 @@
+//! The one way mtpack edits a graph: collect changes in a [`Patch`], then `apply` it, which
+//! removes what became dead, restores topological order and validates the result. An edit
+//! that would leave a broken graph fails instead of returning it.
+
+use std::collections::HashSet;
+
+use super::index::{ancestors, node_reads, topo_sort, validate};
+use super::GraphError;
+use crate::onnx::pb::{NodeProto, TensorProto, ValueInfoProto};
+use crate::onnx::Model;
+
+#[derive(Default, Debug)]
+pub struct Patch {
+    add_nodes: Vec<NodeProto>,
+    add_initializers: Vec<TensorProto>,
+    add_inputs: Vec<ValueInfoProto>,
+    add_outputs: Vec<ValueInfoProto>,
+    set_inputs: Option<Vec<ValueInfoProto>>,
+    set_outputs: Option<Vec<ValueInfoProto>>,
+    /// Tensor renames applied to every reference, as (old, new).
+    renames: Vec<(String, String)>,
+    /// Node renames applied by name prefix, for merging graphs.
+    node_prefix: Option<String>,
+}
+
+impl Patch {
+    pub fn new() -> Patch {
+        Patch::default()
+    }
+
+    pub fn add_node(&mut self, n: NodeProto) -> &mut Self {
+        self.add_nodes.push(n);
+        self
+    }
+
+    pub fn add_initializer(&mut self, t: TensorProto) -> &mut Self {
+        self.add_initializers.push(t);
+        self
+    }
+
+    pub fn add_input(&mut self, v: ValueInfoProto) -> &mut Self {
+        self.add_inputs.push(v);
+        self
+    }
+
+    pub fn add_output(&mut self, v: ValueInfoProto) -> &mut Self {
+        self.add_outputs.push(v);
+        self
+    }
+
+    pub fn set_inputs(&mut self, v: Vec<ValueInfoProto>) -> &mut Self {
+        self.set_inputs = Some(v);
+        self
+    }
+
+    pub fn set_outputs(&mut self, v: Vec<ValueInfoProto>) -> &mut Self {
+        self.set_outputs = Some(v);
+        self
+    }
+
+    pub fn rename_tensor(&mut self, old: &str, new: &str) -> &mut Self {
+        self.renames.push((old.to_string(), new.to_string()));
+        self
+    }
+
+    pub fn prefix_node_names(&mut self, prefix: &str) -> &mut Self {
+        self.node_prefix = Some(prefix.to_string());
+        self
+    }
+
+    /// Applies the patch to a copy of `model`.
+    pub fn apply(&self, model: &Model) -> Result<Model, GraphError> {
+        let mut out = model.clone();
+        let taken: HashSet<String> = {
+            let g = out.graph();
+            g.initializer
+                .iter()
+                .map(|t| t.name().to_string())
+                .chain(g.node.iter().flat_map(|n| n.output.iter().cloned()))
+                .chain(g.input.iter().map(|i| i.name().to_string()))
+                .collect()
+        };
+        for t in &self.add_initializers {
+            if taken.contains(t.name()) {
+                return Err(GraphError::NameTaken { what: format!("initializer name '{}'", t.name()) });
+            }
+        }
+        let g = out.graph_mut();
+        if let Some(prefix) = &self.node_prefix {
+            for n in &mut g.node {
+                n.name = Some(format!("{prefix}{}", n.name()));
+            }
+        }
+        for (old, new) in &self.renames {
+            rename_everywhere(g, old, new);
+        }
+        g.node.extend(self.add_nodes.iter().cloned());
+        g.initializer.extend(self.add_initializers.iter().cloned());
+        if let Some(v) = &self.set_inputs {
+            g.input = v.clone();
+        }
+        g.input.extend(self.add_inputs.iter().cloned());
+        if let Some(v) = &self.set_outputs {
+            g.output = v.clone();
+        }
+        g.output.extend(self.add_outputs.iter().cloned());
+        topo_sort(g)?;
+        prune(&mut out);
+        validate(out.graph())?;
+        Ok(out)
+    }
+}
+
+fn rename_everywhere(g: &mut crate::onnx::pb::GraphProto, old: &str, new: &str) {
+    let fix = |s: &mut String| {
+        if s == old {
+            *s = new.to_string();
+        }
+    };
+    for n in &mut g.node {
+        n.input.iter_mut().for_each(fix);
+        n.output.iter_mut().for_each(fix);
+    }
+    for t in &mut g.initializer {
+        if t.name() == old {
+            t.name = Some(new.to_string());
+        }
+    }
+    for v in g.input.iter_mut().chain(g.output.iter_mut()).chain(g.value_info.iter_mut()) {
+        if v.name() == old {
+            v.name = Some(new.to_string());
+        }
+    }
+}
+
+/// Removes nodes that no output needs, then initializers, inputs and value_info that nothing
+/// references any more.
+fn prune(model: &mut Model) {
+    let g = model.graph_mut();
+    let outputs: Vec<String> = g.output.iter().map(|o| o.name().to_string()).collect();
+    let targets: Vec<&str> = outputs.iter().map(String::as_str).collect();
+    let keep: HashSet<usize> = ancestors(g, &targets, &HashSet::new()).into_iter().collect();
+    let nodes = std::mem::take(&mut g.node);
+    g.node = nodes.into_iter().enumerate().filter(|(i, _)| keep.contains(i)).map(|(_, n)| n).collect();
+    let mut used: HashSet<String> = g.node.iter().flat_map(|n| node_reads(n).into_iter().map(str::to_string)).collect();
+    used.extend(outputs);
+    g.initializer.retain(|t| used.contains(t.name()));
+    g.input.retain(|i| used.contains(i.name()));
+    let live: HashSet<String> = g.node.iter().flat_map(|n| n.output.iter().cloned()).collect();
+    g.value_info.retain(|v| live.contains(v.name()));
+}

@@ -1,0 +1,15 @@
+//! mtpack: turn one pretrained ONNX backbone into one deployable ONNX model serving many
+//! classification tasks.
+//!
+//! The modules follow the pipeline: [`onnx`] (I/O), [`graph`] (surgery), [`runtime`]
+//! (ONNX Runtime and tract), [`data`] (task datasets).
+
+pub mod cli;
+pub mod data;
+pub mod fsutil;
+pub mod graph;
+pub mod onnx;
+pub mod rng;
+pub mod runtime;
+pub mod store;
+pub mod tensor;

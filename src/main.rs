@@ -1,0 +1,15 @@
+//! The `mtpack` command: parse, run, map the outcome to an exit code
+//! (0 ok, 1 a check found something wanting, 2 error).
+
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    match mtpack::cli::main() {
+        Ok(mtpack::cli::Outcome::Ok) => ExitCode::from(0),
+        Ok(mtpack::cli::Outcome::CheckFailed) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,37 @@
+//! The two independent runtimes: ONNX Runtime (through ort) runs what is frozen and evaluates;
+//! tract verifies. Both take and return mtpack host tensors.
+
+mod error;
+pub mod ort_rt;
+pub mod tract_rt;
+
+pub use error::RuntimeError;
+
+use crate::tensor::{max_abs_diff, Tensor};
+
+/// Named tensors in, named tensors out.
+pub type Named = Vec<(String, Tensor)>;
+
+/// Something that runs an ONNX model.
+pub trait Backend {
+    /// A short name for messages and reports ("ort", "tract").
+    fn name(&self) -> &'static str;
+    fn run(&mut self, inputs: &[(String, Tensor)]) -> Result<Named, RuntimeError>;
+}
+
+/// Per-output largest absolute difference between two runs of the same model.
+pub fn compare(a: &Named, b: &Named) -> Result<Vec<(String, f64)>, RuntimeError> {
+    let mut out = Vec::new();
+    for (name, ta) in a {
+        let tb = b.iter().find(|(n, _)| n == name).map(|(_, t)| t).ok_or_else(|| RuntimeError::Mismatch {
+            output: name.clone(),
+            problem: "missing from the other runtime".into(),
+        })?;
+        let d = max_abs_diff(ta, tb).ok_or_else(|| RuntimeError::Mismatch {
+            output: name.clone(),
+            problem: format!("shapes differ: {:?} vs {:?}", ta.shape(), tb.shape()),
+        })?;
+        out.push((name.clone(), d));
+    }
+    Ok(out)
+}
