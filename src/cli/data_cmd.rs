@@ -12,7 +12,7 @@ use crate::tensor::Tensor;
 pub enum DataCommand {
     /// Import a dataset into mtpack's format (safetensors with x, y, x_test, y_test).
     #[command(subcommand)]
-    Import(Source),
+    Import(Box<Source>),
     /// Summarise a dataset file: shapes, labels, counts per class.
     Show {
         file: PathBuf,
@@ -58,9 +58,9 @@ pub enum Source {
     /// A folder with one sub-folder of images per class.
     Folder {
         dir: PathBuf,
-        /// 1 (grey) or 3 (RGB).
-        #[arg(long, default_value_t = 3)]
-        channels: usize,
+        /// Decode images as grey (1 channel) or rgb (3 channels).
+        #[arg(long, value_enum, default_value = "rgb")]
+        color: Color,
         /// Resize every image to HxW; without it all images must have the same size.
         #[arg(long, value_parser = parse_hw)]
         size: Option<[usize; 2]>,
@@ -73,6 +73,12 @@ pub enum Source {
         #[command(flatten)]
         common: CommonImport,
     },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Color {
+    Grey,
+    Rgb,
 }
 
 #[derive(clap::Args, Debug)]
@@ -119,7 +125,7 @@ pub fn run(c: DataCommand, quiet: bool) -> anyhow::Result<Outcome> {
             report(&d.summary(), json)?;
         }
         DataCommand::Import(source) => {
-            let (d, c) = import(source)?;
+            let (d, c) = import(*source)?;
             d.save(&c.output).with_context(|| format!("writing {}", c.output.display()))?;
             if !quiet {
                 eprintln!("wrote {}", c.output.display());
@@ -143,7 +149,8 @@ fn import(source: Source) -> anyhow::Result<(Dataset, CommonImport)> {
         Source::Csv { file, shape, label_column, pixel_max, common } => {
             (import::csv(&file, shape, label_column)?, None, None, pixel_max, format!("csv:{}", file.display()), common)
         }
-        Source::Folder { dir, channels, size, common } => {
+        Source::Folder { dir, color, size, common } => {
+            let channels = if color == Color::Grey { 1 } else { 3 };
             let (s, names) = import::folder(&dir, channels, size)?;
             (s, None, Some(names), 255.0, format!("folder:{}", dir.display()), common)
         }

@@ -179,7 +179,7 @@ fn print_text(r: &RunReport) {
 }
 
 /// Model inputs from the file, plus the labels when the file is a dataset.
-fn read_inputs(model: &Model, a: &Args) -> anyhow::Result<(Vec<(String, Tensor)>, Option<Vec<i64>>)> {
+fn read_inputs(model: &Model, a: &Args) -> anyhow::Result<(Named, Option<Vec<i64>>)> {
     let g = model.graph();
     let names: Vec<&str> =
         g.input.iter().map(|i| i.name()).filter(|n| !g.initializer.iter().any(|t| t.name() == *n)).collect();

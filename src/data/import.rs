@@ -206,7 +206,7 @@ pub fn mnist_json(dir: &Path) -> Result<Split, DataError> {
         let text = std::fs::read(&path).map_err(|source| DataError::Read { path: path.clone(), source })?;
         let d: Digits =
             serde_json::from_slice(&text).map_err(|e| invalid(&path, format!("not the mnist package's JSON: {e}")))?;
-        if d.data.len() % (SIDE * SIDE) != 0 {
+        if !d.data.len().is_multiple_of(SIDE * SIDE) {
             return Err(invalid(&path, format!("{} values is not a whole number of 28x28 images", d.data.len())));
         }
         if let Some(v) = d.data.iter().find(|v| !(0.0..=1.0).contains(*v)) {

@@ -42,7 +42,7 @@ impl Preprocessing {
         if self.mean.len() != self.std.len() && !self.std.is_empty() && !self.mean.is_empty() {
             return bad(format!("{} mean values but {} std values", self.mean.len(), self.std.len()));
         }
-        if let Some(s) = self.std.iter().find(|s| !(**s > 0.0)) {
+        if let Some(s) = self.std.iter().find(|s| s.is_nan() || **s <= 0.0) {
             return bad(format!("std {s} is not positive"));
         }
         Ok(())

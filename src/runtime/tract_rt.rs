@@ -27,6 +27,7 @@ fn fail(context: impl Into<String>) -> impl FnOnce(tract_onnx::prelude::TractErr
 
 impl TractSession {
     pub fn from_bytes(bytes: &[u8], label: &str) -> Result<TractSession, RuntimeError> {
+        let bytes = without_shape_hints(bytes);
         let model = tract_onnx::onnx().model_for_read(&mut &bytes[..]).map_err(fail(format!("loading {label}")))?;
         let inputs = model
             .input_outlets()
@@ -61,6 +62,25 @@ impl TractSession {
         self.plans.insert(key, plan.clone());
         Ok(plan)
     }
+}
+
+/// tract unifies declared symbolic dimensions (`DynamicDimension.0`) of outputs and
+/// value_info with the concrete shapes it is run at, and refuses the combination. Those
+/// declarations are hints that do not change what the graph computes, so they are dropped
+/// (element types stay); inputs get concrete shapes from the tensors at run time.
+fn without_shape_hints(bytes: &[u8]) -> Vec<u8> {
+    use crate::onnx::pb::{type_proto::Value, ModelProto};
+    use prost::Message;
+    let Ok(mut m) = ModelProto::decode(bytes) else { return bytes.to_vec() };
+    if let Some(g) = m.graph.as_mut() {
+        g.value_info.clear();
+        for o in &mut g.output {
+            if let Some(Value::TensorType(t)) = o.r#type.as_mut().and_then(|t| t.value.as_mut()) {
+                t.shape = None;
+            }
+        }
+    }
+    m.encode_to_vec()
 }
 
 fn datum_type(t: &Tensor) -> DatumType {

@@ -1,0 +1,10 @@
+//! Integration tests: drive the real `mtpack` binary (and, for round trips, the library) on
+//! the committed fixtures and on the real backbones fetched by `scripts/fetch.sh`.
+
+mod bad_input;
+mod data;
+mod graph;
+mod helpers;
+mod inspect;
+mod real;
+mod run;
