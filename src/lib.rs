@@ -6,6 +6,7 @@
 
 pub mod cli;
 pub mod data;
+pub mod engine;
 pub mod fsutil;
 pub mod graph;
 pub mod onnx;

@@ -78,6 +78,14 @@ pub fn text(r: &Report) -> String {
     for l in &r.trainable {
         let _ = writeln!(s, "  {:<12} {:<40} {:?}", l.op, l.weight, l.shape);
     }
+    match r.engine_missing_ops.as_slice() {
+        [] => {
+            let _ = writeln!(s, "engine      every op can train");
+        }
+        missing => {
+            let _ = writeln!(s, "engine      cannot execute yet: {}", missing.join(", "));
+        }
+    }
     if !r.custom_ops.is_empty() {
         let _ = writeln!(s, "custom ops  {}", r.custom_ops.join(", "));
     }

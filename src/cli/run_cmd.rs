@@ -5,6 +5,7 @@ use serde::Serialize;
 
 use super::{load, print_json, Outcome};
 use crate::data::{Dataset, Preprocessing};
+use crate::engine::CandleSession;
 use crate::onnx::{tensor_type, Dim, Model};
 use crate::runtime::ort_rt::OrtSession;
 use crate::runtime::tract_rt::TractSession;
@@ -16,7 +17,12 @@ use crate::tensor::Tensor;
 pub enum RuntimeChoice {
     Ort,
     Tract,
+    /// mtpack's training engine (ONNX on candle), forward only.
+    Candle,
+    /// ort and tract.
     Both,
+    /// ort, tract and candle.
+    All,
 }
 
 /// Preprocessing flags shared by commands that feed datasets to models.
@@ -56,10 +62,10 @@ pub struct Args {
     /// feeds the model's single input; with `y`, accuracy is reported).
     #[arg(long)]
     pub input: PathBuf,
-    /// Which runtime executes the model; `both` compares them.
+    /// Which runtime executes the model; with several, each is compared with the first.
     #[arg(long, value_enum, default_value = "both")]
     pub runtime: RuntimeChoice,
-    /// Largest absolute difference allowed between runtimes (with --runtime both).
+    /// Largest absolute difference allowed between runtimes (with both or all).
     #[arg(long, default_value_t = 1e-4)]
     pub tolerance: f64,
     /// Use only the first N images of a dataset.
@@ -70,6 +76,9 @@ pub struct Args {
     pub split: SplitChoice,
     #[command(flatten)]
     pub pre: PreprocessArgs,
+    /// Do not score a dataset's labels against the first output (e.g. labels of another task).
+    #[arg(long)]
+    pub ignore_labels: bool,
     /// Print outputs and comparisons as JSON.
     #[arg(long)]
     pub json: bool,
@@ -90,12 +99,21 @@ struct OutputRecord {
 }
 
 #[derive(Serialize)]
+struct Comparison {
+    reference: &'static str,
+    runtime: &'static str,
+    output: String,
+    max_abs_diff: f64,
+}
+
+#[derive(Serialize)]
 struct RunReport {
     schema: &'static str,
     model: String,
     input: String,
     outputs: Vec<OutputRecord>,
-    max_abs_diff: Option<Vec<(String, f64)>>,
+    /// Largest absolute difference of each output between each runtime and the first.
+    comparisons: Vec<Comparison>,
     tolerance: f64,
     accuracy: Option<f64>,
     agree: bool,
@@ -107,24 +125,34 @@ pub fn run(a: Args) -> anyhow::Result<Outcome> {
     let bytes = model.to_bytes();
     let label = a.model.display().to_string();
     let mut backends: Vec<Box<dyn Backend>> = Vec::new();
-    if matches!(a.runtime, RuntimeChoice::Ort | RuntimeChoice::Both) {
+    use RuntimeChoice::*;
+    if matches!(a.runtime, Ort | Both | All) {
         backends.push(Box::new(OrtSession::from_bytes(&bytes, &label)?));
     }
-    if matches!(a.runtime, RuntimeChoice::Tract | RuntimeChoice::Both) {
+    if matches!(a.runtime, Tract | Both | All) {
         backends.push(Box::new(TractSession::from_bytes(&bytes, &label)?));
+    }
+    if matches!(a.runtime, Candle | All) {
+        let s = CandleSession::new(&model, &candle_core::Device::Cpu)
+            .with_context(|| format!("{label}: building the training engine"))?;
+        backends.push(Box::new(s));
     }
     let mut results: Vec<(&'static str, Named)> = Vec::new();
     for b in &mut backends {
         let out = b.run(&inputs).with_context(|| format!("running {label} in {}", b.name()))?;
         results.push((b.name(), out));
     }
-    let diffs = match results.as_slice() {
-        [(_, a_out), (_, b_out)] => Some(compare(a_out, b_out)?),
-        _ => None,
-    };
-    let agree = diffs.as_ref().is_none_or(|d| d.iter().all(|(_, v)| *v <= a.tolerance));
+    let mut comparisons = Vec::new();
+    if let Some(((reference, first), rest)) = results.split_first() {
+        for (runtime, out) in rest {
+            for (output, max_abs_diff) in compare(first, out)? {
+                comparisons.push(Comparison { reference, runtime, output, max_abs_diff });
+            }
+        }
+    }
+    let agree = comparisons.iter().all(|c| c.max_abs_diff <= a.tolerance);
     let accuracy = match (&labels, results.first()) {
-        (Some(y), Some((_, out))) => Some(accuracy(out, y, &a.model)?),
+        (Some(y), Some((_, out))) if !a.ignore_labels => Some(accuracy(out, y, &a.model)?),
         _ => None,
     };
     let report = RunReport {
@@ -142,7 +170,7 @@ pub fn run(a: Args) -> anyhow::Result<Outcome> {
                 })
             })
             .collect(),
-        max_abs_diff: diffs,
+        comparisons,
         tolerance: a.tolerance,
         accuracy,
         agree,
@@ -170,11 +198,12 @@ fn print_text(r: &RunReport) {
     if let Some(acc) = r.accuracy {
         println!("accuracy {acc:.4} (argmax of the first output against y)");
     }
-    if let Some(d) = &r.max_abs_diff {
-        for (name, v) in d {
-            let verdict = if *v <= r.tolerance { "ok" } else { "DIFFERS" };
-            println!("max |ort - tract| {name}: {v:.3e} (tolerance {:.1e}) {verdict}", r.tolerance);
-        }
+    for c in &r.comparisons {
+        let verdict = if c.max_abs_diff <= r.tolerance { "ok" } else { "DIFFERS" };
+        println!(
+            "max |{} - {}| {}: {:.3e} (tolerance {:.1e}) {verdict}",
+            c.reference, c.runtime, c.output, c.max_abs_diff, r.tolerance
+        );
     }
 }
 
@@ -183,8 +212,11 @@ fn read_inputs(model: &Model, a: &Args) -> anyhow::Result<(Named, Option<Vec<i64
     let g = model.graph();
     let names: Vec<&str> =
         g.input.iter().map(|i| i.name()).filter(|n| !g.initializer.iter().any(|t| t.name() == *n)).collect();
-    let (tensors, _) = store::load(&a.input)?;
-    let (inputs, labels) = if names.iter().all(|n| tensors.contains_key(*n)) {
+    let (tensors, meta) = store::load(&a.input)?;
+    // A dataset (x and y, or marked as one) feeds its images even when an input is named x.
+    let is_dataset = meta.get("mtpack.format").is_some_and(|f| f == crate::data::FORMAT)
+        || (tensors.contains_key("x") && tensors.contains_key("y"));
+    let (inputs, labels) = if !is_dataset && names.iter().all(|n| tensors.contains_key(*n)) {
         let mut v: Vec<(String, Tensor)> =
             names.iter().filter_map(|n| tensors.get(*n).map(|t| (n.to_string(), t.clone()))).collect();
         if let Some(n) = a.limit {

@@ -80,6 +80,8 @@ pub struct Report {
     pub feature: Option<Feature>,
     /// Ops outside the default ONNX domain (custom ops), as "domain:Op".
     pub custom_ops: Vec<String>,
+    /// Ops the training engine cannot execute yet (empty: the whole graph can train).
+    pub engine_missing_ops: Vec<String>,
     /// Bytes of the file that belong to fields newer than mtpack's ONNX schema.
     pub unknown_field_bytes: u64,
 }
@@ -121,6 +123,7 @@ pub fn inspect(model: &Model) -> Report {
         head,
         feature,
         custom_ops: custom,
+        engine_missing_ops: crate::engine::missing_ops(model),
         unknown_field_bytes: model.unknown_bytes,
     }
 }

@@ -31,6 +31,8 @@ pub enum RuntimeError {
     Output { output: String, problem: String },
     #[error("output '{output}': {problem}")]
     Mismatch { output: String, problem: String },
+    #[error("training engine")]
+    Engine(#[source] Box<crate::engine::EngineError>),
     #[error("device '{device}' is not available: {why}")]
     Device { device: String, why: String },
 }

@@ -18,5 +18,20 @@ fn inspect_json_has_every_section() {
     assert_eq!(j["ops"]["Conv"], 2);
     assert_eq!(j["opsets"][""], 17);
     assert_eq!(j["trainable"].as_array().unwrap().len(), 4);
+    assert_eq!(j["engine_missing_ops"], serde_json::json!([]));
     assert_eq!(j["inputs"][0]["shape"], serde_json::json!(["batch", 1, 8, 8]));
+}
+
+#[test]
+fn inspect_reports_ops_the_engine_lacks() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = mtpack::onnx::Model::load(&tiny()).unwrap();
+    // Einsum is a valid ONNX op the engine does not execute.
+    m.graph_mut().node[2].op_type = Some("Einsum".into());
+    let f = dir.path().join("einsum.onnx");
+    m.save(&f).unwrap();
+    let j = mtpack(["inspect", "--json", p(&f)]).expect(0).json();
+    assert_eq!(j["engine_missing_ops"], serde_json::json!(["Einsum"]));
+    let r = mtpack(["run", p(&f), "--input", p(&digits()), "--runtime", "candle"]).expect(2);
+    assert!(r.stderr.contains("node 'relu1': op Einsum is not supported by the training engine"), "{}", r.stderr);
 }

@@ -154,3 +154,20 @@ fn run_real_backbone_on_real_images_through_the_binary() {
     assert_eq!(j["agree"], true);
     assert_eq!(j["outputs"][0]["shape"], serde_json::json!([10, 1280]));
 }
+
+#[test]
+fn engine_forward_matches_onnx_runtime_on_real_images() {
+    use candle_core::Device;
+    use mtpack::engine::CandleSession;
+    for b in backbones() {
+        let m = Model::load(&b.path).unwrap();
+        // Compare the feature tensor too, not only (possibly softmaxed) outputs.
+        let exposed =
+            if m.graph().output.iter().any(|o| o.name() == b.feature) { m.clone() } else { exposing(&m, b.feature) };
+        let inputs = vec![(b.input.to_string(), images(&b, 4))];
+        let reference = run_ort(&exposed, &inputs);
+        let ours = CandleSession::new(&exposed, &Device::Cpu).unwrap().run(&inputs).unwrap();
+        let d = worst(&compare(&reference, &ours).unwrap());
+        assert!(d < 1e-4, "{}: candle differs from ONNX Runtime by {d}", b.path.display());
+    }
+}

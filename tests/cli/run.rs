@@ -4,7 +4,7 @@ use crate::helpers::*;
 fn run_dataset_in_both_runtimes_agrees_and_reports_accuracy() {
     let j = mtpack(["run", p(&tiny()), "--input", p(&digits()), "--json"]).expect(0).json();
     assert_eq!(j["agree"], true);
-    let diff = j["max_abs_diff"][0][1].as_f64().unwrap();
+    let diff = j["comparisons"][0]["max_abs_diff"].as_f64().unwrap();
     assert!(diff < 1e-4, "ort vs tract differ by {diff}");
     // The tiny backbone scores 0.9861 on these 360 held-out digits (fixtures/README.md).
     let acc = j["accuracy"].as_f64().unwrap();

@@ -1,0 +1,125 @@
+//! CPU kernels for the ops whose candle versions are too slow or too limited for training
+//! real CNNs: grouped/depthwise 2-D convolution with asymmetric padding and its gradients,
+//! and pooling with padding, ceil mode and any stride. They run as candle custom ops, so
+//! autograd sees them like any other op.
+
+pub mod conv2d;
+pub mod pool2d;
+
+use candle_core::{CpuStorage, Layout};
+
+/// Element types the kernels run on: f32 for training, f64 for gradient checks.
+pub trait Real:
+    num_traits::Float + std::iter::Sum + Send + Sync + Default + std::ops::AddAssign + 'static + std::fmt::Debug
+{
+    fn from_f64(v: f64) -> Self;
+}
+
+impl Real for f32 {
+    fn from_f64(v: f64) -> Self {
+        v as f32
+    }
+}
+
+impl Real for f64 {
+    fn from_f64(v: f64) -> Self {
+        v
+    }
+}
+
+/// The contiguous slice of a storage for a layout; kernels require contiguous inputs.
+pub fn slice<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [T]> {
+    let data = s.as_slice::<T>()?;
+    match l.contiguous_offsets() {
+        Some((start, end)) => data.get(start..end).ok_or_else(|| candle_core::Error::Msg("layout out of range".into())),
+        None => Err(candle_core::Error::RequiresContiguous { op: "mtpack kernel" }),
+    }
+}
+
+/// `c (m x n) = [c +] a (m x k) * b (k x n)`, row-major, with optional transposes given as
+/// the operands' own storage order. Sizes are checked; a mismatch is an error, never UB.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm<T: Real>(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[T],
+    a_trans: bool,
+    b: &[T],
+    b_trans: bool,
+    c: &mut [T],
+    accumulate: bool,
+) -> candle_core::Result<()> {
+    if a.len() < m * k || b.len() < k * n || c.len() < m * n {
+        return Err(candle_core::Error::Msg(format!(
+            "gemm sizes: a {} < {m}x{k} or b {} < {k}x{n} or c {} < {m}x{n}",
+            a.len(),
+            b.len(),
+            c.len()
+        )));
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        if !accumulate {
+            c[..m * n].iter_mut().for_each(|v| *v = T::zero());
+        }
+        return Ok(());
+    }
+    // Strides (column stride, row stride) of each operand as stored.
+    let (a_cs, a_rs) = if a_trans { (m as isize, 1) } else { (1, k as isize) };
+    let (b_cs, b_rs) = if b_trans { (k as isize, 1) } else { (1, n as isize) };
+    // SAFETY: the length checks above guarantee every index gemm computes from these
+    // sizes and strides lies inside the slices.
+    unsafe {
+        ::gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.as_ptr(),
+            a_cs,
+            a_rs,
+            b.as_ptr(),
+            b_cs,
+            b_rs,
+            T::one(),
+            T::one(),
+            false,
+            false,
+            false,
+            ::gemm::Parallelism::None,
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gemm_with_transposes_matches_naive() {
+        let (m, n, k) = (3, 4, 5);
+        let a: Vec<f64> = (0..m * k).map(|i| i as f64 * 0.5 - 2.0).collect();
+        let b: Vec<f64> = (0..k * n).map(|i| (i as f64).sin()).collect();
+        let naive = |i: usize, j: usize| (0..k).map(|p| a[i * k + p] * b[p * n + j]).sum::<f64>();
+        let mut c = vec![0.0; m * n];
+        gemm(m, n, k, &a, false, &b, false, &mut c, false).unwrap();
+        let at: Vec<f64> = (0..k * m).map(|i| a[(i % m) * k + i / m]).collect();
+        let bt: Vec<f64> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
+        let mut c2 = vec![1.0; m * n];
+        gemm(m, n, k, &at, true, &bt, true, &mut c2, true).unwrap();
+        for i in 0..m {
+            for j in 0..n {
+                assert!((c[i * n + j] - naive(i, j)).abs() < 1e-12);
+                assert!((c2[i * n + j] - naive(i, j) - 1.0).abs() < 1e-12);
+            }
+        }
+        assert!(gemm(m, n, k, &a[1..], false, &b, false, &mut c, false).is_err());
+    }
+}

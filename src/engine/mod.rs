@@ -1,0 +1,277 @@
+//! The trainable part: ONNX graphs executed as candle operations, with chosen initializers as
+//! `Var`s so that `backward()` gives their gradients.
+
+#[cfg(test)]
+pub mod gradcheck;
+pub mod kernels;
+mod ops;
+pub mod registry;
+mod session;
+
+pub use session::CandleSession;
+
+use std::collections::{BTreeMap, HashMap};
+
+use candle_core::{DType, Device, Tensor, Var};
+
+use crate::onnx::attr::node_label;
+use crate::onnx::{tensor_proto, Model, OnnxError};
+
+/// Failures compiling or running a graph on candle. Each names the node.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Onnx(#[from] OnnxError),
+    #[error("node '{node}': op {op} is not supported by the training engine")]
+    Unsupported { node: String, op: String },
+    #[error("node '{node}' ({op}): {given} {what}, the engine accepts {min} to {max}")]
+    Arity { node: String, op: String, what: &'static str, given: usize, min: usize, max: usize },
+    #[error("node '{node}' ({op}): the model imports opset {opset}, the engine follows {op} from opset {since}")]
+    Opset { node: String, op: String, opset: i64, since: i64 },
+    #[error("node '{node}' ({op}): {problem}")]
+    Invalid { node: String, op: String, problem: String },
+    #[error("node '{node}' ({op}) failed")]
+    Exec {
+        node: String,
+        op: String,
+        #[source]
+        source: Box<candle_core::Error>,
+    },
+    #[error("tensor '{tensor}': {problem}")]
+    Tensor { tensor: String, problem: String },
+    #[error("{context}")]
+    Candle {
+        context: String,
+        #[source]
+        source: Box<candle_core::Error>,
+    },
+}
+
+/// Host tensor to candle; floats become `float`, integers int64, bools and bytes uint8.
+pub fn to_candle(t: &crate::tensor::Tensor, float: DType) -> candle_core::Result<Tensor> {
+    to_candle_on(t, float, &Device::Cpu)
+}
+
+pub fn to_candle_on(t: &crate::tensor::Tensor, float: DType, dev: &Device) -> candle_core::Result<Tensor> {
+    use crate::tensor::Tensor as H;
+    let shape = t.shape().to_vec();
+    let v = match t {
+        H::F32(a) => Tensor::from_iter(a.iter().copied(), dev)?.to_dtype(float)?,
+        H::F64(a) => Tensor::from_iter(a.iter().copied(), dev)?.to_dtype(float)?,
+        H::I64(a) => Tensor::from_iter(a.iter().copied(), dev)?,
+        H::I32(a) => Tensor::from_iter(a.iter().map(|&v| v as i64), dev)?,
+        H::I8(a) => Tensor::from_iter(a.iter().map(|&v| v as i64), dev)?,
+        H::U8(a) => Tensor::from_iter(a.iter().copied(), dev)?,
+        H::Bool(a) => Tensor::from_iter(a.iter().map(|&v| v as u8), dev)?,
+    };
+    v.reshape(shape)
+}
+
+/// candle tensor to host; floats come back as float32.
+pub fn from_candle(t: &Tensor) -> candle_core::Result<crate::tensor::Tensor> {
+    use crate::tensor::Tensor as H;
+    let shape = ndarray::IxDyn(t.dims());
+    let flat = t.flatten_all()?;
+    let shaped = |e: ndarray::ShapeError| candle_core::Error::Msg(e.to_string());
+    Ok(match t.dtype() {
+        DType::I64 => H::I64(ndarray::ArrayD::from_shape_vec(shape, flat.to_vec1::<i64>()?).map_err(shaped)?),
+        DType::U8 => H::U8(ndarray::ArrayD::from_shape_vec(shape, flat.to_vec1::<u8>()?).map_err(shaped)?),
+        _ => H::F32(
+            ndarray::ArrayD::from_shape_vec(shape, flat.to_dtype(DType::F32)?.to_vec1::<f32>()?).map_err(shaped)?,
+        ),
+    })
+}
+
+struct Step {
+    label: String,
+    op_type: String,
+    inputs: Vec<Option<String>>,
+    outputs: Vec<String>,
+    op: Box<dyn registry::Op>,
+}
+
+/// An ONNX graph compiled to candle operations.
+pub struct Engine {
+    steps: Vec<Step>,
+    inputs: Vec<String>,
+    outputs: Vec<String>,
+    constants: HashMap<String, Tensor>,
+    params: BTreeMap<String, Var>,
+    /// Index of the last step reading each tensor, to free intermediates early.
+    last_use: HashMap<String, usize>,
+    float: DType,
+    device: Device,
+}
+
+/// Default-domain ops of `model` that the engine cannot execute, sorted and unique.
+pub fn missing_ops(model: &Model) -> Vec<String> {
+    let mut v: Vec<String> = model
+        .graph()
+        .node
+        .iter()
+        .filter(|n| !(n.domain().is_empty() || n.domain() == "ai.onnx") || !registry::supports(n.op_type()))
+        .map(
+            |n| if n.domain().is_empty() { n.op_type().to_string() } else { format!("{}:{}", n.domain(), n.op_type()) },
+        )
+        .collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
+impl Engine {
+    /// Compiles `model`; float initializers for which `trainable` is true become `Var`s.
+    pub fn new(
+        model: &Model,
+        trainable: &dyn Fn(&str) -> bool,
+        float: DType,
+        device: &Device,
+    ) -> Result<Engine, EngineError> {
+        let g = model.graph();
+        let ctx = registry::BuildCtx { opset: model.opset("").unwrap_or(1), float };
+        let mut steps = Vec::with_capacity(g.node.len());
+        for n in &g.node {
+            let op = registry::build(n, &ctx)?;
+            steps.push(Step {
+                label: node_label(n),
+                op_type: n.op_type().to_string(),
+                inputs: n.input.iter().map(|i| (!i.is_empty()).then(|| i.clone())).collect(),
+                outputs: n.output.clone(),
+                op,
+            });
+        }
+        let (mut constants, mut params) = (HashMap::new(), BTreeMap::new());
+        for t in &g.initializer {
+            let host = tensor_proto::to_tensor(t)?;
+            let is_float = matches!(host.dtype(), crate::tensor::DType::F32 | crate::tensor::DType::F64);
+            let ct = to_candle_on(&host, float, device).map_err(|source| EngineError::Candle {
+                context: format!("initializer '{}'", t.name()),
+                source: Box::new(source),
+            })?;
+            if is_float && trainable(t.name()) {
+                let var = Var::from_tensor(&ct)
+                    .map_err(|source| EngineError::Candle { context: t.name().into(), source: Box::new(source) })?;
+                params.insert(t.name().to_string(), var);
+            } else {
+                constants.insert(t.name().to_string(), ct);
+            }
+        }
+        let mut last_use = HashMap::new();
+        for (i, s) in steps.iter().enumerate() {
+            for name in s.inputs.iter().flatten() {
+                last_use.insert(name.clone(), i);
+            }
+        }
+        let inits: std::collections::HashSet<&str> = g.initializer.iter().map(|t| t.name()).collect();
+        Ok(Engine {
+            steps,
+            inputs: g.input.iter().map(|i| i.name().to_string()).filter(|n| !inits.contains(n.as_str())).collect(),
+            outputs: g.output.iter().map(|o| o.name().to_string()).collect(),
+            constants,
+            params,
+            last_use,
+            float,
+            device: device.clone(),
+        })
+    }
+
+    pub fn input_names(&self) -> &[String] {
+        &self.inputs
+    }
+
+    pub fn output_names(&self) -> &[String] {
+        &self.outputs
+    }
+
+    pub fn params(&self) -> &BTreeMap<String, Var> {
+        &self.params
+    }
+
+    pub fn float(&self) -> DType {
+        self.float
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Runs the graph; returns the graph outputs in order.
+    pub fn forward(&self, inputs: &[(&str, Tensor)]) -> Result<Vec<Tensor>, EngineError> {
+        let outs: Vec<&str> = self.outputs.iter().map(String::as_str).collect();
+        self.forward_to(inputs, &outs)
+    }
+
+    /// Runs the graph and returns the named tensors (graph outputs or intermediates).
+    pub fn forward_to(&self, inputs: &[(&str, Tensor)], wanted: &[&str]) -> Result<Vec<Tensor>, EngineError> {
+        let mut env: HashMap<String, Tensor> = HashMap::new();
+        for name in &self.inputs {
+            let t = inputs
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, t)| t.clone())
+                .ok_or_else(|| EngineError::Tensor { tensor: name.clone(), problem: "graph input not given".into() })?;
+            env.insert(name.clone(), t);
+        }
+        let lookup = |env: &HashMap<String, Tensor>, name: &str| -> Option<Tensor> {
+            env.get(name)
+                .or_else(|| self.constants.get(name))
+                .cloned()
+                .or_else(|| self.params.get(name).map(|v| v.as_tensor().clone()))
+        };
+        for (i, s) in self.steps.iter().enumerate() {
+            if wanted.iter().all(|w| env.contains_key(*w) || self.constants.contains_key(*w)) {
+                break;
+            }
+            let args: Vec<Option<Tensor>> =
+                s.inputs.iter().map(|n| n.as_deref().and_then(|n| lookup(&env, n))).collect();
+            if let Some(missing) = s.inputs.iter().zip(&args).find(|(n, a)| n.is_some() && a.is_none()) {
+                return Err(EngineError::Tensor {
+                    tensor: missing.0.clone().unwrap_or_default(),
+                    problem: format!("read by node '{}' but not computed", s.label),
+                });
+            }
+            let outs = s.op.forward(&args).map_err(|source| EngineError::Exec {
+                node: s.label.clone(),
+                op: s.op_type.clone(),
+                source: Box::new(source),
+            })?;
+            for (name, t) in s.outputs.iter().zip(outs) {
+                if !name.is_empty() {
+                    env.insert(name.clone(), t);
+                }
+            }
+            // Free what no later step reads (and nobody asked for).
+            for name in s.inputs.iter().flatten() {
+                if self.last_use.get(name) == Some(&i) && !wanted.contains(&name.as_str()) {
+                    env.remove(name);
+                }
+            }
+        }
+        wanted
+            .iter()
+            .map(|w| {
+                lookup(&env, w).ok_or_else(|| EngineError::Tensor {
+                    tensor: w.to_string(),
+                    problem: "not computed by the graph".into(),
+                })
+            })
+            .collect()
+    }
+
+    /// The model with every trainable initializer replaced by the engine's current value.
+    pub fn export(&self, model: &Model) -> Result<Model, EngineError> {
+        let mut out = model.clone();
+        for t in &mut out.graph_mut().initializer {
+            if let Some(v) = self.params.get(t.name()) {
+                let host = from_candle(v.as_tensor()).map_err(|source| EngineError::Candle {
+                    context: t.name().to_string(),
+                    source: Box::new(source),
+                })?;
+                let mut fresh = tensor_proto::from_tensor(t.name(), &host);
+                fresh.doc_string = t.doc_string.take();
+                *t = fresh;
+            }
+        }
+        Ok(out)
+    }
+}

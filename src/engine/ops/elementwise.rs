@@ -1,0 +1,148 @@
+//! Element-wise ops: arithmetic with numpy broadcasting, activations, softmax.
+
+use candle_core::{DType, Tensor};
+
+use super::{axis, opt, req, scalar, unify};
+use crate::engine::registry::{BuildCtx, FnOp, Op, OpSpec, Registry};
+use crate::engine::EngineError;
+use crate::onnx::attr;
+use crate::onnx::pb::NodeProto;
+
+type Res = Result<Box<dyn Op>, EngineError>;
+
+pub fn register(r: &mut Registry) {
+    r.insert("Add", OpSpec::new(2, 2, |_, _| binary(|a, b| a.broadcast_add(b))));
+    r.insert("Sub", OpSpec::new(2, 2, |_, _| binary(|a, b| a.broadcast_sub(b))));
+    r.insert("Mul", OpSpec::new(2, 2, |_, _| binary(|a, b| a.broadcast_mul(b))));
+    r.insert("Div", OpSpec::new(2, 2, |_, _| binary(|a, b| a.broadcast_div(b))));
+    r.insert("Relu", OpSpec::new(1, 1, |_, _| unary(|a| a.relu())));
+    r.insert("Sigmoid", OpSpec::new(1, 1, |_, _| unary(sigmoid)));
+    r.insert("Tanh", OpSpec::new(1, 1, |_, _| unary(|a| a.tanh())));
+    r.insert("Exp", OpSpec::new(1, 1, |_, _| unary(|a| a.exp())));
+    r.insert("Log", OpSpec::new(1, 1, |_, _| unary(|a| a.log())));
+    r.insert("Sqrt", OpSpec::new(1, 1, |_, _| unary(|a| a.sqrt())));
+    r.insert("Neg", OpSpec::new(1, 1, |_, _| unary(|a| a.neg())));
+    r.insert("Abs", OpSpec::new(1, 1, |_, _| unary(|a| a.abs())));
+    r.insert("Reciprocal", OpSpec::new(1, 1, |_, _| unary(|a| a.recip())));
+    r.insert("Erf", OpSpec::new(1, 1, |_, _| unary(|a| a.erf())));
+    r.insert("Clip", OpSpec::new(1, 3, build_clip));
+    r.insert("LeakyRelu", OpSpec::new(1, 1, build_leaky_relu));
+    r.insert("HardSigmoid", OpSpec::new(1, 1, build_hard_sigmoid));
+    r.insert("HardSwish", OpSpec::new(1, 1, |_, _| unary(|a| a.mul(&hard_sigmoid(a, 1.0 / 6.0, 0.5)?))).since(14));
+    r.insert("Gelu", OpSpec::new(1, 1, build_gelu).since(20));
+    r.insert("Pow", OpSpec::new(2, 2, |_, _| binary(pow)));
+    r.insert("Softmax", OpSpec::new(1, 1, |n, c| build_softmax(n, c, false)));
+    r.insert("LogSoftmax", OpSpec::new(1, 1, |n, c| build_softmax(n, c, true)));
+}
+
+fn binary(f: fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>) -> Res {
+    Ok(Box::new(FnOp(move |x: &[Option<Tensor>]| {
+        let (a, b) = unify(req(x, 0)?, req(x, 1)?)?;
+        Ok(vec![f(&a, &b)?])
+    })))
+}
+
+fn unary(f: fn(&Tensor) -> candle_core::Result<Tensor>) -> Res {
+    Ok(Box::new(FnOp(move |x: &[Option<Tensor>]| Ok(vec![f(req(x, 0)?)?]))))
+}
+
+fn sigmoid(a: &Tensor) -> candle_core::Result<Tensor> {
+    // 1 / (1 + exp(-x)), differentiable through candle's primitives.
+    (a.neg()?.exp()? + 1.0)?.recip()
+}
+
+fn hard_sigmoid(a: &Tensor, alpha: f64, beta: f64) -> candle_core::Result<Tensor> {
+    a.affine(alpha, beta)?.clamp(0.0, 1.0)
+}
+
+fn pow(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    // Only a scalar exponent is needed by real models (x^2 in normalisations, x^0.5).
+    let e = scalar(b).map_err(|_| candle_core::Error::Msg("Pow: only a scalar exponent is supported".into()))?;
+    if e == 2.0 {
+        a.sqr()
+    } else if e == 1.0 {
+        Ok(a.clone())
+    } else {
+        a.powf(e)
+    }
+}
+
+fn build_clip(node: &NodeProto, ctx: &BuildCtx) -> Res {
+    // Before opset 11 the bounds are attributes; from 11 they are optional inputs.
+    let (amin, amax) = if ctx.opset < 11 {
+        (Some(attr::float_or(node, "min", f32::MIN)? as f64), Some(attr::float_or(node, "max", f32::MAX)? as f64))
+    } else {
+        (None, None)
+    };
+    Ok(Box::new(FnOp(move |x: &[Option<Tensor>]| {
+        let a = req(x, 0)?;
+        let lo = match opt(x, 1) {
+            Some(t) => Some(scalar(t)?),
+            None => amin,
+        };
+        let hi = match opt(x, 2) {
+            Some(t) => Some(scalar(t)?),
+            None => amax,
+        };
+        let mut y = a.clone();
+        if let Some(lo) = lo {
+            y = y.maximum(lo)?;
+        }
+        if let Some(hi) = hi {
+            y = y.minimum(hi)?;
+        }
+        Ok(vec![y])
+    })))
+}
+
+fn build_leaky_relu(node: &NodeProto, _: &BuildCtx) -> Res {
+    let alpha = attr::float_or(node, "alpha", 0.01)? as f64;
+    Ok(Box::new(FnOp(move |x: &[Option<Tensor>]| {
+        let a = req(x, 0)?;
+        Ok(vec![(a.relu()? - a.neg()?.relu()?.affine(alpha, 0.0)?)?])
+    })))
+}
+
+fn build_hard_sigmoid(node: &NodeProto, _: &BuildCtx) -> Res {
+    let alpha = attr::float_or(node, "alpha", 0.2)? as f64;
+    let beta = attr::float_or(node, "beta", 0.5)? as f64;
+    Ok(Box::new(FnOp(move |x: &[Option<Tensor>]| Ok(vec![hard_sigmoid(req(x, 0)?, alpha, beta)?]))))
+}
+
+fn build_gelu(node: &NodeProto, _: &BuildCtx) -> Res {
+    let tanh = attr::string(node, "approximate")?.is_some_and(|s| s == "tanh");
+    Ok(Box::new(FnOp(move |x: &[Option<Tensor>]| {
+        let a = req(x, 0)?;
+        let y = if tanh {
+            a.gelu()?
+        } else {
+            // x * 0.5 * (1 + erf(x / sqrt(2)))
+            a.mul(&(a.affine(std::f64::consts::FRAC_1_SQRT_2, 0.0)?.erf()? + 1.0)?.affine(0.5, 0.0)?)?
+        };
+        Ok(vec![y])
+    })))
+}
+
+fn build_softmax(node: &NodeProto, ctx: &BuildCtx, log: bool) -> Res {
+    // Opset 13 made softmax act on one axis (default -1); before, it flattened from `axis`
+    // (default 1), which equals the last axis for the 2-D inputs classifiers produce.
+    let default = if ctx.opset >= 13 { -1 } else { 1 };
+    let ax = attr::int_or(node, "axis", default)?;
+    let legacy = ctx.opset < 13;
+    Ok(Box::new(FnOp(move |x: &[Option<Tensor>]| {
+        let a = req(x, 0)?;
+        let d = axis(ax, a.rank())?;
+        if legacy && d + 1 != a.rank() {
+            return Err(candle_core::Error::Msg("Softmax before opset 13 is supported on the last axis only".into()));
+        }
+        let a = if a.dtype() == DType::F16 { a.to_dtype(DType::F32)? } else { a.clone() };
+        let shifted = a.broadcast_sub(&a.max_keepdim(d)?.detach())?;
+        let y = if log {
+            shifted.broadcast_sub(&shifted.exp()?.sum_keepdim(d)?.log()?)?
+        } else {
+            let e = shifted.exp()?;
+            e.broadcast_div(&e.sum_keepdim(d)?)?
+        };
+        Ok(vec![y])
+    })))
+}

@@ -1,0 +1,51 @@
+//! Gemm and MatMul.
+
+use candle_core::Tensor;
+
+use super::{opt, req};
+use crate::engine::registry::{BuildCtx, FnOp, Op, OpSpec, Registry};
+use crate::engine::EngineError;
+use crate::onnx::attr;
+use crate::onnx::pb::NodeProto;
+
+pub fn register(r: &mut Registry) {
+    r.insert("Gemm", OpSpec::new(2, 3, build_gemm));
+    r.insert(
+        "MatMul",
+        OpSpec::new(2, 2, |_, _| Ok(Box::new(FnOp(|x: &[Option<Tensor>]| Ok(vec![matmul(req(x, 0)?, req(x, 1)?)?]))))),
+    );
+}
+
+fn build_gemm(node: &NodeProto, _: &BuildCtx) -> Result<Box<dyn Op>, EngineError> {
+    let alpha = attr::float_or(node, "alpha", 1.0)? as f64;
+    let beta = attr::float_or(node, "beta", 1.0)? as f64;
+    let ta = attr::int_or(node, "transA", 0)? != 0;
+    let tb = attr::int_or(node, "transB", 0)? != 0;
+    Ok(Box::new(FnOp(move |x: &[Option<Tensor>]| {
+        let a = if ta { req(x, 0)?.t()? } else { req(x, 0)?.clone() };
+        let b = if tb { req(x, 1)?.t()? } else { req(x, 1)?.clone() };
+        let mut y = a.matmul(&b)?;
+        if alpha != 1.0 {
+            y = y.affine(alpha, 0.0)?;
+        }
+        if let Some(c) = opt(x, 2) {
+            let c = if beta != 1.0 { c.affine(beta, 0.0)? } else { c.clone() };
+            y = y.broadcast_add(&c)?;
+        }
+        Ok(vec![y])
+    })))
+}
+
+/// numpy matmul: 1-D operands are promoted and the added axis removed; batch axes broadcast.
+pub fn matmul(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    let (a1, b1) = (a.rank() == 1, b.rank() == 1);
+    let a = if a1 { a.unsqueeze(0)? } else { a.clone() };
+    let b = if b1 { b.unsqueeze(1)? } else { b.clone() };
+    let y = if a.rank() == 2 && b.rank() == 2 { a.matmul(&b)? } else { a.broadcast_matmul(&b)? };
+    let y = if b1 { y.squeeze(y.rank() - 1)? } else { y };
+    if a1 {
+        y.squeeze(y.rank().saturating_sub(if b1 { 1 } else { 2 }))
+    } else {
+        Ok(y)
+    }
+}

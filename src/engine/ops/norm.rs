@@ -1,0 +1,111 @@
+//! Normalisations and reductions: BatchNormalization (inference statistics), LayerNormalization,
+//! ReduceMean, ReduceSum, ReduceMax.
+
+use candle_core::Tensor;
+
+use super::{axis, ints, opt, req};
+use crate::engine::registry::{BuildCtx, FnOp, Op, OpSpec, Registry};
+use crate::engine::EngineError;
+use crate::onnx::attr;
+use crate::onnx::pb::NodeProto;
+
+pub fn register(r: &mut Registry) {
+    r.insert("BatchNormalization", OpSpec::new(5, 5, build_batch_norm));
+    r.insert("LayerNormalization", OpSpec::new(2, 3, build_layer_norm).since(17));
+    r.insert("ReduceMean", OpSpec::new(1, 2, |n, c| build_reduce(n, c, Reduce::Mean)));
+    r.insert("ReduceSum", OpSpec::new(1, 2, |n, c| build_reduce(n, c, Reduce::Sum)));
+    r.insert("ReduceMax", OpSpec::new(1, 2, |n, c| build_reduce(n, c, Reduce::Max)));
+}
+
+/// Reshapes a per-channel vector to broadcast over axis 1 of a rank-`rank` tensor.
+fn per_channel(v: &Tensor, rank: usize) -> candle_core::Result<Tensor> {
+    let mut shape = vec![1usize; rank.max(2)];
+    shape[1] = v.elem_count();
+    v.reshape(shape)
+}
+
+fn build_batch_norm(node: &NodeProto, _: &BuildCtx) -> Result<Box<dyn Op>, EngineError> {
+    if attr::int_or(node, "training_mode", 0)? != 0 {
+        return Err(EngineError::Invalid {
+            node: attr::node_label(node),
+            op: node.op_type().into(),
+            problem: "training_mode=1 is not supported: mtpack trains with the recorded statistics".into(),
+        });
+    }
+    let eps = attr::float_or(node, "epsilon", 1e-5)? as f64;
+    Ok(Box::new(FnOp(move |x: &[Option<Tensor>]| {
+        let (input, scale, bias, mean, var) = (req(x, 0)?, req(x, 1)?, req(x, 2)?, req(x, 3)?, req(x, 4)?);
+        let r = input.rank();
+        // y = (x - mean) * scale / sqrt(var + eps) + bias; scale and bias may be trainable.
+        let inv = (var + eps)?.sqrt()?.recip()?;
+        let k = per_channel(&scale.mul(&inv)?, r)?;
+        let y =
+            input.broadcast_sub(&per_channel(mean, r)?)?.broadcast_mul(&k)?.broadcast_add(&per_channel(bias, r)?)?;
+        Ok(vec![y])
+    })))
+}
+
+fn build_layer_norm(node: &NodeProto, _: &BuildCtx) -> Result<Box<dyn Op>, EngineError> {
+    let ax = attr::int_or(node, "axis", -1)?;
+    let eps = attr::float_or(node, "epsilon", 1e-5)? as f64;
+    Ok(Box::new(FnOp(move |x: &[Option<Tensor>]| {
+        let input = req(x, 0)?;
+        let first = axis(ax, input.rank())?;
+        let dims: Vec<usize> = (first..input.rank()).collect();
+        let mean = input.mean_keepdim(dims.clone())?;
+        let centred = input.broadcast_sub(&mean)?;
+        let var = centred.sqr()?.mean_keepdim(dims)?;
+        let mut y = centred.broadcast_div(&(var + eps)?.sqrt()?)?.broadcast_mul(req(x, 1)?)?;
+        if let Some(b) = opt(x, 2) {
+            y = y.broadcast_add(b)?;
+        }
+        Ok(vec![y])
+    })))
+}
+
+#[derive(Clone, Copy)]
+enum Reduce {
+    Mean,
+    Sum,
+    Max,
+}
+
+fn build_reduce(node: &NodeProto, ctx: &BuildCtx, kind: Reduce) -> Result<Box<dyn Op>, EngineError> {
+    let keep = attr::int_or(node, "keepdims", 1)? != 0;
+    let noop_empty = attr::int_or(node, "noop_with_empty_axes", 0)? != 0;
+    // Axes moved from an attribute to an input (ReduceSum at 13, the others at 18).
+    let attr_axes = attr::ints(node, "axes")?;
+    let from_input = match kind {
+        Reduce::Sum => ctx.opset >= 13,
+        _ => ctx.opset >= 18,
+    };
+    Ok(Box::new(FnOp(move |x: &[Option<Tensor>]| {
+        let input = req(x, 0)?;
+        let axes = match (from_input, opt(x, 1)) {
+            (true, Some(t)) => Some(ints(t)?),
+            (true, None) => None,
+            (false, _) => attr_axes.clone(),
+        };
+        let mut dims: Vec<usize> = match axes {
+            Some(a) if !a.is_empty() => a.iter().map(|&a| axis(a, input.rank())).collect::<candle_core::Result<_>>()?,
+            _ if noop_empty => return Ok(vec![input.clone()]),
+            _ => (0..input.rank()).collect(),
+        };
+        dims.sort_unstable();
+        dims.dedup();
+        let mut y = input.clone();
+        for &d in dims.iter().rev() {
+            y = match kind {
+                Reduce::Mean => y.mean_keepdim(d)?,
+                Reduce::Sum => y.sum_keepdim(d)?,
+                Reduce::Max => y.max_keepdim(d)?,
+            };
+        }
+        if !keep {
+            for &d in dims.iter().rev() {
+                y = y.squeeze(d)?;
+            }
+        }
+        Ok(vec![y])
+    })))
+}

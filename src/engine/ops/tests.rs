@@ -1,0 +1,147 @@
+//! Every differentiable op's gradient against central finite differences (double precision),
+//! through the engine on one-node graphs built in code.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::engine::gradcheck::{check_gradients, seeded};
+use crate::engine::Engine;
+use crate::onnx::attr::{make_float, make_int, make_ints};
+use crate::onnx::build::{model, node, value_info};
+use crate::onnx::pb::{AttributeProto, GraphProto};
+use crate::tensor::DType as HostDType;
+
+/// Checks d/d(inputs) of a single `op` node with `attrs`, on seeded inputs of `shapes`.
+/// `fixed` inputs (index, tensor) are constants such as shapes and axes.
+fn check(op: &str, attrs: Vec<AttributeProto>, shapes: &[&[usize]], fixed: &[(usize, Tensor)], opset: i64) {
+    let n = shapes.len() + fixed.len();
+    let names: Vec<String> = (0..n).map(|i| format!("x{i}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let graph = GraphProto {
+        node: vec![node(op, "n", &refs, &["y"], attrs)],
+        input: names.iter().map(|s| value_info(s, HostDType::F64, None)).collect(),
+        output: vec![value_info("y", HostDType::F64, None)],
+        ..Default::default()
+    };
+    let m = model(graph, opset);
+    let engine = Engine::new(&m, &|_| false, DType::F64, &Device::Cpu).unwrap_or_else(|e| panic!("{op}: {e}"));
+    let varying: Vec<Tensor> = shapes.iter().enumerate().map(|(i, s)| seeded(s, 10 + i as u64, DType::F64)).collect();
+    let f = |v: &[Tensor]| -> candle_core::Result<Tensor> {
+        let mut inputs: Vec<(&str, Tensor)> = Vec::new();
+        let mut it = v.iter();
+        for (i, name) in refs.iter().enumerate() {
+            let t = match fixed.iter().find(|(j, _)| *j == i) {
+                Some((_, t)) => t.clone(),
+                None => it.next().cloned().ok_or_else(|| candle_core::Error::Msg("too few inputs".into()))?,
+            };
+            inputs.push((name, t));
+        }
+        let out = engine.forward(&inputs).map_err(|e| candle_core::Error::Msg(format!("{e:#}")))?;
+        out.into_iter().next().ok_or_else(|| candle_core::Error::Msg("no output".into()))
+    };
+    check_gradients(&varying, f, 1e-5).unwrap_or_else(|e| panic!("{op}: {e}"));
+}
+
+fn i64s(v: &[i64]) -> Tensor {
+    Tensor::new(v, &Device::Cpu).unwrap()
+}
+
+fn f64s(v: &[f64]) -> Tensor {
+    Tensor::new(v, &Device::Cpu).unwrap()
+}
+
+#[test]
+fn convolutions_and_pools() {
+    let conv = |k: usize, s: i64, g: i64, pads: &[i64]| {
+        vec![
+            make_ints("kernel_shape", &[k as i64, k as i64]),
+            make_ints("strides", &[s, s]),
+            make_int("group", g),
+            make_ints("pads", pads),
+        ]
+    };
+    check("Conv", conv(3, 1, 1, &[1, 1, 1, 1]), &[&[2, 3, 5, 5], &[4, 3, 3, 3], &[4]], &[], 17);
+    check("Conv", conv(3, 2, 4, &[1, 1, 1, 1]), &[&[2, 4, 7, 7], &[4, 1, 3, 3]], &[], 17); // depthwise, strided
+    check("Conv", conv(3, 2, 2, &[0, 1, 1, 0]), &[&[1, 4, 6, 6], &[2, 2, 3, 3]], &[], 17);
+    check("Conv", vec![make_ints("kernel_shape", &[3])], &[&[2, 2, 7], &[3, 2, 3]], &[], 17); // 1-D
+    let same = vec![
+        crate::onnx::pb::AttributeProto {
+            name: Some("auto_pad".into()),
+            r#type: Some(crate::onnx::pb::attribute_proto::AttributeType::String as i32),
+            s: Some(b"SAME_UPPER".to_vec()),
+            ..Default::default()
+        },
+        make_ints("strides", &[2, 2]),
+    ];
+    check("Conv", same, &[&[1, 2, 5, 6], &[3, 2, 3, 3]], &[], 17);
+    let pool = |k: i64, s: i64, pads: &[i64]| {
+        vec![make_ints("kernel_shape", &[k, k]), make_ints("strides", &[s, s]), make_ints("pads", pads)]
+    };
+    check("MaxPool", pool(3, 2, &[1, 1, 1, 1]), &[&[2, 3, 7, 7]], &[], 17);
+    check("AveragePool", pool(3, 2, &[1, 1, 1, 1]), &[&[2, 3, 7, 7]], &[], 17);
+    check("GlobalAveragePool", vec![], &[&[2, 3, 4, 5]], &[], 17);
+    check("GlobalMaxPool", vec![], &[&[2, 3, 4, 5]], &[], 17);
+}
+
+#[test]
+fn linear_layers() {
+    check(
+        "Gemm",
+        vec![make_int("transB", 1), make_float("alpha", 0.5), make_float("beta", 2.0)],
+        &[&[3, 4], &[5, 4], &[5]],
+        &[],
+        17,
+    );
+    check("Gemm", vec![make_int("transA", 1)], &[&[4, 3], &[4, 2]], &[], 17);
+    check("MatMul", vec![], &[&[2, 3, 4], &[4, 5]], &[], 17);
+    check("MatMul", vec![], &[&[4], &[4, 5]], &[], 17);
+}
+
+#[test]
+fn elementwise_and_activations() {
+    for op in ["Add", "Sub", "Mul", "Div"] {
+        check(op, vec![], &[&[2, 3, 4], &[3, 1]], &[], 17);
+    }
+    for op in ["Relu", "Sigmoid", "Tanh", "Exp", "Neg", "Abs", "Erf", "HardSwish"] {
+        check(op, vec![], &[&[3, 5]], &[], 17);
+    }
+    check("HardSigmoid", vec![make_float("alpha", 0.3), make_float("beta", 0.4)], &[&[3, 5]], &[], 17);
+    check("LeakyRelu", vec![make_float("alpha", 0.1)], &[&[3, 5]], &[], 17);
+    check("Clip", vec![], &[&[3, 5]], &[(1, f64s(&[-0.5])), (2, f64s(&[0.5]))], 17);
+    check("Clip", vec![make_float("min", -0.3), make_float("max", 0.6)], &[&[3, 5]], &[], 6);
+    check("Pow", vec![], &[&[3, 5]], &[(1, f64s(&[2.0]))], 17);
+    check("Softmax", vec![], &[&[3, 5]], &[], 17);
+    check("Softmax", vec![make_int("axis", 1)], &[&[2, 3, 4]], &[], 17);
+    check("LogSoftmax", vec![], &[&[3, 5]], &[], 17);
+    check("Gelu", vec![], &[&[3, 5]], &[], 20);
+}
+
+#[test]
+fn normalisations_and_reductions() {
+    // Gradients reach the input, scale and bias (mean and variance are statistics).
+    let var = (seeded(&[3], 5, DType::F64).abs().unwrap() + 0.5).unwrap();
+    check(
+        "BatchNormalization",
+        vec![make_float("epsilon", 1e-3)],
+        &[&[2, 3, 4, 4], &[3], &[3]],
+        &[(3, seeded(&[3], 4, DType::F64)), (4, var)],
+        15,
+    );
+    check("LayerNormalization", vec![], &[&[2, 3, 6], &[6], &[6]], &[], 17);
+    check("ReduceMean", vec![make_ints("axes", &[1]), make_int("keepdims", 0)], &[&[2, 3, 4]], &[], 13);
+    check("ReduceSum", vec![], &[&[2, 3, 4]], &[(1, i64s(&[-1]))], 13);
+    check("ReduceMean", vec![], &[&[2, 3, 4]], &[(1, i64s(&[0, 2]))], 18);
+}
+
+#[test]
+fn shape_ops_pass_gradients_through() {
+    check("Flatten", vec![make_int("axis", 2)], &[&[2, 3, 4]], &[], 17);
+    check("Reshape", vec![], &[&[2, 3, 4]], &[(1, i64s(&[0, -1]))], 17);
+    check("Transpose", vec![make_ints("perm", &[2, 0, 1])], &[&[2, 3, 4]], &[], 17);
+    check("Concat", vec![make_int("axis", -1)], &[&[2, 3], &[2, 2]], &[], 17);
+    check("Squeeze", vec![], &[&[2, 1, 3]], &[(1, i64s(&[1]))], 17);
+    check("Unsqueeze", vec![], &[&[2, 3]], &[(1, i64s(&[0, 3]))], 17);
+    check("Slice", vec![], &[&[4, 5]], &[(1, i64s(&[1, -3])), (2, i64s(&[3, 100])), (3, i64s(&[0, 1]))], 17);
+    check("Gather", vec![make_int("axis", 1)], &[&[3, 4]], &[(1, i64s(&[3, 0, -1]))], 17);
+    check("Identity", vec![], &[&[3]], &[], 17);
+    check("Dropout", vec![], &[&[3]], &[], 17);
+}
