@@ -82,6 +82,26 @@ impl Geometry {
         self.kh == 1 && self.kw == 1 && self.p.stride == [1, 1] && self.p.pads == [0; 4]
     }
 
+    /// Scratch space for [`Geometry::columns`] (none when the input is used directly).
+    fn cols_buffer<T: Real>(&self) -> Vec<T> {
+        if self.pointwise() {
+            Vec::new()
+        } else {
+            vec![T::zero(); self.k() * self.ohw()]
+        }
+    }
+
+    /// The im2col matrix of group `g` of one image: the input itself for a pointwise
+    /// convolution, else written into `buf`.
+    fn columns<'a, T: Real>(&self, x: &'a [T], g: usize, buf: &'a mut [T]) -> &'a [T] {
+        if self.pointwise() {
+            &x[g * self.cin_g * self.ohw()..][..self.cin_g * self.ohw()]
+        } else {
+            self.im2col(x, g, buf);
+            buf
+        }
+    }
+
     /// Writes the im2col matrix [cin_g*kh*kw, oh*ow] of group `g` of one image.
     fn im2col<T: Real>(&self, x: &[T], g: usize, cols: &mut [T]) {
         let (ohw, p) = (self.ohw(), self.p);
@@ -161,14 +181,9 @@ fn forward<T: Real>(x: &[T], w: &[T], g: &Geometry) -> candle_core::Result<Vec<T
                 }
                 return Ok(());
             }
-            let mut cols = if g.pointwise() { Vec::new() } else { vec![T::zero(); g.k() * g.ohw()] };
+            let mut buf = g.cols_buffer();
             for grp in 0..g.p.groups {
-                let cols: &[T] = if g.pointwise() {
-                    &xi[grp * g.cin_g * g.ohw()..][..g.cin_g * g.ohw()]
-                } else {
-                    g.im2col(xi, grp, &mut cols);
-                    &cols
-                };
+                let cols = g.columns(xi, grp, &mut buf);
                 let wg = &w[grp * g.cout_g * g.k()..][..g.cout_g * g.k()];
                 let yg = &mut y[grp * g.cout_g * g.ohw()..][..g.cout_g * g.ohw()];
                 gemm(g.cout_g, g.ohw(), g.k(), wg, false, cols, false, yg, false)?;
@@ -219,14 +234,9 @@ fn backward_weight<T: Real>(x: &[T], dy: &[T], g: &Geometry) -> candle_core::Res
             }
             return Ok(dw);
         }
-        let mut cols = if g.pointwise() { Vec::new() } else { vec![T::zero(); g.k() * g.ohw()] };
+        let mut buf = g.cols_buffer();
         for grp in 0..g.p.groups {
-            let cols: &[T] = if g.pointwise() {
-                &xi[grp * g.cin_g * g.ohw()..][..g.cin_g * g.ohw()]
-            } else {
-                g.im2col(xi, grp, &mut cols);
-                &cols
-            };
+            let cols = g.columns(xi, grp, &mut buf);
             let dyg = &dyi[grp * g.cout_g * g.ohw()..][..g.cout_g * g.ohw()];
             let dwg = &mut dw[grp * g.cout_g * g.k()..][..g.cout_g * g.k()];
             gemm(g.cout_g, g.k(), g.ohw(), dyg, false, cols, true, dwg, true)?;
