@@ -14,3 +14,4 @@ pub mod rng;
 pub mod runtime;
 pub mod store;
 pub mod tensor;
+pub mod train;

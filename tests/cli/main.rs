@@ -8,3 +8,4 @@ mod helpers;
 mod inspect;
 mod real;
 mod run;
+mod train;

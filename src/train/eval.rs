@@ -1,0 +1,72 @@
+//! Accuracy through ONNX Runtime on the engine's current weights.
+
+use super::TrainError;
+use crate::engine::Engine;
+use crate::onnx::Model;
+use crate::runtime::ort_rt::OrtSession;
+use crate::runtime::Backend;
+use crate::tensor::Tensor;
+
+/// Runs `model` in ONNX Runtime over `x` in batches and returns the named output, stacked.
+pub fn run_batched(model: &Model, input: &str, output: &str, x: &Tensor, batch: usize) -> Result<Tensor, TrainError> {
+    let mut session = OrtSession::from_bytes(&model.to_bytes(), &model.origin.display().to_string())?;
+    let n = x.shape().first().copied().unwrap_or(0);
+    let mut parts: Vec<ndarray::ArrayD<f32>> = Vec::new();
+    for start in (0..n).step_by(batch.max(1)) {
+        let end = (start + batch).min(n);
+        let xb = rows(x, start, end)?;
+        let out = session.run(&[(input.to_string(), xb)])?;
+        let t = out
+            .into_iter()
+            .find(|(name, _)| name == output)
+            .map(|(_, t)| t)
+            .ok_or_else(|| TrainError::Invalid(format!("model has no output '{output}'")))?;
+        match t {
+            Tensor::F32(a) => parts.push(a),
+            other => return Err(TrainError::Invalid(format!("output '{output}' is {}, not float32", other.dtype()))),
+        }
+    }
+    let views: Vec<_> = parts.iter().map(|a| a.view()).collect();
+    let stacked = ndarray::concatenate(ndarray::Axis(0), &views).map_err(|e| TrainError::Invalid(e.to_string()))?;
+    Ok(Tensor::F32(stacked))
+}
+
+fn rows(x: &Tensor, start: usize, end: usize) -> Result<Tensor, TrainError> {
+    let s = ndarray::Slice::from(start..end);
+    match x {
+        Tensor::F32(a) => Ok(Tensor::F32(a.slice_axis(ndarray::Axis(0), s).to_owned())),
+        other => Err(TrainError::Invalid(format!("inputs must be float32, got {}", other.dtype()))),
+    }
+}
+
+/// Fraction of rows of `logits` [N, K] whose argmax is the label.
+pub fn accuracy(logits: &Tensor, y: &[i64]) -> Result<f64, TrainError> {
+    let Tensor::F32(a) = logits else { return Err(TrainError::Invalid("logits must be float32".into())) };
+    let k = a.shape().get(1).copied().unwrap_or(0).max(1);
+    let flat: Vec<f32> = a.iter().copied().collect();
+    let right = flat
+        .chunks(k)
+        .zip(y)
+        .filter(|(row, &l)| {
+            let best =
+                row.iter().enumerate().fold((0usize, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b });
+            best.0 as i64 == l
+        })
+        .count();
+    Ok(right as f64 / y.len().max(1) as f64)
+}
+
+/// Held-out accuracy of the engine's current weights, measured by ONNX Runtime on `model`
+/// with those weights written in.
+pub fn evaluate(
+    engine: &Engine,
+    model: &Model,
+    input: &str,
+    logits: &str,
+    x: &Tensor,
+    y: &[i64],
+) -> Result<f64, TrainError> {
+    let current = engine.export(model)?;
+    let out = run_batched(&current, input, logits, x, 256)?;
+    accuracy(&out, y)
+}

@@ -1,0 +1,42 @@
+//! Training-loop primitives the adaptation methods share: seeded mini-batches, optimizers
+//! and schedules, cross-entropy, method hooks, the epoch loop, evaluation through ONNX Runtime,
+//! and the frozen prefix computed once in ONNX Runtime.
+
+mod batches;
+pub mod eval;
+pub mod loss;
+pub mod optim;
+pub mod prefix;
+mod trainer;
+
+pub use batches::epoch_batches;
+pub use optim::{OptimConfig, OptimKind, Optimizer, StepLr};
+pub use trainer::{train_epoch, BatchCtx, EpochStats, Hooks, NoHooks, Task};
+
+use crate::engine::EngineError;
+use crate::graph::GraphError;
+use crate::runtime::RuntimeError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    #[error(transparent)]
+    Graph(#[from] GraphError),
+    #[error("{context}")]
+    Candle {
+        context: String,
+        #[source]
+        source: Box<candle_core::Error>,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Wraps a candle error with what was being done.
+pub(crate) fn candle(context: impl Into<String>) -> impl FnOnce(candle_core::Error) -> TrainError {
+    let context = context.into();
+    move |source| TrainError::Candle { context, source: Box::new(source) }
+}

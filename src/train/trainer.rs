@@ -1,0 +1,128 @@
+//! One epoch of mini-batch training of an [`Engine`], with the hooks methods plug into.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Instant;
+
+use candle_core::{Tensor, Var};
+
+use super::loss::{correct, cross_entropy};
+use super::{candle, epoch_batches, Optimizer, TrainError};
+use crate::engine::Engine;
+
+/// What a batch exposes to hooks.
+pub struct BatchCtx<'a> {
+    /// Indices of the batch's examples in the training set.
+    pub indices: &'a [usize],
+    /// The engine's outputs for the batch, by name.
+    pub outputs: &'a HashMap<String, Tensor>,
+    pub params: &'a BTreeMap<String, Var>,
+}
+
+/// How a method shapes training beyond plain cross-entropy.
+pub trait Hooks {
+    /// Extra loss terms (a penalty, a distillation term) added to the task loss.
+    fn extra_loss(&self, _ctx: &BatchCtx) -> candle_core::Result<Option<Tensor>> {
+        Ok(None)
+    }
+
+    /// Per-parameter masks applied to gradients and updates (1 = trainable, 0 = frozen).
+    fn grad_masks(&self) -> &HashMap<String, Tensor>;
+
+    /// Called after every optimizer step (e.g. to reset pruned weights to zero).
+    fn after_step(&mut self, _params: &BTreeMap<String, Var>) -> candle_core::Result<()> {
+        Ok(())
+    }
+}
+
+/// Plain training.
+#[derive(Default)]
+pub struct NoHooks {
+    masks: HashMap<String, Tensor>,
+}
+
+impl Hooks for NoHooks {
+    fn grad_masks(&self) -> &HashMap<String, Tensor> {
+        &self.masks
+    }
+}
+
+/// The data of one task as the engine sees it.
+pub struct Task<'a> {
+    /// Graph input fed with `x`.
+    pub input: &'a str,
+    /// Graph output holding the task's logits.
+    pub logits: &'a str,
+    /// Further outputs hooks need (e.g. old heads for distillation).
+    pub extra_outputs: &'a [String],
+    /// Training inputs [N, ...] on the engine's device and dtype.
+    pub x: &'a Tensor,
+    pub y: &'a [i64],
+}
+
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct EpochStats {
+    pub epoch: u64,
+    pub loss: f64,
+    pub train_accuracy: f64,
+    pub images_per_second: f64,
+    pub lr: f64,
+}
+
+/// Trains one epoch; `progress` is told the running loss after every batch.
+#[allow(clippy::too_many_arguments)]
+pub fn train_epoch(
+    engine: &Engine,
+    task: &Task,
+    epoch: u64,
+    batch: usize,
+    seed: u64,
+    lr: f64,
+    opt: &mut Optimizer,
+    hooks: &mut dyn Hooks,
+    progress: &mut dyn FnMut(usize, usize, f64),
+) -> Result<EpochStats, TrainError> {
+    let n = task.y.len();
+    let batches = epoch_batches(n, batch, seed, epoch);
+    let started = Instant::now();
+    let (mut loss_sum, mut right) = (0.0, 0usize);
+    let mut wanted: Vec<&str> = vec![task.logits];
+    wanted.extend(task.extra_outputs.iter().map(String::as_str));
+    let dev = engine.device().clone();
+    for (b, idx) in batches.iter().enumerate() {
+        let ids =
+            Tensor::new(idx.iter().map(|&i| i as u32).collect::<Vec<u32>>(), &dev).map_err(candle("batch indices"))?;
+        let xb = task.x.index_select(&ids, 0).map_err(candle("selecting a batch"))?;
+        let yb: Vec<i64> = idx.iter().filter_map(|&i| task.y.get(i).copied()).collect();
+        let yt = Tensor::new(yb.as_slice(), &dev).map_err(candle("batch labels"))?;
+        let outs = engine.forward_to(&[(task.input, xb)], &wanted)?;
+        let outputs: HashMap<String, Tensor> = wanted.iter().map(|s| s.to_string()).zip(outs).collect();
+        let logits =
+            outputs.get(task.logits).ok_or_else(|| TrainError::Invalid(format!("no output '{}'", task.logits)))?;
+        let mut loss = cross_entropy(logits, &yt).map_err(candle("cross-entropy"))?;
+        let ctx = BatchCtx { indices: idx, outputs: &outputs, params: engine.params() };
+        if let Some(extra) = hooks.extra_loss(&ctx).map_err(candle("method loss"))? {
+            loss = (loss + extra).map_err(candle("adding the method loss"))?;
+        }
+        let value: f64 =
+            loss.to_dtype(candle_core::DType::F64).and_then(|l| l.to_scalar()).map_err(candle("reading the loss"))?;
+        if !value.is_finite() {
+            return Err(TrainError::Invalid(format!(
+                "loss became {value} at epoch {epoch}, batch {b}; lower the learning rate"
+            )));
+        }
+        right += correct(logits, &yb).map_err(candle("accuracy"))?;
+        let grads = loss.backward().map_err(candle("backward pass"))?;
+        opt.step(engine.params(), &grads, lr, hooks.grad_masks()).map_err(candle("optimizer step"))?;
+        hooks.after_step(engine.params()).map_err(candle("after-step hook"))?;
+        loss_sum += value * idx.len() as f64;
+        progress(b + 1, batches.len(), value);
+    }
+    let secs = started.elapsed().as_secs_f64().max(1e-9);
+    Ok(EpochStats {
+        epoch,
+        loss: loss_sum / n.max(1) as f64,
+        train_accuracy: right as f64 / n.max(1) as f64,
+        images_per_second: n as f64 / secs,
+        lr,
+    })
+}
