@@ -7,6 +7,7 @@ use super::{load, print_json, Outcome};
 use crate::data::{Dataset, Preprocessing};
 use crate::engine::CandleSession;
 use crate::onnx::{tensor_type, Dim, Model};
+use crate::runtime::device::{candle_device, DeviceChoice};
 use crate::runtime::ort_rt::OrtSession;
 use crate::runtime::tract_rt::TractSession;
 use crate::runtime::{compare, Backend, Named};
@@ -76,6 +77,9 @@ pub struct Args {
     pub split: SplitChoice,
     #[command(flatten)]
     pub pre: PreprocessArgs,
+    /// Where ONNX Runtime and candle run (cuda needs a CUDA build; it never falls back).
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: DeviceChoice,
     /// Do not score a dataset's labels against the first output (e.g. labels of another task).
     #[arg(long)]
     pub ignore_labels: bool,
@@ -127,14 +131,14 @@ pub fn run(a: Args) -> anyhow::Result<Outcome> {
     let mut backends: Vec<Box<dyn Backend>> = Vec::new();
     use RuntimeChoice::*;
     if matches!(a.runtime, Ort | Both | All) {
-        backends.push(Box::new(OrtSession::from_bytes(&bytes, &label)?));
+        backends.push(Box::new(OrtSession::on_device(&bytes, &label, a.device)?));
     }
     if matches!(a.runtime, Tract | Both | All) {
         backends.push(Box::new(TractSession::from_bytes(&bytes, &label)?));
     }
     if matches!(a.runtime, Candle | All) {
-        let s = CandleSession::new(&model, &candle_core::Device::Cpu)
-            .with_context(|| format!("{label}: building the training engine"))?;
+        let dev = candle_device(a.device)?;
+        let s = CandleSession::new(&model, &dev).with_context(|| format!("{label}: building the training engine"))?;
         backends.push(Box::new(s));
     }
     let mut results: Vec<(&'static str, Named)> = Vec::new();

@@ -1,6 +1,7 @@
 //! The two independent runtimes: ONNX Runtime (through ort) runs what is frozen and evaluates;
 //! tract verifies. Both take and return mtpack host tensors.
 
+pub mod device;
 mod error;
 pub mod ort_rt;
 pub mod tract_rt;

@@ -7,6 +7,7 @@ use ndarray::{ArrayD, IxDyn};
 use ort::session::Session;
 use ort::value::{DynValue, TensorElementType, ValueType};
 
+use super::device::DeviceChoice;
 use super::{Backend, Named, RuntimeError};
 use crate::tensor::Tensor;
 
@@ -62,11 +63,26 @@ pub struct OrtSession {
 }
 
 impl OrtSession {
+    /// A CPU session.
     pub fn from_bytes(model: &[u8], label: &str) -> Result<OrtSession, RuntimeError> {
+        OrtSession::on_device(model, label, DeviceChoice::Cpu)
+    }
+
+    pub fn on_device(model: &[u8], label: &str, device: DeviceChoice) -> Result<OrtSession, RuntimeError> {
+        let providers = super::device::ort_providers(device)?;
         let env = environment()?;
         let ctx = |what: &str| format!("{what} {label}");
-        let session = Session::builder(env)
-            .map_err(|source| RuntimeError::Ort { context: ctx("creating a session for"), source })?
+        let builder = Session::builder(env)
+            .map_err(|source| RuntimeError::Ort { context: ctx("creating a session for"), source })?;
+        let mut builder = if providers.is_empty() {
+            builder
+        } else {
+            builder.with_execution_providers(providers).map_err(|e| RuntimeError::Device {
+                device: format!("{device:?}").to_lowercase(),
+                why: format!("ONNX Runtime could not register its provider: {e}"),
+            })?
+        };
+        let session = builder
             .commit_from_memory(model)
             .map_err(|source| RuntimeError::Ort { context: ctx("loading"), source })?;
         let outputs = session.outputs().iter().map(|o| o.name().to_string()).collect();

@@ -38,3 +38,11 @@ fn named_input_tensors_feed_the_model() {
     assert_eq!(j["outputs"][0]["shape"], serde_json::json!([2, 10]));
     assert!(j["accuracy"].is_null());
 }
+
+#[test]
+fn cuda_is_refused_loudly_without_a_cuda_build() {
+    for rt in ["ort", "candle"] {
+        let r = mtpack(["run", p(&tiny()), "--input", p(&digits()), "--runtime", rt, "--device", "cuda"]).expect(2);
+        assert!(r.stderr.contains("device 'cuda' is not available"), "{}", r.stderr);
+    }
+}
