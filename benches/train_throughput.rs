@@ -50,6 +50,7 @@ fn per_second(images: usize, f: impl FnMut()) -> f64 {
 }
 
 fn main() {
+    mtpack::alloc::tune_for_training();
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/models/mobilenetv2_imagenet.onnx");
     let backbone = Model::load(&path).expect("MobileNetV2: run scripts/fetch.sh first");
     let model =
@@ -66,8 +67,9 @@ fn main() {
         tract.run(&input).expect("tract run");
     });
 
-    // Full fine-tuning step in candle: every weight trainable.
-    let engine = Engine::new(&model, &|_| true, DType::F32, &Device::Cpu).expect("engine");
+    // Full fine-tuning step in candle: every weight, bias and BatchNorm scale/shift trains.
+    let names = mtpack::graph::analysis::trainable_names(model.graph());
+    let engine = Engine::new(&model, &|n| names.contains(n), DType::F32, &Device::Cpu).expect("engine");
     let xc = to_candle(&x, DType::F32).expect("x");
     let task = Task { input: "input", logits: "task/logits", extra_outputs: &[], x: &xc, y: &y };
     let mut opt = Optimizer::new(OptimConfig::sgd(0.01, 0.9, 0.0));
@@ -97,7 +99,11 @@ fn main() {
         hopt.step(head.params(), &g, 0.01, &Default::default()).expect("step");
     });
 
-    println!("MobileNetV2 (ImageNet), input 3x64x64, batch {BATCH}, {} threads", rayon::current_num_threads());
+    println!(
+        "MobileNetV2 (ImageNet), input 3x64x64, batch {BATCH}, {} threads, {} trainable tensors",
+        rayon::current_num_threads(),
+        engine.params().len()
+    );
     println!();
     println!("| what | images/s | ratio to ONNX Runtime inference |");
     println!("|---|---:|---:|");

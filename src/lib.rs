@@ -4,6 +4,7 @@
 //! The modules follow the pipeline: [`onnx`] (I/O), [`graph`] (surgery), [`runtime`]
 //! (ONNX Runtime and tract), [`data`] (task datasets).
 
+pub mod alloc;
 pub mod cli;
 pub mod data;
 pub mod engine;

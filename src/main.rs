@@ -4,6 +4,7 @@
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    mtpack::alloc::tune_for_training();
     match mtpack::cli::main() {
         Ok(mtpack::cli::Outcome::Ok) => ExitCode::from(0),
         Ok(mtpack::cli::Outcome::CheckFailed) => ExitCode::from(1),

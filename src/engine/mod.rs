@@ -203,6 +203,28 @@ impl Engine {
 
     /// Runs the graph and returns the named tensors (graph outputs or intermediates).
     pub fn forward_to(&self, inputs: &[(&str, Tensor)], wanted: &[&str]) -> Result<Vec<Tensor>, EngineError> {
+        self.run_steps(inputs, wanted, None)
+    }
+
+    /// Forward time per op type, slowest first (for benchmarks and profiling).
+    pub fn profile_forward(
+        &self,
+        inputs: &[(&str, Tensor)],
+    ) -> Result<Vec<(String, std::time::Duration)>, EngineError> {
+        let mut times = HashMap::new();
+        let outs: Vec<&str> = self.outputs.iter().map(String::as_str).collect();
+        self.run_steps(inputs, &outs, Some(&mut times))?;
+        let mut v: Vec<(String, std::time::Duration)> = times.into_iter().collect();
+        v.sort_by_key(|e| std::cmp::Reverse(e.1));
+        Ok(v)
+    }
+
+    fn run_steps(
+        &self,
+        inputs: &[(&str, Tensor)],
+        wanted: &[&str],
+        mut times: Option<&mut HashMap<String, std::time::Duration>>,
+    ) -> Result<Vec<Tensor>, EngineError> {
         let mut env: HashMap<String, Tensor> = HashMap::new();
         for name in &self.inputs {
             let t = inputs
@@ -230,11 +252,15 @@ impl Engine {
                     problem: format!("read by node '{}' but not computed", s.label),
                 });
             }
+            let started = std::time::Instant::now();
             let outs = s.op.forward(&args).map_err(|source| EngineError::Exec {
                 node: s.label.clone(),
                 op: s.op_type.clone(),
                 source: Box::new(source),
             })?;
+            if let Some(t) = times.as_deref_mut() {
+                *t.entry(s.op_type.clone()).or_default() += started.elapsed();
+            }
             for (name, t) in s.outputs.iter().zip(outs) {
                 if !name.is_empty() {
                     env.insert(name.clone(), t);

@@ -40,6 +40,8 @@ pub struct Head {
     /// The nodes from the last linear layer to the output, in graph order.
     pub nodes: Vec<String>,
     pub output: String,
+    /// The linear layer's output: logits even when the model ends in a softmax.
+    pub logits: String,
     pub weight: String,
     pub bias: Option<String>,
     pub classes: usize,
@@ -231,13 +233,18 @@ pub fn find_head(g: &GraphProto) -> Option<Head> {
                     return None;
                 }
                 chain.push(*m);
-                return linear_head(g, mm, Some(bias.clone()), chain, output, normalised);
+                let logits = n.output.first()?.clone();
+                return linear_head(g, mm, Some(bias.clone()), chain, (output, logits), normalised);
             }
             "Gemm" => {
                 let bias = n.input.get(2).filter(|b| !b.is_empty()).cloned();
-                return linear_head(g, n, bias, chain, output, normalised);
+                let logits = n.output.first()?.clone();
+                return linear_head(g, n, bias, chain, (output, logits), normalised);
             }
-            "MatMul" => return linear_head(g, n, None, chain, output, normalised),
+            "MatMul" => {
+                let logits = n.output.first()?.clone();
+                return linear_head(g, n, None, chain, (output, logits), normalised);
+            }
             _ => return None,
         }
     }
@@ -248,7 +255,7 @@ fn linear_head(
     n: &NodeProto,
     bias: Option<String>,
     mut chain: Vec<usize>,
-    output: String,
+    (output, logits): (String, String),
     normalised: Option<String>,
 ) -> Option<Head> {
     let weight = n.input.get(1)?.clone();
@@ -258,7 +265,7 @@ fn linear_head(
     let classes = if trans_b { *rows } else { *cols };
     chain.sort_unstable();
     let nodes = chain.iter().filter_map(|i| g.node.get(*i)).map(attr::node_label).collect();
-    Some(Head { nodes, output, weight, bias, classes, normalised })
+    Some(Head { nodes, output, logits, weight, bias, classes, normalised })
 }
 
 /// The linear layer's data input and its width; for a headless model, the graph output.
@@ -279,4 +286,26 @@ pub fn find_feature(g: &GraphProto, head: Option<&Head>) -> Option<Feature> {
         _ => None,
     };
     Some(Feature { tensor: out.name().to_string(), dim, from: "graph output" })
+}
+
+/// Initializers that training may update: weights and biases of Conv/ConvTranspose/Gemm/MatMul
+/// layers (with a MatMul's Add bias) and the scale and bias of BatchNormalization and
+/// LayerNormalization. Running statistics and shape constants never train.
+pub fn trainable_names(g: &GraphProto) -> std::collections::BTreeSet<String> {
+    let mut names: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
+    for l in trainable_layers(g) {
+        names.insert(l.weight);
+        names.extend(l.bias);
+    }
+    for n in &g.node {
+        if matches!(n.op_type(), "BatchNormalization" | "LayerNormalization") {
+            for i in n.input.iter().skip(1).take(2).filter(|i| !i.is_empty()) {
+                if const_shape(g, i).is_some() {
+                    names.insert(i.clone());
+                }
+            }
+        }
+    }
+    names.retain(|n| g.initializer.iter().any(|t| t.name() == n));
+    names
 }

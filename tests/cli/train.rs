@@ -37,7 +37,9 @@ fn fine_tuning_the_tiny_backbone_learns_fashion_mnist() {
     let model = tiny_with_new_head();
     let (x, y) = fashion_8x8(false, 300);
     let (xt, yt) = fashion_8x8(true, 50);
-    let engine = Engine::new(&model, &|_| true, DType::F32, &Device::Cpu).unwrap();
+    let names = mtpack::graph::analysis::trainable_names(model.graph());
+    assert_eq!(names.len(), 9, "{names:?}"); // 4 weights, 3 biases (conv1 has none), BN scale and shift
+    let engine = Engine::new(&model, &|n| names.contains(n), DType::F32, &Device::Cpu).unwrap();
     let before = eval::evaluate(&engine, &model, "input", "fashion/logits", &xt, &yt).unwrap();
     let xc = to_candle(&x, DType::F32).unwrap();
     let task = Task { input: "input", logits: "fashion/logits", extra_outputs: &[], x: &xc, y: &y };

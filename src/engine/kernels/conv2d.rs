@@ -17,6 +17,17 @@ pub struct ConvParams {
     pub groups: usize,
 }
 
+/// A run of `len` output positions starting at `y`, reading input `x + t * step`, through
+/// weight `w`.
+#[derive(Clone, Copy, Debug)]
+struct Run {
+    x: usize,
+    step: usize,
+    y: usize,
+    len: usize,
+    w: usize,
+}
+
 /// Sizes of one convolution, derived once from the input and weight shapes.
 #[derive(Clone, Copy, Debug)]
 struct Geometry {
@@ -148,22 +159,33 @@ impl Geometry {
         }
     }
 
-    /// Calls `f(input index, output index, weight index)` for every tap of output channel
-    /// `oc` of a depthwise convolution, within one image.
+    /// Calls `f` for every contiguous run of output positions that one kernel tap of output
+    /// channel `oc` of a depthwise convolution touches, within one image. Bounds are worked
+    /// out per run, so the inner loops the callers write have no per-element checks.
     #[inline]
-    fn depthwise_taps(&self, oc: usize, mut f: impl FnMut(usize, usize, usize)) {
+    fn depthwise_runs(&self, oc: usize, mut f: impl FnMut(Run)) {
         let p = self.p;
         let ic = oc / self.cout_g;
+        let (sx, dx, pl) = (p.stride[1], p.dilation[1], p.pads[1]);
         for ki in 0..self.kh {
-            for kj in 0..self.kw {
-                let widx = (oc * self.kh + ki) * self.kw + kj;
-                for oy in 0..self.oh {
-                    let Some(iy) = Self::src(oy, ki, p.stride[0], p.dilation[0], p.pads[0], self.h) else { continue };
-                    for ox in 0..self.ow {
-                        if let Some(ix) = Self::src(ox, kj, p.stride[1], p.dilation[1], p.pads[1], self.w) {
-                            f((ic * self.h + iy) * self.w + ix, (oc * self.oh + oy) * self.ow + ox, widx);
-                        }
+            for oy in 0..self.oh {
+                let Some(iy) = Self::src(oy, ki, p.stride[0], p.dilation[0], p.pads[0], self.h) else { continue };
+                for kj in 0..self.kw {
+                    let off = kj * dx;
+                    // ox*sx + off - pl must lie in [0, w).
+                    let lo = if pl > off { (pl - off).div_ceil(sx) } else { 0 };
+                    let Some(top) = (self.w - 1 + pl).checked_sub(off) else { continue };
+                    let hi = (top / sx + 1).min(self.ow);
+                    if lo >= hi {
+                        continue;
                     }
+                    f(Run {
+                        x: (ic * self.h + iy) * self.w + lo * sx + off - pl,
+                        step: sx,
+                        y: (oc * self.oh + oy) * self.ow + lo,
+                        len: hi - lo,
+                        w: (oc * self.kh + ki) * self.kw + kj,
+                    });
                 }
             }
         }
@@ -177,7 +199,12 @@ fn forward<T: Real>(x: &[T], w: &[T], g: &Geometry) -> candle_core::Result<Vec<T
         |(y, xi)| -> candle_core::Result<()> {
             if g.depthwise() {
                 for oc in 0..g.cout {
-                    g.depthwise_taps(oc, |i, o, k| y[o] += xi[i] * w[k]);
+                    g.depthwise_runs(oc, |r| {
+                        let wv = w[r.w];
+                        for (t, o) in y[r.y..r.y + r.len].iter_mut().enumerate() {
+                            *o += wv * xi[r.x + t * r.step];
+                        }
+                    });
                 }
                 return Ok(());
             }
@@ -201,7 +228,12 @@ fn backward_input<T: Real>(w: &[T], dy: &[T], g: &Geometry) -> candle_core::Resu
         |(dxi, dyi)| -> candle_core::Result<()> {
             if g.depthwise() {
                 for oc in 0..g.cout {
-                    g.depthwise_taps(oc, |i, o, k| dxi[i] += dyi[o] * w[k]);
+                    g.depthwise_runs(oc, |r| {
+                        let wv = w[r.w];
+                        for (t, &d) in dyi[r.y..r.y + r.len].iter().enumerate() {
+                            dxi[r.x + t * r.step] += wv * d;
+                        }
+                    });
                 }
                 return Ok(());
             }
@@ -226,11 +258,13 @@ fn backward_input<T: Real>(w: &[T], dy: &[T], g: &Geometry) -> candle_core::Resu
 fn backward_weight<T: Real>(x: &[T], dy: &[T], g: &Geometry) -> candle_core::Result<Vec<T>> {
     let (in_item, out_item) = (g.cin * g.h * g.w, g.cout * g.ohw());
     let wlen = g.cout * g.k();
-    let partial = |acc: candle_core::Result<Vec<T>>, (xi, dyi): (&[T], &[T])| -> candle_core::Result<Vec<T>> {
-        let mut dw = acc?;
+    let partial = |mut dw: Vec<T>, (xi, dyi): (&[T], &[T])| -> candle_core::Result<Vec<T>> {
         if g.depthwise() {
             for oc in 0..g.cout {
-                g.depthwise_taps(oc, |i, o, k| dw[k] += xi[i] * dyi[o]);
+                g.depthwise_runs(oc, |r| {
+                    let acc: T = dyi[r.y..r.y + r.len].iter().enumerate().map(|(t, &d)| d * xi[r.x + t * r.step]).sum();
+                    dw[r.w] += acc;
+                });
             }
             return Ok(dw);
         }
@@ -243,14 +277,24 @@ fn backward_weight<T: Real>(x: &[T], dy: &[T], g: &Geometry) -> candle_core::Res
         }
         Ok(dw)
     };
-    x.par_chunks(in_item.max(1)).zip(dy.par_chunks(out_item.max(1))).fold(|| Ok(vec![T::zero(); wlen]), partial).reduce(
-        || Ok(vec![T::zero(); wlen]),
-        |a, b| {
-            let (mut a, b) = (a?, b?);
-            a.iter_mut().zip(b).for_each(|(p, q)| *p += q);
-            Ok(a)
-        },
-    )
+    // Fixed chunks of the batch summed in order: the result does not depend on the thread
+    // count or scheduling, so a resumed run reproduces an uninterrupted one bit for bit.
+    const CHUNKS: usize = 8;
+    let per = g.n.div_ceil(CHUNKS).max(1);
+    let partials: Vec<candle_core::Result<Vec<T>>> = (0..g.n.div_ceil(per))
+        .into_par_iter()
+        .map(|c| {
+            let items = (c * per)..((c + 1) * per).min(g.n);
+            items.into_iter().try_fold(vec![T::zero(); wlen], |acc, i| {
+                partial(acc, (&x[i * in_item..][..in_item], &dy[i * out_item..][..out_item]))
+            })
+        })
+        .collect();
+    let mut dw = vec![T::zero(); wlen];
+    for p in partials {
+        dw.iter_mut().zip(p?).for_each(|(a, b)| *a += b);
+    }
+    Ok(dw)
 }
 
 /// Which computation a [`Conv2d`] custom op performs.

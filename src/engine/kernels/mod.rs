@@ -4,6 +4,7 @@
 //! autograd sees them like any other op.
 
 pub mod conv2d;
+pub mod pointwise;
 pub mod pool2d;
 
 use candle_core::{CpuStorage, Layout};
@@ -12,17 +13,17 @@ use candle_core::{CpuStorage, Layout};
 pub trait Real:
     num_traits::Float + std::iter::Sum + Send + Sync + Default + std::ops::AddAssign + 'static + std::fmt::Debug
 {
-    fn from_f64(v: f64) -> Self;
+    fn real(v: f64) -> Self;
 }
 
 impl Real for f32 {
-    fn from_f64(v: f64) -> Self {
+    fn real(v: f64) -> Self {
         v as f32
     }
 }
 
 impl Real for f64 {
-    fn from_f64(v: f64) -> Self {
+    fn real(v: f64) -> Self {
         v
     }
 }

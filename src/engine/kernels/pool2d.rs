@@ -101,9 +101,7 @@ fn forward<T: Real>(x: &[T], g: &Geometry) -> Vec<T> {
                 let count = g.window(oy, ox, &mut taps);
                 y[oy * g.ow + ox] = match g.p.kind {
                     PoolKind::Max => taps.iter().map(|&i| xi[i]).fold(T::neg_infinity(), T::max),
-                    PoolKind::Average { .. } => {
-                        taps.iter().map(|&i| xi[i]).sum::<T>() / T::from_f64(count.max(1) as f64)
-                    }
+                    PoolKind::Average { .. } => taps.iter().map(|&i| xi[i]).sum::<T>() / T::real(count.max(1) as f64),
                 };
             }
         }
@@ -133,7 +131,7 @@ fn backward<T: Real>(x: &[T], dy: &[T], g: &Geometry) -> Vec<T> {
                             }
                         }
                         PoolKind::Average { .. } => {
-                            let share = d / T::from_f64(count.max(1) as f64);
+                            let share = d / T::real(count.max(1) as f64);
                             taps.iter().for_each(|&i| dxi[i] += share);
                         }
                     }

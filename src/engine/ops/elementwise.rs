@@ -52,7 +52,26 @@ fn sigmoid(a: &Tensor) -> candle_core::Result<Tensor> {
 }
 
 fn hard_sigmoid(a: &Tensor, alpha: f64, beta: f64) -> candle_core::Result<Tensor> {
-    a.affine(alpha, beta)?.clamp(0.0, 1.0)
+    clamp(&a.affine(alpha, beta)?, Some(0.0), Some(1.0))
+}
+
+/// Clamp with optional bounds; the fused kernel on the CPU.
+fn clamp(a: &Tensor, lo: Option<f64>, hi: Option<f64>) -> candle_core::Result<Tensor> {
+    if a.device().is_cpu() && a.dtype().is_float() {
+        return crate::engine::kernels::pointwise::clamp(
+            a,
+            lo.unwrap_or(f64::NEG_INFINITY),
+            hi.unwrap_or(f64::INFINITY),
+        );
+    }
+    let mut y = a.clone();
+    if let Some(lo) = lo {
+        y = y.maximum(lo)?;
+    }
+    if let Some(hi) = hi {
+        y = y.minimum(hi)?;
+    }
+    Ok(y)
 }
 
 fn pow(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
@@ -84,14 +103,7 @@ fn build_clip(node: &NodeProto, ctx: &BuildCtx) -> Res {
             Some(t) => Some(scalar(t)?),
             None => amax,
         };
-        let mut y = a.clone();
-        if let Some(lo) = lo {
-            y = y.maximum(lo)?;
-        }
-        if let Some(hi) = hi {
-            y = y.minimum(hi)?;
-        }
-        Ok(vec![y])
+        Ok(vec![clamp(a, lo, hi)?])
     })))
 }
 

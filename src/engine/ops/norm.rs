@@ -36,6 +36,9 @@ fn build_batch_norm(node: &NodeProto, _: &BuildCtx) -> Result<Box<dyn Op>, Engin
     Ok(Box::new(FnOp(move |x: &[Option<Tensor>]| {
         let (input, scale, bias, mean, var) = (req(x, 0)?, req(x, 1)?, req(x, 2)?, req(x, 3)?, req(x, 4)?);
         let r = input.rank();
+        if input.device().is_cpu() && r >= 2 {
+            return Ok(vec![crate::engine::kernels::pointwise::batch_norm(input, scale, bias, mean, var, eps)?]);
+        }
         // y = (x - mean) * scale / sqrt(var + eps) + bias; scale and bias may be trainable.
         let inv = (var + eps)?.sqrt()?.recip()?;
         let k = per_channel(&scale.mul(&inv)?, r)?;
