@@ -75,8 +75,18 @@ fn main() {
     let mut opt = Optimizer::new(OptimConfig::sgd(0.01, 0.9, 0.0));
     let mut epoch = 0;
     let train_ips = per_second(BATCH, || {
-        train_epoch(&engine, &task, epoch, BATCH, 0, 0.01, &mut opt, &mut NoHooks::default(), &mut |_, _, _| {})
-            .expect("train step");
+        train_epoch(
+            &engine,
+            std::slice::from_ref(&task),
+            epoch,
+            BATCH,
+            0,
+            0.01,
+            &mut opt,
+            &mut NoHooks::default(),
+            &mut |_, _, _| {},
+        )
+        .expect("train step");
         epoch += 1;
     });
 

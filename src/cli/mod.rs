@@ -1,5 +1,6 @@
 //! Command-line interface: argument definitions and one module per subcommand.
 
+mod adapt_cmd;
 mod data_cmd;
 mod graph_cmd;
 mod inspect_cmd;
@@ -34,6 +35,8 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Train tasks onto a backbone with one method, into a resumable pack directory.
+    Adapt(Box<adapt_cmd::Args>),
     /// Describe a model: inputs, outputs, ops, parameters, trainable layers, head and feature tensor.
     Inspect(inspect_cmd::Args),
     /// Run a model on inputs from a safetensors file in ONNX Runtime, tract, or both.
@@ -49,6 +52,7 @@ pub enum Command {
 pub fn main() -> anyhow::Result<Outcome> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Adapt(a) => adapt_cmd::run(*a, cli.quiet),
         Command::Inspect(a) => inspect_cmd::run(a),
         Command::Run(a) => run_cmd::run(a),
         Command::Data(c) => data_cmd::run(c, cli.quiet),

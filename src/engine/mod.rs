@@ -83,6 +83,8 @@ pub fn from_candle(t: &Tensor) -> candle_core::Result<crate::tensor::Tensor> {
 }
 
 struct Step {
+    /// Running statistics this step updates in training mode: (mean, variance) names.
+    running: Option<(String, String)>,
     label: String,
     op_type: String,
     inputs: Vec<Option<String>>,
@@ -101,6 +103,7 @@ pub struct Engine {
     last_use: HashMap<String, usize>,
     float: DType,
     device: Device,
+    training: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Default-domain ops of `model` that the engine cannot execute, sorted and unique.
@@ -128,11 +131,29 @@ impl Engine {
         device: &Device,
     ) -> Result<Engine, EngineError> {
         let g = model.graph();
-        let ctx = registry::BuildCtx { opset: model.opset("").unwrap_or(1), float };
+        // BatchNormalization whose scale trains keeps its running statistics as state.
+        let stateful: std::collections::HashSet<String> = g
+            .node
+            .iter()
+            .filter(|n| n.op_type() == "BatchNormalization" && n.input.get(1).is_some_and(|s| trainable(s)))
+            .flat_map(|n| n.input.iter().skip(3).take(2).cloned())
+            .collect();
+        let training = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let ctx = registry::BuildCtx {
+            opset: model.opset("").unwrap_or(1),
+            float,
+            training: training.clone(),
+            stateful: stateful.clone(),
+        };
         let mut steps = Vec::with_capacity(g.node.len());
         for n in &g.node {
             let op = registry::build(n, &ctx)?;
+            let running = match (n.op_type(), n.input.get(3), n.input.get(4)) {
+                ("BatchNormalization", Some(m), Some(v)) if stateful.contains(m) => Some((m.clone(), v.clone())),
+                _ => None,
+            };
             steps.push(Step {
+                running,
                 label: node_label(n),
                 op_type: n.op_type().to_string(),
                 inputs: n.input.iter().map(|i| (!i.is_empty()).then(|| i.clone())).collect(),
@@ -148,7 +169,7 @@ impl Engine {
                 context: format!("initializer '{}'", t.name()),
                 source: Box::new(source),
             })?;
-            if is_float && trainable(t.name()) {
+            if is_float && (trainable(t.name()) || stateful.contains(t.name())) {
                 let var = Var::from_tensor(&ct)
                     .map_err(|source| EngineError::Candle { context: t.name().into(), source: Box::new(source) })?;
                 params.insert(t.name().to_string(), var);
@@ -172,7 +193,15 @@ impl Engine {
             last_use,
             float,
             device: device.clone(),
+            training,
         })
+    }
+
+    /// Training mode: BatchNormalization with trainable scale normalises with batch
+    /// statistics and updates its running statistics (PyTorch's `train()`); off, every op
+    /// uses the recorded statistics (`eval()`).
+    pub fn set_training(&self, on: bool) {
+        self.training.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn input_names(&self) -> &[String] {
@@ -260,6 +289,17 @@ impl Engine {
             })?;
             if let Some(t) = times.as_deref_mut() {
                 *t.entry(s.op_type.clone()).or_default() += started.elapsed();
+            }
+            if let (Some((mean, var)), [_, new_mean, new_var, ..]) = (&s.running, outs.as_slice()) {
+                for (name, value) in [(mean, new_mean), (var, new_var)] {
+                    if let Some(v) = self.params.get(name) {
+                        v.set(&value.detach()).map_err(|e| EngineError::Exec {
+                            node: s.label.clone(),
+                            op: s.op_type.clone(),
+                            source: Box::new(e),
+                        })?;
+                    }
+                }
             }
             for (name, t) in s.outputs.iter().zip(outs) {
                 if !name.is_empty() {

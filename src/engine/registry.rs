@@ -34,6 +34,11 @@ pub struct BuildCtx {
     pub opset: i64,
     /// The floating-point type computations run in (F32, or F64 for gradient checks).
     pub float: DType,
+    /// Set while training: ops with running state (BatchNormalization whose statistics are
+    /// in `stateful`) then use batch statistics and return updated running values.
+    pub training: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Initializers held as mutable state (BatchNormalization running statistics).
+    pub stateful: std::collections::HashSet<String>,
 }
 
 pub type Build = fn(&NodeProto, &BuildCtx) -> Result<Box<dyn Op>, EngineError>;

@@ -11,6 +11,8 @@ use crate::engine::Engine;
 
 /// What a batch exposes to hooks.
 pub struct BatchCtx<'a> {
+    /// Which of the epoch's tasks the batch comes from.
+    pub task: usize,
     /// Indices of the batch's examples in the training set.
     pub indices: &'a [usize],
     /// The engine's outputs for the batch, by name.
@@ -59,20 +61,23 @@ pub struct Task<'a> {
     pub y: &'a [i64],
 }
 
-#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct EpochStats {
     pub epoch: u64,
+    /// Training examples seen this epoch (all tasks together for joint training).
+    pub examples: usize,
     pub loss: f64,
     pub train_accuracy: f64,
     pub images_per_second: f64,
     pub lr: f64,
 }
 
-/// Trains one epoch; `progress` is told the running loss after every batch.
+/// Trains one epoch over one task, or over several with their batches interleaved
+/// round-robin (joint training). `progress(batch, batches, loss)` is told after every step.
 #[allow(clippy::too_many_arguments)]
 pub fn train_epoch(
     engine: &Engine,
-    task: &Task,
+    tasks: &[Task],
     epoch: u64,
     batch: usize,
     seed: u64,
@@ -81,14 +86,23 @@ pub fn train_epoch(
     hooks: &mut dyn Hooks,
     progress: &mut dyn FnMut(usize, usize, f64),
 ) -> Result<EpochStats, TrainError> {
-    let n = task.y.len();
-    let batches = epoch_batches(n, batch, seed, epoch);
+    let per_task: Vec<Vec<Vec<usize>>> = tasks
+        .iter()
+        .enumerate()
+        .map(|(k, t)| epoch_batches(t.y.len(), batch, seed.wrapping_add(k as u64), epoch))
+        .collect();
+    let longest = per_task.iter().map(Vec::len).max().unwrap_or(0);
+    let order: Vec<(usize, &Vec<usize>)> = (0..longest)
+        .flat_map(|b| per_task.iter().enumerate().filter_map(move |(k, bs)| bs.get(b).map(|idx| (k, idx))))
+        .collect();
+    let n: usize = tasks.iter().map(|t| t.y.len()).sum();
     let started = Instant::now();
     let (mut loss_sum, mut right) = (0.0, 0usize);
-    let mut wanted: Vec<&str> = vec![task.logits];
-    wanted.extend(task.extra_outputs.iter().map(String::as_str));
     let dev = engine.device().clone();
-    for (b, idx) in batches.iter().enumerate() {
+    for (step, (k, idx)) in order.iter().enumerate() {
+        let Some(task) = tasks.get(*k) else { continue };
+        let mut wanted: Vec<&str> = vec![task.logits];
+        wanted.extend(task.extra_outputs.iter().map(String::as_str));
         let ids =
             Tensor::new(idx.iter().map(|&i| i as u32).collect::<Vec<u32>>(), &dev).map_err(candle("batch indices"))?;
         let xb = task.x.index_select(&ids, 0).map_err(candle("selecting a batch"))?;
@@ -99,7 +113,7 @@ pub fn train_epoch(
         let logits =
             outputs.get(task.logits).ok_or_else(|| TrainError::Invalid(format!("no output '{}'", task.logits)))?;
         let mut loss = cross_entropy(logits, &yt).map_err(candle("cross-entropy"))?;
-        let ctx = BatchCtx { indices: idx, outputs: &outputs, params: engine.params() };
+        let ctx = BatchCtx { task: *k, indices: idx, outputs: &outputs, params: engine.params() };
         if let Some(extra) = hooks.extra_loss(&ctx).map_err(candle("method loss"))? {
             loss = (loss + extra).map_err(candle("adding the method loss"))?;
         }
@@ -107,7 +121,7 @@ pub fn train_epoch(
             loss.to_dtype(candle_core::DType::F64).and_then(|l| l.to_scalar()).map_err(candle("reading the loss"))?;
         if !value.is_finite() {
             return Err(TrainError::Invalid(format!(
-                "loss became {value} at epoch {epoch}, batch {b}; lower the learning rate"
+                "loss became {value} at epoch {epoch}, step {step}; lower the learning rate"
             )));
         }
         right += correct(logits, &yb).map_err(candle("accuracy"))?;
@@ -115,11 +129,12 @@ pub fn train_epoch(
         opt.step(engine.params(), &grads, lr, hooks.grad_masks()).map_err(candle("optimizer step"))?;
         hooks.after_step(engine.params()).map_err(candle("after-step hook"))?;
         loss_sum += value * idx.len() as f64;
-        progress(b + 1, batches.len(), value);
+        progress(step + 1, order.len(), value);
     }
     let secs = started.elapsed().as_secs_f64().max(1e-9);
     Ok(EpochStats {
         epoch,
+        examples: n,
         loss: loss_sum / n.max(1) as f64,
         train_accuracy: right as f64 / n.max(1) as f64,
         images_per_second: n as f64 / secs,

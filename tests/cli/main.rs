@@ -1,6 +1,7 @@
 //! Integration tests: drive the real `mtpack` binary (and, for round trips, the library) on
 //! the committed fixtures and on the real backbones fetched by `scripts/fetch.sh`.
 
+mod adapt;
 mod bad_input;
 mod data;
 mod graph;

@@ -46,7 +46,18 @@ fn fine_tuning_the_tiny_backbone_learns_fashion_mnist() {
     let mut opt = Optimizer::new(OptimConfig::sgd(0.01, 0.9, 1e-4));
     // 6 epochs of 3000 images at batch 32: 564 steps (measured: 0.07 -> 0.75 held out).
     for epoch in 0..6 {
-        train_epoch(&engine, &task, epoch, 32, 0, 0.01, &mut opt, &mut NoHooks::default(), &mut |_, _, _| {}).unwrap();
+        train_epoch(
+            &engine,
+            std::slice::from_ref(&task),
+            epoch,
+            32,
+            0,
+            0.01,
+            &mut opt,
+            &mut NoHooks::default(),
+            &mut |_, _, _| {},
+        )
+        .unwrap();
     }
     let after = eval::evaluate(&engine, &model, "input", "fashion/logits", &xt, &yt).unwrap();
     eprintln!("fine-tuning: held-out accuracy {before:.3} -> {after:.3}");

@@ -192,6 +192,115 @@ pub fn batch_norm(
     x.contiguous()?.apply_op3(&scale.contiguous()?, &bias.contiguous()?, BatchNorm { mean, inv_std })
 }
 
+/// Per-channel mean and biased variance of x [N, C, ...], as [2, C]; no gradient.
+#[derive(Clone, Copy, Debug)]
+struct ChannelStats;
+
+impl CustomOp1 for ChannelStats {
+    fn name(&self) -> &'static str {
+        "mtpack-channel-stats"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        fn stats<T: Real>(x: &[T], n: usize, c: usize, inner: usize) -> Vec<T> {
+            let per: Vec<(T, T)> = (0..c)
+                .into_par_iter()
+                .map(|ch| {
+                    let count = T::real((n * inner).max(1) as f64);
+                    let plane = |b: usize| &x[(b * c + ch) * inner..][..inner];
+                    let mean = (0..n).map(|b| plane(b).iter().copied().sum::<T>()).sum::<T>() / count;
+                    let var =
+                        (0..n).map(|b| plane(b).iter().map(|&v| (v - mean) * (v - mean)).sum::<T>()).sum::<T>() / count;
+                    (mean, var)
+                })
+                .collect();
+            per.iter().map(|p| p.0).chain(per.iter().map(|p| p.1)).collect()
+        }
+        let dims = l.shape().dims();
+        let (n, c) = match dims {
+            [n, c, ..] => (*n, *c),
+            _ => return Err(candle_core::Error::Msg(format!("BatchNormalization needs [N, C, ...], got {dims:?}"))),
+        };
+        let inner: usize = dims[2..].iter().product::<usize>().max(1);
+        let shape = Shape::from((2, c));
+        match s {
+            CpuStorage::F32(_) => Ok((CpuStorage::F32(stats(slice::<f32>(s, l)?, n, c, inner)), shape)),
+            CpuStorage::F64(_) => Ok((CpuStorage::F64(stats(slice::<f64>(s, l)?, n, c, inner)), shape)),
+            _ => Err(candle_core::Error::Msg("mtpack-channel-stats supports float32 and float64 only".into())),
+        }
+    }
+}
+
+/// Batch normalisation with the batch's own statistics (training mode, as PyTorch's
+/// `train()`): the gradient flows through the mean and variance too,
+/// dx = scale * inv_std * (dy - mean(dy) - xhat * mean(dy * xhat)) per channel.
+#[derive(Clone, Debug)]
+struct BatchNormTrain(BatchNorm);
+
+impl CustomOp3 for BatchNormTrain {
+    fn name(&self) -> &'static str {
+        "mtpack-batchnorm-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.0.cpu_fwd(s1, l1, s2, l2, s3, l3)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        scale: &Tensor,
+        bias: &Tensor,
+        res: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (_, dscale, dbias) = self.0.bwd(x, scale, bias, res, dy)?;
+        let (Some(dscale), Some(dbias)) = (dscale, dbias) else {
+            return Err(candle_core::Error::Msg("batch norm gradient missing".into()));
+        };
+        // With m = N * inner: mean(dy) = dbias / m and mean(dy * xhat) = dscale / m.
+        let c = self.0.mean.len();
+        let m = (x.elem_count() / c.max(1)) as f64;
+        let mut shape = vec![1usize; x.rank()];
+        shape[1] = c;
+        let dev = x.device();
+        let inv = Tensor::new(self.0.inv_std.as_slice(), dev)?.to_dtype(x.dtype())?.reshape(shape.clone())?;
+        let mean = Tensor::new(self.0.mean.as_slice(), dev)?.to_dtype(x.dtype())?.reshape(shape.clone())?;
+        let xhat = x.broadcast_sub(&mean)?.broadcast_mul(&inv)?;
+        let centred = dy
+            .broadcast_sub(&(dbias.reshape(shape.clone())? / m)?)?
+            .sub(&xhat.broadcast_mul(&(dscale.reshape(shape.clone())? / m)?)?)?;
+        let dx = centred.broadcast_mul(&scale.reshape(shape)?.broadcast_mul(&inv)?)?;
+        Ok((Some(dx), Some(dscale), Some(dbias)))
+    }
+}
+
+/// Training-mode batch normalisation: normalises with the batch's statistics and returns
+/// them too (mean and biased variance, each [C]) for the running averages.
+pub fn batch_norm_train(
+    x: &Tensor,
+    scale: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    let x = x.contiguous()?;
+    let stats = x.detach().apply_op1_no_bwd(&ChannelStats)?;
+    let (mean_t, var_t) = (stats.get(0)?, stats.get(1)?);
+    let mean: Vec<f64> = mean_t.to_dtype(candle_core::DType::F64)?.to_vec1()?;
+    let var: Vec<f64> = var_t.to_dtype(candle_core::DType::F64)?.to_vec1()?;
+    let inv_std = var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
+    let y = x.apply_op3(&scale.contiguous()?, &bias.contiguous()?, BatchNormTrain(BatchNorm { mean, inv_std }))?;
+    Ok((y, mean_t, var_t))
+}
+
 /// Clamp to [lo, hi]; the gradient passes where lo < x < hi.
 #[derive(Clone, Copy, Debug)]
 struct Clamp {
@@ -300,6 +409,20 @@ mod tests {
         let d: f64 = (y - want).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap();
         assert!(d < 1e-12, "{d}");
         check_gradients(&[x, scale, bias], |v| batch_norm(&v[0], &v[1], &v[2], &mean, &var, 1e-5), 1e-6).unwrap();
+    }
+
+    #[test]
+    fn training_batch_norm_gradients_include_the_batch_statistics() {
+        let x = seeded(&[3, 2, 3, 4], 7, DType::F64);
+        let (scale, bias) = (seeded(&[2], 8, DType::F64), seeded(&[2], 9, DType::F64));
+        let (y, mean, var) = batch_norm_train(&x, &scale, &bias, 1e-5).unwrap();
+        // Normalised output: per channel mean 0 (before scale and shift).
+        let m: Vec<f64> = mean.to_vec1().unwrap();
+        let v: Vec<f64> = var.to_vec1().unwrap();
+        assert_eq!(m.len(), 2);
+        assert!(v.iter().all(|v| *v > 0.0));
+        assert_eq!(y.dims(), x.dims());
+        check_gradients(&[x, scale, bias], |t| Ok(batch_norm_train(&t[0], &t[1], &t[2], 1e-5)?.0), 1e-6).unwrap();
     }
 
     #[test]

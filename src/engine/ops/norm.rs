@@ -24,7 +24,7 @@ fn per_channel(v: &Tensor, rank: usize) -> candle_core::Result<Tensor> {
     v.reshape(shape)
 }
 
-fn build_batch_norm(node: &NodeProto, _: &BuildCtx) -> Result<Box<dyn Op>, EngineError> {
+fn build_batch_norm(node: &NodeProto, ctx: &BuildCtx) -> Result<Box<dyn Op>, EngineError> {
     if attr::int_or(node, "training_mode", 0)? != 0 {
         return Err(EngineError::Invalid {
             node: attr::node_label(node),
@@ -33,9 +33,23 @@ fn build_batch_norm(node: &NodeProto, _: &BuildCtx) -> Result<Box<dyn Op>, Engin
         });
     }
     let eps = attr::float_or(node, "epsilon", 1e-5)? as f64;
+    // ONNX: running = running * momentum + batch * (1 - momentum); PyTorch's 0.1 is 0.9 here.
+    let momentum = attr::float_or(node, "momentum", 0.9)? as f64;
+    let stateful = node.input.get(3).is_some_and(|m| ctx.stateful.contains(m))
+        && node.input.get(4).is_some_and(|v| ctx.stateful.contains(v));
+    let training = ctx.training.clone();
     Ok(Box::new(FnOp(move |x: &[Option<Tensor>]| {
         let (input, scale, bias, mean, var) = (req(x, 0)?, req(x, 1)?, req(x, 2)?, req(x, 3)?, req(x, 4)?);
         let r = input.rank();
+        if stateful && training.load(std::sync::atomic::Ordering::Relaxed) && input.device().is_cpu() && r >= 2 {
+            let (y, bm, bv) = crate::engine::kernels::pointwise::batch_norm_train(input, scale, bias, eps)?;
+            // Running variance takes the unbiased batch variance, as PyTorch does.
+            let m = (input.elem_count() / bm.elem_count().max(1)) as f64;
+            let unbiased = (bv * (m / (m - 1.0).max(1.0)))?;
+            let new_mean = (mean.affine(momentum, 0.0)? + bm.affine(1.0 - momentum, 0.0)?)?;
+            let new_var = (var.affine(momentum, 0.0)? + unbiased.affine(1.0 - momentum, 0.0)?)?;
+            return Ok(vec![y, new_mean, new_var]);
+        }
         if input.device().is_cpu() && r >= 2 {
             return Ok(vec![crate::engine::kernels::pointwise::batch_norm(input, scale, bias, mean, var, eps)?]);
         }

@@ -1,0 +1,113 @@
+//! A task's data as training needs it: loaded, subset to its classes, preprocessed to the
+//! backbone's input, split, and checked against the backbone before anything trains.
+
+use crate::adapt::plan::TaskPlan;
+use crate::data::{Dataset, Split};
+use crate::onnx::Dim;
+use crate::tensor::Tensor;
+
+pub struct TaskData {
+    pub labels: Vec<String>,
+    pub pixel_max: f32,
+    pub dataset_sha256: String,
+    /// Float32 [N, C, H, W], preprocessed.
+    pub train_x: Tensor,
+    pub train_y: Vec<i64>,
+    pub test_x: Tensor,
+    pub test_y: Vec<i64>,
+}
+
+/// Loads and prepares one task; every error names the task and the field.
+pub fn prepare(t: &TaskPlan, input_shape: Option<&[Dim]>, seed: u64) -> Result<TaskData, String> {
+    let fail = |e: String| format!("task '{}': {e}", t.name);
+    if !t.dataset.is_file() {
+        return Err(fail(format!("dataset {} does not exist", t.dataset.display())));
+    }
+    let mut d = Dataset::load(&t.dataset).map_err(|e| fail(format!("{e:#}")))?;
+    let sha = crate::pack::file_sha256(&t.dataset).map_err(|e| fail(format!("{e:#}")))?;
+    if let Some(classes) = &t.classes {
+        subset_classes(&mut d, classes).map_err(fail)?;
+    }
+    if let Some(labels) = &t.labels {
+        if labels.len() != d.classes() {
+            return Err(fail(format!("labels lists {} names but the data has {} classes", labels.len(), d.classes())));
+        }
+        d.labels = labels.clone();
+    }
+    if d.test.is_none() {
+        d.split_off_test(t.test_fraction.unwrap_or(0.2), seed);
+    }
+    let test = d.test.take().unwrap_or_else(|| d.train.select(&[]));
+    if d.train.is_empty() || test.is_empty() {
+        return Err(fail(format!(
+            "{} training and {} held-out images: both must be non-empty",
+            d.train.len(),
+            test.len()
+        )));
+    }
+    let prep = |s: &Split| -> Result<Tensor, String> {
+        let x = t.preprocessing.apply(&s.x, d.pixel_max).map_err(|e| fail(format!("preprocessing: {e}")))?;
+        Ok(Tensor::F32(x.into_dyn()))
+    };
+    let (train_x, test_x) = (prep(&d.train)?, prep(&test)?);
+    if let Some(dims) = input_shape {
+        check_input(&train_x, dims).map_err(fail)?;
+    }
+    Ok(TaskData {
+        labels: d.labels.clone(),
+        pixel_max: d.pixel_max,
+        dataset_sha256: sha,
+        train_x,
+        train_y: d.train.y,
+        test_x,
+        test_y: test.y,
+    })
+}
+
+/// Keeps the listed classes, relabelled 0..k in the given order.
+fn subset_classes(d: &mut Dataset, classes: &[i64]) -> Result<(), String> {
+    if let Some(bad) = classes.iter().find(|&&c| c < 0 || c as usize >= d.classes()) {
+        return Err(format!("classes: {bad} is not a class of the dataset (0..{})", d.classes()));
+    }
+    d.train = keep_classes(&d.train, classes);
+    d.test = d.test.as_ref().map(|t| keep_classes(t, classes));
+    d.labels = classes.iter().map(|&c| d.labels.get(c as usize).cloned().unwrap_or_else(|| c.to_string())).collect();
+    Ok(())
+}
+
+fn keep_classes(s: &Split, classes: &[i64]) -> Split {
+    let idx: Vec<usize> = (0..s.len()).filter(|&i| s.y.get(i).is_some_and(|l| classes.contains(l))).collect();
+    let mut out = s.select(&idx);
+    for l in &mut out.y {
+        *l = classes.iter().position(|c| c == l).unwrap_or(0) as i64;
+    }
+    out
+}
+
+/// The preprocessed images must fit the backbone's declared input (fixed dimensions).
+fn check_input(x: &Tensor, dims: &[Dim]) -> Result<(), String> {
+    let shape = x.shape();
+    let fits = dims.len() == shape.len()
+        && dims.iter().zip(shape).skip(1).all(|(d, &s)| !matches!(d, Dim::Fixed(n) if *n >= 0 && *n as usize != s));
+    if fits {
+        Ok(())
+    } else {
+        let want: Vec<String> = dims.iter().map(ToString::to_string).collect();
+        Err(format!(
+            "images are {:?} after preprocessing but the backbone input is [{}] (set resize/channels)",
+            shape.get(1..).unwrap_or_default(),
+            want.join(", ")
+        ))
+    }
+}
+
+/// The first `n` rows of a float tensor.
+pub fn head_rows(x: &Tensor, n: usize) -> Tensor {
+    match x {
+        Tensor::F32(a) => {
+            let rows = a.shape().first().copied().unwrap_or(0).min(n);
+            Tensor::F32(a.slice_axis(ndarray::Axis(0), ndarray::Slice::from(0..rows)).to_owned())
+        }
+        other => other.clone(),
+    }
+}

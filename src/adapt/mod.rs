@@ -1,0 +1,243 @@
+//! `mtpack adapt`: learn a sequence of tasks on one backbone with one method, into a pack
+//! directory that survives being killed at any point.
+
+pub mod checkpoint;
+pub mod data;
+pub mod plan;
+pub mod report;
+mod task;
+
+use std::path::{Path, PathBuf};
+
+use crate::graph::analysis::{find_feature, find_head, trainable_names};
+use crate::graph::index::validate;
+use crate::methods::{self, MethodKind};
+use crate::onnx::{tensor_type, Dim, Model};
+use crate::pack::manifest::{BackboneRecord, OwnHead};
+use crate::pack::{Manifest, Metrics, Pack, PACK_SCHEMA};
+use plan::{Plan, TaskPlan};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdaptError {
+    #[error("{0}")]
+    Plan(String),
+    #[error("{path}")]
+    Backbone {
+        path: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error(transparent)]
+    Train(#[from] crate::train::TrainError),
+    #[error(transparent)]
+    Pack(#[from] crate::pack::PackError),
+    #[error(transparent)]
+    Graph(#[from] crate::graph::GraphError),
+    #[error(transparent)]
+    Onnx(#[from] crate::onnx::OnnxError),
+}
+
+pub struct Options {
+    pub pack: PathBuf,
+    /// Add the plan's tasks to an existing pack (its method and settings stay).
+    pub extend: bool,
+    pub quiet: bool,
+}
+
+/// The committed tiny backbone the main job uses when none is given.
+pub fn default_backbone() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/tiny/tiny_digits.onnx")
+}
+
+/// The built-in default sequence: the bundled UCI digits split into two tasks, 0-4 then 5-9
+/// (the "split digits" protocol of the continual-learning literature).
+pub fn default_tasks() -> Vec<TaskPlan> {
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/digits/digits.safetensors");
+    [("digits-0-4", [0, 1, 2, 3, 4]), ("digits-5-9", [5, 6, 7, 8, 9])]
+        .into_iter()
+        .map(|(name, classes)| TaskPlan {
+            name: name.into(),
+            dataset: data.clone(),
+            classes: Some(classes.to_vec()),
+            labels: None,
+            test_fraction: None,
+            preprocessing: Default::default(),
+            hyper: Default::default(),
+        })
+        .collect()
+}
+
+/// What the runner knows about the backbone.
+pub struct Backbone {
+    pub record: BackboneRecord,
+    pub input_shape: Option<Vec<Dim>>,
+    /// Shared weights that may train (the backbone's own head excluded).
+    pub shared: std::collections::BTreeSet<String>,
+}
+
+fn backbone_err(path: &Path, e: impl std::error::Error + Send + Sync + 'static) -> AdaptError {
+    AdaptError::Backbone { path: path.to_path_buf(), source: Box::new(e) }
+}
+
+/// Loads and analyses the backbone: feature tensor, own head, what can train.
+pub fn analyse_backbone(path: &Path, method: MethodKind) -> Result<(Model, Backbone), AdaptError> {
+    let model = Model::load(path).map_err(|e| backbone_err(path, e))?;
+    validate(model.graph()).map_err(|e| backbone_err(path, e))?;
+    let g = model.graph();
+    let head = find_head(g);
+    let feature = find_feature(g, head.as_ref())
+        .ok_or_else(|| AdaptError::Plan(format!("{}: no feature tensor found for new heads", path.display())))?;
+    let feature_dim = feature.dim.ok_or_else(|| {
+        AdaptError::Plan(format!(
+            "{}: the width of feature tensor '{}' is not declared",
+            path.display(),
+            feature.tensor
+        ))
+    })?;
+    let missing = crate::engine::missing_ops(&model);
+    if !missing.is_empty() && method != MethodKind::FeatureExtract {
+        return Err(AdaptError::Plan(format!(
+            "{}: the training engine cannot execute {} (method feature-extract trains only the head)",
+            path.display(),
+            missing.join(", ")
+        )));
+    }
+    let inputs: Vec<_> = g.input.iter().filter(|i| !g.initializer.iter().any(|t| t.name() == i.name())).collect();
+    let [input] = inputs.as_slice() else {
+        return Err(AdaptError::Plan(format!(
+            "{}: a backbone needs exactly one input, it has {}",
+            path.display(),
+            inputs.len()
+        )));
+    };
+    let input_shape = tensor_type(input).and_then(|(_, s)| s);
+    let mut shared = trainable_names(g);
+    let own_head = head.map(|h| {
+        let params: Vec<String> = std::iter::once(h.weight.clone()).chain(h.bias.clone()).collect();
+        for p in &params {
+            shared.remove(p);
+        }
+        OwnHead { output: h.output, logits: h.logits, classes: h.classes, params }
+    });
+    let sha256 = crate::pack::file_sha256(path)?;
+    let record = BackboneRecord {
+        source: path.display().to_string(),
+        sha256,
+        input: input.name().to_string(),
+        feature: feature.tensor,
+        feature_dim,
+        own_head,
+    };
+    Ok((model, Backbone { record, input_shape, shared }))
+}
+
+fn new_manifest(plan: &Plan, backbone: &Backbone) -> Manifest {
+    let own = backbone.record.own_head.is_some();
+    Manifest {
+        schema: PACK_SCHEMA.into(),
+        mtpack_version: env!("CARGO_PKG_VERSION").into(),
+        backbone: backbone.record.clone(),
+        method: plan.method.name().into(),
+        method_params: plan.params.effective(plan.method),
+        needs_old_data: plan.method.needs_old_data(),
+        seed: plan.seed,
+        plan: plan.clone(),
+        plan_digest: plan.digest(),
+        tasks: Vec::new(),
+        columns: own
+            .then(|| "backbone".to_string())
+            .into_iter()
+            .chain(plan.tasks.iter().map(|t| t.name.clone()))
+            .collect(),
+        rows: own.then(|| "initial".to_string()).into_iter().collect(),
+        accuracy_matrix: Vec::new(),
+        metrics: Metrics::default(),
+        files: Default::default(),
+    }
+}
+
+/// Opens the pack for `plan`: new, a rerun of the same plan (resume), or an extension.
+fn open_pack(
+    pack: &Pack,
+    plan: &Plan,
+    backbone: &Backbone,
+    model: &Model,
+    extend: bool,
+) -> Result<Manifest, AdaptError> {
+    if pack.exists() {
+        let mut m = pack.load_manifest()?;
+        if m.plan_digest == plan.digest() {
+            return Ok(m);
+        }
+        let prefix_ok = plan.tasks.len() >= m.plan.tasks.len() && plan.tasks[..m.plan.tasks.len()] == m.plan.tasks[..];
+        let same_setup = plan.method == m.plan.method && plan.params == m.plan.params && plan.seed == m.plan.seed;
+        if !(extend && prefix_ok && same_setup) {
+            return Err(AdaptError::Plan(format!(
+                "{} holds a pack made with a different plan; rerun the same command to resume it, \
+                 use --resume {} to add tasks to it, or choose another -o",
+                pack.dir.display(),
+                pack.dir.display()
+            )));
+        }
+        for t in &plan.tasks[m.plan.tasks.len()..] {
+            m.columns.push(t.name.clone());
+            for row in &mut m.accuracy_matrix {
+                row.push(None);
+            }
+        }
+        m.plan = plan.clone();
+        m.plan_digest = plan.digest();
+        return Ok(m);
+    }
+    pack.create_dirs()?;
+    model.save(&pack.backbone())?;
+    model.save(&pack.model())?;
+    let mut m = new_manifest(plan, backbone);
+    m.files.insert("backbone.onnx".into(), String::new());
+    m.files.insert("model.onnx".into(), String::new());
+    if m.backbone.own_head.is_some() {
+        // Before any task the backbone's head agrees with itself.
+        let mut row = vec![None; m.columns.len()];
+        row[0] = Some(1.0);
+        m.accuracy_matrix.push(row);
+    }
+    pack.save_manifest(&mut m)?;
+    Ok(m)
+}
+
+/// Runs the plan into `opts.pack`; returns the final manifest.
+pub fn run(plan: &Plan, opts: &Options) -> Result<Manifest, AdaptError> {
+    plan.validate().map_err(AdaptError::Plan)?;
+    let mut method = methods::create(plan.method, &plan.params).map_err(AdaptError::Plan)?;
+    let backbone_path = plan.backbone.clone().unwrap_or_else(default_backbone);
+    let (model, backbone) = analyse_backbone(&backbone_path, plan.method)?;
+    // Every task's data is read and checked before anything trains.
+    let mut prepared = Vec::with_capacity(plan.tasks.len());
+    for t in &plan.tasks {
+        prepared.push(data::prepare(t, backbone.input_shape.as_deref(), plan.seed).map_err(AdaptError::Plan)?);
+    }
+    let device =
+        crate::runtime::device::candle_device(plan.device).map_err(|e| AdaptError::Plan(format!("--device: {e}")))?;
+    let pack = Pack::new(&opts.pack);
+    let mut manifest = open_pack(&pack, plan, &backbone, &model, opts.extend)?;
+    let done: Vec<String> = manifest.tasks.iter().filter(|t| t.done).map(|t| t.name.clone()).collect();
+    if let Some(last) = done.last() {
+        method.load(&pack.state_dir().join(format!("after_{last}")))?;
+    }
+    let runner = task::Runner {
+        pack: &pack,
+        plan,
+        backbone: &backbone,
+        data: &prepared,
+        device: &device,
+        quiet: opts.quiet,
+        agreement: task::agreement_reference(&pack, &backbone, &prepared)?,
+    };
+    for t in 0..plan.tasks.len() {
+        if manifest.tasks.get(t).is_some_and(|r| r.done) {
+            continue;
+        }
+        runner.learn(t, method.as_mut(), &mut manifest)?;
+    }
+    Ok(manifest)
+}

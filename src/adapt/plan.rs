@@ -1,0 +1,292 @@
+//! The adaptation plan: the backbone, the method with its parameters, and the tasks in order
+//! with their data, preprocessing and hyper-parameters. Read from a TOML file or built from
+//! command-line flags; validated before any training starts.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::data::Preprocessing;
+use crate::methods::{MethodKind, MethodParams};
+use crate::runtime::device::DeviceChoice;
+use crate::train::{OptimConfig, OptimKind, StepLr};
+
+/// Training settings of one task (each field may be set per task or inherited).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Hyper {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epochs: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<usize>,
+    /// "sgd" or "adamw".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub optimizer: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lr: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub momentum: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight_decay: Option<f64>,
+    /// Multiply the learning rate by `lr_gamma` every `lr_step` epochs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lr_step: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lr_gamma: Option<f64>,
+}
+
+/// Fully resolved training settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Resolved {
+    pub epochs: u64,
+    pub batch: usize,
+    pub optim: OptimConfig,
+    pub schedule: StepLr,
+}
+
+pub const DEFAULT_EPOCHS: u64 = 2;
+pub const DEFAULT_BATCH: usize = 32;
+pub const DEFAULT_LR: f64 = 0.01;
+pub const DEFAULT_MOMENTUM: f64 = 0.9;
+
+impl Hyper {
+    /// This task's settings over `defaults`.
+    pub fn over(&self, defaults: &Hyper) -> Hyper {
+        Hyper {
+            epochs: self.epochs.or(defaults.epochs),
+            batch: self.batch.or(defaults.batch),
+            optimizer: self.optimizer.clone().or_else(|| defaults.optimizer.clone()),
+            lr: self.lr.or(defaults.lr),
+            momentum: self.momentum.or(defaults.momentum),
+            weight_decay: self.weight_decay.or(defaults.weight_decay),
+            lr_step: self.lr_step.or(defaults.lr_step),
+            lr_gamma: self.lr_gamma.or(defaults.lr_gamma),
+        }
+    }
+
+    pub fn resolve(&self, task: &str) -> Result<Resolved, String> {
+        let lr = self.lr.unwrap_or(DEFAULT_LR);
+        let wd = self.weight_decay.unwrap_or(0.0);
+        let kind = match self.optimizer.as_deref().unwrap_or("sgd") {
+            "sgd" => OptimKind::Sgd { momentum: self.momentum.unwrap_or(DEFAULT_MOMENTUM), nesterov: false },
+            "adamw" | "adam" => OptimKind::Adamw { beta1: 0.9, beta2: 0.999, eps: 1e-8 },
+            other => return Err(format!("task '{task}': optimizer '{other}' is not sgd or adamw")),
+        };
+        let r = Resolved {
+            epochs: self.epochs.unwrap_or(DEFAULT_EPOCHS),
+            batch: self.batch.unwrap_or(DEFAULT_BATCH),
+            optim: OptimConfig { kind, lr, weight_decay: wd },
+            schedule: StepLr { step_epochs: self.lr_step.unwrap_or(0), gamma: self.lr_gamma.unwrap_or(1.0) },
+        };
+        if r.batch == 0 {
+            return Err(format!("task '{task}': batch must be at least 1"));
+        }
+        if !(lr.is_finite() && lr > 0.0) {
+            return Err(format!("task '{task}': lr must be a positive number, got {lr}"));
+        }
+        if !(wd.is_finite() && wd >= 0.0) {
+            return Err(format!("task '{task}': weight_decay must be >= 0, got {wd}"));
+        }
+        Ok(r)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskPlan {
+    pub name: String,
+    pub dataset: PathBuf,
+    /// Keep only these classes of the dataset, relabelled 0..k in this order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub classes: Option<Vec<i64>>,
+    /// Label names overriding the dataset's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<Vec<String>>,
+    /// Held out when the dataset has no test split.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_fraction: Option<f64>,
+    #[serde(default)]
+    pub preprocessing: Preprocessing,
+    #[serde(default, flatten)]
+    pub hyper: Hyper,
+}
+
+/// How BatchNormalization behaves while the backbone trains.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum BatchNormMode {
+    /// Normalise with each batch's statistics and update the running ones (PyTorch's
+    /// `train()`, what the methods' papers and libraries do).
+    #[default]
+    Batch,
+    /// Keep the recorded statistics (PyTorch's `eval()`); needs a lower learning rate.
+    Frozen,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Plan {
+    /// None: the committed tiny backbone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backbone: Option<PathBuf>,
+    pub method: MethodKind,
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(default)]
+    pub device: DeviceChoice,
+    #[serde(default)]
+    pub batchnorm: BatchNormMode,
+    /// Settings every task inherits.
+    #[serde(default)]
+    pub defaults: Hyper,
+    #[serde(default)]
+    pub params: MethodParams,
+    #[serde(rename = "task")]
+    pub tasks: Vec<TaskPlan>,
+}
+
+impl Plan {
+    pub fn from_toml(text: &str) -> Result<Plan, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// Checks what can be checked without reading data: names, settings, method params.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.tasks.is_empty() {
+            return Err("the plan has no tasks (give --task NAME=DATASET)".into());
+        }
+        let mut seen = std::collections::HashSet::new();
+        for t in &self.tasks {
+            let ok = !t.name.is_empty() && t.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+            if !ok {
+                return Err(format!("task name '{}' must be letters, digits, '-', '_' or '.'", t.name));
+            }
+            if !seen.insert(t.name.as_str()) {
+                return Err(format!("task name '{}' is used twice", t.name));
+            }
+            t.hyper.over(&self.defaults).resolve(&t.name)?;
+            if let Some(f) = t.test_fraction {
+                if !(0.0..1.0).contains(&f) {
+                    return Err(format!("task '{}': test_fraction must be in [0, 1), got {f}", t.name));
+                }
+            }
+            if let Some(c) = &t.classes {
+                let mut s = c.clone();
+                s.sort_unstable();
+                s.dedup();
+                if s.len() != c.len() || c.len() < 2 {
+                    return Err(format!("task '{}': classes must list at least 2 distinct labels", t.name));
+                }
+            }
+            t.preprocessing.validate().map_err(|e| format!("task '{}': {e}", t.name))?;
+        }
+        self.params.validate(self.method)
+    }
+
+    /// A digest of everything that determines the training result, to recognise a rerun of
+    /// the same command.
+    pub fn digest(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let text = serde_json::to_string(self).unwrap_or_default();
+        format!("{:x}", Sha256::digest(text.as_bytes()))
+    }
+}
+
+/// Parses `NAME=DATASET[:key=value...]` from the command line.
+pub fn parse_task(spec: &str) -> Result<TaskPlan, String> {
+    let (name, rest) =
+        spec.split_once('=').ok_or_else(|| format!("--task '{spec}' is not NAME=DATASET[:key=value...]"))?;
+    let mut parts = rest.split(':');
+    let dataset = parts.next().filter(|d| !d.is_empty()).ok_or_else(|| format!("--task '{spec}': no dataset"))?;
+    let mut t = TaskPlan {
+        name: name.to_string(),
+        dataset: PathBuf::from(dataset),
+        classes: None,
+        labels: None,
+        test_fraction: None,
+        preprocessing: Preprocessing::default(),
+        hyper: Hyper::default(),
+    };
+    for kv in parts {
+        let (k, v) = kv.split_once('=').ok_or_else(|| format!("--task '{name}': '{kv}' is not key=value"))?;
+        set_option(&mut t, k, v).map_err(|e| format!("--task '{name}': {k}: {e}"))?;
+    }
+    Ok(t)
+}
+
+fn list<T: std::str::FromStr>(v: &str) -> Result<Vec<T>, String> {
+    v.split(',').map(|x| x.trim().parse::<T>().map_err(|_| format!("'{x}' is not a valid value"))).collect()
+}
+
+fn one<T: std::str::FromStr>(v: &str) -> Result<T, String> {
+    v.trim().parse::<T>().map_err(|_| format!("'{v}' is not a valid value"))
+}
+
+fn set_option(t: &mut TaskPlan, k: &str, v: &str) -> Result<(), String> {
+    match k {
+        "epochs" => t.hyper.epochs = Some(one(v)?),
+        "batch" => t.hyper.batch = Some(one(v)?),
+        "optimizer" => t.hyper.optimizer = Some(v.to_string()),
+        "lr" => t.hyper.lr = Some(one(v)?),
+        "momentum" => t.hyper.momentum = Some(one(v)?),
+        "weight_decay" => t.hyper.weight_decay = Some(one(v)?),
+        "lr_step" => t.hyper.lr_step = Some(one(v)?),
+        "lr_gamma" => t.hyper.lr_gamma = Some(one(v)?),
+        "classes" => t.classes = Some(list(v)?),
+        "labels" => t.labels = Some(v.split(',').map(str::to_string).collect()),
+        "test_fraction" => t.test_fraction = Some(one(v)?),
+        "resize" => t.preprocessing.resize = Some(crate::cli::parse_hw(v)?),
+        "channels" => t.preprocessing.channels = Some(one(v)?),
+        "mean" => t.preprocessing.mean = list(v)?,
+        "std" => t.preprocessing.std = list(v)?,
+        _ => {
+            return Err("unknown option (epochs, batch, optimizer, lr, momentum, weight_decay, lr_step, lr_gamma, classes, labels, test_fraction, resize, channels, mean, std)".to_string())
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn task_spec_with_options() {
+        let t = parse_task("fm=data/fm.safetensors:epochs=3:lr=0.001:resize=64x64:channels=3:classes=0,1,2").unwrap();
+        assert_eq!(t.name, "fm");
+        assert_eq!(t.hyper.epochs, Some(3));
+        assert_eq!(t.preprocessing.resize, Some([64, 64]));
+        assert_eq!(t.classes, Some(vec![0, 1, 2]));
+        assert!(parse_task("fm").is_err());
+        assert!(parse_task("fm=x:bogus=1").unwrap_err().contains("unknown option"));
+        assert!(parse_task("fm=x:epochs=two").unwrap_err().contains("epochs"));
+    }
+
+    #[test]
+    fn toml_plan_round_trip_and_validation() {
+        let text = r#"
+            method = "ewc"
+            seed = 3
+            [defaults]
+            epochs = 1
+            lr = 0.005
+            [params]
+            ewc_lambda = 100.0
+            [[task]]
+            name = "a"
+            dataset = "a.safetensors"
+            [[task]]
+            name = "b"
+            dataset = "b.safetensors"
+            batch = 16
+            preprocessing = { resize = [64, 64], channels = 3 }
+        "#;
+        let p = Plan::from_toml(text).unwrap();
+        p.validate().unwrap();
+        assert_eq!(p.tasks[1].hyper.over(&p.defaults).resolve("b").unwrap().batch, 16);
+        let mut dup = p.clone();
+        dup.tasks[1].name = "a".into();
+        assert!(dup.validate().unwrap_err().contains("used twice"));
+        assert!(Plan::from_toml("method = \"nope\"\ntask = []").unwrap_err().contains("unknown variant"));
+    }
+}

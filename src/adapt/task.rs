@@ -1,0 +1,299 @@
+//! Learning one task of the sequence: add its head, train epoch by epoch with checkpoints,
+//! let the method finish, write the weights, and measure the accuracy matrix row.
+
+use std::collections::BTreeSet;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor as CTensor};
+
+use super::checkpoint::{self, Progress};
+use super::data::{head_rows, TaskData};
+use super::plan::Plan;
+use super::{AdaptError, Backbone};
+use crate::engine::{to_candle_on, Engine};
+use crate::graph::cut;
+use crate::graph::heads::{add_heads, LinearHead};
+use crate::methods::{Method, MethodKind, TaskCtx};
+use crate::onnx::Model;
+use crate::pack::{Manifest, Metrics, Pack, TaskRecord};
+use crate::tensor::Tensor;
+use crate::train::{candle, eval, prefix, train_epoch, Optimizer, Task, TrainError};
+
+/// How many held-out images of the first task the backbone's own head is scored on.
+pub const AGREEMENT_IMAGES: usize = 500;
+
+pub struct Runner<'a> {
+    pub pack: &'a Pack,
+    pub plan: &'a Plan,
+    pub backbone: &'a Backbone,
+    pub data: &'a [TaskData],
+    pub device: &'a Device,
+    pub quiet: bool,
+    /// The original backbone's predictions on the agreement images, when it has a head.
+    pub agreement: Option<(Tensor, Vec<i64>)>,
+}
+
+/// The original model's own-head predictions on the first task's held-out images.
+pub fn agreement_reference(
+    pack: &Pack,
+    b: &Backbone,
+    data: &[TaskData],
+) -> Result<Option<(Tensor, Vec<i64>)>, AdaptError> {
+    let (Some(own), Some(first)) = (&b.record.own_head, data.first()) else { return Ok(None) };
+    let x = head_rows(&first.test_x, AGREEMENT_IMAGES);
+    let original = Model::load(&pack.backbone())?;
+    let out = eval::run_batched(&original, &b.record.input, &own.output, &x, 256)?;
+    Ok(Some((x, argmax_rows(&out)?)))
+}
+
+fn argmax_rows(t: &Tensor) -> Result<Vec<i64>, TrainError> {
+    let Tensor::F32(a) = t else { return Err(TrainError::Invalid("logits must be float32".into())) };
+    let k = a.shape().get(1).copied().unwrap_or(1).max(1);
+    let flat: Vec<f32> = a.iter().copied().collect();
+    Ok(flat
+        .chunks(k)
+        .map(|r| {
+            r.iter().enumerate().fold((0usize, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0
+                as i64
+        })
+        .collect())
+}
+
+fn head_names(task: &str) -> (String, BTreeSet<String>) {
+    let n = crate::graph::heads::HeadNames::of(task);
+    (n.logits, [n.weight, n.bias].into_iter().collect())
+}
+
+impl Runner<'_> {
+    fn progress_bar(&self, steps: usize, label: String) -> indicatif::ProgressBar {
+        if self.quiet {
+            return indicatif::ProgressBar::hidden();
+        }
+        let bar = indicatif::ProgressBar::with_draw_target(Some(steps as u64), indicatif::ProgressDrawTarget::stderr());
+        let style = indicatif::ProgressStyle::with_template("{prefix} [{bar:28}] {pos}/{len} {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+        bar.set_style(style.progress_chars("=> "));
+        bar.set_prefix(label);
+        bar
+    }
+
+    /// The working model with this task's head, added (and saved) if it is new, and the
+    /// task's record in the manifest.
+    fn model_with_head(&self, t: usize, manifest: &mut Manifest) -> Result<Model, AdaptError> {
+        let name = &self.plan.tasks[t].name;
+        let mut model = Model::load(&self.pack.model())?;
+        let (logits, params) = head_names(name);
+        if !model.graph().output.iter().any(|o| o.name() == logits) {
+            let classes = self.data[t].labels.len();
+            let seed = self.plan.seed.wrapping_add(1000 + t as u64);
+            let head = LinearHead::init(classes, self.backbone.record.feature_dim, seed);
+            model = add_heads(&model, &self.backbone.record.feature, &[(name.clone(), head)], false)?;
+            model.save(&self.pack.model())?;
+        }
+        if manifest.tasks.len() > t {
+            return Ok(model);
+        }
+        let task = &self.plan.tasks[t];
+        let hyper = task.hyper.over(&self.plan.defaults).resolve(name).map_err(AdaptError::Plan)?;
+        let d = &self.data[t];
+        manifest.tasks.push(TaskRecord {
+            name: name.clone(),
+            dataset: task.dataset.display().to_string(),
+            dataset_sha256: d.dataset_sha256.clone(),
+            classes: task.classes.clone(),
+            labels: d.labels.clone(),
+            preprocessing: task.preprocessing.clone(),
+            pixel_max: d.pixel_max,
+            train_size: d.train_y.len(),
+            test_size: d.test_y.len(),
+            hyper,
+            logits,
+            head_params: params.into_iter().collect(),
+            epochs_done: 0,
+            done: false,
+            history: Vec::new(),
+            accuracy: None,
+            train_seconds: 0.0,
+        });
+        self.pack.save_manifest(manifest)?;
+        Ok(model)
+    }
+
+    /// Learns task `t` (resuming its checkpoint if there is one) and records the results.
+    pub fn learn(&self, t: usize, method: &mut dyn Method, manifest: &mut Manifest) -> Result<(), AdaptError> {
+        let name = self.plan.tasks[t].name.clone();
+        let model = self.model_with_head(t, manifest)?;
+        let (logits, head_params) = head_names(&name);
+        let own = self.backbone.record.own_head.as_ref();
+        let mut old_logits: Vec<String> = own.map(|h| h.logits.clone()).into_iter().collect();
+        let mut old_head_params: BTreeSet<String> = own.map(|h| h.params.iter().cloned().collect()).unwrap_or_default();
+        for prev in &self.plan.tasks[..t] {
+            let (l, p) = head_names(&prev.name);
+            old_logits.push(l);
+            old_head_params.extend(p);
+        }
+        let fe = method.kind() == MethodKind::FeatureExtract;
+        let input = if fe { self.backbone.record.feature.clone() } else { self.backbone.record.input.clone() };
+        let ctx = TaskCtx {
+            index: t,
+            input: &input,
+            name: &name,
+            logits: &logits,
+            head_params: &head_params,
+            backbone_params: &self.backbone.shared,
+            old_logits: &old_logits,
+            old_head_params: &old_head_params,
+            seed: self.plan.seed,
+        };
+        let graph_model = if fe { cut::suffix(&model, &self.backbone.record.feature)? } else { model.clone() };
+        let engine = Engine::new(&graph_model, &|n| method.trainable(n, &ctx), DType::F32, self.device)
+            .map_err(TrainError::from)?;
+        let hyper = manifest.tasks[t].hyper.clone();
+        let mut opt = Optimizer::new(hyper.optim);
+        let ckpt = self.pack.checkpoint_dir();
+        let mut progress = checkpoint::restore(&ckpt, &name, &engine, &mut opt)?.unwrap_or(Progress {
+            task: name.clone(),
+            epochs_done: 0,
+            steps: 0,
+            history: Vec::new(),
+            train_seconds: 0.0,
+        });
+        // Inputs the engine trains on: images, or the frozen backbone's features.
+        let joint = method.kind() == MethodKind::Joint;
+        let members: Vec<usize> = if joint { (0..=t).collect() } else { vec![t] };
+        let mut xs = Vec::new();
+        for &k in &members {
+            let host = if fe { self.features(&model, k)? } else { self.data[k].train_x.clone() };
+            xs.push(to_candle_on(&host, DType::F32, self.device).map_err(candle("training inputs"))?);
+        }
+        let member_logits: Vec<String> = members.iter().map(|&k| head_names(&self.plan.tasks[k].name).0).collect();
+        let extra = method.extra_outputs(&ctx);
+        let state = self.pack.state_dir();
+        let train_x = &self.data[t].train_x;
+        let mut record = |names: &[String]| -> Result<Vec<CTensor>, TrainError> {
+            names
+                .iter()
+                .map(|n| {
+                    let out = eval::run_batched(&model, &self.backbone.record.input, n, train_x, 256)?;
+                    to_candle_on(&out, DType::F32, self.device).map_err(candle("recorded outputs"))
+                })
+                .collect()
+        };
+        method.begin_task(&ctx, &engine, &mut record, &state)?;
+        engine.set_training(self.plan.batchnorm == super::plan::BatchNormMode::Batch);
+        for epoch in progress.epochs_done..hyper.epochs {
+            let lr = hyper.schedule.lr_at(hyper.optim.lr, epoch);
+            let tasks: Vec<Task> = members
+                .iter()
+                .zip(&xs)
+                .zip(&member_logits)
+                .map(|((&k, x), l)| Task {
+                    input: &input,
+                    logits: l,
+                    extra_outputs: if k == t { &extra } else { &[] },
+                    x,
+                    y: &self.data[k].train_y,
+                })
+                .collect();
+            let steps: usize = members.iter().map(|&k| self.data[k].train_y.len().div_ceil(hyper.batch)).sum();
+            let bar = self.progress_bar(steps, format!("{name} epoch {}/{}", epoch + 1, hyper.epochs));
+            let started = Instant::now();
+            let hooks = method.hooks(epoch, lr, &engine, &ctx)?;
+            let stats = train_epoch(
+                &engine,
+                &tasks,
+                epoch,
+                hyper.batch,
+                self.plan.seed,
+                lr,
+                &mut opt,
+                hooks,
+                &mut |s, _, l| {
+                    bar.set_position(s as u64);
+                    bar.set_message(format!("loss {l:.4}"));
+                },
+            )?;
+            let summary = format!("loss {:.4}, {:.1} images/s", stats.loss, stats.images_per_second);
+            // Progress bars draw only on a terminal; logs get one line per epoch.
+            if !self.quiet && !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+                eprintln!("{name} epoch {}/{}: {summary}", epoch + 1, hyper.epochs);
+            }
+            bar.finish_with_message(summary);
+            progress.train_seconds += started.elapsed().as_secs_f64();
+            progress.epochs_done = epoch + 1;
+            progress.steps = opt.steps;
+            progress.history.push(stats);
+            checkpoint::save(&ckpt, &progress, &engine, &opt)?;
+        }
+        engine.set_training(false);
+        let x_end = xs.last().cloned().ok_or_else(|| AdaptError::Plan("no training data".into()))?;
+        method.end_task(&ctx, &engine, &x_end, &self.data[t].train_y)?;
+        self.finish(t, &model, &engine, method, progress, manifest)
+    }
+
+    /// Frozen-backbone features of task `k`'s training images, cached in the pack.
+    fn features(&self, model: &Model, k: usize) -> Result<Tensor, AdaptError> {
+        let cache = self.pack.state_dir().join(format!("features_{}.safetensors", self.plan.tasks[k].name));
+        let backbone_only = cut::prefix(model, &self.backbone.record.feature)?;
+        Ok(prefix::features(
+            &backbone_only,
+            &self.backbone.record.input,
+            &self.backbone.record.feature,
+            &self.data[k].train_x,
+            Some(&cache),
+        )?)
+    }
+
+    fn finish(
+        &self,
+        t: usize,
+        model: &Model,
+        engine: &Engine,
+        method: &mut dyn Method,
+        progress: Progress,
+        manifest: &mut Manifest,
+    ) -> Result<(), AdaptError> {
+        let trained = engine.export(model).map_err(TrainError::from)?;
+        trained.save(&self.pack.model())?;
+        let name = &self.plan.tasks[t].name;
+        let state_dir = self.pack.state_dir().join(format!("after_{name}"));
+        std::fs::create_dir_all(&state_dir)
+            .map_err(|source| crate::pack::PackError::Write { path: state_dir.clone(), source })?;
+        for f in method.save(&state_dir)? {
+            manifest.files.insert(format!("state/after_{name}/{f}"), String::new());
+        }
+        let row = self.evaluate(&trained, t, manifest)?;
+        let rec = &mut manifest.tasks[t];
+        rec.accuracy = row.get(manifest.columns.iter().position(|c| c == name).unwrap_or(0)).copied().flatten();
+        rec.epochs_done = progress.epochs_done;
+        rec.history = progress.history;
+        rec.train_seconds = progress.train_seconds;
+        rec.done = true;
+        manifest.rows.push(name.clone());
+        manifest.accuracy_matrix.push(row);
+        manifest.metrics = Metrics::from_matrix(&manifest.accuracy_matrix);
+        self.pack.save_manifest(manifest)?;
+        checkpoint::clear(&self.pack.checkpoint_dir())?;
+        Ok(())
+    }
+
+    /// Accuracy on every column's held-out data through ONNX Runtime after task `t`.
+    fn evaluate(&self, model: &Model, t: usize, manifest: &Manifest) -> Result<Vec<Option<f64>>, AdaptError> {
+        let mut row = vec![None; manifest.columns.len()];
+        let input = &self.backbone.record.input;
+        let mut col = 0;
+        if let (Some(own), Some((x, reference))) = (&self.backbone.record.own_head, &self.agreement) {
+            let out = eval::run_batched(model, input, &own.output, x, 256)?;
+            row[0] = Some(eval::accuracy(&out, reference)?);
+            col = 1;
+        }
+        for (k, task) in self.plan.tasks.iter().enumerate().take(t + 1) {
+            let (logits, _) = head_names(&task.name);
+            let out = eval::run_batched(model, input, &logits, &self.data[k].test_x, 256)?;
+            if let Some(slot) = row.get_mut(col + k) {
+                *slot = Some(eval::accuracy(&out, &self.data[k].test_y)?);
+            }
+        }
+        Ok(row)
+    }
+}

@@ -1,0 +1,170 @@
+use std::path::PathBuf;
+
+use anyhow::Context;
+
+use super::{print_json, Outcome};
+use crate::adapt::plan::{self, BatchNormMode, Hyper, Plan, TaskPlan};
+use crate::adapt::{self, report, Options};
+use crate::methods::{FisherKind, MethodKind, MethodParams};
+use crate::runtime::device::DeviceChoice;
+
+/// Train tasks onto a backbone, one after another, into a pack directory.
+///
+/// Without a backbone and tasks it runs the built-in default: the committed tiny backbone
+/// (its own digit head is kept as task 0) learning the bundled UCI digits as two tasks,
+/// 0-4 then 5-9. A killed run resumes from its last finished epoch when rerun with the same
+/// command; `--resume PACK --task ...` adds tasks to an existing pack.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The ONNX backbone (default: fixtures/tiny/tiny_digits.onnx).
+    pub backbone: Option<PathBuf>,
+    /// A task as NAME=DATASET[:key=value...]; keys: epochs, batch, optimizer, lr, momentum,
+    /// weight_decay, lr_step, lr_gamma, classes (e.g. 0,1,2), labels, test_fraction,
+    /// resize (HxW), channels, mean, std. Repeat for a sequence, in order.
+    #[arg(long = "task", value_parser = plan::parse_task)]
+    pub tasks: Vec<TaskPlan>,
+    /// A TOML plan file (schema: schemas/plan.schema.json) instead of the flags below.
+    #[arg(long, conflicts_with_all = ["backbone", "tasks", "method"])]
+    pub plan: Option<PathBuf>,
+    /// The adaptation method.
+    #[arg(long, value_enum)]
+    pub method: Option<MethodKind>,
+    /// Pack directory to write (created, or resumed when it holds the same plan).
+    #[arg(long, short, required_unless_present = "resume")]
+    pub output: Option<PathBuf>,
+    /// Add the --task entries to this existing pack, keeping its method and settings.
+    #[arg(long, conflicts_with_all = ["output", "plan", "backbone"])]
+    pub resume: Option<PathBuf>,
+    /// Epochs per task [default: 2].
+    #[arg(long)]
+    pub epochs: Option<u64>,
+    /// Mini-batch size [default: 32].
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// sgd or adamw [default: sgd].
+    #[arg(long)]
+    pub optimizer: Option<String>,
+    /// Learning rate [default: 0.01].
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// SGD momentum [default: 0.9].
+    #[arg(long)]
+    pub momentum: Option<f64>,
+    /// Weight decay (coupled for SGD, decoupled for AdamW) [default: 0].
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// Multiply the learning rate by --lr-gamma every this many epochs [default: never].
+    #[arg(long)]
+    pub lr_step: Option<u64>,
+    #[arg(long)]
+    pub lr_gamma: Option<f64>,
+    /// Seed of head initialisation, shuffling and splits.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Where training runs; cuda needs a CUDA build and never falls back to the CPU.
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: DeviceChoice,
+    /// BatchNormalization while the backbone trains: batch statistics with running
+    /// averages updated (batch, PyTorch's train()) or the recorded ones (frozen).
+    #[arg(long, value_enum, default_value = "batch")]
+    pub batchnorm: BatchNormMode,
+    /// LwF: distillation temperature [default: 2, the paper's].
+    #[arg(long)]
+    pub lwf_temperature: Option<f64>,
+    /// LwF: weight of the distillation terms [default: 1].
+    #[arg(long)]
+    pub lwf_lambda: Option<f64>,
+    /// LwF: epochs training only the new head first [default: 0].
+    #[arg(long)]
+    pub lwf_warmup_epochs: Option<u64>,
+    /// EWC: penalty strength. Each task's Fisher is divided by its largest entry (max F = 1)
+    /// and the penalty is applied as an exact proximal step, so any lambda stays finite
+    /// [default: 100].
+    #[arg(long)]
+    pub ewc_lambda: Option<f64>,
+    /// EWC: Fisher from labels sampled from the model (true) or ground truth (empirical)
+    /// [default: true].
+    #[arg(long, value_enum)]
+    pub ewc_fisher: Option<FisherKind>,
+    /// EWC: online decay of one running Fisher; unset keeps one penalty per earlier task.
+    #[arg(long)]
+    pub ewc_decay: Option<f64>,
+    /// EWC: training samples for the per-sample Fisher [default: 200].
+    #[arg(long)]
+    pub ewc_samples: Option<usize>,
+    /// Print the manifest's results as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn plan_from_flags(a: &Args) -> Plan {
+    let tasks = if a.tasks.is_empty() && a.backbone.is_none() { adapt::default_tasks() } else { a.tasks.clone() };
+    Plan {
+        backbone: a.backbone.clone(),
+        method: a.method.unwrap_or(MethodKind::Lwf),
+        seed: a.seed,
+        device: a.device,
+        batchnorm: a.batchnorm,
+        defaults: hyper(a),
+        params: MethodParams {
+            lwf_temperature: a.lwf_temperature,
+            lwf_lambda: a.lwf_lambda,
+            lwf_warmup_epochs: a.lwf_warmup_epochs,
+            ewc_lambda: a.ewc_lambda,
+            ewc_fisher: a.ewc_fisher,
+            ewc_decay: a.ewc_decay,
+            ewc_samples: a.ewc_samples,
+        },
+        tasks,
+    }
+}
+
+fn hyper(a: &Args) -> Hyper {
+    Hyper {
+        epochs: a.epochs,
+        batch: a.batch,
+        optimizer: a.optimizer.clone(),
+        lr: a.lr,
+        momentum: a.momentum,
+        weight_decay: a.weight_decay,
+        lr_step: a.lr_step,
+        lr_gamma: a.lr_gamma,
+    }
+}
+
+pub fn run(a: Args, quiet: bool) -> anyhow::Result<Outcome> {
+    let (plan, pack, extend) = if let Some(dir) = &a.resume {
+        let m = crate::pack::Pack::new(dir).load_manifest()?;
+        if a.tasks.is_empty() {
+            anyhow::bail!("--resume {} needs at least one --task to add", dir.display());
+        }
+        let mut p = m.plan.clone();
+        p.tasks.extend(a.tasks.iter().cloned());
+        (p, dir.clone(), true)
+    } else if let Some(file) = &a.plan {
+        let text = std::fs::read_to_string(file).with_context(|| format!("cannot read plan {}", file.display()))?;
+        let p = Plan::from_toml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+        (p, a.output.clone().unwrap_or_default(), false)
+    } else {
+        (plan_from_flags(&a), a.output.clone().unwrap_or_default(), false)
+    };
+    let manifest = adapt::run(&plan, &Options { pack: pack.clone(), extend, quiet })?;
+    if a.json {
+        print_json(&serde_json::json!({
+            "schema": "mtpack.adapt/1",
+            "pack": pack.display().to_string(),
+            "method": manifest.method,
+            "columns": manifest.columns,
+            "rows": manifest.rows,
+            "accuracy_matrix": manifest.accuracy_matrix,
+            "metrics": manifest.metrics,
+            "tasks": manifest.tasks.iter().map(|t| serde_json::json!({
+                "name": t.name, "accuracy": t.accuracy, "epochs": t.epochs_done,
+                "train_seconds": t.train_seconds, "history": t.history,
+            })).collect::<Vec<_>>(),
+        }))?;
+    } else {
+        print!("{}", report::table(&manifest));
+    }
+    Ok(Outcome::Ok)
+}

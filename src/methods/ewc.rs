@@ -1,0 +1,224 @@
+//! Elastic Weight Consolidation (Kirkpatrick et al., arXiv 1612.00796).
+//!
+//! After each task, the diagonal Fisher of the shared weights is estimated from per-sample
+//! gradients of log p(y|x): with y drawn from the model's own prediction ("true" Fisher, the
+//! paper's) or the ground-truth label ("empirical"). Each task's Fisher is divided by its
+//! largest entry, so lambda is the penalty on the stiffest weight whatever the scale of the
+//! gradients. Penalties of all earlier tasks add up (or, online, one decayed Fisher is kept).
+//!
+//! The penalty lambda/2 * sum_k F_k (theta - theta*_k)^2 is applied after every optimizer
+//! step as its exact proximal step, theta <- (theta + c * sum F_k theta*_k) / (1 + c * sum F_k)
+//! with c = lr * lambda. That minimises the same objective but cannot overshoot, so any
+//! lambda stays finite, where an explicit gradient step diverges once lr * lambda * F > 2.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use candle_core::{Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+use super::{Method, MethodKind, MethodParams, TaskCtx, EWC_LAMBDA, EWC_SAMPLES};
+use crate::engine::Engine;
+use crate::rng::Rng;
+use crate::train::loss::log_softmax;
+use crate::train::{candle, Hooks, TrainError};
+
+pub const NORMALISATION: &str = "each task's diagonal Fisher (mean of squared per-sample gradients of log p(y|x)) is divided by its largest entry, so max F = 1";
+pub const PENALTY_STEP: &str = "exact proximal step after each optimizer step: theta <- (theta + lr*lambda*sum_k F_k theta*_k) / (1 + lr*lambda*sum_k F_k)";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum FisherKind {
+    /// y sampled from the model's predictive distribution (the paper's Fisher).
+    True,
+    /// y = the ground-truth label.
+    Empirical,
+}
+
+pub struct Ewc {
+    lambda: f64,
+    kind: FisherKind,
+    decay: Option<f64>,
+    samples: usize,
+    /// sum_k F_k and sum_k F_k * theta*_k per parameter.
+    sum_f: HashMap<String, Tensor>,
+    sum_f_theta: HashMap<String, Tensor>,
+    lr: f64,
+    masks: HashMap<String, Tensor>,
+}
+
+impl Ewc {
+    pub fn new(p: &MethodParams) -> Ewc {
+        Ewc {
+            lambda: p.ewc_lambda.unwrap_or(EWC_LAMBDA),
+            kind: p.ewc_fisher.unwrap_or(FisherKind::True),
+            decay: p.ewc_decay,
+            samples: p.ewc_samples.unwrap_or(EWC_SAMPLES),
+            sum_f: HashMap::new(),
+            sum_f_theta: HashMap::new(),
+            lr: 0.0,
+            masks: HashMap::new(),
+        }
+    }
+
+    /// Diagonal Fisher of `params` for the task, normalised to a maximum of 1.
+    pub fn fisher(
+        &self,
+        engine: &Engine,
+        ctx: &TaskCtx,
+        params: &[String],
+        x: &Tensor,
+        y: &[i64],
+    ) -> Result<HashMap<String, Tensor>, TrainError> {
+        let (input, logits, seed) = (ctx.input, ctx.logits, ctx.seed);
+        let n = y.len();
+        let mut rng = Rng::new(seed ^ 0xF15E);
+        let mut idx: Vec<usize> = (0..n).collect();
+        rng.shuffle(&mut idx);
+        idx.truncate(self.samples.min(n));
+        let mut acc: HashMap<String, Tensor> = HashMap::new();
+        for &i in &idx {
+            let xi = x.narrow(0, i, 1).map_err(candle("Fisher sample"))?;
+            let out = engine.forward_to(&[(input, xi)], &[logits])?;
+            let logp = log_softmax(&out[0])
+                .map_err(candle("Fisher log-probabilities"))?
+                .squeeze(0)
+                .map_err(candle("Fisher"))?;
+            let label = match self.kind {
+                FisherKind::Empirical => y.get(i).copied().unwrap_or(0) as usize,
+                FisherKind::True => sample(&logp, &mut rng).map_err(candle("Fisher sampling"))?,
+            };
+            let grads = logp.get(label).and_then(|l| l.backward()).map_err(candle("Fisher gradient"))?;
+            for name in params {
+                let Some(var) = engine.params().get(name) else { continue };
+                let Some(g) = grads.get(var.as_tensor()) else { continue };
+                let sq = g.sqr().map_err(candle("Fisher"))?;
+                let next = match acc.remove(name) {
+                    Some(a) => (a + sq).map_err(candle("Fisher"))?,
+                    None => sq,
+                };
+                acc.insert(name.clone(), next);
+            }
+        }
+        let count = idx.len().max(1) as f64;
+        let mut max = 0f64;
+        for t in acc.values() {
+            let m: f64 = t
+                .flatten_all()
+                .and_then(|f| f.max(0))
+                .and_then(|m| m.to_dtype(candle_core::DType::F64))
+                .and_then(|m| m.to_scalar())
+                .map_err(candle("Fisher max"))?;
+            max = max.max(m / count);
+        }
+        let scale = if max > 0.0 { 1.0 / (count * max) } else { 0.0 };
+        acc.into_iter().map(|(k, t)| Ok((k, t.affine(scale, 0.0).map_err(candle("Fisher"))?))).collect()
+    }
+}
+
+/// Draws a class from log-probabilities.
+fn sample(logp: &Tensor, rng: &mut Rng) -> candle_core::Result<usize> {
+    let p: Vec<f64> = logp.exp()?.to_dtype(candle_core::DType::F64)?.to_vec1()?;
+    let mut u = rng.uniform();
+    for (k, pk) in p.iter().enumerate() {
+        if u < *pk {
+            return Ok(k);
+        }
+        u -= pk;
+    }
+    Ok(p.len().saturating_sub(1))
+}
+
+impl Hooks for Ewc {
+    fn grad_masks(&self) -> &HashMap<String, Tensor> {
+        &self.masks
+    }
+
+    fn after_step(&mut self, params: &BTreeMap<String, Var>) -> candle_core::Result<()> {
+        let c = self.lr * self.lambda;
+        if c == 0.0 {
+            return Ok(());
+        }
+        for (name, f) in &self.sum_f {
+            let (Some(var), Some(ft)) = (params.get(name), self.sum_f_theta.get(name)) else { continue };
+            let num = (var.as_tensor() + ft.affine(c, 0.0)?)?;
+            let den = f.affine(c, 1.0)?;
+            var.set(&num.div(&den)?)?;
+        }
+        Ok(())
+    }
+}
+
+impl Method for Ewc {
+    fn kind(&self) -> MethodKind {
+        MethodKind::Ewc
+    }
+
+    fn trainable(&self, name: &str, ctx: &TaskCtx) -> bool {
+        ctx.head_params.contains(name) || ctx.backbone_params.contains(name)
+    }
+
+    fn hooks(&mut self, _epoch: u64, lr: f64, _engine: &Engine, _ctx: &TaskCtx) -> Result<&mut dyn Hooks, TrainError> {
+        self.lr = lr;
+        Ok(self)
+    }
+
+    fn end_task(&mut self, ctx: &TaskCtx, engine: &Engine, x: &Tensor, y: &[i64]) -> Result<(), TrainError> {
+        let params: Vec<String> = ctx.backbone_params.iter().cloned().collect();
+        let f = self.fisher(engine, ctx, &params, x, y)?;
+        for (name, fk) in f {
+            let Some(var) = engine.params().get(&name) else { continue };
+            let theta = var.as_tensor().detach();
+            let ft = fk.mul(&theta).map_err(candle("EWC anchor"))?;
+            let (sf, sft) = match (self.decay, self.sum_f.remove(&name), self.sum_f_theta.remove(&name)) {
+                // Online: one Fisher, decayed, anchored at the latest weights.
+                (Some(g), Some(old), _) => {
+                    let f_new = (old.affine(g, 0.0).map_err(candle("EWC"))? + &fk).map_err(candle("EWC"))?;
+                    let ft_new = f_new.mul(&theta).map_err(candle("EWC"))?;
+                    (f_new, ft_new)
+                }
+                (None, Some(old_f), Some(old_ft)) => {
+                    ((old_f + &fk).map_err(candle("EWC"))?, (old_ft + &ft).map_err(candle("EWC"))?)
+                }
+                _ => (fk, ft),
+            };
+            self.sum_f.insert(name.clone(), sf);
+            self.sum_f_theta.insert(name, sft);
+        }
+        Ok(())
+    }
+
+    fn save(&self, dir: &Path) -> Result<Vec<String>, TrainError> {
+        let mut host = Vec::new();
+        for (k, t) in self
+            .sum_f
+            .iter()
+            .map(|(k, t)| (format!("F/{k}"), t))
+            .chain(self.sum_f_theta.iter().map(|(k, t)| (format!("FT/{k}"), t)))
+        {
+            host.push((k, crate::engine::from_candle(t).map_err(candle("EWC state"))?));
+        }
+        host.sort_by(|a, b| a.0.cmp(&b.0));
+        let refs: Vec<(&str, &crate::tensor::Tensor)> = host.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        let file = dir.join("ewc.safetensors");
+        crate::store::save(&file, &refs, Default::default()).map_err(|e| TrainError::Invalid(format!("{e:#}")))?;
+        Ok(vec!["ewc.safetensors".into()])
+    }
+
+    fn load(&mut self, dir: &Path) -> Result<(), TrainError> {
+        let file = dir.join("ewc.safetensors");
+        if !file.exists() {
+            return Ok(());
+        }
+        let (t, _) = crate::store::load(&file).map_err(|e| TrainError::Invalid(format!("{e:#}")))?;
+        for (k, v) in t {
+            let ct = crate::engine::to_candle(&v, candle_core::DType::F32).map_err(candle("EWC state"))?;
+            if let Some(n) = k.strip_prefix("FT/") {
+                self.sum_f_theta.insert(n.to_string(), ct);
+            } else if let Some(n) = k.strip_prefix("F/") {
+                self.sum_f.insert(n.to_string(), ct);
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,158 @@
+//! Learning without Forgetting (Li & Hoiem, arXiv 1606.09282).
+//!
+//! Before training a task, the old heads' responses to the new task's training inputs are
+//! recorded ONCE through ONNX Runtime (they are outputs of the frozen old model) and kept in
+//! the pack's state, so a resumed task distils towards the same targets. The loss is
+//! CE(new) + lambda * sum over old heads of CE(softmax(recorded/T), softmax(current/T)).
+//! Optional warm-up epochs train only the new head.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::{Tensor, D};
+
+use super::{freeze_all_but, Method, MethodKind, MethodParams, TaskCtx, LWF_LAMBDA, LWF_TEMPERATURE};
+use crate::engine::Engine;
+use crate::store;
+use crate::train::loss::log_softmax;
+use crate::train::{candle, BatchCtx, Hooks, TrainError};
+
+pub struct Lwf {
+    temperature: f64,
+    lambda: f64,
+    warmup: u64,
+    /// Recorded logits of each old head on the current task's training inputs.
+    targets: HashMap<String, Tensor>,
+    masks: HashMap<String, Tensor>,
+}
+
+impl Lwf {
+    pub fn new(p: &MethodParams) -> Lwf {
+        Lwf {
+            temperature: p.lwf_temperature.unwrap_or(LWF_TEMPERATURE),
+            lambda: p.lwf_lambda.unwrap_or(LWF_LAMBDA),
+            warmup: p.lwf_warmup_epochs.unwrap_or(0),
+            targets: HashMap::new(),
+            masks: HashMap::new(),
+        }
+    }
+
+    /// The recorded targets; tests check them against the old model's outputs.
+    pub fn targets(&self) -> &HashMap<String, Tensor> {
+        &self.targets
+    }
+}
+
+fn targets_file(state: &Path, task: &str) -> PathBuf {
+    state.join(format!("lwf_targets_{task}.safetensors"))
+}
+
+/// Soft cross-entropy between temperature-softened distributions, mean over the batch:
+/// -sum_k softmax(recorded/T)_k * log softmax(current/T)_k.
+pub fn distillation(current: &Tensor, recorded: &Tensor, t: f64) -> candle_core::Result<Tensor> {
+    let soft = log_softmax(&(recorded / t)?.detach())?.exp()?;
+    let q = log_softmax(&(current / t)?)?;
+    soft.mul(&q)?.sum(D::Minus1)?.neg()?.mean_all()
+}
+
+impl Hooks for Lwf {
+    fn extra_loss(&self, ctx: &BatchCtx) -> candle_core::Result<Option<Tensor>> {
+        if self.lambda == 0.0 || self.targets.is_empty() {
+            return Ok(None);
+        }
+        let dev = ctx.outputs.values().next().map(|t| t.device().clone()).unwrap_or(candle_core::Device::Cpu);
+        let ids = Tensor::new(ctx.indices.iter().map(|&i| i as u32).collect::<Vec<u32>>(), &dev)?;
+        let mut total: Option<Tensor> = None;
+        for (name, recorded) in &self.targets {
+            let Some(current) = ctx.outputs.get(name) else {
+                return Err(candle_core::Error::Msg(format!("LwF: old head output '{name}' was not computed")));
+            };
+            let kd = distillation(current, &recorded.index_select(&ids, 0)?, self.temperature)?;
+            total = Some(match total {
+                Some(t) => (t + kd)?,
+                None => kd,
+            });
+        }
+        total.map(|t| t.affine(self.lambda, 0.0)).transpose()
+    }
+
+    fn grad_masks(&self) -> &HashMap<String, Tensor> {
+        &self.masks
+    }
+}
+
+impl Method for Lwf {
+    fn kind(&self) -> MethodKind {
+        MethodKind::Lwf
+    }
+
+    fn trainable(&self, name: &str, ctx: &TaskCtx) -> bool {
+        ctx.head_params.contains(name) || ctx.backbone_params.contains(name) || ctx.old_head_params.contains(name)
+    }
+
+    fn extra_outputs(&self, ctx: &TaskCtx) -> Vec<String> {
+        ctx.old_logits.to_vec()
+    }
+
+    fn begin_task(
+        &mut self,
+        ctx: &TaskCtx,
+        engine: &Engine,
+        record: &mut super::Recorder,
+        state: &Path,
+    ) -> Result<(), TrainError> {
+        self.targets.clear();
+        if ctx.old_logits.is_empty() {
+            return Ok(());
+        }
+        let file = targets_file(state, ctx.name);
+        let dev = engine.device().clone();
+        if file.exists() {
+            let (t, _) = store::load(&file).map_err(|e| TrainError::Invalid(format!("{e:#}")))?;
+            for name in ctx.old_logits {
+                let host = t
+                    .get(name)
+                    .ok_or_else(|| TrainError::Invalid(format!("{}: no targets for '{name}'", file.display())))?;
+                let ct = crate::engine::to_candle_on(host, engine.float(), &dev).map_err(candle("LwF targets"))?;
+                self.targets.insert(name.clone(), ct);
+            }
+            return Ok(());
+        }
+        let recorded = record(ctx.old_logits)?;
+        let mut host = Vec::new();
+        for (name, t) in ctx.old_logits.iter().zip(recorded) {
+            host.push((name.clone(), crate::engine::from_candle(&t).map_err(candle("LwF targets"))?));
+            self.targets.insert(name.clone(), t.to_dtype(engine.float()).map_err(candle("LwF targets"))?);
+        }
+        let refs: Vec<(&str, &crate::tensor::Tensor)> = host.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        store::save(&file, &refs, Default::default()).map_err(|e| TrainError::Invalid(format!("{e:#}")))?;
+        Ok(())
+    }
+
+    fn hooks(&mut self, epoch: u64, _lr: f64, engine: &Engine, ctx: &TaskCtx) -> Result<&mut dyn Hooks, TrainError> {
+        self.masks = if epoch < self.warmup {
+            let keep: BTreeSet<String> = ctx.head_params.clone();
+            freeze_all_but(engine, &keep).map_err(candle("LwF warm-up masks"))?
+        } else {
+            HashMap::new()
+        };
+        Ok(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::gradcheck::{check_gradients, seeded};
+    use candle_core::DType;
+
+    #[test]
+    fn distillation_is_minimal_at_the_target_and_differentiable() {
+        let rec = seeded(&[4, 5], 1, DType::F64);
+        let at = distillation(&rec, &rec, 2.0).unwrap().to_scalar::<f64>().unwrap();
+        let off = distillation(&(&rec * 3.0).unwrap(), &rec, 2.0).unwrap().to_scalar::<f64>().unwrap();
+        assert!(off > at, "moving away from the target must cost: {off} vs {at}");
+        check_gradients(&[seeded(&[4, 5], 2, DType::F64)], |v| distillation(&v[0], &rec, 2.0)?.unsqueeze(0), 1e-6)
+            .unwrap();
+    }
+}

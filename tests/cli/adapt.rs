@@ -1,0 +1,231 @@
+//! `mtpack adapt` through the real binary: the built-in default, resume after kill -9, the
+//! methods' invariants, and bad plans failing before training.
+
+use std::path::Path;
+
+use mtpack::onnx::Model;
+use mtpack::runtime::ort_rt::OrtSession;
+use mtpack::runtime::Backend;
+
+use crate::helpers::*;
+
+fn digits_task(name: &str, extra: &str) -> String {
+    format!("{name}={}{extra}", p(&digits()))
+}
+
+fn manifest(dir: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap()
+}
+
+/// Initializer bytes by name.
+fn weights(model: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let m = Model::load(model).unwrap();
+    m.graph()
+        .initializer
+        .iter()
+        .map(|t| (t.name().to_string(), mtpack::onnx::tensor_proto::to_tensor(t).unwrap().to_le_bytes()))
+        .collect()
+}
+
+#[test]
+fn default_main_job_learns_both_digit_tasks_and_reruns_as_a_no_op() {
+    let dir = tempfile::tempdir().unwrap();
+    let pack = dir.path().join("pack");
+    let j = mtpack(["adapt", "-o", p(&pack), "--json", "--quiet"]).expect(0).json();
+    assert_eq!(j["columns"], serde_json::json!(["backbone", "digits-0-4", "digits-5-9"]));
+    assert_eq!(j["rows"], serde_json::json!(["initial", "digits-0-4", "digits-5-9"]));
+    let last = j["accuracy_matrix"][2].as_array().unwrap();
+    for (i, v) in last.iter().enumerate() {
+        assert!(v.as_f64().unwrap() > 0.9, "column {i}: {v}");
+    }
+    let before = std::fs::read(pack.join("model.onnx")).unwrap();
+    let again = mtpack(["adapt", "-o", p(&pack), "--json", "--quiet"]).expect(0).json();
+    assert_eq!(again["accuracy_matrix"], j["accuracy_matrix"]);
+    assert_eq!(std::fs::read(pack.join("model.onnx")).unwrap(), before, "a finished pack must not retrain");
+    // The manifest records digests of the files it lists.
+    let m = manifest(&pack);
+    let sha = mtpack::pack::file_sha256(&pack.join("model.onnx")).unwrap();
+    assert_eq!(m["files"]["model.onnx"], sha.as_str());
+}
+
+#[test]
+fn killed_mid_epoch_resumes_to_the_same_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let (killed, whole) = (dir.path().join("killed"), dir.path().join("whole"));
+    let task = digits_task("d", ":epochs=60:lr=0.005");
+    let args = |out: &Path| {
+        vec![
+            "adapt".to_string(),
+            "--method".into(),
+            "finetune".into(),
+            "--task".into(),
+            task.clone(),
+            "-o".into(),
+            p(out).into(),
+            "--quiet".into(),
+        ]
+    };
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mtpack")).args(args(&killed)).spawn().unwrap();
+    let progress = killed.join("checkpoint/progress.json");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let done: u64 = std::fs::read(&progress)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|v| v["epochs_done"].as_u64())
+            .unwrap_or(0);
+        if done >= 3 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no checkpoint appeared");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let m = manifest(&killed);
+    assert_eq!(m["tasks"][0]["done"], false, "the run must have been interrupted");
+    mtpack(args(&killed)).expect(0);
+    mtpack(args(&whole)).expect(0);
+    assert_eq!(weights(&killed.join("model.onnx")), weights(&whole.join("model.onnx")));
+    let (mk, mw) = (manifest(&killed), manifest(&whole));
+    assert_eq!(mk["accuracy_matrix"], mw["accuracy_matrix"]);
+    assert_eq!(mk["tasks"][0]["epochs_done"], 60);
+}
+
+#[test]
+fn feature_extract_never_touches_the_backbone_or_old_heads() {
+    let dir = tempfile::tempdir().unwrap();
+    let pack = dir.path().join("fe");
+    let t1 = digits_task("low", ":classes=0,1,2,3,4");
+    let t2 = digits_task("high", ":classes=5,6,7,8,9");
+    mtpack(["adapt", "--method", "feature-extract", "--task", &t1, "-o", p(&pack), "--quiet"]).expect(0);
+    let after_first = std::fs::read(pack.join("model.onnx")).unwrap();
+    mtpack(["adapt", "--resume", p(&pack), "--task", &t2, "--quiet"]).expect(0);
+    let (orig, now) = (weights(&pack.join("backbone.onnx")), weights(&pack.join("model.onnx")));
+    for (name, bytes) in &orig {
+        assert_eq!(now.get(name), Some(bytes), "backbone weight {name} changed");
+    }
+    // Task 1's head and every backbone output are bit-for-bit what they were after task 1.
+    let x = mtpack::data::Dataset::load(&digits()).unwrap().test.unwrap();
+    let x = mtpack::data::Preprocessing::default().apply(&x.x, 16.0).unwrap();
+    let inputs = vec![("input".to_string(), mtpack::tensor::Tensor::F32(x.into_dyn()))];
+    let run = |bytes: &[u8]| OrtSession::from_bytes(bytes, "m").unwrap().run(&inputs).unwrap();
+    let (a, b) = (run(&after_first), run(&std::fs::read(pack.join("model.onnx")).unwrap()));
+    for name in ["logits", "low/logits"] {
+        let find = |o: &mtpack::runtime::Named| o.iter().find(|(n, _)| n == name).unwrap().1.clone();
+        assert_eq!(find(&a), find(&b), "output {name} changed");
+    }
+    let m = manifest(&pack);
+    assert_eq!(m["accuracy_matrix"][2][0], 1.0);
+    assert_eq!(m["accuracy_matrix"][1][1], m["accuracy_matrix"][2][1]);
+}
+
+#[test]
+fn lwf_records_the_old_models_outputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let pack = dir.path().join("lwf");
+    let t1 = digits_task("low", ":classes=0,1,2,3,4");
+    let t2 = digits_task("high", ":classes=5,6,7,8,9");
+    mtpack(["adapt", "--method", "lwf", "--task", &t1, "-o", p(&pack), "--quiet"]).expect(0);
+    let old_model = std::fs::read(pack.join("model.onnx")).unwrap();
+    mtpack(["adapt", "--resume", p(&pack), "--task", &t2, "--quiet"]).expect(0);
+    // The targets are the model-after-task-1's outputs on task 2's training images.
+    let plan: mtpack::adapt::plan::TaskPlan = mtpack::adapt::plan::parse_task(&t2).unwrap();
+    let data = mtpack::adapt::data::prepare(&plan, None, 0).unwrap();
+    let out = OrtSession::from_bytes(&old_model, "old").unwrap().run(&[("input".into(), data.train_x)]).unwrap();
+    let (targets, _) = mtpack::store::load(&pack.join("state/lwf_targets_high.safetensors")).unwrap();
+    for name in ["logits", "low/logits"] {
+        let want = &out.iter().find(|(n, _)| n == name).unwrap().1;
+        assert_eq!(&targets[name], want, "recorded {name}");
+    }
+}
+
+#[test]
+fn ewc_with_lambda_zero_is_finetune() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ewc, ft) = (dir.path().join("ewc"), dir.path().join("ft"));
+    let t1 = digits_task("low", ":classes=0,1,2,3,4");
+    let t2 = digits_task("high", ":classes=5,6,7,8,9");
+    mtpack(["adapt", "--method", "ewc", "--ewc-lambda", "0", "--task", &t1, "--task", &t2, "-o", p(&ewc), "--quiet"])
+        .expect(0);
+    mtpack(["adapt", "--method", "finetune", "--task", &t1, "--task", &t2, "-o", p(&ft), "--quiet"]).expect(0);
+    assert_eq!(weights(&ewc.join("model.onnx")), weights(&ft.join("model.onnx")));
+    // With a strong penalty the backbone stays closer to where task 1 left it.
+    let strong = dir.path().join("strong");
+    mtpack([
+        "adapt",
+        "--method",
+        "ewc",
+        "--ewc-lambda",
+        "10000",
+        "--task",
+        &t1,
+        "--task",
+        &t2,
+        "-o",
+        p(&strong),
+        "--quiet",
+    ])
+    .expect(0);
+    let m = manifest(&strong);
+    assert!(m["metrics"]["average_accuracy"].as_f64().unwrap().is_finite());
+    assert!(m["tasks"][1]["history"][1]["loss"].as_f64().unwrap().is_finite());
+}
+
+#[test]
+fn joint_trains_on_every_task_so_far() {
+    let dir = tempfile::tempdir().unwrap();
+    let pack = dir.path().join("joint");
+    let t1 = digits_task("low", ":classes=0,1,2,3,4");
+    let t2 = digits_task("high", ":classes=5,6,7,8,9");
+    mtpack(["adapt", "--method", "joint", "--task", &t1, "--task", &t2, "-o", p(&pack), "--quiet"]).expect(0);
+    let m = manifest(&pack);
+    let (n1, n2) = (m["tasks"][0]["train_size"].as_u64().unwrap(), m["tasks"][1]["train_size"].as_u64().unwrap());
+    assert_eq!(m["tasks"][0]["history"][0]["examples"].as_u64().unwrap(), n1);
+    assert_eq!(m["tasks"][1]["history"][0]["examples"].as_u64().unwrap(), n1 + n2);
+    assert_eq!(m["needs_old_data"], true);
+}
+
+#[test]
+fn bad_plans_fail_before_training_naming_task_and_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let pack = dir.path().join("never");
+    let nan = dir.path().join("nan.safetensors");
+    let mut d = mtpack::data::Dataset::load(&digits()).unwrap();
+    let mut x = mtpack::data::Preprocessing::default().apply(&d.train.x, 16.0).unwrap();
+    x[[2, 0, 3, 3]] = f32::NAN;
+    d.train.x = mtpack::tensor::Tensor::F32(x.into_dyn());
+    d.test = None;
+    d.save(&nan).unwrap();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec!["--task".into(), "a=/nonexistent/x.safetensors".into()],
+            "task 'a': dataset /nonexistent/x.safetensors does not exist",
+        ),
+        (
+            vec!["--task".into(), digits_task("a", ":labels=x,y")],
+            "task 'a': labels lists 2 names but the data has 10 classes",
+        ),
+        (
+            vec!["--task".into(), digits_task("a", ":resize=6x6")],
+            "task 'a': images are [1, 6, 6] after preprocessing but the backbone input is [batch, 1, 8, 8]",
+        ),
+        (
+            vec!["--task".into(), digits_task("a", ""), "--task".into(), digits_task("a", "")],
+            "task name 'a' is used twice",
+        ),
+        (vec!["--task".into(), format!("a={}", p(&nan))], "task 'a'"),
+        (vec!["--task".into(), digits_task("a", ":classes=3,11")], "task 'a': classes: 11 is not a class"),
+        (vec!["--task".into(), digits_task("a", ":lr=-1")], "task 'a': lr must be a positive number"),
+        (vec!["--method".into(), "bogus".into(), "--task".into(), digits_task("a", "")], "invalid value 'bogus'"),
+    ];
+    for (extra, want) in cases {
+        let mut args: Vec<String> = vec!["adapt".into(), "-o".into(), p(&pack).into()];
+        args.extend(extra);
+        let r = mtpack(&args).expect(2);
+        assert!(r.stderr.contains(want), "{args:?}:\n{}", r.stderr);
+        assert!(!pack.exists(), "{args:?} created the pack before failing");
+    }
+    let r = mtpack(["adapt", "-o", p(&pack), "--task", &format!("a={}", p(&nan))]).expect(2);
+    assert!(r.stderr.contains("non-finite value"), "{}", r.stderr);
+}
