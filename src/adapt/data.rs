@@ -15,6 +15,8 @@ pub struct TaskData {
     pub train_y: Vec<i64>,
     pub test_x: Tensor,
     pub test_y: Vec<i64>,
+    /// The held-out images as stored, before preprocessing (uint8 or float32).
+    pub test_raw: Tensor,
 }
 
 /// Loads and prepares one task; every error names the task and the field.
@@ -60,6 +62,7 @@ pub fn prepare(t: &TaskPlan, input_shape: Option<&[Dim]>, seed: u64) -> Result<T
         train_x,
         train_y: d.train.y,
         test_x,
+        test_raw: test.x,
         test_y: test.y,
     })
 }
@@ -101,13 +104,13 @@ fn check_input(x: &Tensor, dims: &[Dim]) -> Result<(), String> {
     }
 }
 
-/// The first `n` rows of a float tensor.
+/// The first `n` rows of an image tensor.
 pub fn head_rows(x: &Tensor, n: usize) -> Tensor {
+    let rows = x.shape().first().copied().unwrap_or(0).min(n);
+    let s = ndarray::Slice::from(0..rows);
     match x {
-        Tensor::F32(a) => {
-            let rows = a.shape().first().copied().unwrap_or(0).min(n);
-            Tensor::F32(a.slice_axis(ndarray::Axis(0), ndarray::Slice::from(0..rows)).to_owned())
-        }
+        Tensor::F32(a) => Tensor::F32(a.slice_axis(ndarray::Axis(0), s).to_owned()),
+        Tensor::U8(a) => Tensor::U8(a.slice_axis(ndarray::Axis(0), s).to_owned()),
         other => other.clone(),
     }
 }

@@ -2,6 +2,7 @@
 
 mod adapt_cmd;
 mod data_cmd;
+mod export_cmd;
 mod graph_cmd;
 mod inspect_cmd;
 mod load;
@@ -37,6 +38,10 @@ pub struct Cli {
 pub enum Command {
     /// Train tasks onto a backbone with one method, into a resumable pack directory.
     Adapt(Box<adapt_cmd::Args>),
+    /// Write one verified multi-task ONNX artifact from a pack.
+    Export(export_cmd::ExportArgs),
+    /// Check an exported artifact: digests, manifest, probes in tract and ONNX Runtime.
+    Verify(export_cmd::VerifyArgs),
     /// Describe a model: inputs, outputs, ops, parameters, trainable layers, head and feature tensor.
     Inspect(inspect_cmd::Args),
     /// Run a model on inputs from a safetensors file in ONNX Runtime, tract, or both.
@@ -53,6 +58,8 @@ pub fn main() -> anyhow::Result<Outcome> {
     let cli = Cli::parse();
     match cli.command {
         Command::Adapt(a) => adapt_cmd::run(*a, cli.quiet),
+        Command::Export(a) => export_cmd::run_export(a, cli.quiet),
+        Command::Verify(a) => export_cmd::run_verify(a),
         Command::Inspect(a) => inspect_cmd::run(a),
         Command::Run(a) => run_cmd::run(a),
         Command::Data(c) => data_cmd::run(c, cli.quiet),

@@ -6,6 +6,7 @@ mod error;
 pub mod heads;
 pub mod index;
 mod patch;
+pub mod preprocess;
 
 pub use error::GraphError;
 pub use patch::Patch;

@@ -11,7 +11,10 @@
 //! Every file is written atomically and the manifest last, so a killed run leaves either the
 //! previous consistent state or the new one.
 
+pub mod artifact;
+pub mod export;
 pub mod manifest;
+pub mod verify;
 
 use std::path::{Path, PathBuf};
 

@@ -35,7 +35,8 @@ fn rows(x: &Tensor, start: usize, end: usize) -> Result<Tensor, TrainError> {
     let s = ndarray::Slice::from(start..end);
     match x {
         Tensor::F32(a) => Ok(Tensor::F32(a.slice_axis(ndarray::Axis(0), s).to_owned())),
-        other => Err(TrainError::Invalid(format!("inputs must be float32, got {}", other.dtype()))),
+        Tensor::U8(a) => Ok(Tensor::U8(a.slice_axis(ndarray::Axis(0), s).to_owned())),
+        other => Err(TrainError::Invalid(format!("inputs must be float32 or uint8, got {}", other.dtype()))),
     }
 }
 

@@ -4,6 +4,7 @@
 mod adapt;
 mod bad_input;
 mod data;
+mod export;
 mod graph;
 mod helpers;
 mod inspect;

@@ -1,0 +1,93 @@
+//! Putting a task's recorded preprocessing into the graph, so a device can feed raw uint8
+//! images: Cast, scale to [0, 1], Resize (linear, half-pixel: the same as mtpack's own
+//! resize), repeat a grey channel, normalise with mean and standard deviation.
+
+use ndarray::{Array1, Array4};
+
+use super::{GraphError, Patch};
+use crate::data::Preprocessing;
+use crate::onnx::pb::attribute_proto::AttributeType;
+use crate::onnx::pb::AttributeProto;
+use crate::onnx::{attr, build, tensor_proto, Dim, Model};
+use crate::tensor::{DType, Tensor};
+
+pub const RAW_INPUT: &str = "image";
+
+fn string_attr(name: &str, value: &str) -> AttributeProto {
+    AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(AttributeType::String as i32),
+        s: Some(value.as_bytes().to_vec()),
+        ..Default::default()
+    }
+}
+
+/// Replaces float input `input` by a uint8 input `image` of `raw` = [C, H, W] per image.
+pub fn prepend(
+    model: &Model,
+    input: &str,
+    raw: [usize; 3],
+    pixel_max: f32,
+    pre: &Preprocessing,
+) -> Result<Model, GraphError> {
+    if model.opset("").unwrap_or(0) < 13 {
+        return Err(GraphError::Shape {
+            tensor: input.into(),
+            problem: "preprocessing in the graph needs opset 13 or later (Resize)".into(),
+        });
+    }
+    let mut p = Patch::new();
+    let init = |p: &mut Patch, name: &str, t: Tensor| {
+        p.add_initializer(tensor_proto::from_tensor(name, &t));
+    };
+    let mut cur = "pre/float".to_string();
+    p.add_node(build::node("Cast", "pre/cast", &[RAW_INPUT], &[&cur], vec![attr::make_int("to", 1)]));
+    init(&mut p, "pre/scale", Tensor::F32(ndarray::arr0(1.0 / pixel_max).into_dyn()));
+    p.add_node(build::node("Mul", "pre/scale_mul", &[&cur, "pre/scale"], &["pre/scaled"], vec![]));
+    cur = "pre/scaled".into();
+    let mut channels = raw[0];
+    if let Some([h, w]) = pre.resize.filter(|r| *r != [raw[1], raw[2]]) {
+        init(&mut p, "pre/hw", Tensor::I64(Array1::from(vec![h as i64, w as i64]).into_dyn()));
+        init(&mut p, "pre/zero", Tensor::I64(Array1::from(vec![0i64]).into_dyn()));
+        init(&mut p, "pre/two", Tensor::I64(Array1::from(vec![2i64]).into_dyn()));
+        p.add_node(build::node("Shape", "pre/shape_of", &[&cur], &["pre/shape"], vec![]));
+        p.add_node(build::node("Slice", "pre/nc_slice", &["pre/shape", "pre/zero", "pre/two"], &["pre/nc"], vec![]));
+        p.add_node(build::node(
+            "Concat",
+            "pre/sizes_concat",
+            &["pre/nc", "pre/hw"],
+            &["pre/sizes"],
+            vec![attr::make_int("axis", 0)],
+        ));
+        let attrs = vec![string_attr("mode", "linear"), string_attr("coordinate_transformation_mode", "half_pixel")];
+        p.add_node(build::node("Resize", "pre/resize", &[&cur, "", "", "pre/sizes"], &["pre/resized"], attrs));
+        cur = "pre/resized".into();
+    }
+    if let Some(c) = pre.channels.filter(|c| *c != channels) {
+        let copies: Vec<&str> = std::iter::repeat_n(cur.as_str(), c).collect();
+        p.add_node(build::node("Concat", "pre/channels", &copies, &["pre/rgb"], vec![attr::make_int("axis", 1)]));
+        cur = "pre/rgb".into();
+        channels = c;
+    }
+    let per = |v: &[f32], default: f32| -> Vec<f32> {
+        match v.len() {
+            0 => vec![default; channels],
+            1 => vec![v[0]; channels],
+            _ => v.to_vec(),
+        }
+    };
+    let (mean, std) = (per(&pre.mean, 0.0), per(&pre.std, 1.0));
+    let as4 = |v: Vec<f32>| Array4::from_shape_vec((1, v.len(), 1, 1), v).map(|a| Tensor::F32(a.into_dyn()));
+    let bad = |e: ndarray::ShapeError| GraphError::Shape { tensor: "pre/mean".into(), problem: e.to_string() };
+    init(&mut p, "pre/mean", as4(mean).map_err(bad)?);
+    init(&mut p, "pre/std", as4(std).map_err(bad)?);
+    p.add_node(build::node("Sub", "pre/centre", &[&cur, "pre/mean"], &["pre/centred"], vec![]));
+    p.add_node(build::node("Div", "pre/normalise", &["pre/centred", "pre/std"], &[input], vec![]));
+    let raw_dims =
+        [Dim::Named("batch".into()), Dim::Fixed(raw[0] as i64), Dim::Fixed(raw[1] as i64), Dim::Fixed(raw[2] as i64)];
+    let others: Vec<_> = model.graph().input.iter().filter(|i| i.name() != input).cloned().collect();
+    let mut inputs = vec![build::value_info(RAW_INPUT, DType::U8, Some(&raw_dims))];
+    inputs.extend(others);
+    p.set_inputs(inputs);
+    p.apply(model)
+}

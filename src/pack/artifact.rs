@@ -1,0 +1,101 @@
+//! The exported artifact's manifest (schemas/artifact.schema.json), embedded in the model's
+//! metadata under `mtpack.manifest` and written next to it, and the per-tensor digests it
+//! records.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::data::Preprocessing;
+use crate::onnx::{tensor_proto, Model, OnnxError};
+use crate::pack::manifest::Metrics;
+
+pub const ARTIFACT_SCHEMA: &str = "mtpack.artifact/1";
+pub const METADATA_KEY: &str = "mtpack.manifest";
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ArtifactTask {
+    pub name: String,
+    /// The graph output holding this task's scores.
+    pub output: String,
+    pub classes: usize,
+    pub labels: Vec<String>,
+    /// What the caller must do to raw images before feeding the input (empty when the
+    /// graph does it itself).
+    pub preprocessing: Preprocessing,
+    pub pixel_max: f32,
+    /// Held-out accuracy measured through this artifact (ONNX Runtime) at export.
+    pub accuracy: Option<f64>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Probes {
+    /// Safetensors file beside the model: `input` and `expected/<output>` for every output.
+    pub file: String,
+    pub sha256: String,
+    pub count: usize,
+    /// Largest |runtime - expected| allowed.
+    pub tolerance: f64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Verified {
+    pub tract_max_abs_diff: f64,
+    pub ort_max_abs_diff: f64,
+    /// Every task's accuracy through the artifact equals the pack's last accuracy row.
+    pub accuracy_matches_pack: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ArtifactManifest {
+    pub schema: String,
+    pub mtpack_version: String,
+    pub backbone_source: String,
+    pub backbone_sha256: String,
+    pub method: String,
+    pub method_params: serde_json::Value,
+    pub plan: serde_json::Value,
+    /// How tasks are reached: "one output per task; one backbone pass feeds every head".
+    pub design: String,
+    pub input: String,
+    /// Element type of the input ("float32", or "uint8" with preprocessing in the graph).
+    pub input_type: String,
+    pub tasks: Vec<ArtifactTask>,
+    /// Outputs beyond the tasks (the backbone's own head).
+    pub extra_outputs: Vec<String>,
+    pub columns: Vec<String>,
+    pub rows: Vec<String>,
+    pub accuracy_matrix: Vec<Vec<Option<f64>>>,
+    pub metrics: Metrics,
+    /// sha256 of every initializer's little-endian bytes, by name.
+    pub tensors: BTreeMap<String, String>,
+    pub probes: Probes,
+    pub verified: Verified,
+}
+
+/// sha256 of every initializer (dtype, shape and values), by name.
+pub fn tensor_digests(m: &Model) -> Result<BTreeMap<String, String>, OnnxError> {
+    let mut out = BTreeMap::new();
+    for t in &m.graph().initializer {
+        let host = tensor_proto::to_tensor(t)?;
+        let mut h = Sha256::new();
+        h.update(format!("{}{:?}", host.dtype(), host.shape()).as_bytes());
+        h.update(host.to_le_bytes());
+        out.insert(t.name().to_string(), format!("{:x}", h.finalize()));
+    }
+    Ok(out)
+}
+
+/// The manifest embedded in a model, if any.
+pub fn embedded(m: &Model) -> Option<&str> {
+    m.proto.metadata_props.iter().find(|p| p.key() == METADATA_KEY).map(|p| p.value())
+}
+
+/// Sets (or replaces) the embedded manifest.
+pub fn embed(m: &mut Model, json: &str) {
+    m.proto.metadata_props.retain(|p| p.key() != METADATA_KEY);
+    m.proto
+        .metadata_props
+        .push(crate::onnx::pb::StringStringEntryProto { key: Some(METADATA_KEY.into()), value: Some(json.into()) });
+}

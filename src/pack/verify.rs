@@ -1,0 +1,157 @@
+//! `mtpack verify`: recompute every tensor digest of an exported model, check the manifest
+//! and the probes file, and run the probes in tract (and ONNX Runtime when it is available).
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use super::artifact::{self, ArtifactManifest};
+use crate::onnx::{Model, OnnxError};
+use crate::runtime::ort_rt::OrtSession;
+use crate::runtime::tract_rt::TractSession;
+use crate::runtime::{compare, Backend};
+use crate::store;
+
+#[derive(Debug, Serialize)]
+pub struct OutputCheck {
+    pub output: String,
+    pub runtime: &'static str,
+    pub max_abs_diff: f64,
+    pub ok: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct VerifyReport {
+    pub schema: &'static str,
+    pub model: String,
+    pub tensors_checked: usize,
+    pub outputs: Vec<OutputCheck>,
+    /// Everything that did not hold, each naming the tensor, file or output.
+    pub problems: Vec<String>,
+    pub ok: bool,
+}
+
+/// Verifies `model_path`. An unreadable model is an `Err` (exit 2); anything that does not
+/// match is a problem in the report (exit 1).
+pub fn verify(model_path: &Path, manifest_path: Option<&Path>) -> Result<VerifyReport, OnnxError> {
+    let model = Model::load(model_path)?;
+    let mut problems = Vec::new();
+    let embedded = artifact::embedded(&model).map(str::to_string);
+    let external = manifest_path
+        .map(|p| std::fs::read_to_string(p).map_err(|e| format!("cannot read manifest {}: {e}", p.display())));
+    let text = match (&external, &embedded) {
+        (Some(Ok(ext)), Some(emb)) => {
+            if ext.trim() != emb.trim() {
+                problems.push("the manifest file differs from the manifest embedded in the model".to_string());
+            }
+            Some(ext.clone())
+        }
+        (Some(Ok(ext)), None) => Some(ext.clone()),
+        (Some(Err(e)), _) => {
+            problems.push(e.clone());
+            embedded.clone()
+        }
+        (None, Some(emb)) => Some(emb.clone()),
+        (None, None) => {
+            problems.push("no manifest: none embedded in the model and none given with --manifest".into());
+            None
+        }
+    };
+    let manifest: Option<ArtifactManifest> = text.and_then(|t| match serde_json::from_str(&t) {
+        Ok(m) => Some(m),
+        Err(e) => {
+            problems.push(format!("the manifest is not a valid artifact manifest: {e}"));
+            None
+        }
+    });
+    let mut report = VerifyReport {
+        schema: "mtpack.verify/1",
+        model: model_path.display().to_string(),
+        tensors_checked: 0,
+        outputs: Vec::new(),
+        problems,
+        ok: false,
+    };
+    if let Some(m) = &manifest {
+        check_tensors(&model, m, &mut report)?;
+        let dir = model_path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        check_probes(&model, m, &dir.join(&m.probes.file), &mut report);
+    }
+    report.ok = report.problems.is_empty();
+    Ok(report)
+}
+
+fn check_tensors(model: &Model, m: &ArtifactManifest, r: &mut VerifyReport) -> Result<(), OnnxError> {
+    let actual = artifact::tensor_digests(model)?;
+    r.tensors_checked = actual.len();
+    for (name, want) in &m.tensors {
+        match actual.get(name) {
+            None => r.problems.push(format!("tensor '{name}' is in the manifest but not in the model")),
+            Some(got) if got != want => {
+                r.problems.push(format!("tensor '{name}': sha256 {got} differs from the manifest's {want}"))
+            }
+            Some(_) => {}
+        }
+    }
+    for name in actual.keys().filter(|n| !m.tensors.contains_key(*n)) {
+        r.problems.push(format!("tensor '{name}' is in the model but not in the manifest"));
+    }
+    Ok(())
+}
+
+fn check_probes(model: &Model, m: &ArtifactManifest, file: &PathBuf, r: &mut VerifyReport) {
+    let bytes = match std::fs::read(file) {
+        Ok(b) => b,
+        Err(e) => return r.problems.push(format!("probes {}: {e}", file.display())),
+    };
+    let sha = format!("{:x}", <sha2::Sha256 as sha2::Digest>::digest(&bytes));
+    if sha != m.probes.sha256 {
+        r.problems.push(format!(
+            "probes {}: sha256 {sha} differs from the manifest's {}",
+            file.display(),
+            m.probes.sha256
+        ));
+        return;
+    }
+    let (mut t, _) = match store::from_bytes(&bytes, file) {
+        Ok(v) => v,
+        Err(e) => return r.problems.push(format!("{e:#}")),
+    };
+    let Some(input) = t.remove("input") else {
+        return r.problems.push(format!("probes {}: no 'input'", file.display()));
+    };
+    let expected: Vec<(String, crate::tensor::Tensor)> = {
+        let mut v: Vec<_> =
+            t.into_iter().filter_map(|(k, v)| k.strip_prefix("expected/").map(|n| (n.to_string(), v))).collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    };
+    let feed = vec![(m.input.clone(), input)];
+    let bytes = model.to_bytes();
+    let mut runtimes: Vec<Box<dyn Backend>> = Vec::new();
+    match TractSession::from_bytes(&bytes, "artifact") {
+        Ok(s) => runtimes.push(Box::new(s)),
+        Err(e) => r.problems.push(format!("tract cannot load the model: {e:#}")),
+    }
+    // ONNX Runtime joins when its library is present; tract alone is the verifier.
+    if let Ok(s) = OrtSession::from_bytes(&bytes, "artifact") {
+        runtimes.push(Box::new(s));
+    }
+    for rt in &mut runtimes {
+        let name = rt.name();
+        match rt.run(&feed).and_then(|out| compare(&expected, &out)) {
+            Ok(diffs) => {
+                for (output, d) in diffs {
+                    let ok = d <= m.probes.tolerance;
+                    if !ok {
+                        r.problems.push(format!(
+                            "output '{output}' in {name}: differs from the expected probe outputs by {d:.3e}"
+                        ));
+                    }
+                    r.outputs.push(OutputCheck { output, runtime: name, max_abs_diff: d, ok });
+                }
+            }
+            Err(e) => r.problems.push(format!("{name}: {e:#}")),
+        }
+    }
+}
