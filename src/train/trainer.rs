@@ -73,7 +73,7 @@ pub struct EpochStats {
 }
 
 /// Trains one epoch over one task, or over several with their batches interleaved
-/// round-robin (joint training). `progress(batch, batches, loss)` is told after every step.
+/// evenly (joint training). `progress(batch, batches, loss)` is told after every step.
 #[allow(clippy::too_many_arguments)]
 pub fn train_epoch(
     engine: &Engine,
@@ -91,10 +91,16 @@ pub fn train_epoch(
         .enumerate()
         .map(|(k, t)| epoch_batches(t.y.len(), batch, seed.wrapping_add(k as u64), epoch))
         .collect();
-    let longest = per_task.iter().map(Vec::len).max().unwrap_or(0);
-    let order: Vec<(usize, &Vec<usize>)> = (0..longest)
-        .flat_map(|b| per_task.iter().enumerate().filter_map(move |(k, bs)| bs.get(b).map(|idx| (k, idx))))
+    // Each task's batches are spread evenly over the epoch (batch j of B at (j + 0.5) / B),
+    // so a small task is not crowded into the first steps: running BatchNorm statistics and
+    // the last updates then see every task in proportion.
+    let mut keyed: Vec<(f64, usize, &Vec<usize>)> = per_task
+        .iter()
+        .enumerate()
+        .flat_map(|(k, bs)| bs.iter().enumerate().map(move |(j, idx)| ((j as f64 + 0.5) / bs.len() as f64, k, idx)))
         .collect();
+    keyed.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+    let order: Vec<(usize, &Vec<usize>)> = keyed.into_iter().map(|(_, k, idx)| (k, idx)).collect();
     let n: usize = tasks.iter().map(|t| t.y.len()).sum();
     let started = Instant::now();
     let (mut loss_sum, mut right) = (0.0, 0usize);
