@@ -95,6 +95,24 @@ impl Tensor {
         self.len() == 0
     }
 
+    /// The given rows (indices along the first axis); an error for a scalar or a row out
+    /// of range.
+    pub fn select_rows(&self, rows: &[usize]) -> Result<Tensor, String> {
+        let n = self.shape().first().copied().ok_or("a scalar has no rows")?;
+        if let Some(bad) = rows.iter().find(|&&r| r >= n) {
+            return Err(format!("row {bad} of {n}"));
+        }
+        Ok(match self {
+            Tensor::F32(a) => Tensor::F32(a.select(ndarray::Axis(0), rows)),
+            Tensor::F64(a) => Tensor::F64(a.select(ndarray::Axis(0), rows)),
+            Tensor::I64(a) => Tensor::I64(a.select(ndarray::Axis(0), rows)),
+            Tensor::I32(a) => Tensor::I32(a.select(ndarray::Axis(0), rows)),
+            Tensor::I8(a) => Tensor::I8(a.select(ndarray::Axis(0), rows)),
+            Tensor::U8(a) => Tensor::U8(a.select(ndarray::Axis(0), rows)),
+            Tensor::Bool(a) => Tensor::Bool(a.select(ndarray::Axis(0), rows)),
+        })
+    }
+
     /// The values as f64, for comparisons and statistics across element types.
     pub fn to_f64_vec(&self) -> Vec<f64> {
         match self {

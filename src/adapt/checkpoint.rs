@@ -37,11 +37,21 @@ fn invalid(e: impl std::fmt::Display) -> TrainError {
     TrainError::Invalid(format!("{e:#}"))
 }
 
-pub fn save(dir: &Path, p: &Progress, engine: &Engine, opt: &Optimizer) -> Result<(), TrainError> {
+/// Prefix of method state in the weights file (no graph initializer starts with it).
+const METHOD: &str = "mtpack.method/";
+
+pub fn save(
+    dir: &Path,
+    p: &Progress,
+    engine: &Engine,
+    opt: &Optimizer,
+    method_state: &[(String, crate::tensor::Tensor)],
+) -> Result<(), TrainError> {
     let mut weights = Vec::new();
     for (name, var) in engine.params() {
         weights.push((name.clone(), from_candle(var.as_tensor()).map_err(candle("checkpoint weights"))?));
     }
+    weights.extend(method_state.iter().map(|(n, t)| (format!("{METHOD}{n}"), t.clone())));
     let refs: Vec<(&str, &crate::tensor::Tensor)> = weights.iter().map(|(n, t)| (n.as_str(), t)).collect();
     store::save(&weights_file(dir, p.epochs_done), &refs, HashMap::new()).map_err(invalid)?;
     let mut state = Vec::new();
@@ -61,8 +71,14 @@ pub fn save(dir: &Path, p: &Progress, engine: &Engine, opt: &Optimizer) -> Resul
     Ok(())
 }
 
-/// Restores the checkpoint of `task` into the engine and optimizer, if there is one.
-pub fn restore(dir: &Path, task: &str, engine: &Engine, opt: &mut Optimizer) -> Result<Option<Progress>, TrainError> {
+/// Restores the checkpoint of `task` into the engine, optimizer and method, if there is one.
+pub fn restore(
+    dir: &Path,
+    task: &str,
+    engine: &Engine,
+    opt: &mut Optimizer,
+    method: &mut dyn crate::methods::Method,
+) -> Result<Option<Progress>, TrainError> {
     let file = progress_file(dir);
     if !file.is_file() {
         return Ok(None);
@@ -79,6 +95,9 @@ pub fn restore(dir: &Path, task: &str, engine: &Engine, opt: &mut Optimizer) -> 
         var.set(&to_candle_on(t, engine.float(), &dev).map_err(candle("restoring weights"))?)
             .map_err(candle("restoring weights"))?;
     }
+    let method_state: HashMap<String, crate::tensor::Tensor> =
+        weights.iter().filter_map(|(k, t)| k.strip_prefix(METHOD).map(|n| (n.to_string(), t.clone()))).collect();
+    method.restore_checkpoint_state(&method_state)?;
     let (state, meta) = store::load(&optim_file(dir, p.epochs_done)).map_err(invalid)?;
     let steps = meta.get("steps").and_then(|s| s.parse().ok()).unwrap_or(0);
     let mut restored = Vec::new();

@@ -9,7 +9,7 @@ mod task;
 
 use std::path::{Path, PathBuf};
 
-use crate::graph::analysis::{find_feature, find_head, trainable_names};
+use crate::graph::analysis::{find_feature, find_head, trainable_layers, trainable_names};
 use crate::graph::index::validate;
 use crate::methods::{self, MethodKind};
 use crate::onnx::{tensor_type, Dim, Model};
@@ -73,6 +73,8 @@ pub struct Backbone {
     pub input_shape: Option<Vec<Dim>>,
     /// Shared weights that may train (the backbone's own head excluded).
     pub shared: std::collections::BTreeSet<String>,
+    /// The Conv/Gemm/MatMul weights among them: what mask methods mask.
+    pub masked: std::collections::BTreeSet<String>,
 }
 
 fn backbone_err(path: &Path, e: impl std::error::Error + Send + Sync + 'static) -> AdaptError {
@@ -119,6 +121,7 @@ pub fn analyse_backbone(path: &Path, method: MethodKind) -> Result<(Model, Backb
         }
         OwnHead { output: h.output, logits: h.logits, classes: h.classes, params }
     });
+    let masked = trainable_layers(g).into_iter().map(|l| l.weight).filter(|w| shared.contains(w)).collect();
     let sha256 = crate::pack::file_sha256(path)?;
     let record = BackboneRecord {
         source: path.display().to_string(),
@@ -128,7 +131,7 @@ pub fn analyse_backbone(path: &Path, method: MethodKind) -> Result<(Model, Backb
         feature_dim,
         own_head,
     };
-    Ok((model, Backbone { record, input_shape, shared }))
+    Ok((model, Backbone { record, input_shape, shared, masked }))
 }
 
 fn new_manifest(plan: &Plan, backbone: &Backbone) -> Manifest {

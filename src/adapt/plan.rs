@@ -164,7 +164,7 @@ impl Plan {
             if !seen.insert(t.name.as_str()) {
                 return Err(format!("task name '{}' is used twice", t.name));
             }
-            t.hyper.over(&self.defaults).resolve(&t.name)?;
+            self.hyper_of(t).resolve(&t.name)?;
             if let Some(f) = t.test_fraction {
                 if !(0.0..1.0).contains(&f) {
                     return Err(format!("task '{}': test_fraction must be in [0, 1), got {f}", t.name));
@@ -181,6 +181,11 @@ impl Plan {
             t.preprocessing.validate().map_err(|e| format!("task '{}': {e}", t.name))?;
         }
         self.params.validate(self.method)
+    }
+
+    /// Task `t`'s settings: its own over the plan's defaults over the method's.
+    pub fn hyper_of(&self, t: &TaskPlan) -> Hyper {
+        t.hyper.over(&self.defaults).over(&self.method.hyper_defaults())
     }
 
     /// A digest of everything that determines the training result, to recognise a rerun of

@@ -60,3 +60,51 @@ pub fn table(m: &Manifest) -> String {
     }
     s
 }
+
+/// A mask method's per-layer report after task `task`, for stderr.
+pub fn method_text(task: &str, r: &serde_json::Value) -> String {
+    let mut s = String::new();
+    let layers = r["layers"].as_array().cloned().unwrap_or_default();
+    let width = layers.iter().filter_map(|l| l["weight"].as_str()).map(str::len).max().unwrap_or(6).max(6);
+    let total = r["masked_params"].as_u64().unwrap_or(0);
+    match r["method"].as_str() {
+        Some("packnet") => {
+            let free = r["free_params"].as_u64().unwrap_or(0);
+            let _ = writeln!(
+                s,
+                "packnet after '{task}': {free} of {total} masked weights free ({:.1}%); free per layer:",
+                100.0 * free as f64 / total.max(1) as f64
+            );
+            for l in &layers {
+                let (p, f) = (l["params"].as_u64().unwrap_or(0), l["free"].as_u64().unwrap_or(0));
+                let owned: Vec<String> =
+                    l["owned"].as_array().into_iter().flatten().map(|v| v.as_u64().unwrap_or(0).to_string()).collect();
+                let _ = writeln!(
+                    s,
+                    "  {:<width$} {p:>9} weights, owned per task [{}], free {f} ({:.1}%)",
+                    l["weight"].as_str().unwrap_or("?"),
+                    owned.join(", "),
+                    100.0 * f as f64 / p.max(1) as f64
+                );
+            }
+        }
+        Some("piggyback") => {
+            let _ = writeln!(
+                s,
+                "piggyback mask of '{task}': keeps {:.1}% of {total} masked weights (1 bit per weight); per layer:",
+                100.0 * r["kept_fraction"].as_f64().unwrap_or(0.0)
+            );
+            for l in &layers {
+                let (p, k) = (l["params"].as_u64().unwrap_or(0), l["kept"].as_u64().unwrap_or(0));
+                let _ = writeln!(
+                    s,
+                    "  {:<width$} {p:>9} weights, kept {:.1}%",
+                    l["weight"].as_str().unwrap_or("?"),
+                    100.0 * k as f64 / p.max(1) as f64
+                );
+            }
+        }
+        _ => {}
+    }
+    s
+}

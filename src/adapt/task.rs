@@ -94,7 +94,7 @@ impl Runner<'_> {
             return Ok(model);
         }
         let task = &self.plan.tasks[t];
-        let hyper = task.hyper.over(&self.plan.defaults).resolve(name).map_err(AdaptError::Plan)?;
+        let hyper = self.plan.hyper_of(task).resolve(name).map_err(AdaptError::Plan)?;
         let d = &self.data[t];
         manifest.tasks.push(TaskRecord {
             name: name.clone(),
@@ -114,6 +114,7 @@ impl Runner<'_> {
             history: Vec::new(),
             accuracy: None,
             train_seconds: 0.0,
+            method_report: None,
         });
         self.pack.save_manifest(manifest)?;
         Ok(model)
@@ -134,6 +135,7 @@ impl Runner<'_> {
         }
         let fe = method.kind() == MethodKind::FeatureExtract;
         let input = if fe { self.backbone.record.feature.clone() } else { self.backbone.record.input.clone() };
+        let hyper = manifest.tasks[t].hyper.clone();
         let ctx = TaskCtx {
             index: t,
             input: &input,
@@ -141,17 +143,20 @@ impl Runner<'_> {
             logits: &logits,
             head_params: &head_params,
             backbone_params: &self.backbone.shared,
+            masked: &self.backbone.masked,
+            epochs: hyper.epochs,
+            last: t + 1 == self.plan.tasks.len(),
             old_logits: &old_logits,
             old_head_params: &old_head_params,
             seed: self.plan.seed,
         };
         let graph_model = if fe { cut::suffix(&model, &self.backbone.record.feature)? } else { model.clone() };
-        let engine = Engine::new(&graph_model, &|n| method.trainable(n, &ctx), DType::F32, self.device)
+        let mut engine = Engine::new(&graph_model, &|n| method.trainable(n, &ctx), DType::F32, self.device)
             .map_err(TrainError::from)?;
-        let hyper = manifest.tasks[t].hyper.clone();
+        method.prepare_engine(&mut engine, &ctx)?;
         let mut opt = Optimizer::new(hyper.optim);
         let ckpt = self.pack.checkpoint_dir();
-        let mut progress = checkpoint::restore(&ckpt, &name, &engine, &mut opt)?.unwrap_or(Progress {
+        let mut progress = checkpoint::restore(&ckpt, &name, &engine, &mut opt, method)?.unwrap_or(Progress {
             task: name.clone(),
             epochs_done: 0,
             steps: 0,
@@ -181,8 +186,9 @@ impl Runner<'_> {
         };
         method.begin_task(&ctx, &engine, &mut record, &state)?;
         engine.set_training(self.plan.batchnorm == super::plan::BatchNormMode::Batch);
-        for epoch in progress.epochs_done..hyper.epochs {
-            let lr = hyper.schedule.lr_at(hyper.optim.lr, epoch);
+        let epochs = hyper.epochs + method.extra_epochs(&ctx);
+        for epoch in progress.epochs_done..epochs {
+            let lr = hyper.schedule.lr_at(hyper.optim.lr, epoch) * method.lr_scale(epoch, &ctx);
             let tasks: Vec<Task> = members
                 .iter()
                 .zip(&xs)
@@ -196,7 +202,7 @@ impl Runner<'_> {
                 })
                 .collect();
             let steps: usize = members.iter().map(|&k| self.data[k].train_y.len().div_ceil(hyper.batch)).sum();
-            let bar = self.progress_bar(steps, format!("{name} epoch {}/{}", epoch + 1, hyper.epochs));
+            let bar = self.progress_bar(steps, format!("{name} epoch {}/{epochs}", epoch + 1));
             let started = Instant::now();
             let hooks = method.hooks(epoch, lr, &engine, &ctx)?;
             let stats = train_epoch(
@@ -216,14 +222,14 @@ impl Runner<'_> {
             let summary = format!("loss {:.4}, {:.1} images/s", stats.loss, stats.images_per_second);
             // Progress bars draw only on a terminal; logs get one line per epoch.
             if !self.quiet && !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-                eprintln!("{name} epoch {}/{}: {summary}", epoch + 1, hyper.epochs);
+                eprintln!("{name} epoch {}/{epochs}: {summary}", epoch + 1);
             }
             bar.finish_with_message(summary);
             progress.train_seconds += started.elapsed().as_secs_f64();
             progress.epochs_done = epoch + 1;
             progress.steps = opt.steps;
             progress.history.push(stats);
-            checkpoint::save(&ckpt, &progress, &engine, &opt)?;
+            checkpoint::save(&ckpt, &progress, &engine, &opt, &method.checkpoint_state()?)?;
         }
         engine.set_training(false);
         let x_end = xs.last().cloned().ok_or_else(|| AdaptError::Plan("no training data".into()))?;
@@ -262,7 +268,13 @@ impl Runner<'_> {
         for f in method.save(&state_dir)? {
             manifest.files.insert(format!("state/after_{name}/{f}"), String::new());
         }
-        let row = self.evaluate(&trained, t, manifest)?;
+        let row = self.evaluate(&trained, t, manifest, method)?;
+        if let Some(report) = method.task_report() {
+            if !self.quiet {
+                eprint!("{}", super::report::method_text(name, &report));
+            }
+            manifest.tasks[t].method_report = Some(report);
+        }
         let rec = &mut manifest.tasks[t];
         rec.accuracy = row.get(manifest.columns.iter().position(|c| c == name).unwrap_or(0)).copied().flatten();
         rec.epochs_done = progress.epochs_done;
@@ -278,18 +290,26 @@ impl Runner<'_> {
     }
 
     /// Accuracy on every column's held-out data through ONNX Runtime after task `t`.
-    fn evaluate(&self, model: &Model, t: usize, manifest: &Manifest) -> Result<Vec<Option<f64>>, AdaptError> {
+    fn evaluate(
+        &self,
+        model: &Model,
+        t: usize,
+        manifest: &Manifest,
+        method: &dyn Method,
+    ) -> Result<Vec<Option<f64>>, AdaptError> {
         let mut row = vec![None; manifest.columns.len()];
         let input = &self.backbone.record.input;
         let mut col = 0;
         if let (Some(own), Some((x, reference))) = (&self.backbone.record.own_head, &self.agreement) {
-            let out = eval::run_batched(model, input, &own.output, x, 256)?;
+            let view = method.view(model, None)?;
+            let out = eval::run_batched(view.as_ref().unwrap_or(model), input, &own.output, x, 256)?;
             row[0] = Some(eval::accuracy(&out, reference)?);
             col = 1;
         }
         for (k, task) in self.plan.tasks.iter().enumerate().take(t + 1) {
             let (logits, _) = head_names(&task.name);
-            let out = eval::run_batched(model, input, &logits, &self.data[k].test_x, 256)?;
+            let view = method.view(model, Some(k))?;
+            let out = eval::run_batched(view.as_ref().unwrap_or(model), input, &logits, &self.data[k].test_x, 256)?;
             if let Some(slot) = row.get_mut(col + k) {
                 *slot = Some(eval::accuracy(&out, &self.data[k].test_y)?);
             }

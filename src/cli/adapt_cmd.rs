@@ -5,7 +5,7 @@ use anyhow::Context;
 use super::{print_json, Outcome};
 use crate::adapt::plan::{self, BatchNormMode, Hyper, Plan, TaskPlan};
 use crate::adapt::{self, report, Options};
-use crate::methods::{FisherKind, MethodKind, MethodParams};
+use crate::methods::{MethodKind, MethodParams};
 use crate::runtime::device::DeviceChoice;
 
 /// Train tasks onto a backbone, one after another, into a pack directory.
@@ -41,10 +41,10 @@ pub struct Args {
     /// Mini-batch size [default: 32].
     #[arg(long)]
     pub batch: Option<usize>,
-    /// sgd or adamw [default: sgd].
+    /// sgd or adamw [default: sgd; piggyback: adamw].
     #[arg(long)]
     pub optimizer: Option<String>,
-    /// Learning rate [default: 0.01].
+    /// Learning rate [default: 0.01; piggyback: 0.01 with adamw for the head].
     #[arg(long)]
     pub lr: Option<f64>,
     /// SGD momentum [default: 0.9].
@@ -68,30 +68,8 @@ pub struct Args {
     /// averages updated (batch, PyTorch's train()) or the recorded ones (frozen).
     #[arg(long, value_enum, default_value = "batch")]
     pub batchnorm: BatchNormMode,
-    /// LwF: distillation temperature [default: 2, the paper's].
-    #[arg(long)]
-    pub lwf_temperature: Option<f64>,
-    /// LwF: weight of the distillation terms [default: 1].
-    #[arg(long)]
-    pub lwf_lambda: Option<f64>,
-    /// LwF: epochs training only the new head first [default: 0].
-    #[arg(long)]
-    pub lwf_warmup_epochs: Option<u64>,
-    /// EWC: penalty strength. Each task's Fisher is divided by its largest entry (max F = 1)
-    /// and the penalty is applied as an exact proximal step, so any lambda stays finite
-    /// [default: 100].
-    #[arg(long)]
-    pub ewc_lambda: Option<f64>,
-    /// EWC: Fisher from labels sampled from the model (true) or ground truth (empirical)
-    /// [default: true].
-    #[arg(long, value_enum)]
-    pub ewc_fisher: Option<FisherKind>,
-    /// EWC: online decay of one running Fisher; unset keeps one penalty per earlier task.
-    #[arg(long)]
-    pub ewc_decay: Option<f64>,
-    /// EWC: training samples for the per-sample Fisher [default: 200].
-    #[arg(long)]
-    pub ewc_samples: Option<usize>,
+    #[command(flatten)]
+    pub params: MethodParams,
     /// Print the manifest's results as JSON on stdout.
     #[arg(long)]
     pub json: bool,
@@ -106,15 +84,7 @@ fn plan_from_flags(a: &Args) -> Plan {
         device: a.device,
         batchnorm: a.batchnorm,
         defaults: hyper(a),
-        params: MethodParams {
-            lwf_temperature: a.lwf_temperature,
-            lwf_lambda: a.lwf_lambda,
-            lwf_warmup_epochs: a.lwf_warmup_epochs,
-            ewc_lambda: a.ewc_lambda,
-            ewc_fisher: a.ewc_fisher,
-            ewc_decay: a.ewc_decay,
-            ewc_samples: a.ewc_samples,
-        },
+        params: a.params.clone(),
         tasks,
     }
 }

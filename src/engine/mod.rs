@@ -92,6 +92,10 @@ struct Step {
     op: Box<dyn registry::Op>,
 }
 
+/// A re-parameterisation of a weight: the ops read `f(W)` where the graph names `W` (e.g.
+/// `W * mask`). Op code never knows.
+pub type Reparam = std::sync::Arc<dyn Fn(&Tensor) -> candle_core::Result<Tensor> + Send + Sync>;
+
 /// An ONNX graph compiled to candle operations.
 pub struct Engine {
     steps: Vec<Step>,
@@ -99,6 +103,7 @@ pub struct Engine {
     outputs: Vec<String>,
     constants: HashMap<String, Tensor>,
     params: BTreeMap<String, Var>,
+    reparams: HashMap<String, Reparam>,
     /// Index of the last step reading each tensor, to free intermediates early.
     last_use: HashMap<String, usize>,
     float: DType,
@@ -190,6 +195,7 @@ impl Engine {
             outputs: g.output.iter().map(|o| o.name().to_string()).collect(),
             constants,
             params,
+            reparams: HashMap::new(),
             last_use,
             float,
             device: device.clone(),
@@ -214,6 +220,34 @@ impl Engine {
 
     pub fn params(&self) -> &BTreeMap<String, Var> {
         &self.params
+    }
+
+    /// Adds a parameter the graph does not name (e.g. a mask's real-valued scores read by a
+    /// [`Reparam`]); it trains and is checkpointed like the graph's own.
+    pub fn add_param(&mut self, name: &str, var: Var) {
+        self.params.insert(name.to_string(), var);
+    }
+
+    /// From now on every op reading initializer `name` sees `f(value)`.
+    pub fn set_reparam(&mut self, name: &str, f: Reparam) -> Result<(), EngineError> {
+        if !(self.constants.contains_key(name) || self.params.contains_key(name)) {
+            return Err(EngineError::Tensor {
+                tensor: name.into(),
+                problem: "is not an initializer of the graph".into(),
+            });
+        }
+        self.reparams.insert(name.to_string(), f);
+        Ok(())
+    }
+
+    /// The value ops see for initializer `name`, after any re-parameterisation.
+    pub fn effective(&self, name: &str) -> Option<candle_core::Result<Tensor>> {
+        let base =
+            self.constants.get(name).cloned().or_else(|| self.params.get(name).map(|v| v.as_tensor().clone()))?;
+        Some(match self.reparams.get(name) {
+            Some(f) => f(&base),
+            None => Ok(base),
+        })
     }
 
     pub fn float(&self) -> DType {
@@ -263,8 +297,20 @@ impl Engine {
                 .ok_or_else(|| EngineError::Tensor { tensor: name.clone(), problem: "graph input not given".into() })?;
             env.insert(name.clone(), t);
         }
+        // Re-parameterised weights are computed once per pass, not once per reader.
+        let mut reparam_cache: HashMap<&str, Tensor> = HashMap::new();
+        for name in self.reparams.keys() {
+            if let Some(v) = self.effective(name) {
+                let v = v.map_err(|e| EngineError::Candle {
+                    context: format!("re-parameterised weight '{name}'"),
+                    source: Box::new(e),
+                })?;
+                reparam_cache.insert(name.as_str(), v);
+            }
+        }
         let lookup = |env: &HashMap<String, Tensor>, name: &str| -> Option<Tensor> {
             env.get(name)
+                .or_else(|| reparam_cache.get(name))
                 .or_else(|| self.constants.get(name))
                 .cloned()
                 .or_else(|| self.params.get(name).map(|v| v.as_tensor().clone()))

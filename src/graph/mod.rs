@@ -5,6 +5,7 @@ pub mod cut;
 mod error;
 pub mod heads;
 pub mod index;
+pub mod masks;
 mod patch;
 pub mod preprocess;
 

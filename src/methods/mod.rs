@@ -4,6 +4,9 @@
 
 mod ewc;
 mod lwf;
+pub mod masks;
+mod packnet;
+mod piggyback;
 mod simple;
 
 use std::collections::{BTreeSet, HashMap};
@@ -14,9 +17,12 @@ use serde::{Deserialize, Serialize};
 
 pub use ewc::{Ewc, FisherKind};
 pub use lwf::Lwf;
+pub use packnet::{PackNet, SharedParams};
+pub use piggyback::Piggyback;
 pub use simple::Simple;
 
 use crate::engine::Engine;
+use crate::onnx::Model;
 use crate::train::{Hooks, TrainError};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
@@ -32,9 +38,10 @@ pub enum MethodKind {
     Lwf,
     /// Elastic Weight Consolidation: a diagonal-Fisher penalty towards earlier weights.
     Ewc,
-    /// Per-task weight ownership by magnitude pruning (not available yet).
+    /// PackNet: each task trains the weights still free, keeps the largest by magnitude and
+    /// frees the rest; earlier tasks' weights are used but frozen.
     Packnet,
-    /// Per-task binary masks over a frozen backbone (not available yet).
+    /// Piggyback: a learned binary mask per weight per task over a backbone that never changes.
     Piggyback,
 }
 
@@ -54,46 +61,121 @@ impl MethodKind {
     pub fn needs_old_data(self) -> bool {
         self == MethodKind::Joint
     }
+
+    /// Whether tasks see the backbone through per-task weight masks.
+    pub fn masked(self) -> bool {
+        matches!(self, MethodKind::Packnet | MethodKind::Piggyback)
+    }
+
+    /// Training settings the method's paper uses where the plan sets none: Piggyback trains
+    /// its masks and head with Adam.
+    pub fn hyper_defaults(self) -> crate::adapt::plan::Hyper {
+        match self {
+            MethodKind::Piggyback => crate::adapt::plan::Hyper {
+                optimizer: Some("adamw".into()),
+                lr: Some(PIGGYBACK_HEAD_LR),
+                ..Default::default()
+            },
+            _ => Default::default(),
+        }
+    }
 }
 
-/// Method parameters; unset values take the defaults the help text states.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+/// Method parameters; unset values take the defaults the help text states. The same
+/// fields are the plan file's `[params]` table and `adapt`'s flags.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields)]
 pub struct MethodParams {
-    /// LwF distillation temperature (paper: 2).
+    /// LwF: distillation temperature [default: 2, the paper's].
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[arg(long)]
     pub lwf_temperature: Option<f64>,
-    /// LwF weight of the distillation terms (paper: 1).
+    /// LwF: weight of the distillation terms [default: 1].
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[arg(long)]
     pub lwf_lambda: Option<f64>,
-    /// LwF epochs that train only the new head before everything trains (paper's warm-up).
+    /// LwF: epochs training only the new head before everything trains (the paper's warm-up)
+    /// [default: 0].
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[arg(long)]
     pub lwf_warmup_epochs: Option<u64>,
-    /// EWC penalty strength on the Fisher normalised to a maximum of 1.
+    /// EWC: penalty strength. Each task's Fisher is divided by its largest entry (max F = 1)
+    /// and the penalty is applied as an exact proximal step, so any lambda stays finite
+    /// [default: 100].
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[arg(long)]
     pub ewc_lambda: Option<f64>,
-    /// EWC Fisher: "true" (labels sampled from the model) or "empirical" (true labels).
+    /// EWC: Fisher from labels sampled from the model (true, the paper's) or the ground truth
+    /// (empirical) [default: true].
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[arg(long)]
     pub ewc_fisher: Option<FisherKind>,
-    /// Online EWC: keep one Fisher, decayed by this factor per task; unset accumulates one
-    /// penalty per earlier task.
+    /// EWC: online decay of one running Fisher; unset keeps one penalty per earlier task.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[arg(long)]
     pub ewc_decay: Option<f64>,
-    /// Samples of the training set used for the Fisher (per-sample gradients).
+    /// EWC: training samples for the per-sample Fisher [default: 200].
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[arg(long)]
     pub ewc_samples: Option<usize>,
+    /// PackNet: fraction of the first task's weights freed again after it, per layer
+    /// [default: 0.5, the paper's].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[arg(long)]
+    pub packnet_prune_first: Option<f64>,
+    /// PackNet: fraction of each later task's weights freed again [default: 0.75].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[arg(long)]
+    pub packnet_prune: Option<f64>,
+    /// PackNet: the plan's last task keeps every free weight (no pruning, no retraining);
+    /// no task can be added after it [default: false].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[arg(long)]
+    pub packnet_keep_last: Option<bool>,
+    /// PackNet: epochs of retraining the kept weights after pruning [default: 1].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[arg(long)]
+    pub packnet_retrain_epochs: Option<u64>,
+    /// PackNet: learning rate of retraining relative to the task's [default: 0.1].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[arg(long)]
+    pub packnet_retrain_lr_scale: Option<f64>,
+    /// PackNet: biases and BatchNormalization train with the first task and are frozen after
+    /// it (first-task, the paper's) or never train (frozen) [default: first-task].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[arg(long, value_enum)]
+    pub packnet_shared: Option<SharedParams>,
+    /// Piggyback: initial value of the real-valued mask scores [default: 0.01, the paper's].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[arg(long)]
+    pub piggyback_init: Option<f64>,
+    /// Piggyback: scores above this threshold keep their weight [default: 0.005].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[arg(long)]
+    pub piggyback_threshold: Option<f64>,
+    /// Piggyback: learning rate of the mask scores; the task's lr trains its head
+    /// [default: 0.0001, the paper's].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[arg(long)]
+    pub piggyback_mask_lr: Option<f64>,
 }
 
 pub const LWF_TEMPERATURE: f64 = 2.0;
 pub const LWF_LAMBDA: f64 = 1.0;
 pub const EWC_LAMBDA: f64 = 100.0;
 pub const EWC_SAMPLES: usize = 200;
+pub const PACKNET_PRUNE_FIRST: f64 = 0.5;
+pub const PACKNET_PRUNE: f64 = 0.75;
+pub const PACKNET_RETRAIN_EPOCHS: u64 = 1;
+pub const PACKNET_RETRAIN_LR_SCALE: f64 = 0.1;
+pub const PIGGYBACK_INIT: f64 = 1e-2;
+pub const PIGGYBACK_THRESHOLD: f64 = 5e-3;
+pub const PIGGYBACK_MASK_LR: f64 = 1e-4;
+pub const PIGGYBACK_HEAD_LR: f64 = 1e-2;
 
 impl MethodParams {
     pub fn validate(&self, method: MethodKind) -> Result<(), String> {
-        if matches!(method, MethodKind::Packnet | MethodKind::Piggyback) {
-            return Err(format!("method '{}' is not available in this version of mtpack", method.name()));
-        }
+        let _ = method;
         let positive = |v: Option<f64>, what: &str| match v {
             Some(x) if !(x.is_finite() && x > 0.0) => Err(format!("{what} must be a positive number, got {x}")),
             _ => Ok(()),
@@ -110,6 +192,17 @@ impl MethodParams {
         }
         if self.ewc_samples == Some(0) {
             return Err("ewc_samples must be at least 1".into());
+        }
+        for (v, what) in [(self.packnet_prune_first, "packnet_prune_first"), (self.packnet_prune, "packnet_prune")] {
+            if let Some(p) = v.filter(|p| !(0.0..1.0).contains(p)) {
+                return Err(format!("{what} must be in [0, 1), got {p}"));
+            }
+        }
+        positive(self.packnet_retrain_lr_scale, "packnet_retrain_lr_scale")?;
+        positive(self.piggyback_init, "piggyback_init")?;
+        positive(self.piggyback_mask_lr, "piggyback_mask_lr")?;
+        if let Some(t) = self.piggyback_threshold.filter(|t| !t.is_finite()) {
+            return Err(format!("piggyback_threshold must be a finite number, got {t}"));
         }
         Ok(())
     }
@@ -131,6 +224,8 @@ impl MethodParams {
                 "fisher_normalisation": ewc::NORMALISATION,
                 "penalty_step": ewc::PENALTY_STEP,
             }),
+            MethodKind::Packnet => packnet::effective(self),
+            MethodKind::Piggyback => piggyback::effective(self),
             _ => serde_json::json!({}),
         }
     }
@@ -149,6 +244,12 @@ pub struct TaskCtx<'a> {
     pub head_params: &'a BTreeSet<String>,
     /// Initializers of the shared backbone that may train.
     pub backbone_params: &'a BTreeSet<String>,
+    /// Conv/Gemm/MatMul weights of the shared backbone: what mask methods mask.
+    pub masked: &'a BTreeSet<String>,
+    /// Epochs the plan gives this task (before any the method adds).
+    pub epochs: u64,
+    /// Whether this is the plan's last task.
+    pub last: bool,
     /// Logits tensors of earlier heads (including the backbone's own, if any).
     pub old_logits: &'a [String],
     /// Initializers of earlier heads.
@@ -165,6 +266,48 @@ pub trait Method {
 
     /// Whether an initializer trains while this task is learned.
     fn trainable(&self, name: &str, ctx: &TaskCtx) -> bool;
+
+    /// Called on a fresh engine before a checkpoint is restored into it: add parameters and
+    /// re-parameterisations (masks) the method trains.
+    fn prepare_engine(&mut self, _engine: &mut Engine, _ctx: &TaskCtx) -> Result<(), TrainError> {
+        Ok(())
+    }
+
+    /// Epochs the method adds after the plan's (e.g. retraining after pruning).
+    fn extra_epochs(&self, _ctx: &TaskCtx) -> u64 {
+        0
+    }
+
+    /// Factor on the scheduled learning rate for `epoch`.
+    fn lr_scale(&self, _epoch: u64, _ctx: &TaskCtx) -> f64 {
+        1.0
+    }
+
+    /// Mid-task state that a checkpoint must carry besides the weights.
+    fn checkpoint_state(&self) -> Result<Vec<(String, crate::tensor::Tensor)>, TrainError> {
+        Ok(Vec::new())
+    }
+
+    /// Restores what `checkpoint_state` gave.
+    fn restore_checkpoint_state(&mut self, _state: &HashMap<String, crate::tensor::Tensor>) -> Result<(), TrainError> {
+        Ok(())
+    }
+
+    /// The model as task `column` sees it (`None`: the backbone's own head), when that
+    /// differs from `model` itself (masked weights).
+    fn view(&self, _model: &Model, _column: Option<usize>) -> Result<Option<Model>, TrainError> {
+        Ok(None)
+    }
+
+    /// The per-task masks in the form the pack stores and the artifact embeds (mask methods).
+    fn stored_masks(&self) -> Option<std::collections::BTreeMap<String, crate::graph::masks::StoredMask>> {
+        None
+    }
+
+    /// What the method has to say about the task just learned (stored in the manifest).
+    fn task_report(&self) -> Option<serde_json::Value> {
+        None
+    }
 
     /// Outputs beyond the task's logits that the hooks read (e.g. old heads for LwF).
     fn extra_outputs(&self, _ctx: &TaskCtx) -> Vec<String> {
@@ -210,9 +353,8 @@ pub fn create(kind: MethodKind, params: &MethodParams) -> Result<Box<dyn Method>
         MethodKind::Finetune | MethodKind::FeatureExtract | MethodKind::Joint => Box::new(Simple::new(kind)),
         MethodKind::Lwf => Box::new(Lwf::new(params)),
         MethodKind::Ewc => Box::new(Ewc::new(params)),
-        MethodKind::Packnet | MethodKind::Piggyback => {
-            return Err(format!("method '{}' is not available in this version of mtpack", kind.name()))
-        }
+        MethodKind::Packnet => Box::new(PackNet::new(params)),
+        MethodKind::Piggyback => Box::new(Piggyback::new(params)),
     })
 }
 

@@ -19,6 +19,9 @@ pub struct ArtifactTask {
     pub name: String,
     /// The graph output holding this task's scores.
     pub output: String,
+    /// The `task` input value that selects this task's masks (mask methods).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_value: Option<i64>,
     pub classes: usize,
     pub labels: Vec<String>,
     /// What the caller must do to raw images before feeding the input (empty when the
@@ -62,8 +65,17 @@ pub struct ArtifactManifest {
     /// Element type of the input ("float32", or "uint8" with preprocessing in the graph).
     pub input_type: String,
     pub tasks: Vec<ArtifactTask>,
+    /// The int64 [1] input selecting a task's masks (mask methods' multi-task artifacts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_input: Option<String>,
     /// Outputs beyond the tasks (the backbone's own head).
     pub extra_outputs: Vec<String>,
+    /// The `task` value the extra outputs are read with, when there is a task input.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub extra_outputs_task_value: Option<i64>,
+    /// How the per-task masks are stored in the graph (mask methods).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub masks: Option<MaskSummary>,
     pub columns: Vec<String>,
     pub rows: Vec<String>,
     pub accuracy_matrix: Vec<Vec<Option<f64>>>,
@@ -72,6 +84,53 @@ pub struct ArtifactManifest {
     pub tensors: BTreeMap<String, String>,
     pub probes: Probes,
     pub verified: Verified,
+}
+
+/// The embedded masks: their kind, their tensors and what they cost.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct MaskSummary {
+    /// "packnet-owner-ids" (one uint8 per weight for all tasks) or "piggyback-bits" (one bit
+    /// per weight per task).
+    pub kind: String,
+    pub masked_params: usize,
+    pub tasks: usize,
+    /// Mask storage in bits per masked weight per task.
+    pub bits_per_weight_per_task: f64,
+    /// The mask initializers, by masked weight.
+    pub tensors: BTreeMap<String, String>,
+}
+
+impl MaskSummary {
+    pub fn of(stored: &BTreeMap<String, crate::graph::masks::StoredMask>, tasks: usize) -> MaskSummary {
+        use crate::graph::masks::StoredMask;
+        let mut params = 0usize;
+        let mut bytes = 0usize;
+        let mut tensors = BTreeMap::new();
+        let mut kind = "";
+        for (name, s) in stored {
+            match s {
+                StoredMask::Owners(ids) => {
+                    params += ids.len();
+                    bytes += ids.len();
+                    kind = "packnet-owner-ids";
+                    tensors.insert(name.clone(), format!("{name}/owner"));
+                }
+                StoredMask::Bits { rows, len } => {
+                    params += len;
+                    bytes += rows.len();
+                    kind = "piggyback-bits";
+                    tensors.insert(name.clone(), format!("{name}/bits"));
+                }
+            }
+        }
+        MaskSummary {
+            kind: kind.into(),
+            masked_params: params,
+            tasks,
+            bits_per_weight_per_task: (bytes * 8) as f64 / (params.max(1) * tasks.max(1)) as f64,
+            tensors,
+        }
+    }
 }
 
 /// sha256 of every initializer (dtype, shape and values), by name.

@@ -2,19 +2,21 @@
 //! verified in tract and ONNX Runtime against the training engine before anything is written.
 //!
 //! Graph design: one output per task, `<task>/logits`, plus the backbone's own output when it
-//! has a head. Shared-backbone methods compute the backbone once for all heads. No control
-//! flow and no task input, so ONNX Runtime and tract execute the same graph the same way.
+//! has a head. Shared-backbone methods compute the backbone once for all heads. Mask methods
+//! add an int64 `task` input that selects the weight masks (see [`crate::graph::masks`]). No
+//! control flow, so ONNX Runtime and tract execute the same graph the same way.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 
-use super::artifact::{self, ArtifactManifest, ArtifactTask, Probes, Verified, ARTIFACT_SCHEMA};
+use super::artifact::{self, ArtifactManifest, ArtifactTask, MaskSummary, Probes, Verified, ARTIFACT_SCHEMA};
 use super::{Manifest, Pack, PackError};
 use crate::adapt::data::{self, TaskData};
 use crate::engine::{from_candle, to_candle, Engine};
-use crate::graph::{preprocess, Patch};
+use crate::graph::{masks, preprocess, Patch};
+use crate::methods::{self, Method};
 use crate::onnx::Model;
 use crate::runtime::ort_rt::OrtSession;
 use crate::runtime::tract_rt::TractSession;
@@ -26,6 +28,8 @@ pub const PROBES_PER_TASK: usize = 2;
 pub const TOLERANCE: f64 = 1e-4;
 pub const DESIGN: &str =
     "one output per task (<task>/logits, plus the backbone's own output); one backbone pass feeds every head";
+pub const DESIGN_MASKED: &str = "one output per task (<task>/logits) and an int64 input 'task' [1] selecting the per-task weight masks, unpacked in the graph; read a task's output with its task value (other outputs are NaN); task -1 gives the backbone's own output";
+pub const DESIGN_STANDALONE: &str = "one task with its weight mask applied: a plain model, no task input";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
@@ -113,17 +117,190 @@ fn load(pack: &Pack) -> Result<(Manifest, Model, Vec<TaskData>), ExportError> {
     Ok((m, model, data))
 }
 
-/// Builds, verifies and writes the artifact. A failed verification writes nothing.
-pub fn export(pack_dir: &Path, out: &Path, opts: &ExportOptions) -> Result<Exported, ExportError> {
-    let pack = Pack::new(pack_dir);
-    let (m, model, data) = load(&pack)?;
-    let selected: Vec<usize> = match &opts.task {
+/// One group of probes run with one `task` value: the outputs it checks and the engine's
+/// reference for them.
+struct Query {
+    task: Option<i64>,
+    /// Probe rows as the engine takes them (float).
+    x: Tensor,
+    /// The same rows as the artifact takes them (raw uint8 with preprocessing in the graph).
+    feed: Tensor,
+    expected: Named,
+}
+
+/// The artifact before verification.
+struct Built {
+    model: Model,
+    input: String,
+    /// The `task` input of mask methods' multi-task artifacts.
+    task_input: Option<String>,
+    queries: Vec<Query>,
+    design: &'static str,
+    masks: Option<MaskSummary>,
+}
+
+fn select(m: &Manifest, opts: &ExportOptions) -> Result<Vec<usize>, ExportError> {
+    Ok(match &opts.task {
         Some(name) => vec![m.tasks.iter().position(|t| &t.name == name).ok_or_else(|| {
             let names: Vec<&str> = m.tasks.iter().map(|t| t.name.as_str()).collect();
             ExportError::Invalid(format!("--task {name}: the pack has tasks {}", names.join(", ")))
         })?],
         None => (0..m.tasks.len()).collect(),
+    })
+}
+
+/// The method with the state it had after the pack's last task.
+fn load_method(pack: &Pack, m: &Manifest) -> Result<Box<dyn Method>, ExportError> {
+    let mut method = methods::create(m.plan.method, &m.plan.params).map_err(ExportError::Invalid)?;
+    if let Some(last) = m.tasks.last() {
+        method.load(&pack.state_dir().join(format!("after_{}", last.name))).map_err(step("the method's state"))?;
+    }
+    Ok(method)
+}
+
+/// `model` keeping only `outputs`, in that order.
+fn with_outputs(model: &Model, outputs: &[String]) -> Result<Model, ExportError> {
+    let keep: Vec<_> =
+        outputs.iter().filter_map(|o| model.graph().output.iter().find(|v| v.name() == o).cloned()).collect();
+    Patch::new().set_outputs(keep).apply(model).map_err(step("selecting the outputs"))
+}
+
+impl Query {
+    fn new(
+        task: Option<i64>,
+        outputs: Vec<String>,
+        x: Tensor,
+        raw: &Tensor,
+        reference: &Model,
+        input: &str,
+        with_pre: bool,
+    ) -> Result<Query, ExportError> {
+        let reference = with_outputs(reference, &outputs)?;
+        let expected = engine_outputs(&reference, input, &x)?;
+        let feed = if with_pre { raw.clone() } else { x.clone() };
+        Ok(Query { task, x, feed, expected })
+    }
+}
+
+/// The graph to export and the probe queries that check it.
+fn build(
+    m: &Manifest,
+    model: &Model,
+    data: &[TaskData],
+    selected: &[usize],
+    method: &dyn Method,
+    opts: &ExportOptions,
+) -> Result<Built, ExportError> {
+    let input = m.backbone.input.clone();
+    let pre = opts.with_preprocessing;
+    let rows = |i: usize| {
+        (data::head_rows(&data[i].test_x, PROBES_PER_TASK), data::head_rows(&data[i].test_raw, PROBES_PER_TASK))
     };
+    let own = m.backbone.own_head.as_ref().filter(|_| opts.task.is_none());
+    let logits = |i: usize| m.tasks[i].logits.clone();
+    let stored = method.stored_masks();
+    let (model, task_input, queries, design, masks) = match (&stored, selected) {
+        (None, _) => {
+            let mut outputs: Vec<String> = own.map(|h| h.output.clone()).into_iter().collect();
+            outputs.extend(selected.iter().map(|&i| logits(i)));
+            let plain = with_outputs(model, &outputs)?;
+            let x = stack(&selected.iter().map(|&i| rows(i).0).collect::<Vec<_>>())?;
+            let raw = stack(&selected.iter().map(|&i| rows(i).1).collect::<Vec<_>>())?;
+            let q = Query::new(None, outputs, x, &raw, &plain, &input, pre)?;
+            (plain, None, vec![q], DESIGN, None)
+        }
+        (Some(_), [only]) if opts.task.is_some() => {
+            let view = method.view(model, Some(*only)).map_err(step("applying the task's masks"))?;
+            let view = with_outputs(view.as_ref().unwrap_or(model), &[logits(*only)])?;
+            let (x, raw) = rows(*only);
+            let q = Query::new(None, vec![logits(*only)], x, &raw, &view, &input, pre)?;
+            (view, None, vec![q], DESIGN_STANDALONE, None)
+        }
+        (Some(stored), _) => {
+            let mut outputs: Vec<String> = own.map(|h| h.output.clone()).into_iter().collect();
+            outputs.extend(selected.iter().map(|&i| logits(i)));
+            let base = with_outputs(model, &outputs)?;
+            let mut gates: Vec<(String, i64)> = selected.iter().map(|&i| (logits(i), i as i64)).collect();
+            let mut queries = Vec::new();
+            for &i in selected {
+                let view = method.view(model, Some(i)).map_err(step("applying the task's masks"))?;
+                let (x, raw) = rows(i);
+                queries.push(Query::new(
+                    Some(i as i64),
+                    vec![logits(i)],
+                    x,
+                    &raw,
+                    view.as_ref().unwrap_or(model),
+                    &input,
+                    pre,
+                )?);
+            }
+            if let (Some(h), Some(&first)) = (own, selected.first()) {
+                gates.push((h.output.clone(), masks::OWN_HEAD_TASK));
+                let view = method.view(model, None).map_err(step("applying the masks"))?;
+                let (x, raw) = rows(first);
+                queries.push(Query::new(
+                    Some(masks::OWN_HEAD_TASK),
+                    vec![h.output.clone()],
+                    x,
+                    &raw,
+                    view.as_ref().unwrap_or(model),
+                    &input,
+                    pre,
+                )?);
+            }
+            let embedded = masks::embed(&base, stored, &gates).map_err(step("putting the masks into the graph"))?;
+            let summary = MaskSummary::of(stored, m.tasks.len());
+            (embedded, Some(masks::TASK_INPUT.to_string()), queries, DESIGN_MASKED, Some(summary))
+        }
+    };
+    let (model, input) = if pre {
+        let first = selected[0];
+        let raw = data[first].test_raw.shape();
+        let raw3 = [raw[1], raw[2], raw[3]];
+        let g = preprocess::prepend(&model, &input, raw3, data[first].pixel_max, &m.tasks[first].preprocessing)
+            .map_err(step("adding preprocessing"))?;
+        (g, preprocess::RAW_INPUT.to_string())
+    } else {
+        (model, input)
+    };
+    Ok(Built { model, input, task_input, queries, design, masks })
+}
+
+fn task_feed(b: &Built, task: Option<i64>) -> Vec<(String, Tensor)> {
+    match (&b.task_input, task) {
+        (Some(name), Some(v)) => vec![(name.clone(), Tensor::I64(ndarray::arr1(&[v]).into_dyn()))],
+        _ => Vec::new(),
+    }
+}
+
+/// Runs every query in tract and ONNX Runtime; the largest difference from the engine in each.
+fn check_runtimes(b: &Built) -> Result<(f64, f64), ExportError> {
+    let bytes = b.model.to_bytes();
+    let mut tract = TractSession::from_bytes(&bytes, "artifact").map_err(step("tract"))?;
+    let mut ort = OrtSession::from_bytes(&bytes, "artifact").map_err(step("ONNX Runtime"))?;
+    let (mut worst_tract, mut worst_ort) = (0f64, 0f64);
+    for q in &b.queries {
+        let mut feed = vec![(b.input.clone(), q.feed.clone())];
+        feed.extend(task_feed(b, q.task));
+        let worst = |got: &Named| -> Result<f64, ExportError> {
+            Ok(compare(&q.expected, got)
+                .map_err(step("comparing outputs"))?
+                .iter()
+                .map(|(_, d)| *d)
+                .fold(0.0, f64::max))
+        };
+        worst_tract = worst_tract.max(worst(&tract.run(&feed).map_err(step("tract"))?)?);
+        worst_ort = worst_ort.max(worst(&ort.run(&feed).map_err(step("ONNX Runtime"))?)?);
+    }
+    Ok((worst_tract, worst_ort))
+}
+
+/// Builds, verifies and writes the artifact. A failed verification writes nothing.
+pub fn export(pack_dir: &Path, out: &Path, opts: &ExportOptions) -> Result<Exported, ExportError> {
+    let pack = Pack::new(pack_dir);
+    let (m, model, data) = load(&pack)?;
+    let selected = select(&m, opts)?;
     if opts.with_preprocessing {
         let pre = &m.tasks[selected[0]].preprocessing;
         if selected.iter().any(|&i| {
@@ -134,43 +311,15 @@ pub fn export(pack_dir: &Path, out: &Path, opts: &ExportOptions) -> Result<Expor
             ));
         }
     }
-    let own = m.backbone.own_head.as_ref().filter(|_| opts.task.is_none());
-    let mut outputs: Vec<String> = own.map(|h| h.output.clone()).into_iter().collect();
-    outputs.extend(selected.iter().map(|&i| m.tasks[i].logits.clone()));
-    let keep: Vec<_> =
-        outputs.iter().filter_map(|o| model.graph().output.iter().find(|v| v.name() == o).cloned()).collect();
-    let plain = Patch::new().set_outputs(keep).apply(&model).map_err(step("selecting the outputs"))?;
-    // Probes: the first held-out images of each selected task.
-    let rows = |t: &Tensor| data::head_rows(t, PROBES_PER_TASK);
-    let probe_x = stack(&selected.iter().map(|&i| rows(&data[i].test_x)).collect::<Vec<_>>())?;
-    let expected = engine_outputs(&plain, &m.backbone.input, &probe_x)?;
-    let (artifact_model, input, probe_in) = if opts.with_preprocessing {
-        let first = selected[0];
-        let raw = data[first].test_raw.shape();
-        let raw3 = [raw[1], raw[2], raw[3]];
-        let pre = &m.tasks[first].preprocessing;
-        let g = preprocess::prepend(&plain, &m.backbone.input, raw3, data[first].pixel_max, pre)
-            .map_err(step("adding preprocessing"))?;
-        let raw_probes = stack(&selected.iter().map(|&i| rows(&data[i].test_raw)).collect::<Vec<_>>())?;
-        (g, preprocess::RAW_INPUT.to_string(), raw_probes)
-    } else {
-        (plain, m.backbone.input.clone(), probe_x)
-    };
-    let bytes = artifact_model.to_bytes();
-    let feed = vec![(input.clone(), probe_in.clone())];
-    let tract = TractSession::from_bytes(&bytes, "artifact").and_then(|mut s| s.run(&feed)).map_err(step("tract"))?;
-    let ort =
-        OrtSession::from_bytes(&bytes, "artifact").and_then(|mut s| s.run(&feed)).map_err(step("ONNX Runtime"))?;
-    let worst = |a: &Named| -> Result<f64, ExportError> {
-        Ok(compare(&expected, a).map_err(step("comparing outputs"))?.iter().map(|(_, d)| *d).fold(0.0, f64::max))
-    };
-    let (tract_diff, ort_diff) = (worst(&tract)?, worst(&ort)?);
+    let method = load_method(&pack, &m)?;
+    let built = build(&m, &model, &data, &selected, method.as_ref(), opts)?;
+    let (tract_diff, ort_diff) = check_runtimes(&built)?;
     if tract_diff > TOLERANCE || ort_diff > TOLERANCE {
         return Err(ExportError::Check(format!(
             "largest difference from the training engine: tract {tract_diff:.3e}, ONNX Runtime {ort_diff:.3e} (tolerance {TOLERANCE:.0e})"
         )));
     }
-    let tasks = measure(&m, &data, &selected, &artifact_model, &input, opts.with_preprocessing)?;
+    let tasks = measure(&m, &data, &selected, &built, opts.with_preprocessing)?;
     let last = m.accuracy_matrix.last().cloned().unwrap_or_default();
     let offset = usize::from(m.backbone.own_head.is_some());
     for (t, &i) in tasks.iter().zip(&selected) {
@@ -183,10 +332,8 @@ pub fn export(pack_dir: &Path, out: &Path, opts: &ExportOptions) -> Result<Expor
         }
     }
     let (manifest_path, probes_path) = sidecars(out);
-    let mut probe_tensors: Vec<(String, Tensor)> = vec![("input".into(), probe_in)];
-    probe_tensors.extend(expected.into_iter().map(|(n, t)| (format!("expected/{n}"), t)));
-    let refs: Vec<(&str, &Tensor)> = probe_tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    let probe_bytes = crate::store::to_bytes(&refs, HashMap::new()).map_err(step("encoding probes"))?;
+    let probe_bytes = probes_file(&built)?;
+    let own = m.backbone.own_head.as_ref().filter(|_| opts.task.is_none());
     let manifest = ArtifactManifest {
         schema: ARTIFACT_SCHEMA.into(),
         mtpack_version: env!("CARGO_PKG_VERSION").into(),
@@ -195,20 +342,23 @@ pub fn export(pack_dir: &Path, out: &Path, opts: &ExportOptions) -> Result<Expor
         method: m.method.clone(),
         method_params: m.method_params.clone(),
         plan: serde_json::to_value(&m.plan).unwrap_or_default(),
-        design: DESIGN.into(),
-        input,
+        design: built.design.into(),
+        input: built.input.clone(),
         input_type: if opts.with_preprocessing { "uint8".into() } else { "float32".into() },
+        task_input: built.task_input.clone(),
         tasks,
         extra_outputs: own.map(|h| h.output.clone()).into_iter().collect(),
+        extra_outputs_task_value: built.task_input.as_ref().and(own).map(|_| masks::OWN_HEAD_TASK),
+        masks: built.masks.clone(),
         columns: m.columns.clone(),
         rows: m.rows.clone(),
         accuracy_matrix: m.accuracy_matrix.clone(),
         metrics: m.metrics.clone(),
-        tensors: artifact::tensor_digests(&artifact_model).map_err(step("digests"))?,
+        tensors: artifact::tensor_digests(&built.model).map_err(step("digests"))?,
         probes: Probes {
             file: probes_path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default(),
             sha256: format!("{:x}", <sha2::Sha256 as sha2::Digest>::digest(&probe_bytes)),
-            count: refs.first().map(|(_, t)| t.shape()[0]).unwrap_or(0),
+            count: built.queries.iter().map(|q| q.x.shape()[0]).sum(),
             tolerance: TOLERANCE,
         },
         verified: Verified {
@@ -218,7 +368,7 @@ pub fn export(pack_dir: &Path, out: &Path, opts: &ExportOptions) -> Result<Expor
         },
     };
     let json = serde_json::to_string_pretty(&manifest).map_err(step("manifest"))?;
-    let mut final_model = artifact_model;
+    let mut final_model = built.model;
     artifact::embed(&mut final_model, &json);
     let write =
         |p: &Path, b: &[u8]| crate::fsutil::write_atomic(p, b).map_err(step(format!("writing {}", p.display())));
@@ -226,6 +376,23 @@ pub fn export(pack_dir: &Path, out: &Path, opts: &ExportOptions) -> Result<Expor
     write(&manifest_path, json.as_bytes())?;
     final_model.save(out).map_err(step("writing the model"))?;
     Ok(Exported { manifest, model_path: out.to_path_buf(), manifest_path, probes_path })
+}
+
+/// The probes file: `input` (every query's rows), `task` (each row's task value, when the
+/// artifact has a task input) and `expected/<output>` (the rows of that output's query).
+fn probes_file(b: &Built) -> Result<Vec<u8>, ExportError> {
+    let mut t: Vec<(String, Tensor)> =
+        vec![("input".into(), stack(&b.queries.iter().map(|q| q.feed.clone()).collect::<Vec<_>>())?)];
+    if b.task_input.is_some() {
+        let tasks: Vec<i64> =
+            b.queries.iter().flat_map(|q| std::iter::repeat_n(q.task.unwrap_or(0), q.x.shape()[0])).collect();
+        t.push(("task".into(), Tensor::I64(ndarray::arr1(&tasks).into_dyn())));
+    }
+    for q in &b.queries {
+        t.extend(q.expected.iter().map(|(n, v)| (format!("expected/{n}"), v.clone())));
+    }
+    let refs: Vec<(&str, &Tensor)> = t.iter().map(|(n, v)| (n.as_str(), v)).collect();
+    crate::store::to_bytes(&refs, HashMap::new()).map_err(step("encoding probes"))
 }
 
 /// The training engine's outputs (the reference every runtime must reproduce).
@@ -246,20 +413,21 @@ fn measure(
     m: &Manifest,
     data: &[TaskData],
     selected: &[usize],
-    artifact_model: &Model,
-    input: &str,
+    b: &Built,
     raw: bool,
 ) -> Result<Vec<ArtifactTask>, ExportError> {
     let mut out = Vec::new();
     for &i in selected {
         let rec = &m.tasks[i];
         let x = if raw { data[i].test_raw.clone() } else { data[i].test_x.clone() };
-        let scores = eval::run_batched(artifact_model, input, &rec.logits, &x, 256)
+        let value = b.task_input.as_ref().map(|_| i as i64);
+        let scores = eval::run_batched_with(&b.model, &task_feed(b, value), &b.input, &rec.logits, &x, 256)
             .map_err(step(format!("task '{}'", rec.name)))?;
         let accuracy = eval::accuracy(&scores, &data[i].test_y).map_err(step("accuracy"))?;
         out.push(ArtifactTask {
             name: rec.name.clone(),
             output: rec.logits.clone(),
+            task_value: value,
             classes: rec.labels.len(),
             labels: rec.labels.clone(),
             preprocessing: if raw { Default::default() } else { rec.preprocessing.clone() },

@@ -55,6 +55,9 @@ pub struct TaskRecord {
     pub accuracy: Option<f64>,
     /// Seconds spent training this task (all epochs, across resumes).
     pub train_seconds: f64,
+    /// What the method reports about the task (mask methods: each layer's capacity).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method_report: Option<serde_json::Value>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]

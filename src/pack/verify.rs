@@ -9,8 +9,9 @@ use super::artifact::{self, ArtifactManifest};
 use crate::onnx::{Model, OnnxError};
 use crate::runtime::ort_rt::OrtSession;
 use crate::runtime::tract_rt::TractSession;
-use crate::runtime::{compare, Backend};
+use crate::runtime::{compare, Backend, Named};
 use crate::store;
+use crate::tensor::Tensor;
 
 #[derive(Debug, Serialize)]
 pub struct OutputCheck {
@@ -120,13 +121,17 @@ fn check_probes(model: &Model, m: &ArtifactManifest, file: &PathBuf, r: &mut Ver
     let Some(input) = t.remove("input") else {
         return r.problems.push(format!("probes {}: no 'input'", file.display()));
     };
+    let task = t.remove("task");
     let expected: Vec<(String, crate::tensor::Tensor)> = {
         let mut v: Vec<_> =
             t.into_iter().filter_map(|(k, v)| k.strip_prefix("expected/").map(|n| (n.to_string(), v))).collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
     };
-    let feed = vec![(m.input.clone(), input)];
+    let groups = match probe_groups(m, input, task, expected) {
+        Ok(g) => g,
+        Err(e) => return r.problems.push(format!("probes {}: {e}", file.display())),
+    };
     let bytes = model.to_bytes();
     let mut runtimes: Vec<Box<dyn Backend>> = Vec::new();
     match TractSession::from_bytes(&bytes, "artifact") {
@@ -138,11 +143,53 @@ fn check_probes(model: &Model, m: &ArtifactManifest, file: &PathBuf, r: &mut Ver
         runtimes.push(Box::new(s));
     }
     for rt in &mut runtimes {
-        let name = rt.name();
-        match rt.run(&feed).and_then(|out| compare(&expected, &out)) {
+        for (feed, expected) in &groups {
+            run_group(rt.as_mut(), feed, expected, m.probes.tolerance, r);
+        }
+    }
+}
+
+/// Splits the probes by `task` value: each group's feed and the outputs read with it.
+fn probe_groups(
+    m: &ArtifactManifest,
+    input: Tensor,
+    task: Option<Tensor>,
+    expected: Vec<(String, Tensor)>,
+) -> Result<Vec<(Named, Named)>, String> {
+    let (Some(task_input), Some(task)) = (&m.task_input, task) else {
+        return Ok(vec![(vec![(m.input.clone(), input)], expected)]);
+    };
+    let Tensor::I64(task) = task else { return Err("'task' is not int64".into()) };
+    let value_of = |output: &str| -> Option<i64> {
+        m.tasks
+            .iter()
+            .find(|t| t.output == output)
+            .and_then(|t| t.task_value)
+            .or_else(|| m.extra_outputs.iter().any(|o| o == output).then_some(m.extra_outputs_task_value).flatten())
+    };
+    if let Some((o, _)) = expected.iter().find(|(o, _)| value_of(o).is_none()) {
+        return Err(format!("expected output '{o}' has no task value in the manifest"));
+    }
+    let mut values: Vec<i64> = task.iter().copied().collect();
+    values.dedup();
+    let mut groups = Vec::new();
+    for v in values {
+        let rows: Vec<usize> = task.iter().enumerate().filter(|(_, &t)| t == v).map(|(i, _)| i).collect();
+        let x = input.select_rows(&rows).map_err(|e| format!("probe rows of task {v}: {e}"))?;
+        let exp: Named = expected.iter().filter(|(o, _)| value_of(o) == Some(v)).cloned().collect();
+        let feed = vec![(m.input.clone(), x), (task_input.clone(), Tensor::I64(ndarray::arr1(&[v]).into_dyn()))];
+        groups.push((feed, exp));
+    }
+    Ok(groups)
+}
+
+fn run_group(rt: &mut dyn Backend, feed: &Named, expected: &Named, tolerance: f64, r: &mut VerifyReport) {
+    let name = rt.name();
+    {
+        match rt.run(feed).and_then(|out| compare(expected, &out)) {
             Ok(diffs) => {
                 for (output, d) in diffs {
-                    let ok = d <= m.probes.tolerance;
+                    let ok = d <= tolerance;
                     if !ok {
                         r.problems.push(format!(
                             "output '{output}' in {name}: differs from the expected probe outputs by {d:.3e}"

@@ -9,13 +9,27 @@ use crate::tensor::Tensor;
 
 /// Runs `model` in ONNX Runtime over `x` in batches and returns the named output, stacked.
 pub fn run_batched(model: &Model, input: &str, output: &str, x: &Tensor, batch: usize) -> Result<Tensor, TrainError> {
+    run_batched_with(model, &[], input, output, x, batch)
+}
+
+/// `run_batched` with further inputs that stay the same for every batch (e.g. `task`).
+pub fn run_batched_with(
+    model: &Model,
+    fixed: &[(String, Tensor)],
+    input: &str,
+    output: &str,
+    x: &Tensor,
+    batch: usize,
+) -> Result<Tensor, TrainError> {
     let mut session = OrtSession::from_bytes(&model.to_bytes(), &model.origin.display().to_string())?;
     let n = x.shape().first().copied().unwrap_or(0);
     let mut parts: Vec<ndarray::ArrayD<f32>> = Vec::new();
     for start in (0..n).step_by(batch.max(1)) {
         let end = (start + batch).min(n);
         let xb = rows(x, start, end)?;
-        let out = session.run(&[(input.to_string(), xb)])?;
+        let mut feed = vec![(input.to_string(), xb)];
+        feed.extend(fixed.iter().cloned());
+        let out = session.run(&feed)?;
         let t = out
             .into_iter()
             .find(|(name, _)| name == output)

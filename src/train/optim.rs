@@ -76,10 +76,23 @@ impl Optimizer {
         lr: f64,
         masks: &HashMap<String, Tensor>,
     ) -> candle_core::Result<()> {
+        self.step_scaled(params, grads, lr, masks, None)
+    }
+
+    /// `step` with the learning rate of each parameter in `scales` multiplied by its factor.
+    pub fn step_scaled(
+        &mut self,
+        params: &BTreeMap<String, Var>,
+        grads: &GradStore,
+        base_lr: f64,
+        masks: &HashMap<String, Tensor>,
+        scales: Option<&HashMap<String, f64>>,
+    ) -> candle_core::Result<()> {
         self.steps += 1;
         let wd = self.config.weight_decay;
         for (name, var) in params {
             let Some(g) = grads.get(var.as_tensor()) else { continue };
+            let lr = base_lr * scales.and_then(|s| s.get(name)).copied().unwrap_or(1.0);
             let mask = masks.get(name);
             let g = match mask {
                 Some(m) => g.mul(m)?,

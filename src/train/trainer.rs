@@ -30,6 +30,11 @@ pub trait Hooks {
     /// Per-parameter masks applied to gradients and updates (1 = trainable, 0 = frozen).
     fn grad_masks(&self) -> &HashMap<String, Tensor>;
 
+    /// Per-parameter factors on the learning rate (e.g. a mask's own rate).
+    fn lr_scales(&self) -> Option<&HashMap<String, f64>> {
+        None
+    }
+
     /// Called after every optimizer step (e.g. to reset pruned weights to zero).
     fn after_step(&mut self, _params: &BTreeMap<String, Var>) -> candle_core::Result<()> {
         Ok(())
@@ -132,7 +137,8 @@ pub fn train_epoch(
         }
         right += correct(logits, &yb).map_err(candle("accuracy"))?;
         let grads = loss.backward().map_err(candle("backward pass"))?;
-        opt.step(engine.params(), &grads, lr, hooks.grad_masks()).map_err(candle("optimizer step"))?;
+        opt.step_scaled(engine.params(), &grads, lr, hooks.grad_masks(), hooks.lr_scales())
+            .map_err(candle("optimizer step"))?;
         hooks.after_step(engine.params()).map_err(candle("after-step hook"))?;
         loss_sum += value * idx.len() as f64;
         progress(step + 1, order.len(), value);

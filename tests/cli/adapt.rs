@@ -65,23 +65,7 @@ fn killed_mid_epoch_resumes_to_the_same_weights() {
             "--quiet".into(),
         ]
     };
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mtpack")).args(args(&killed)).spawn().unwrap();
-    let progress = killed.join("checkpoint/progress.json");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    loop {
-        let done: u64 = std::fs::read(&progress)
-            .ok()
-            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-            .and_then(|v| v["epochs_done"].as_u64())
-            .unwrap_or(0);
-        if done >= 3 {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "no checkpoint appeared");
-        std::thread::sleep(std::time::Duration::from_millis(2));
-    }
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
+    kill_after_epochs(&args(&killed), &killed, 3);
     let m = manifest(&killed);
     assert_eq!(m["tasks"][0]["done"], false, "the run must have been interrupted");
     mtpack(args(&killed)).expect(0);

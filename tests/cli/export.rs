@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use crate::helpers::*;
 
-const METHODS: [&str; 5] = ["finetune", "feature-extract", "joint", "lwf", "ewc"];
+const METHODS: [&str; 7] = ["finetune", "feature-extract", "joint", "lwf", "ewc", "packnet", "piggyback"];
 
 /// A finished two-task pack on the tiny backbone with `method`.
 fn tiny_pack(dir: &Path, method: &str) -> PathBuf {

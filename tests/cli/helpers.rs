@@ -68,3 +68,25 @@ pub fn files_in(dir: &Path) -> Vec<String> {
     v.sort();
     v
 }
+
+/// Starts `mtpack args`, kills it (SIGKILL) once the pack's checkpoint records `epochs`
+/// finished epochs, and waits for it.
+pub fn kill_after_epochs(args: &[String], pack: &Path, epochs: u64) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mtpack")).args(args).spawn().expect("mtpack starts");
+    let progress = pack.join("checkpoint/progress.json");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let done = std::fs::read(&progress)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|v| v["epochs_done"].as_u64())
+            .unwrap_or(0);
+        if done >= epochs {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no checkpoint appeared");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    child.kill().expect("kill");
+    child.wait().expect("wait");
+}

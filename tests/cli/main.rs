@@ -8,6 +8,7 @@ mod export;
 mod graph;
 mod helpers;
 mod inspect;
+mod masks;
 mod real;
 mod run;
 mod train;

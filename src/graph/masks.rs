@@ -1,0 +1,209 @@
+//! Per-task weight masks inside the graph, with standard ops only, so one file serves every
+//! task of a mask method: an int64 input `task` ([1]) selects the masks, each masked weight
+//! `W` becomes `W/unmasked * keep(task)`, and each task's output is gated so that reading it
+//! with another task's value gives NaN instead of a plausible wrong answer.
+//!
+//! - PackNet: one uint8 owner id per weight. A 256-entry table `keep[o] = 0 < o <= task + 1`
+//!   is computed from `task`, and the ids index it (Cast, Gather): two cheap passes per weight.
+//! - Piggyback: one packed bit row per task ([T, ceil(n/8)] uint8). The row is gathered by
+//!   `task`, and its bytes index a constant [256, 8] table of their bits (Gather), which
+//!   unpacks eight weights per lookup.
+//!
+//! `task = -1` selects the backbone's own head: PackNet's view after its first task,
+//! Piggyback's unmasked backbone.
+
+use std::collections::BTreeMap;
+
+use ndarray::{Array1, Array2, ArrayD};
+
+use super::{GraphError, Patch};
+use crate::onnx::{attr, build, tensor_proto, Dim, Model};
+use crate::tensor::{DType, Tensor};
+
+pub const TASK_INPUT: &str = "task";
+/// The `task` value of the backbone's own head.
+pub const OWN_HEAD_TASK: i64 = -1;
+
+/// A weight's masks as the pack stores them.
+#[derive(Clone, Debug)]
+pub enum StoredMask {
+    /// PackNet: owner id per weight (0 = free), shaped like the weight.
+    Owners(ArrayD<u8>),
+    /// Piggyback: one packed row of bits per task ([tasks, ceil(len / 8)]) over the weight's
+    /// `len` values; weight i is bit i % 8 of byte i / 8.
+    Bits { rows: Array2<u8>, len: usize },
+}
+
+struct Builder {
+    patch: Patch,
+}
+
+impl Builder {
+    fn init(&mut self, name: &str, t: Tensor) {
+        self.patch.add_initializer(tensor_proto::from_tensor(name, &t));
+    }
+
+    fn node(&mut self, op: &str, inputs: &[&str], output: &str, attrs: Vec<crate::onnx::pb::AttributeProto>) {
+        self.patch.add_node(build::node(op, output, inputs, &[output], attrs));
+    }
+
+    fn cast(&mut self, input: &str, output: &str, to: DType) {
+        self.node("Cast", &[input], output, vec![attr::make_int("to", i64::from(tensor_proto::onnx_code(to)))]);
+    }
+}
+
+fn i64s(v: &[i64]) -> Tensor {
+    Tensor::I64(Array1::from(v.to_vec()).into_dyn())
+}
+
+/// The [256, 8] table of each byte's bits, low bit first.
+fn bit_table() -> Tensor {
+    let v: Vec<f32> = (0..256u32).flat_map(|b| (0..8).map(move |j| ((b >> j) & 1) as f32)).collect();
+    Tensor::F32(ArrayD::from_shape_vec(ndarray::IxDyn(&[256, 8]), v).unwrap_or_else(|_| ArrayD::zeros(vec![0])))
+}
+
+/// `model` with a `task` input, the masks of `masks` applied in the graph to the weights they
+/// name, and each `(output, task value)` of `gates` NaN unless `task` holds that value.
+pub fn embed(
+    model: &Model,
+    masks: &BTreeMap<String, StoredMask>,
+    gates: &[(String, i64)],
+) -> Result<Model, GraphError> {
+    let opset = model.opset("").unwrap_or(0);
+    if opset < 11 {
+        return Err(GraphError::Shape {
+            tensor: TASK_INPUT.into(),
+            problem: format!("masks in the graph need opset 11 or later, the model imports {opset}"),
+        });
+    }
+    let mut m = model.clone();
+    let shapes = move_masked_weights(&mut m, masks)?;
+    gate_outputs(&mut m, gates)?;
+    let mut b = Builder { patch: Patch::new() };
+    b.patch.add_input(build::value_info(TASK_INPUT, DType::I64, Some(&[Dim::Fixed(1)])));
+    b.init("mask/zero", i64s(&[0]));
+    b.node("Max", &[TASK_INPUT, "mask/zero"], "mask/row", vec![]);
+    if masks.values().any(|s| matches!(s, StoredMask::Owners(_))) {
+        b.init("mask/ids", i64s(&(0..256).collect::<Vec<i64>>()));
+        b.init("mask/one", i64s(&[1]));
+        b.node("Add", &["mask/row", "mask/one"], "mask/limit", vec![]);
+        b.node("Greater", &["mask/ids", "mask/limit"], "mask/later", vec![]);
+        b.node("Not", &["mask/later"], "mask/up_to", vec![]);
+        b.node("Greater", &["mask/ids", "mask/zero"], "mask/owned", vec![]);
+        b.node("And", &["mask/owned", "mask/up_to"], "mask/visible", vec![]);
+        b.cast("mask/visible", "mask/owner_table", DType::F32);
+    }
+    if masks.values().any(|s| matches!(s, StoredMask::Bits { .. })) {
+        b.init("mask/bit_table", bit_table());
+        b.node("Less", &[TASK_INPUT, "mask/zero"], "mask/own_head", vec![]);
+        b.cast("mask/own_head", "mask/all", DType::F32);
+    }
+    for (i, (name, stored)) in masks.iter().enumerate() {
+        let shape = shapes.get(name).cloned().unwrap_or_default();
+        let p = format!("mask/{i}");
+        let keep = format!("{p}/keep");
+        match stored {
+            StoredMask::Owners(ids) => {
+                b.init(&format!("{name}/owner"), Tensor::U8(ids.clone()));
+                b.cast(&format!("{name}/owner"), &format!("{p}/ids"), DType::I32);
+                b.node("Gather", &["mask/owner_table", &format!("{p}/ids")], &keep, vec![attr::make_int("axis", 0)]);
+            }
+            StoredMask::Bits { rows, len: n } => {
+                let n = *n;
+                b.init(&format!("{name}/bits"), Tensor::U8(rows.clone().into_dyn()));
+                b.node(
+                    "Gather",
+                    &[&format!("{name}/bits"), "mask/row"],
+                    &format!("{p}/row"),
+                    vec![attr::make_int("axis", 0)],
+                );
+                b.cast(&format!("{p}/row"), &format!("{p}/bytes"), DType::I32);
+                b.node(
+                    "Gather",
+                    &["mask/bit_table", &format!("{p}/bytes")],
+                    &format!("{p}/bits"),
+                    vec![attr::make_int("axis", 0)],
+                );
+                b.init(&format!("{p}/flat_shape"), i64s(&[-1]));
+                b.node("Reshape", &[&format!("{p}/bits"), &format!("{p}/flat_shape")], &format!("{p}/flat"), vec![]);
+                let mut flat = format!("{p}/flat");
+                if rows.shape().get(1).copied().unwrap_or(0) * 8 != n {
+                    b.init(&format!("{p}/start"), i64s(&[0]));
+                    b.init(&format!("{p}/end"), i64s(&[n as i64]));
+                    b.node("Slice", &[&flat, &format!("{p}/start"), &format!("{p}/end")], &format!("{p}/used"), vec![]);
+                    flat = format!("{p}/used");
+                }
+                b.init(&format!("{p}/shape"), i64s(&shape));
+                b.node("Reshape", &[&flat, &format!("{p}/shape")], &format!("{p}/task_keep"), vec![]);
+                b.node("Max", &[&format!("{p}/task_keep"), "mask/all"], &keep, vec![]);
+            }
+        }
+        b.node("Mul", &[&format!("{name}/unmasked"), &keep], name, vec![]);
+    }
+    for (i, (output, value)) in gates.iter().enumerate() {
+        let p = format!("gate/{i}");
+        b.init(&format!("{p}/task"), i64s(&[*value]));
+        b.node("Equal", &[TASK_INPUT, &format!("{p}/task")], &format!("{p}/is"), vec![]);
+        b.node("Where", &[&format!("{p}/is"), "gate/one", "gate/nan"], &format!("{p}/factor"), vec![]);
+        b.node("Mul", &[&format!("{output}/ungated"), &format!("{p}/factor")], output, vec![]);
+    }
+    if !gates.is_empty() {
+        b.init("gate/one", Tensor::F32(ndarray::arr0(1.0f32).into_dyn()));
+        b.init("gate/nan", Tensor::F32(ndarray::arr0(f32::NAN).into_dyn()));
+    }
+    b.patch.apply(&m)
+}
+
+/// Renames each masked initializer `W` to `W/unmasked` and returns the weights' shapes.
+fn move_masked_weights(
+    m: &mut Model,
+    masks: &BTreeMap<String, StoredMask>,
+) -> Result<BTreeMap<String, Vec<i64>>, GraphError> {
+    let mut shapes = BTreeMap::new();
+    let g = m.graph_mut();
+    for t in &mut g.initializer {
+        let Some(stored) = masks.get(t.name()) else { continue };
+        let shape: Vec<i64> = t.dims.clone();
+        let n: usize = tensor_proto::declared_len(t)?;
+        let fits = match stored {
+            StoredMask::Owners(ids) => ids.shape().iter().map(|&d| d as i64).eq(shape.iter().copied()),
+            StoredMask::Bits { rows, len } => *len == n && rows.shape().get(1) == Some(&n.div_ceil(8)),
+        };
+        if !fits || tensor_proto::dtype_of(t.data_type()) != Some(DType::F32) {
+            return Err(GraphError::Shape {
+                tensor: t.name().into(),
+                problem: "its mask does not fit it (or it is not float32)".into(),
+            });
+        }
+        shapes.insert(t.name().to_string(), shape);
+        t.name = Some(format!("{}/unmasked", t.name()));
+    }
+    if let Some(missing) = masks.keys().find(|k| !shapes.contains_key(*k)) {
+        return Err(GraphError::NoSuchTensor { tensor: missing.clone() });
+    }
+    g.input.retain(|i| !masks.contains_key(i.name()));
+    Ok(shapes)
+}
+
+/// Points every producer and reader of each gated output at `<output>/ungated`, leaving
+/// the graph output itself to the gate.
+fn gate_outputs(m: &mut Model, gates: &[(String, i64)]) -> Result<(), GraphError> {
+    let g = m.graph_mut();
+    for (output, _) in gates {
+        let ungated = format!("{output}/ungated");
+        let mut produced = false;
+        for n in &mut g.node {
+            for o in n.output.iter_mut().filter(|o| *o == output) {
+                *o = ungated.clone();
+                produced = true;
+            }
+            for i in n.input.iter_mut().filter(|i| *i == output) {
+                *i = ungated.clone();
+            }
+        }
+        if !produced {
+            return Err(GraphError::MissingOutput { tensor: output.clone() });
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,328 @@
+//! PackNet (Mallya & Lazebnik, arXiv 1711.05769).
+//!
+//! Every masked weight (Conv/Gemm/MatMul of the shared backbone) has an owner: 0 = free,
+//! t = the t-th task of the sequence. Task t trains the free weights while using, frozen, the
+//! ones earlier tasks own (gradient masks stop gradient, momentum and weight decay alike).
+//! After its epochs it keeps, per layer, the largest free weights by magnitude, frees the
+//! rest (set to 0), retrains the kept ones briefly and freezes them. Task t sees the weights
+//! with 0 < owner <= t, so later tasks cannot change what it computes. Biases and
+//! BatchNormalization train with the first task only.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+
+use super::masks::{self, invalid};
+use super::{Method, MethodKind, MethodParams, Recorder, TaskCtx};
+use super::{PACKNET_PRUNE, PACKNET_PRUNE_FIRST, PACKNET_RETRAIN_EPOCHS, PACKNET_RETRAIN_LR_SCALE};
+use crate::engine::Engine;
+use crate::graph::masks::StoredMask;
+use crate::onnx::Model;
+use crate::tensor::Tensor as Host;
+use crate::train::{candle, Hooks, TrainError};
+
+/// What happens to the shared parameters PackNet does not mask (biases, BatchNorm).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum SharedParams {
+    /// Train with the first task, frozen after it (the paper's).
+    #[default]
+    FirstTask,
+    /// Never train: the backbone's values serve every task.
+    Frozen,
+}
+
+pub const STATE_FILE: &str = "packnet.safetensors";
+
+pub fn effective(p: &MethodParams) -> serde_json::Value {
+    serde_json::json!({
+        "prune_first": p.packnet_prune_first.unwrap_or(PACKNET_PRUNE_FIRST),
+        "prune": p.packnet_prune.unwrap_or(PACKNET_PRUNE),
+        "keep_last": p.packnet_keep_last.unwrap_or(false),
+        "retrain_epochs": p.packnet_retrain_epochs.unwrap_or(PACKNET_RETRAIN_EPOCHS),
+        "retrain_lr_scale": p.packnet_retrain_lr_scale.unwrap_or(PACKNET_RETRAIN_LR_SCALE),
+        "shared": p.packnet_shared.unwrap_or_default(),
+        "masked": "weights of Conv, ConvTranspose, Gemm and MatMul in the shared backbone; heads are not masked",
+        "pruning": "per layer, by magnitude, among the weights the task trained; freed weights are set to 0",
+        "storage": "one uint8 owner id per masked weight for all tasks (0 = free); task t sees 0 < owner <= t",
+    })
+}
+
+#[derive(Clone, Debug)]
+struct Owners {
+    shape: Vec<usize>,
+    ids: Vec<u8>,
+}
+
+pub struct PackNet {
+    prune_first: f64,
+    prune: f64,
+    keep_last: bool,
+    retrain_epochs: u64,
+    retrain_lr_scale: f64,
+    shared: SharedParams,
+    owners: BTreeMap<String, Owners>,
+    /// The current task has been pruned (it is retraining or done).
+    pruned: bool,
+    masks: HashMap<String, Tensor>,
+    report: Option<serde_json::Value>,
+}
+
+fn owner_id(ctx: &TaskCtx) -> Result<u8, TrainError> {
+    u8::try_from(ctx.index + 1).map_err(|_| {
+        TrainError::Invalid(format!("packnet: task '{}' is past the 255 tasks owner ids can name", ctx.name))
+    })
+}
+
+impl PackNet {
+    pub fn new(p: &MethodParams) -> PackNet {
+        PackNet {
+            prune_first: p.packnet_prune_first.unwrap_or(PACKNET_PRUNE_FIRST),
+            prune: p.packnet_prune.unwrap_or(PACKNET_PRUNE),
+            keep_last: p.packnet_keep_last.unwrap_or(false),
+            retrain_epochs: p.packnet_retrain_epochs.unwrap_or(PACKNET_RETRAIN_EPOCHS),
+            retrain_lr_scale: p.packnet_retrain_lr_scale.unwrap_or(PACKNET_RETRAIN_LR_SCALE),
+            shared: p.packnet_shared.unwrap_or_default(),
+            owners: BTreeMap::new(),
+            pruned: false,
+            masks: HashMap::new(),
+            report: None,
+        }
+    }
+
+    /// The fraction of its weights task `ctx` frees again.
+    fn fraction(&self, ctx: &TaskCtx) -> f64 {
+        if self.keep_last && ctx.last {
+            0.0
+        } else if ctx.index == 0 {
+            self.prune_first
+        } else {
+            self.prune
+        }
+    }
+
+    /// Owner ids per weight (for tests and reports).
+    pub fn owners(&self) -> BTreeMap<String, Vec<u8>> {
+        self.owners.iter().map(|(k, o)| (k.clone(), o.ids.clone())).collect()
+    }
+
+    /// Keeps, per layer, the largest weights task `id` trained; frees and zeroes the rest.
+    fn prune(&mut self, engine: &Engine, ctx: &TaskCtx) -> Result<(), TrainError> {
+        let id = owner_id(ctx)?;
+        let frac = self.fraction(ctx);
+        for (name, own) in &mut self.owners {
+            let var = engine
+                .params()
+                .get(name)
+                .ok_or_else(|| TrainError::Invalid(format!("packnet: weight '{name}' is not trainable")))?;
+            let mut w = masks::values(var.as_tensor()).map_err(candle("packnet pruning"))?;
+            let mut taken: Vec<usize> = (0..own.ids.len()).filter(|&i| own.ids.get(i) == Some(&0)).collect();
+            taken.sort_by(|&a, &b| w[a].abs().total_cmp(&w[b].abs()).then(a.cmp(&b)));
+            let freed = (frac * taken.len() as f64).round() as usize;
+            for (rank, &i) in taken.iter().enumerate() {
+                if rank < freed {
+                    w[i] = 0.0;
+                } else {
+                    own.ids[i] = id;
+                }
+            }
+            Tensor::from_vec(w, var.as_tensor().dims(), var.device())
+                .and_then(|t| t.to_dtype(var.dtype()))
+                .and_then(|t| var.set(&t))
+                .map_err(candle("packnet pruning"))?;
+        }
+        self.pruned = true;
+        Ok(())
+    }
+
+    fn layer_report(&self, id: u8) -> serde_json::Value {
+        let layers: Vec<serde_json::Value> = self
+            .owners
+            .iter()
+            .map(|(name, o)| {
+                let owned: Vec<usize> = (1..=id).map(|t| o.ids.iter().filter(|&&v| v == t).count()).collect();
+                let free = o.ids.iter().filter(|&&v| v == 0).count();
+                serde_json::json!({ "weight": name, "params": o.ids.len(), "owned": owned, "free": free })
+            })
+            .collect();
+        let total: usize = self.owners.values().map(|o| o.ids.len()).sum();
+        let free: usize = self.owners.values().map(|o| o.ids.iter().filter(|&&v| v == 0).count()).sum();
+        serde_json::json!({
+            "method": "packnet",
+            "masked_params": total,
+            "free_params": free,
+            "bits_per_weight_per_task": 8.0 / f64::from(id.max(1)),
+            "layers": layers,
+        })
+    }
+}
+
+impl Hooks for PackNet {
+    fn grad_masks(&self) -> &HashMap<String, Tensor> {
+        &self.masks
+    }
+}
+
+impl Method for PackNet {
+    fn kind(&self) -> MethodKind {
+        MethodKind::Packnet
+    }
+
+    fn trainable(&self, name: &str, ctx: &TaskCtx) -> bool {
+        let shared_trains = self.shared == SharedParams::FirstTask && ctx.index == 0;
+        ctx.head_params.contains(name)
+            || ctx.masked.contains(name)
+            || (shared_trains && ctx.backbone_params.contains(name))
+    }
+
+    fn extra_epochs(&self, ctx: &TaskCtx) -> u64 {
+        if self.fraction(ctx) > 0.0 {
+            self.retrain_epochs
+        } else {
+            0
+        }
+    }
+
+    fn lr_scale(&self, epoch: u64, ctx: &TaskCtx) -> f64 {
+        if epoch >= ctx.epochs {
+            self.retrain_lr_scale
+        } else {
+            1.0
+        }
+    }
+
+    fn begin_task(
+        &mut self,
+        ctx: &TaskCtx,
+        engine: &Engine,
+        _record: &mut Recorder,
+        _state: &Path,
+    ) -> Result<(), TrainError> {
+        owner_id(ctx)?;
+        for name in ctx.masked {
+            let var = engine
+                .params()
+                .get(name)
+                .ok_or_else(|| TrainError::Invalid(format!("packnet: weight '{name}' is not trainable")))?;
+            let shape = var.as_tensor().dims().to_vec();
+            let own = self
+                .owners
+                .entry(name.clone())
+                .or_insert_with(|| Owners { ids: vec![0; shape.iter().product()], shape: shape.clone() });
+            if own.shape != shape {
+                return Err(TrainError::Invalid(format!(
+                    "packnet: weight '{name}' is {shape:?}, its owner ids {:?}",
+                    own.shape
+                )));
+            }
+            if !self.pruned && !own.ids.contains(&0) {
+                return Err(TrainError::Invalid(format!(
+                    "packnet: layer weight '{name}' has no free weights left for task '{}': all {} are owned by \
+                     earlier tasks (lower packnet_prune or start a new pack)",
+                    ctx.name,
+                    own.ids.len()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn hooks(&mut self, epoch: u64, _lr: f64, engine: &Engine, ctx: &TaskCtx) -> Result<&mut dyn Hooks, TrainError> {
+        if epoch >= ctx.epochs && !self.pruned {
+            self.prune(engine, ctx)?;
+        }
+        // Before pruning the task trains the free weights; after, only those it kept.
+        let target = if self.pruned { owner_id(ctx)? } else { 0 };
+        self.masks.clear();
+        for (name, own) in &self.owners {
+            let Some(var) = engine.params().get(name) else { continue };
+            let keep: Vec<bool> = own.ids.iter().map(|&v| v == target).collect();
+            self.masks
+                .insert(name.clone(), masks::mask_tensor(&keep, var.as_tensor()).map_err(candle("packnet mask"))?);
+        }
+        Ok(self)
+    }
+
+    fn end_task(&mut self, ctx: &TaskCtx, engine: &Engine, _x: &Tensor, _y: &[i64]) -> Result<(), TrainError> {
+        if !self.pruned {
+            self.prune(engine, ctx)?;
+        }
+        self.report = Some(self.layer_report(owner_id(ctx)?));
+        self.pruned = false;
+        self.masks.clear();
+        Ok(())
+    }
+
+    fn stored_masks(&self) -> Option<BTreeMap<String, StoredMask>> {
+        let mut out = BTreeMap::new();
+        for (name, o) in &self.owners {
+            let a = ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&o.shape), o.ids.clone()).ok()?;
+            out.insert(name.clone(), StoredMask::Owners(a));
+        }
+        (!out.is_empty()).then_some(out)
+    }
+
+    fn task_report(&self) -> Option<serde_json::Value> {
+        self.report.clone()
+    }
+
+    fn checkpoint_state(&self) -> Result<Vec<(String, Host)>, TrainError> {
+        let mut v = self.owner_tensors()?;
+        v.push(("packnet/pruned".into(), Host::U8(ndarray::arr1(&[u8::from(self.pruned)]).into_dyn())));
+        Ok(v)
+    }
+
+    fn restore_checkpoint_state(&mut self, state: &HashMap<String, Host>) -> Result<(), TrainError> {
+        self.read_owners(state)?;
+        self.pruned = matches!(state.get("packnet/pruned"), Some(Host::U8(a)) if a.iter().any(|&v| v == 1));
+        Ok(())
+    }
+
+    fn view(&self, model: &Model, column: Option<usize>) -> Result<Option<Model>, TrainError> {
+        if self.owners.is_empty() {
+            return Ok(None);
+        }
+        // The backbone's own head sees what the first task left.
+        let id = u8::try_from(column.unwrap_or(0) + 1).map_err(invalid)?;
+        let m: BTreeMap<String, Vec<bool>> =
+            self.owners.iter().map(|(k, o)| (k.clone(), o.ids.iter().map(|&v| v > 0 && v <= id).collect())).collect();
+        masks::apply(model, &m).map(Some)
+    }
+
+    fn save(&self, dir: &Path) -> Result<Vec<String>, TrainError> {
+        masks::save_state(dir, STATE_FILE, &self.owner_tensors()?)
+    }
+
+    fn load(&mut self, dir: &Path) -> Result<(), TrainError> {
+        match masks::load_state(dir, STATE_FILE)? {
+            Some(t) => self.read_owners(&t),
+            None => Ok(()),
+        }
+    }
+}
+
+impl PackNet {
+    fn owner_tensors(&self) -> Result<Vec<(String, Host)>, TrainError> {
+        self.owners
+            .iter()
+            .map(|(k, o)| {
+                let a = ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&o.shape), o.ids.clone()).map_err(invalid)?;
+                Ok((format!("owner/{k}"), Host::U8(a)))
+            })
+            .collect()
+    }
+
+    fn read_owners(&mut self, state: &HashMap<String, Host>) -> Result<(), TrainError> {
+        for (k, v) in state {
+            let Some(name) = k.strip_prefix("owner/") else { continue };
+            let Host::U8(a) = v else {
+                return Err(TrainError::Invalid(format!("packnet owner ids of '{name}' must be uint8")));
+            };
+            self.owners
+                .insert(name.to_string(), Owners { shape: a.shape().to_vec(), ids: a.iter().copied().collect() });
+        }
+        Ok(())
+    }
+}

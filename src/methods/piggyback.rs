@@ -1,0 +1,309 @@
+//! Piggyback (Mallya, Davis & Lazebnik, arXiv 1801.06519).
+//!
+//! The backbone never changes. Each task learns, per masked weight (Conv/Gemm/MatMul of the
+//! shared backbone), a real-valued score; the task sees W * (score > threshold). The
+//! comparison has no gradient, so the scores get the gradient of the binary mask straight
+//! through (the mask is written `bin + (s - detach(s))`, whose value is exactly `bin`). After
+//! the task only the binary mask is kept, packed one bit per weight.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::{Tensor, Var};
+
+use super::masks;
+use super::{Method, MethodKind, MethodParams, TaskCtx};
+use super::{PIGGYBACK_INIT, PIGGYBACK_MASK_LR, PIGGYBACK_THRESHOLD};
+use crate::engine::Engine;
+use crate::graph::masks::StoredMask;
+use crate::onnx::Model;
+use crate::tensor::Tensor as Host;
+use crate::train::{candle, Hooks, TrainError};
+
+pub const STATE_FILE: &str = "piggyback.safetensors";
+
+pub fn effective(p: &MethodParams) -> serde_json::Value {
+    serde_json::json!({
+        "init": p.piggyback_init.unwrap_or(PIGGYBACK_INIT),
+        "threshold": p.piggyback_threshold.unwrap_or(PIGGYBACK_THRESHOLD),
+        "mask_lr": p.piggyback_mask_lr.unwrap_or(PIGGYBACK_MASK_LR),
+        "masked": "weights of Conv, ConvTranspose, Gemm and MatMul in the shared backbone; heads are not masked",
+        "estimator": "straight-through: d(loss)/d(score) = d(loss)/d(W_masked) * W",
+        "storage": "1 bit per masked weight per task, packed little-endian (weight i is bit i%8 of byte i/8)",
+    })
+}
+
+/// The name under which the engine trains the scores of `weight`.
+pub fn score_name(weight: &str) -> String {
+    format!("piggyback.scores/{weight}")
+}
+
+#[derive(Clone, Debug)]
+struct MaskBits {
+    shape: Vec<usize>,
+    /// One packed row per task.
+    rows: Vec<Vec<u8>>,
+}
+
+pub struct Piggyback {
+    init: f64,
+    threshold: f64,
+    mask_lr: f64,
+    bits: BTreeMap<String, MaskBits>,
+    scores: BTreeMap<String, Var>,
+    no_masks: HashMap<String, Tensor>,
+    scales: HashMap<String, f64>,
+    report: Option<serde_json::Value>,
+}
+
+impl Piggyback {
+    pub fn new(p: &MethodParams) -> Piggyback {
+        Piggyback {
+            init: p.piggyback_init.unwrap_or(PIGGYBACK_INIT),
+            threshold: p.piggyback_threshold.unwrap_or(PIGGYBACK_THRESHOLD),
+            mask_lr: p.piggyback_mask_lr.unwrap_or(PIGGYBACK_MASK_LR),
+            bits: BTreeMap::new(),
+            scores: BTreeMap::new(),
+            no_masks: HashMap::new(),
+            scales: HashMap::new(),
+            report: None,
+        }
+    }
+
+    /// Task `k`'s binary mask of each weight.
+    fn task_masks(&self, k: usize) -> Result<BTreeMap<String, Vec<bool>>, TrainError> {
+        self.bits
+            .iter()
+            .map(|(name, b)| {
+                let row = b.rows.get(k).ok_or_else(|| {
+                    TrainError::Invalid(format!("piggyback: no mask of task {} for weight '{name}'", k + 1))
+                })?;
+                Ok((name.clone(), masks::unpack_bits(row, b.shape.iter().product())?))
+            })
+            .collect()
+    }
+}
+
+impl Hooks for Piggyback {
+    fn grad_masks(&self) -> &HashMap<String, Tensor> {
+        &self.no_masks
+    }
+
+    fn lr_scales(&self) -> Option<&HashMap<String, f64>> {
+        Some(&self.scales)
+    }
+}
+
+impl Method for Piggyback {
+    fn kind(&self) -> MethodKind {
+        MethodKind::Piggyback
+    }
+
+    fn trainable(&self, name: &str, ctx: &TaskCtx) -> bool {
+        ctx.head_params.contains(name)
+    }
+
+    fn prepare_engine(&mut self, engine: &mut Engine, ctx: &TaskCtx) -> Result<(), TrainError> {
+        self.scores.clear();
+        let threshold = self.threshold;
+        for name in ctx.masked {
+            let w = engine
+                .effective(name)
+                .ok_or_else(|| TrainError::Invalid(format!("piggyback: no weight '{name}' in the graph")))?
+                .map_err(candle("piggyback"))?;
+            let s = Tensor::full(self.init, w.dims(), w.device())
+                .and_then(|t| t.to_dtype(w.dtype()))
+                .and_then(|t| Var::from_tensor(&t))
+                .map_err(candle("piggyback scores"))?;
+            engine.add_param(&score_name(name), s.clone());
+            let scores = s.clone();
+            engine.set_reparam(
+                name,
+                Arc::new(move |w: &Tensor| {
+                    let s = scores.as_tensor();
+                    let bin = s.gt(threshold)?.to_dtype(w.dtype())?;
+                    // Exactly `bin` in value; the gradient reaches the scores unchanged.
+                    let straight = (bin + (s - s.detach())?)?;
+                    w.mul(&straight)
+                }),
+            )?;
+            self.scores.insert(name.clone(), s);
+        }
+        Ok(())
+    }
+
+    fn hooks(&mut self, _epoch: u64, lr: f64, _engine: &Engine, _ctx: &TaskCtx) -> Result<&mut dyn Hooks, TrainError> {
+        let scale = self.mask_lr / lr;
+        self.scales = self.scores.keys().map(|w| (score_name(w), scale)).collect();
+        Ok(self)
+    }
+
+    fn end_task(&mut self, ctx: &TaskCtx, _engine: &Engine, _x: &Tensor, _y: &[i64]) -> Result<(), TrainError> {
+        let mut layers = Vec::new();
+        for (name, s) in &self.scores {
+            let keep: Vec<bool> = masks::values(s.as_tensor())
+                .map_err(candle("piggyback masks"))?
+                .iter()
+                .map(|&v| f64::from(v) > self.threshold)
+                .collect();
+            let kept = keep.iter().filter(|&&k| k).count();
+            layers.push(serde_json::json!({ "weight": name, "params": keep.len(), "kept": kept }));
+            let b = self
+                .bits
+                .entry(name.clone())
+                .or_insert_with(|| MaskBits { shape: s.as_tensor().dims().to_vec(), rows: Vec::new() });
+            // A rerun of a task replaces its row.
+            b.rows.truncate(ctx.index);
+            if b.rows.len() != ctx.index {
+                return Err(TrainError::Invalid(format!(
+                    "piggyback: weight '{name}' has masks of {} tasks before task {}",
+                    b.rows.len(),
+                    ctx.index + 1
+                )));
+            }
+            b.rows.push(masks::pack_bits(&keep));
+        }
+        let total: usize = self.bits.values().map(|b| b.shape.iter().product::<usize>()).sum();
+        let kept: usize = layers.iter().filter_map(|l| l["kept"].as_u64()).sum::<u64>() as usize;
+        self.report = Some(serde_json::json!({
+            "method": "piggyback",
+            "masked_params": total,
+            "kept_fraction": kept as f64 / total.max(1) as f64,
+            "bits_per_weight_per_task": 1.0,
+            "layers": layers,
+        }));
+        self.scores.clear();
+        Ok(())
+    }
+
+    fn stored_masks(&self) -> Option<BTreeMap<String, StoredMask>> {
+        let mut out = BTreeMap::new();
+        for (name, b) in &self.bits {
+            let width = b.shape.iter().product::<usize>().div_ceil(8);
+            let flat: Vec<u8> = b.rows.iter().flatten().copied().collect();
+            let rows = ndarray::Array2::from_shape_vec((b.rows.len(), width), flat).ok()?;
+            out.insert(name.clone(), StoredMask::Bits { rows, len: b.shape.iter().product() });
+        }
+        (!out.is_empty()).then_some(out)
+    }
+
+    fn task_report(&self) -> Option<serde_json::Value> {
+        self.report.clone()
+    }
+
+    fn view(&self, model: &Model, column: Option<usize>) -> Result<Option<Model>, TrainError> {
+        // The backbone's own head sees the backbone itself.
+        match column {
+            Some(k) if !self.bits.is_empty() => masks::apply(model, &self.task_masks(k)?).map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    fn save(&self, dir: &Path) -> Result<Vec<String>, TrainError> {
+        let mut host = Vec::new();
+        for (name, stored) in self.stored_masks().unwrap_or_default() {
+            let (StoredMask::Bits { rows, .. }, Some(b)) = (stored, self.bits.get(&name)) else { continue };
+            host.push((format!("bits/{name}"), Host::U8(rows.into_dyn())));
+            let shape: Vec<i64> = b.shape.iter().map(|&d| d as i64).collect();
+            host.push((format!("shape/{name}"), Host::I64(ndarray::arr1(&shape).into_dyn())));
+        }
+        masks::save_state(dir, STATE_FILE, &host)
+    }
+
+    fn load(&mut self, dir: &Path) -> Result<(), TrainError> {
+        let Some(t) = masks::load_state(dir, STATE_FILE)? else { return Ok(()) };
+        let file = dir.join(STATE_FILE);
+        for (k, v) in &t {
+            let Some(name) = k.strip_prefix("bits/") else { continue };
+            let (Host::U8(bits), Some(Host::I64(shape))) = (v, t.get(&format!("shape/{name}"))) else {
+                return Err(TrainError::Invalid(format!("{}: masks of '{name}' are malformed", file.display())));
+            };
+            let shape: Vec<usize> = shape.iter().map(|&d| usize::try_from(d).unwrap_or(0)).collect();
+            let width = shape.iter().product::<usize>().div_ceil(8);
+            if bits.ndim() != 2 || bits.shape().get(1) != Some(&width) {
+                return Err(TrainError::Invalid(format!(
+                    "{}: masks of '{name}' are {:?}, expected [tasks, {width}]",
+                    file.display(),
+                    bits.shape()
+                )));
+            }
+            let rows = bits.rows().into_iter().map(|r| r.iter().copied().collect()).collect();
+            self.bits.insert(name.to_string(), MaskBits { shape, rows });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use candle_core::{DType, Device};
+
+    use super::*;
+    use crate::onnx::build::{model, node, value_info};
+    use crate::onnx::pb::GraphProto;
+    use crate::onnx::tensor_proto;
+    use crate::tensor::DType as HostDType;
+
+    /// y = x @ W with W [3, 2] as an initializer.
+    fn matmul() -> Model {
+        let w = Host::F32(ndarray::arr2(&[[1.0f32, -2.0], [0.5, 3.0], [-1.5, 0.25]]).into_dyn());
+        let graph = GraphProto {
+            node: vec![node("MatMul", "mm", &["x", "W"], &["y"], vec![])],
+            input: vec![value_info("x", HostDType::F32, None)],
+            output: vec![value_info("y", HostDType::F32, None)],
+            initializer: vec![tensor_proto::from_tensor("W", &w)],
+            ..Default::default()
+        };
+        model(graph, 13)
+    }
+
+    #[test]
+    fn masks_pass_gradients_straight_through_and_binarise_exactly() {
+        let m = matmul();
+        let mut engine = Engine::new(&m, &|_| false, DType::F32, &Device::Cpu).unwrap();
+        let masked: BTreeSet<String> = ["W".to_string()].into();
+        let empty = BTreeSet::new();
+        let ctx = TaskCtx {
+            index: 0,
+            input: "x",
+            name: "t",
+            logits: "y",
+            head_params: &empty,
+            backbone_params: &masked,
+            masked: &masked,
+            epochs: 1,
+            last: true,
+            old_logits: &[],
+            old_head_params: &empty,
+            seed: 0,
+        };
+        let mut pb = Piggyback::new(&MethodParams::default());
+        pb.prepare_engine(&mut engine, &ctx).unwrap();
+        let scores = engine.params().get(&score_name("W")).unwrap().clone();
+        // Two scores below the threshold drop their weights.
+        let s = Tensor::new(&[[0.01f32, 0.001], [0.02, 0.01], [0.004, 0.01]], &Device::Cpu).unwrap();
+        scores.set(&s).unwrap();
+        let x = Tensor::new(&[[1.0f32, 2.0, 3.0]], &Device::Cpu).unwrap();
+        let y = engine.forward(&[("x", x)]).unwrap().remove(0);
+        // W * mask = [[1, 0], [0.5, 3], [0, 0.25]]; y = [1 + 1 + 0, 0 + 6 + 0.75]
+        assert_eq!(y.to_vec2::<f32>().unwrap(), vec![vec![2.0, 6.75]]);
+        let c = Tensor::new(&[[1.0f32, -1.0]], &Device::Cpu).unwrap();
+        let grads = y.mul(&c).unwrap().sum_all().unwrap().backward().unwrap();
+        let g = grads.get(scores.as_tensor()).unwrap().to_vec2::<f32>().unwrap();
+        // dL/dW_eff[i][j] = x[i] * c[j]; straight through: dL/ds = dL/dW_eff * W.
+        let w = [[1.0f32, -2.0], [0.5, 3.0], [-1.5, 0.25]];
+        for i in 0..3 {
+            for j in 0..2 {
+                let want = [1.0f32, 2.0, 3.0][i] * [1.0f32, -1.0][j] * w[i][j];
+                assert_eq!(g[i][j], want, "({i}, {j})");
+            }
+        }
+        // The binary mask is what the task keeps.
+        pb.end_task(&ctx, &engine, &Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap(), &[]).unwrap();
+        let kept = pb.task_masks(0).unwrap();
+        assert_eq!(kept["W"], vec![true, false, true, true, false, true]);
+    }
+}
