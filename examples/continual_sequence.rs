@@ -6,8 +6,11 @@
 //! lr 0.01 momentum 0.9; Fashion-MNIST 6000/1000, MNIST 800/100 per digit, digits 1437/360.
 //!
 //! Run (after scripts/fetch.sh and scripts/prepare_sequence.sh):
-//!   cargo run --release --example continual_sequence -- [METHOD...] [--ewc-lambda L] [--lwf-lambda L] [--frozen-bn-lr LR] [--out DIR]
-//! Packs go to .cache/runs/<method> (reused when complete, resumed when interrupted).
+//!   cargo run --release --example continual_sequence -- [METHOD...] [--ewc-lambda L] [--lwf-lambda L]
+//!       [--frozen-bn-lr LR] [--lr LR] [--optimizer sgd|adamw] [--set PARAM=VALUE...] [--out DIR]
+//! `--set` sets any method parameter of the plan file (e.g. `--set packnet_prune=0.5`).
+//! Piggyback, unless --lr/--optimizer say otherwise, trains with its own defaults (Adam).
+//! Packs go to .cache/runs/<method>[-settings] (reused when complete, resumed when interrupted).
 
 use std::path::{Path, PathBuf};
 
@@ -37,9 +40,12 @@ fn main() -> anyhow::Result<()> {
     mtpack::alloc::tune_for_training();
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let mut methods = Vec::new();
-    let mut ewc_lambda = None;
-    let mut lwf_lambda = None;
+    let mut ewc_lambda: Option<f64> = None;
+    let mut lwf_lambda: Option<f64> = None;
     let mut frozen_bn_lr: Option<f64> = None;
+    let mut lr: Option<f64> = None;
+    let mut optimizer: Option<String> = None;
+    let mut sets = serde_json::Map::new();
     let mut out = root.join(".cache/runs");
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -49,15 +55,44 @@ fn main() -> anyhow::Result<()> {
             // Recorded BatchNorm statistics (no drift) at this learning rate.
             "--frozen-bn-lr" => frozen_bn_lr = args.next().and_then(|v| v.parse().ok()),
             "--out" => out = args.next().map(PathBuf::from).unwrap_or(out),
+            "--lr" => lr = args.next().and_then(|v| v.parse().ok()),
+            "--optimizer" => optimizer = args.next(),
+            "--set" => {
+                let kv = args.next().unwrap_or_default();
+                let (k, v) = kv.split_once('=').ok_or_else(|| anyhow::anyhow!("--set {kv}: not PARAM=VALUE"))?;
+                let value = serde_json::from_str(v).unwrap_or_else(|_| serde_json::Value::String(v.into()));
+                sets.insert(k.to_string(), value);
+            }
             m => methods.push(<MethodKind as clap::ValueEnum>::from_str(m, true).map_err(anyhow::Error::msg)?),
         }
     }
     if methods.is_empty() {
-        methods =
-            vec![MethodKind::Finetune, MethodKind::FeatureExtract, MethodKind::Joint, MethodKind::Lwf, MethodKind::Ewc];
+        methods = vec![
+            MethodKind::Finetune,
+            MethodKind::FeatureExtract,
+            MethodKind::Joint,
+            MethodKind::Lwf,
+            MethodKind::Ewc,
+            MethodKind::Packnet,
+            MethodKind::Piggyback,
+        ];
     }
     let mut summary = Vec::new();
+    let mut base: serde_json::Value = serde_json::Value::Object(sets.clone());
+    if let Some(l) = ewc_lambda {
+        base["ewc_lambda"] = l.into();
+    }
+    if let Some(l) = lwf_lambda {
+        base["lwf_lambda"] = l.into();
+    }
+    let params: MethodParams = serde_json::from_value(base)?;
     for method in methods {
+        // The comparison's settings, except where a method trains with its own optimizer.
+        let own = method.hyper_defaults();
+        let (default_opt, default_lr) = match own.optimizer {
+            Some(_) => (None, None),
+            None => (Some("sgd".to_string()), Some(0.01)),
+        };
         let plan = Plan {
             backbone: Some(root.join(".cache/models/mobilenetv2_imagenet.onnx")),
             method,
@@ -67,12 +102,12 @@ fn main() -> anyhow::Result<()> {
             defaults: Hyper {
                 epochs: Some(2),
                 batch: Some(32),
-                optimizer: Some("sgd".into()),
-                lr: Some(frozen_bn_lr.unwrap_or(0.01)),
+                optimizer: optimizer.clone().or(default_opt),
+                lr: lr.or(frozen_bn_lr).or(default_lr),
                 momentum: Some(0.9),
                 ..Hyper::default()
             },
-            params: MethodParams { ewc_lambda, lwf_lambda, ..MethodParams::default() },
+            params: params.clone(),
             tasks: vec![
                 task("fashion", "fashion.safetensors", &root),
                 task("mnist", "mnist.safetensors", &root),
@@ -86,6 +121,16 @@ fn main() -> anyhow::Result<()> {
         };
         if let Some(lr) = frozen_bn_lr {
             suffix = format!("{suffix}-frozenbn-lr{lr}");
+        }
+        if let Some(l) = lr {
+            suffix = format!("{suffix}-lr{l}");
+        }
+        if let Some(o) = &optimizer {
+            suffix = format!("{suffix}-{o}");
+        }
+        for (k, v) in &sets {
+            let v = v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string());
+            suffix = format!("{suffix}-{k}-{v}");
         }
         let started = std::time::Instant::now();
         let m = mtpack::adapt::run(&plan, &Options { pack: out.join(&suffix), extend: false, quiet: false })?;

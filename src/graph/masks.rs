@@ -9,8 +9,11 @@
 //!   `task`, and its bytes index a constant [256, 8] table of their bits (Gather), which
 //!   unpacks eight weights per lookup.
 //!
+//! - Parameters each task has its own copy of (biases, BatchNorm) are stacked, [1 + T, ...],
+//!   and gathered by `task + 1`.
+//!
 //! `task = -1` selects the backbone's own head: PackNet's view after its first task,
-//! Piggyback's unmasked backbone.
+//! Piggyback's unmasked backbone, and the backbone's own per-task parameters (row 0).
 
 use std::collections::BTreeMap;
 
@@ -32,6 +35,9 @@ pub enum StoredMask {
     /// Piggyback: one packed row of bits per task ([tasks, ceil(len / 8)]) over the weight's
     /// `len` values; weight i is bit i % 8 of byte i / 8.
     Bits { rows: Array2<u8>, len: usize },
+    /// A parameter each task has its own copy of, stacked: row 0 the backbone's (its own
+    /// head), row k + 1 task k's.
+    PerTask(ArrayD<f32>),
 }
 
 struct Builder {
@@ -77,9 +83,16 @@ pub fn embed(
         });
     }
     let mut m = model.clone();
+    let mut b = Builder { patch: Patch::new() };
+    let mut masks = masks.clone();
+    if masks.values().any(|s| matches!(s, StoredMask::PerTask(_))) {
+        b.init("mask/one_row", i64s(&[1]));
+        b.node("Add", &[TASK_INPUT, "mask/one_row"], "mask/per_task_row", vec![]);
+        fold_per_task_batchnorm(&mut m, &mut masks, &mut b)?;
+    }
+    let masks = &masks;
     let shapes = move_masked_weights(&mut m, masks)?;
     gate_outputs(&mut m, gates)?;
-    let mut b = Builder { patch: Patch::new() };
     b.patch.add_input(build::value_info(TASK_INPUT, DType::I64, Some(&[Dim::Fixed(1)])));
     b.init("mask/zero", i64s(&[0]));
     b.node("Max", &[TASK_INPUT, "mask/zero"], "mask/row", vec![]);
@@ -102,7 +115,17 @@ pub fn embed(
         let shape = shapes.get(name).cloned().unwrap_or_default();
         let p = format!("mask/{i}");
         let keep = format!("{p}/keep");
+        if let StoredMask::PerTask(rows) = stored {
+            b.init(&format!("{name}/per_task"), Tensor::F32(rows.clone()));
+            b.node("Gather", &[&format!("{name}/per_task"), "mask/per_task_row"], &format!("{p}/row"), vec![
+                attr::make_int("axis", 0),
+            ]);
+            b.init(&format!("{p}/shape"), i64s(&shape));
+            b.node("Reshape", &[&format!("{p}/row"), &format!("{p}/shape")], name, vec![]);
+            continue;
+        }
         match stored {
+            StoredMask::PerTask(_) => continue,
             StoredMask::Owners(ids) => {
                 b.init(&format!("{name}/owner"), Tensor::U8(ids.clone()));
                 b.cast(&format!("{name}/owner"), &format!("{p}/ids"), DType::I32);
@@ -154,6 +177,80 @@ pub fn embed(
     b.patch.apply(&m)
 }
 
+/// Replaces each BatchNormalization whose parameters are per task by `x * k + b`, with
+/// `k = scale / sqrt(var + eps)` and `b = bias - mean * k` computed here for every task and
+/// gathered by task in the graph (runtimes such as tract need BatchNormalization's
+/// parameters constant). Removes those parameters from `masks`.
+fn fold_per_task_batchnorm(
+    m: &mut Model,
+    masks: &mut BTreeMap<String, StoredMask>,
+    b: &mut Builder,
+) -> Result<(), GraphError> {
+    let g = m.graph_mut();
+    let mut folded = Vec::new();
+    for (i, n) in g.node.iter().enumerate() {
+        if n.op_type() != "BatchNormalization" || !n.input.get(1).is_some_and(|s| masks.contains_key(s)) {
+            continue;
+        }
+        let label = attr::node_label(n);
+        let problem = |p: &str| GraphError::Shape { tensor: label.clone(), problem: p.into() };
+        let rows = |k: usize| -> Result<&ArrayD<f32>, GraphError> {
+            match n.input.get(k).and_then(|name| masks.get(name)) {
+                Some(StoredMask::PerTask(a)) => Ok(a),
+                _ => Err(problem("per-task BatchNormalization needs scale, bias, mean and variance all per task")),
+            }
+        };
+        let (scale, bias, mean, var) = (rows(1)?, rows(2)?, rows(3)?, rows(4)?);
+        if n.output.len() != 1 || [bias.shape(), mean.shape(), var.shape()].iter().any(|s| *s != scale.shape()) {
+            return Err(problem("per-task BatchNormalization must have one output and parameters of one shape"));
+        }
+        let eps = f64::from(attr::float_or(n, "epsilon", 1e-5).map_err(GraphError::Onnx)?);
+        let k: Vec<f32> = scale
+            .iter()
+            .zip(var.iter())
+            .map(|(&s, &v)| (f64::from(s) / (f64::from(v) + eps).sqrt()) as f32)
+            .collect();
+        let shift: Vec<f32> =
+            bias.iter().zip(mean.iter()).zip(&k).map(|((&bb, &mu), &kk)| bb - mu * kk).collect();
+        let channels = scale.shape().get(1).copied().unwrap_or(0);
+        let rank = input_rank(g, n.input.first().map(String::as_str).unwrap_or_default()).unwrap_or(4);
+        let mut target = vec![channels as i64];
+        target.extend(std::iter::repeat_n(1i64, rank.saturating_sub(2)));
+        let p = format!("bn/{i}");
+        let x = n.input.first().cloned().unwrap_or_default();
+        let y = n.output.first().cloned().unwrap_or_default();
+        b.init(&format!("{p}/shape"), i64s(&target));
+        for (part, values) in [("k", k), ("b", shift)] {
+            let stacked = ArrayD::from_shape_vec(scale.raw_dim(), values).map_err(|e| problem(&e.to_string()))?;
+            b.init(&format!("{p}/{part}_per_task"), Tensor::F32(stacked));
+            b.node("Gather", &[&format!("{p}/{part}_per_task"), "mask/per_task_row"], &format!("{p}/{part}_row"), vec![
+                attr::make_int("axis", 0),
+            ]);
+            b.node("Reshape", &[&format!("{p}/{part}_row"), &format!("{p}/shape")], &format!("{p}/{part}"), vec![]);
+        }
+        b.node("Mul", &[&x, &format!("{p}/k")], &format!("{p}/scaled"), vec![]);
+        b.node("Add", &[&format!("{p}/scaled"), &format!("{p}/b")], &y, vec![]);
+        folded.push(i);
+        for name in n.input.iter().skip(1).take(4) {
+            masks.remove(name);
+        }
+    }
+    for i in folded.into_iter().rev() {
+        g.node.remove(i);
+    }
+    Ok(())
+}
+
+/// The rank of `tensor` when a Conv produces it (its weight's rank) or value_info says.
+fn input_rank(g: &crate::onnx::pb::GraphProto, tensor: &str) -> Option<usize> {
+    let producer = g.node.iter().find(|n| n.output.iter().any(|o| o == tensor))?;
+    if producer.op_type() == "Conv" {
+        let w = producer.input.get(1)?;
+        return g.initializer.iter().find(|t| t.name() == w).map(|t| t.dims.len());
+    }
+    None
+}
+
 /// Renames each masked initializer `W` to `W/unmasked` and returns the weights' shapes.
 fn move_masked_weights(
     m: &mut Model,
@@ -168,6 +265,7 @@ fn move_masked_weights(
         let fits = match stored {
             StoredMask::Owners(ids) => ids.shape().iter().map(|&d| d as i64).eq(shape.iter().copied()),
             StoredMask::Bits { rows, len } => *len == n && rows.shape().get(1) == Some(&n.div_ceil(8)),
+            StoredMask::PerTask(rows) => rows.shape().get(1..).is_some_and(|s| s.iter().map(|&d| d as i64).eq(shape.iter().copied())),
         };
         if !fits || tensor_proto::dtype_of(t.data_type()) != Some(DType::F32) {
             return Err(GraphError::Shape {
@@ -176,7 +274,8 @@ fn move_masked_weights(
             });
         }
         shapes.insert(t.name().to_string(), shape);
-        t.name = Some(format!("{}/unmasked", t.name()));
+        let suffix = if matches!(stored, StoredMask::PerTask(_)) { "per_task_unused" } else { "unmasked" };
+        t.name = Some(format!("{}/{suffix}", t.name()));
     }
     if let Some(missing) = masks.keys().find(|k| !shapes.contains_key(*k)) {
         return Err(GraphError::NoSuchTensor { tensor: missing.clone() });

@@ -47,6 +47,20 @@ pub fn apply(model: &Model, masks: &BTreeMap<String, Vec<bool>>) -> Result<Model
     Ok(out)
 }
 
+/// The engine parameters a mask method keeps per task: every shared parameter that is not a
+/// masked weight (biases, BatchNorm scale and shift, and the running statistics).
+pub fn per_task_names(engine: &crate::engine::Engine, ctx: &super::TaskCtx) -> Vec<String> {
+    engine
+        .params()
+        .keys()
+        .filter(|n| {
+            !(ctx.head_params.contains(*n) || ctx.old_head_params.contains(*n) || ctx.masked.contains(*n))
+                && !n.starts_with(super::piggyback::SCORES)
+        })
+        .cloned()
+        .collect()
+}
+
 /// A weight's values as float32 from the engine.
 pub fn values(t: &candle_core::Tensor) -> candle_core::Result<Vec<f32>> {
     t.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()
@@ -80,6 +94,120 @@ pub fn load_state(
 
 pub fn invalid(e: impl std::fmt::Display) -> TrainError {
     TrainError::Invalid(format!("{e:#}"))
+}
+
+/// Shared parameters that every task of a mask method has its own copy of (biases,
+/// BatchNorm scale, shift and statistics): row 0 holds the backbone's values (its own head),
+/// row k + 1 task k's.
+#[derive(Default)]
+pub struct PerTask {
+    rows: Vec<BTreeMap<String, Tensor>>,
+}
+
+pub const PER_TASK_FILE: &str = "per_task.safetensors";
+
+impl PerTask {
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// Starts task `index`: the first time, records the backbone's values of `names`; then
+    /// sets the engine to them, so each task starts from the backbone.
+    pub fn begin(&mut self, engine: &crate::engine::Engine, names: &[String], index: usize) -> Result<(), TrainError> {
+        if self.rows.is_empty() {
+            if index != 0 {
+                return Err(TrainError::Invalid("per-task parameters: the backbone's values are missing".into()));
+            }
+            self.rows.push(Self::read(engine, names)?);
+        }
+        let original = self.rows.first().cloned().unwrap_or_default();
+        for (name, t) in &original {
+            let Some(var) = engine.params().get(name) else { continue };
+            let v = crate::engine::to_candle_on(t, var.dtype(), var.device()).map_err(crate::train::candle("per-task"))?;
+            var.set(&v).map_err(crate::train::candle("per-task parameters"))?;
+        }
+        Ok(())
+    }
+
+    fn read(engine: &crate::engine::Engine, names: &[String]) -> Result<BTreeMap<String, Tensor>, TrainError> {
+        names
+            .iter()
+            .filter_map(|n| engine.params().get(n).map(|v| (n, v)))
+            .map(|(n, v)| Ok((n.clone(), crate::engine::from_candle(v.as_tensor()).map_err(crate::train::candle("per-task"))?)))
+            .collect()
+    }
+
+    /// Records task `index`'s values from the engine.
+    pub fn end(&mut self, engine: &crate::engine::Engine, index: usize) -> Result<(), TrainError> {
+        let names: Vec<String> = self.rows.first().map(|r| r.keys().cloned().collect()).unwrap_or_default();
+        let values = Self::read(engine, &names)?;
+        self.rows.truncate(index + 1);
+        if self.rows.len() != index + 1 {
+            return Err(TrainError::Invalid(format!("per-task parameters: task {} follows {} tasks", index + 1, self.rows.len().saturating_sub(1))));
+        }
+        self.rows.push(values);
+        Ok(())
+    }
+
+    /// `model` with task `column`'s values (`None`: the backbone's).
+    pub fn apply(&self, model: &Model, column: Option<usize>) -> Result<Model, TrainError> {
+        let Some(row) = self.rows.get(column.map_or(0, |k| k + 1)) else {
+            return Err(TrainError::Invalid(format!("per-task parameters: none for task {:?}", column.map(|k| k + 1))));
+        };
+        let mut out = model.clone();
+        for t in &mut out.graph_mut().initializer {
+            if let Some(v) = row.get(t.name()) {
+                let mut fresh = tensor_proto::from_tensor(t.name(), v);
+                fresh.doc_string = t.doc_string.take();
+                *t = fresh;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Each parameter's rows stacked: [1 + tasks, ...].
+    pub fn stacked(&self) -> Result<BTreeMap<String, ndarray::ArrayD<f32>>, TrainError> {
+        let names: Vec<String> = self.rows.first().map(|r| r.keys().cloned().collect()).unwrap_or_default();
+        let mut out = BTreeMap::new();
+        for name in names {
+            let views: Vec<ndarray::ArrayViewD<f32>> = self
+                .rows
+                .iter()
+                .filter_map(|r| r.get(&name).and_then(|t| t.as_f32()).map(|a| a.view()))
+                .collect();
+            let views: Vec<_> = views.iter().map(|v| v.view().insert_axis(ndarray::Axis(0))).collect();
+            let stacked = ndarray::concatenate(ndarray::Axis(0), &views).map_err(invalid)?;
+            out.insert(name, stacked);
+        }
+        Ok(out)
+    }
+
+    pub fn save(&self, dir: &std::path::Path) -> Result<Vec<String>, TrainError> {
+        if self.rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let host: Vec<(String, Tensor)> =
+            self.stacked()?.into_iter().map(|(k, v)| (format!("per_task/{k}"), Tensor::F32(v))).collect();
+        save_state(dir, PER_TASK_FILE, &host)
+    }
+
+    pub fn load(&mut self, dir: &std::path::Path) -> Result<(), TrainError> {
+        let Some(t) = load_state(dir, PER_TASK_FILE)? else { return Ok(()) };
+        self.rows.clear();
+        for (k, v) in t {
+            let Some(name) = k.strip_prefix("per_task/") else { continue };
+            let Tensor::F32(a) = v else { return Err(TrainError::Invalid(format!("per-task '{name}' is not float32"))) };
+            for (i, row) in a.outer_iter().enumerate() {
+                if self.rows.len() <= i {
+                    self.rows.push(BTreeMap::new());
+                }
+                if let Some(r) = self.rows.get_mut(i) {
+                    r.insert(name.to_string(), Tensor::F32(row.to_owned()));
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -141,10 +141,16 @@ pub struct MethodParams {
     #[arg(long)]
     pub packnet_retrain_lr_scale: Option<f64>,
     /// PackNet: biases and BatchNormalization train with the first task and are frozen after
-    /// it (first-task, the paper's) or never train (frozen) [default: first-task].
+    /// it (first-task, the paper's), never train (frozen), or train per task, each task
+    /// keeping its own copy (per-task) [default: first-task].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[arg(long, value_enum)]
     pub packnet_shared: Option<SharedParams>,
+    /// Piggyback: biases and BatchNormalization stay the backbone's (frozen, the paper's) or
+    /// each task trains its own copy (per-task) [default: frozen].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[arg(long, value_enum)]
+    pub piggyback_shared: Option<SharedParams>,
     /// Piggyback: initial value of the real-valued mask scores [default: 0.01, the paper's].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[arg(long)]
@@ -200,6 +206,9 @@ impl MethodParams {
         }
         positive(self.packnet_retrain_lr_scale, "packnet_retrain_lr_scale")?;
         positive(self.piggyback_init, "piggyback_init")?;
+        if self.piggyback_shared == Some(SharedParams::FirstTask) {
+            return Err("piggyback_shared must be frozen or per-task: Piggyback never changes the backbone".into());
+        }
         positive(self.piggyback_mask_lr, "piggyback_mask_lr")?;
         if let Some(t) = self.piggyback_threshold.filter(|t| !t.is_finite()) {
             return Err(format!("piggyback_threshold must be a finite number, got {t}"));

@@ -32,6 +32,9 @@ pub enum SharedParams {
     FirstTask,
     /// Never train: the backbone's values serve every task.
     Frozen,
+    /// Each task trains its own copy, starting from the backbone's (BatchNorm in batch
+    /// mode); the artifact selects them by task.
+    PerTask,
 }
 
 pub const STATE_FILE: &str = "packnet.safetensors";
@@ -68,6 +71,7 @@ pub struct PackNet {
     pruned: bool,
     masks: HashMap<String, Tensor>,
     report: Option<serde_json::Value>,
+    per_task: masks::PerTask,
 }
 
 fn owner_id(ctx: &TaskCtx) -> Result<u8, TrainError> {
@@ -89,6 +93,7 @@ impl PackNet {
             pruned: false,
             masks: HashMap::new(),
             report: None,
+            per_task: masks::PerTask::default(),
         }
     }
 
@@ -171,10 +176,21 @@ impl Method for PackNet {
     }
 
     fn trainable(&self, name: &str, ctx: &TaskCtx) -> bool {
-        let shared_trains = self.shared == SharedParams::FirstTask && ctx.index == 0;
+        let shared_trains = match self.shared {
+            SharedParams::FirstTask => ctx.index == 0,
+            SharedParams::Frozen => false,
+            SharedParams::PerTask => true,
+        };
         ctx.head_params.contains(name)
             || ctx.masked.contains(name)
             || (shared_trains && ctx.backbone_params.contains(name))
+    }
+
+    fn prepare_engine(&mut self, engine: &mut Engine, ctx: &TaskCtx) -> Result<(), TrainError> {
+        if self.shared == SharedParams::PerTask {
+            self.per_task.begin(engine, &masks::per_task_names(engine, ctx), ctx.index)?;
+        }
+        Ok(())
     }
 
     fn extra_epochs(&self, ctx: &TaskCtx) -> u64 {
@@ -250,6 +266,9 @@ impl Method for PackNet {
             self.prune(engine, ctx)?;
         }
         self.report = Some(self.layer_report(owner_id(ctx)?));
+        if self.shared == SharedParams::PerTask {
+            self.per_task.end(engine, ctx.index)?;
+        }
         self.pruned = false;
         self.masks.clear();
         Ok(())
@@ -260,6 +279,9 @@ impl Method for PackNet {
         for (name, o) in &self.owners {
             let a = ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&o.shape), o.ids.clone()).ok()?;
             out.insert(name.clone(), StoredMask::Owners(a));
+        }
+        for (name, rows) in self.per_task.stacked().ok()? {
+            out.insert(name, StoredMask::PerTask(rows));
         }
         (!out.is_empty()).then_some(out)
     }
@@ -288,14 +310,21 @@ impl Method for PackNet {
         let id = u8::try_from(column.unwrap_or(0) + 1).map_err(invalid)?;
         let m: BTreeMap<String, Vec<bool>> =
             self.owners.iter().map(|(k, o)| (k.clone(), o.ids.iter().map(|&v| v > 0 && v <= id).collect())).collect();
-        masks::apply(model, &m).map(Some)
+        let masked = masks::apply(model, &m)?;
+        if self.per_task.is_empty() {
+            return Ok(Some(masked));
+        }
+        self.per_task.apply(&masked, column).map(Some)
     }
 
     fn save(&self, dir: &Path) -> Result<Vec<String>, TrainError> {
-        masks::save_state(dir, STATE_FILE, &self.owner_tensors()?)
+        let mut files = masks::save_state(dir, STATE_FILE, &self.owner_tensors()?)?;
+        files.extend(self.per_task.save(dir)?);
+        Ok(files)
     }
 
     fn load(&mut self, dir: &Path) -> Result<(), TrainError> {
+        self.per_task.load(dir)?;
         match masks::load_state(dir, STATE_FILE)? {
             Some(t) => self.read_owners(&t),
             None => Ok(()),

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use candle_core::{Tensor, Var};
 
 use super::masks;
-use super::{Method, MethodKind, MethodParams, TaskCtx};
+use super::{Method, MethodKind, MethodParams, SharedParams, TaskCtx};
 use super::{PIGGYBACK_INIT, PIGGYBACK_MASK_LR, PIGGYBACK_THRESHOLD};
 use crate::engine::Engine;
 use crate::graph::masks::StoredMask;
@@ -28,15 +28,18 @@ pub fn effective(p: &MethodParams) -> serde_json::Value {
         "init": p.piggyback_init.unwrap_or(PIGGYBACK_INIT),
         "threshold": p.piggyback_threshold.unwrap_or(PIGGYBACK_THRESHOLD),
         "mask_lr": p.piggyback_mask_lr.unwrap_or(PIGGYBACK_MASK_LR),
+        "shared": p.piggyback_shared.unwrap_or(SharedParams::Frozen),
         "masked": "weights of Conv, ConvTranspose, Gemm and MatMul in the shared backbone; heads are not masked",
         "estimator": "straight-through: d(loss)/d(score) = d(loss)/d(W_masked) * W",
         "storage": "1 bit per masked weight per task, packed little-endian (weight i is bit i%8 of byte i/8)",
     })
 }
 
+pub const SCORES: &str = "piggyback.scores/";
+
 /// The name under which the engine trains the scores of `weight`.
 pub fn score_name(weight: &str) -> String {
-    format!("piggyback.scores/{weight}")
+    format!("{SCORES}{weight}")
 }
 
 #[derive(Clone, Debug)]
@@ -55,6 +58,8 @@ pub struct Piggyback {
     no_masks: HashMap<String, Tensor>,
     scales: HashMap<String, f64>,
     report: Option<serde_json::Value>,
+    shared: SharedParams,
+    per_task: masks::PerTask,
 }
 
 impl Piggyback {
@@ -68,6 +73,8 @@ impl Piggyback {
             no_masks: HashMap::new(),
             scales: HashMap::new(),
             report: None,
+            shared: p.piggyback_shared.unwrap_or(SharedParams::Frozen),
+            per_task: masks::PerTask::default(),
         }
     }
 
@@ -101,7 +108,8 @@ impl Method for Piggyback {
     }
 
     fn trainable(&self, name: &str, ctx: &TaskCtx) -> bool {
-        ctx.head_params.contains(name)
+        let own_shared = self.shared == SharedParams::PerTask && !ctx.masked.contains(name);
+        ctx.head_params.contains(name) || (own_shared && ctx.backbone_params.contains(name))
     }
 
     fn prepare_engine(&mut self, engine: &mut Engine, ctx: &TaskCtx) -> Result<(), TrainError> {
@@ -130,6 +138,9 @@ impl Method for Piggyback {
             )?;
             self.scores.insert(name.clone(), s);
         }
+        if self.shared == SharedParams::PerTask {
+            self.per_task.begin(engine, &masks::per_task_names(engine, ctx), ctx.index)?;
+        }
         Ok(())
     }
 
@@ -139,7 +150,7 @@ impl Method for Piggyback {
         Ok(self)
     }
 
-    fn end_task(&mut self, ctx: &TaskCtx, _engine: &Engine, _x: &Tensor, _y: &[i64]) -> Result<(), TrainError> {
+    fn end_task(&mut self, ctx: &TaskCtx, engine: &Engine, _x: &Tensor, _y: &[i64]) -> Result<(), TrainError> {
         let mut layers = Vec::new();
         for (name, s) in &self.scores {
             let keep: Vec<bool> = masks::values(s.as_tensor())
@@ -174,6 +185,9 @@ impl Method for Piggyback {
             "layers": layers,
         }));
         self.scores.clear();
+        if self.shared == SharedParams::PerTask {
+            self.per_task.end(engine, ctx.index)?;
+        }
         Ok(())
     }
 
@@ -185,6 +199,9 @@ impl Method for Piggyback {
             let rows = ndarray::Array2::from_shape_vec((b.rows.len(), width), flat).ok()?;
             out.insert(name.clone(), StoredMask::Bits { rows, len: b.shape.iter().product() });
         }
+        for (name, rows) in self.per_task.stacked().ok()? {
+            out.insert(name, StoredMask::PerTask(rows));
+        }
         (!out.is_empty()).then_some(out)
     }
 
@@ -194,10 +211,14 @@ impl Method for Piggyback {
 
     fn view(&self, model: &Model, column: Option<usize>) -> Result<Option<Model>, TrainError> {
         // The backbone's own head sees the backbone itself.
-        match column {
-            Some(k) if !self.bits.is_empty() => masks::apply(model, &self.task_masks(k)?).map(Some),
-            _ => Ok(None),
+        let masked = match column {
+            Some(k) if !self.bits.is_empty() => Some(masks::apply(model, &self.task_masks(k)?)?),
+            _ => None,
+        };
+        if self.per_task.is_empty() {
+            return Ok(masked);
         }
+        self.per_task.apply(masked.as_ref().unwrap_or(model), column).map(Some)
     }
 
     fn save(&self, dir: &Path) -> Result<Vec<String>, TrainError> {
@@ -208,10 +229,13 @@ impl Method for Piggyback {
             let shape: Vec<i64> = b.shape.iter().map(|&d| d as i64).collect();
             host.push((format!("shape/{name}"), Host::I64(ndarray::arr1(&shape).into_dyn())));
         }
-        masks::save_state(dir, STATE_FILE, &host)
+        let mut files = masks::save_state(dir, STATE_FILE, &host)?;
+        files.extend(self.per_task.save(dir)?);
+        Ok(files)
     }
 
     fn load(&mut self, dir: &Path) -> Result<(), TrainError> {
+        self.per_task.load(dir)?;
         let Some(t) = masks::load_state(dir, STATE_FILE)? else { return Ok(()) };
         let file = dir.join(STATE_FILE);
         for (k, v) in &t {

@@ -98,6 +98,10 @@ pub struct MaskSummary {
     pub bits_per_weight_per_task: f64,
     /// The mask initializers, by masked weight.
     pub tensors: BTreeMap<String, String>,
+    /// Parameters each task has its own copy of, stacked with the backbone's first and
+    /// gathered by task (BatchNormalization folded into a per-task scale and shift).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub per_task: Vec<String>,
 }
 
 impl MaskSummary {
@@ -106,6 +110,7 @@ impl MaskSummary {
         let mut params = 0usize;
         let mut bytes = 0usize;
         let mut tensors = BTreeMap::new();
+        let mut per_task = Vec::new();
         let mut kind = "";
         for (name, s) in stored {
             match s {
@@ -121,6 +126,9 @@ impl MaskSummary {
                     kind = "piggyback-bits";
                     tensors.insert(name.clone(), format!("{name}/bits"));
                 }
+                StoredMask::PerTask(_) => {
+                    per_task.push(name.clone());
+                }
             }
         }
         MaskSummary {
@@ -129,6 +137,7 @@ impl MaskSummary {
             tasks,
             bits_per_weight_per_task: (bytes * 8) as f64 / (params.max(1) * tasks.max(1)) as f64,
             tensors,
+            per_task,
         }
     }
 }

@@ -69,8 +69,16 @@ fn three_tasks(dir: &Path, method: &str, extra: &[&str]) -> (PathBuf, PathBuf, P
 #[test]
 fn mask_methods_never_forget_bit_for_bit() {
     let dir = tempfile::tempdir().unwrap();
-    for method in ["packnet", "piggyback"] {
-        let (pack, first, last) = three_tasks(dir.path(), method, &[]);
+    let setups: [(&str, &[&str]); 4] = [
+        ("packnet", &[]),
+        ("piggyback", &[]),
+        ("packnet", &["--packnet-shared", "per-task"]),
+        ("piggyback", &["--piggyback-shared", "per-task"]),
+    ];
+    for (k, (method, extra)) in setups.into_iter().enumerate() {
+        let sub = dir.path().join(k.to_string());
+        std::fs::create_dir_all(&sub).unwrap();
+        let (pack, first, last) = three_tasks(&sub, method, extra);
         for (task, output) in [(0, "t1/logits"), (-1, "logits")] {
             let (a, b) = (run_task(&first, task, output), run_task(&last, task, output));
             assert_eq!(bits(&a), bits(&b), "{method}: {output} changed after tasks 2 and 3");
