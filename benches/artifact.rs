@@ -104,11 +104,8 @@ fn main() {
         .collect();
 
     let mut rows = Vec::new();
-    let runs: Vec<(MethodKind, usize)> = METHODS
-        .iter()
-        .map(|&m| (m, 3))
-        .chain([(MethodKind::Packnet, 8), (MethodKind::Piggyback, 8)])
-        .collect();
+    let runs: Vec<(MethodKind, usize)> =
+        METHODS.iter().map(|&m| (m, 3)).chain([(MethodKind::Packnet, 8), (MethodKind::Piggyback, 8)]).collect();
     for (method, count) in runs {
         let plan = Plan {
             backbone: Some(backbone.clone()),

@@ -117,9 +117,12 @@ pub fn embed(
         let keep = format!("{p}/keep");
         if let StoredMask::PerTask(rows) = stored {
             b.init(&format!("{name}/per_task"), Tensor::F32(rows.clone()));
-            b.node("Gather", &[&format!("{name}/per_task"), "mask/per_task_row"], &format!("{p}/row"), vec![
-                attr::make_int("axis", 0),
-            ]);
+            b.node(
+                "Gather",
+                &[&format!("{name}/per_task"), "mask/per_task_row"],
+                &format!("{p}/row"),
+                vec![attr::make_int("axis", 0)],
+            );
             b.init(&format!("{p}/shape"), i64s(&shape));
             b.node("Reshape", &[&format!("{p}/row"), &format!("{p}/shape")], name, vec![]);
             continue;
@@ -205,13 +208,9 @@ fn fold_per_task_batchnorm(
             return Err(problem("per-task BatchNormalization must have one output and parameters of one shape"));
         }
         let eps = f64::from(attr::float_or(n, "epsilon", 1e-5).map_err(GraphError::Onnx)?);
-        let k: Vec<f32> = scale
-            .iter()
-            .zip(var.iter())
-            .map(|(&s, &v)| (f64::from(s) / (f64::from(v) + eps).sqrt()) as f32)
-            .collect();
-        let shift: Vec<f32> =
-            bias.iter().zip(mean.iter()).zip(&k).map(|((&bb, &mu), &kk)| bb - mu * kk).collect();
+        let k: Vec<f32> =
+            scale.iter().zip(var.iter()).map(|(&s, &v)| (f64::from(s) / (f64::from(v) + eps).sqrt()) as f32).collect();
+        let shift: Vec<f32> = bias.iter().zip(mean.iter()).zip(&k).map(|((&bb, &mu), &kk)| bb - mu * kk).collect();
         let channels = scale.shape().get(1).copied().unwrap_or(0);
         let rank = input_rank(g, n.input.first().map(String::as_str).unwrap_or_default()).unwrap_or(4);
         let mut target = vec![channels as i64];
@@ -223,9 +222,12 @@ fn fold_per_task_batchnorm(
         for (part, values) in [("k", k), ("b", shift)] {
             let stacked = ArrayD::from_shape_vec(scale.raw_dim(), values).map_err(|e| problem(&e.to_string()))?;
             b.init(&format!("{p}/{part}_per_task"), Tensor::F32(stacked));
-            b.node("Gather", &[&format!("{p}/{part}_per_task"), "mask/per_task_row"], &format!("{p}/{part}_row"), vec![
-                attr::make_int("axis", 0),
-            ]);
+            b.node(
+                "Gather",
+                &[&format!("{p}/{part}_per_task"), "mask/per_task_row"],
+                &format!("{p}/{part}_row"),
+                vec![attr::make_int("axis", 0)],
+            );
             b.node("Reshape", &[&format!("{p}/{part}_row"), &format!("{p}/shape")], &format!("{p}/{part}"), vec![]);
         }
         b.node("Mul", &[&x, &format!("{p}/k")], &format!("{p}/scaled"), vec![]);
@@ -265,7 +267,9 @@ fn move_masked_weights(
         let fits = match stored {
             StoredMask::Owners(ids) => ids.shape().iter().map(|&d| d as i64).eq(shape.iter().copied()),
             StoredMask::Bits { rows, len } => *len == n && rows.shape().get(1) == Some(&n.div_ceil(8)),
-            StoredMask::PerTask(rows) => rows.shape().get(1..).is_some_and(|s| s.iter().map(|&d| d as i64).eq(shape.iter().copied())),
+            StoredMask::PerTask(rows) => {
+                rows.shape().get(1..).is_some_and(|s| s.iter().map(|&d| d as i64).eq(shape.iter().copied()))
+            }
         };
         if !fits || tensor_proto::dtype_of(t.data_type()) != Some(DType::F32) {
             return Err(GraphError::Shape {

@@ -54,8 +54,10 @@ pub fn per_task_names(engine: &crate::engine::Engine, ctx: &super::TaskCtx) -> V
         .params()
         .keys()
         .filter(|n| {
-            !(ctx.head_params.contains(*n) || ctx.old_head_params.contains(*n) || ctx.masked.contains(*n))
-                && !n.starts_with(super::piggyback::SCORES)
+            !(ctx.head_params.contains(*n)
+                || ctx.old_head_params.contains(*n)
+                || ctx.masked.contains(*n)
+                || n.starts_with(super::piggyback::SCORES))
         })
         .cloned()
         .collect()
@@ -123,7 +125,8 @@ impl PerTask {
         let original = self.rows.first().cloned().unwrap_or_default();
         for (name, t) in &original {
             let Some(var) = engine.params().get(name) else { continue };
-            let v = crate::engine::to_candle_on(t, var.dtype(), var.device()).map_err(crate::train::candle("per-task"))?;
+            let v =
+                crate::engine::to_candle_on(t, var.dtype(), var.device()).map_err(crate::train::candle("per-task"))?;
             var.set(&v).map_err(crate::train::candle("per-task parameters"))?;
         }
         Ok(())
@@ -133,7 +136,9 @@ impl PerTask {
         names
             .iter()
             .filter_map(|n| engine.params().get(n).map(|v| (n, v)))
-            .map(|(n, v)| Ok((n.clone(), crate::engine::from_candle(v.as_tensor()).map_err(crate::train::candle("per-task"))?)))
+            .map(|(n, v)| {
+                Ok((n.clone(), crate::engine::from_candle(v.as_tensor()).map_err(crate::train::candle("per-task"))?))
+            })
             .collect()
     }
 
@@ -143,7 +148,11 @@ impl PerTask {
         let values = Self::read(engine, &names)?;
         self.rows.truncate(index + 1);
         if self.rows.len() != index + 1 {
-            return Err(TrainError::Invalid(format!("per-task parameters: task {} follows {} tasks", index + 1, self.rows.len().saturating_sub(1))));
+            return Err(TrainError::Invalid(format!(
+                "per-task parameters: task {} follows {} tasks",
+                index + 1,
+                self.rows.len().saturating_sub(1)
+            )));
         }
         self.rows.push(values);
         Ok(())
@@ -170,11 +179,8 @@ impl PerTask {
         let names: Vec<String> = self.rows.first().map(|r| r.keys().cloned().collect()).unwrap_or_default();
         let mut out = BTreeMap::new();
         for name in names {
-            let views: Vec<ndarray::ArrayViewD<f32>> = self
-                .rows
-                .iter()
-                .filter_map(|r| r.get(&name).and_then(|t| t.as_f32()).map(|a| a.view()))
-                .collect();
+            let views: Vec<ndarray::ArrayViewD<f32>> =
+                self.rows.iter().filter_map(|r| r.get(&name).and_then(|t| t.as_f32()).map(|a| a.view())).collect();
             let views: Vec<_> = views.iter().map(|v| v.view().insert_axis(ndarray::Axis(0))).collect();
             let stacked = ndarray::concatenate(ndarray::Axis(0), &views).map_err(invalid)?;
             out.insert(name, stacked);
@@ -196,7 +202,9 @@ impl PerTask {
         self.rows.clear();
         for (k, v) in t {
             let Some(name) = k.strip_prefix("per_task/") else { continue };
-            let Tensor::F32(a) = v else { return Err(TrainError::Invalid(format!("per-task '{name}' is not float32"))) };
+            let Tensor::F32(a) = v else {
+                return Err(TrainError::Invalid(format!("per-task '{name}' is not float32")));
+            };
             for (i, row) in a.outer_iter().enumerate() {
                 if self.rows.len() <= i {
                     self.rows.push(BTreeMap::new());
