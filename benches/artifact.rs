@@ -22,15 +22,7 @@ use mtpack::runtime::ort_rt::OrtSession;
 use mtpack::runtime::Backend;
 use mtpack::tensor::Tensor;
 
-const METHODS: [MethodKind; 7] = [
-    MethodKind::Finetune,
-    MethodKind::FeatureExtract,
-    MethodKind::Joint,
-    MethodKind::Lwf,
-    MethodKind::Ewc,
-    MethodKind::Packnet,
-    MethodKind::Piggyback,
-];
+const METHODS: [MethodKind; 7] = MethodKind::ALL;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -54,6 +46,7 @@ fn tasks(data: &Path, count: usize) -> Vec<TaskPlan> {
             classes: Some(vec![(k % 10) as i64, ((k + 1) % 10) as i64, ((k + 2) % 10) as i64]),
             labels: None,
             test_fraction: None,
+            train_per_class: None,
             preprocessing: Preprocessing { resize: Some([64, 64]), channels: Some(3), ..Default::default() },
             hyper: Hyper::default(),
         })

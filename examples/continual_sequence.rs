@@ -12,29 +12,11 @@
 //! Piggyback, unless --lr/--optimizer say otherwise, trains with its own defaults (Adam).
 //! Packs go to .cache/runs/<method>[-settings] (reused when complete, resumed when interrupted).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use mtpack::adapt::plan::{BatchNormMode, Hyper, Plan, TaskPlan};
 use mtpack::adapt::{report, Options};
-use mtpack::data::Preprocessing;
 use mtpack::methods::{MethodKind, MethodParams};
-
-fn task(name: &str, file: &str, root: &Path) -> TaskPlan {
-    TaskPlan {
-        name: name.into(),
-        dataset: root.join(".cache/sequence").join(file),
-        classes: None,
-        labels: None,
-        test_fraction: None,
-        preprocessing: Preprocessing {
-            resize: Some([64, 64]),
-            channels: Some(3),
-            mean: vec![0.485, 0.456, 0.406],
-            std: vec![0.229, 0.224, 0.225],
-        },
-        hyper: Hyper::default(),
-    }
-}
 
 fn main() -> anyhow::Result<()> {
     mtpack::alloc::tune_for_training();
@@ -67,15 +49,7 @@ fn main() -> anyhow::Result<()> {
         }
     }
     if methods.is_empty() {
-        methods = vec![
-            MethodKind::Finetune,
-            MethodKind::FeatureExtract,
-            MethodKind::Joint,
-            MethodKind::Lwf,
-            MethodKind::Ewc,
-            MethodKind::Packnet,
-            MethodKind::Piggyback,
-        ];
+        methods = MethodKind::ALL.to_vec();
     }
     let mut summary = Vec::new();
     let mut base: serde_json::Value = serde_json::Value::Object(sets.clone());
@@ -108,11 +82,12 @@ fn main() -> anyhow::Result<()> {
                 ..Hyper::default()
             },
             params: params.clone(),
-            tasks: vec![
-                task("fashion", "fashion.safetensors", &root),
-                task("mnist", "mnist.safetensors", &root),
-                task("digits", "digits.safetensors", &root),
-            ],
+            // The bench's scenario with every prepared image (no per-class limit).
+            tasks: mtpack::bench::default_scenario(&root)
+                .tasks
+                .into_iter()
+                .map(|t| TaskPlan { train_per_class: None, ..t })
+                .collect(),
         };
         let mut suffix = match (method, ewc_lambda) {
             (MethodKind::Ewc, Some(l)) => format!("ewc-{l}"),

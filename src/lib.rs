@@ -6,6 +6,7 @@
 
 pub mod adapt;
 pub mod alloc;
+pub mod bench;
 pub mod cli;
 pub mod data;
 pub mod engine;
@@ -14,6 +15,7 @@ pub mod graph;
 pub mod methods;
 pub mod onnx;
 pub mod pack;
+pub mod report;
 pub mod rng;
 pub mod runtime;
 pub mod store;

@@ -40,6 +40,9 @@ pub fn prepare(t: &TaskPlan, input_shape: Option<&[Dim]>, seed: u64) -> Result<T
         d.split_off_test(t.test_fraction.unwrap_or(0.2), seed);
     }
     let test = d.test.take().unwrap_or_else(|| d.train.select(&[]));
+    if let Some(limit) = t.train_per_class {
+        d.train = Dataset::limit_per_class(&d.train, d.classes(), limit, seed);
+    }
     if d.train.is_empty() || test.is_empty() {
         return Err(fail(format!(
             "{} training and {} held-out images: both must be non-empty",

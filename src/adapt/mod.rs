@@ -61,6 +61,7 @@ pub fn default_tasks() -> Vec<TaskPlan> {
             classes: Some(classes.to_vec()),
             labels: None,
             test_fraction: None,
+            train_per_class: None,
             preprocessing: Default::default(),
             hyper: Default::default(),
         })

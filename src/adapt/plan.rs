@@ -105,6 +105,10 @@ pub struct TaskPlan {
     /// Held out when the dataset has no test split.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub test_fraction: Option<f64>,
+    /// Train on at most this many images of each class (a seeded choice; the held-out split
+    /// is kept whole).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train_per_class: Option<usize>,
     #[serde(default)]
     pub preprocessing: Preprocessing,
     #[serde(default, flatten)]
@@ -165,6 +169,9 @@ impl Plan {
                 return Err(format!("task name '{}' is used twice", t.name));
             }
             self.hyper_of(t).resolve(&t.name)?;
+            if t.train_per_class == Some(0) {
+                return Err(format!("task '{}': train_per_class must be at least 1", t.name));
+            }
             if let Some(f) = t.test_fraction {
                 if !(0.0..1.0).contains(&f) {
                     return Err(format!("task '{}': test_fraction must be in [0, 1), got {f}", t.name));
@@ -209,6 +216,7 @@ pub fn parse_task(spec: &str) -> Result<TaskPlan, String> {
         classes: None,
         labels: None,
         test_fraction: None,
+        train_per_class: None,
         preprocessing: Preprocessing::default(),
         hyper: Hyper::default(),
     };
@@ -240,12 +248,13 @@ fn set_option(t: &mut TaskPlan, k: &str, v: &str) -> Result<(), String> {
         "classes" => t.classes = Some(list(v)?),
         "labels" => t.labels = Some(v.split(',').map(str::to_string).collect()),
         "test_fraction" => t.test_fraction = Some(one(v)?),
+        "train_per_class" => t.train_per_class = Some(one(v)?),
         "resize" => t.preprocessing.resize = Some(crate::cli::parse_hw(v)?),
         "channels" => t.preprocessing.channels = Some(one(v)?),
         "mean" => t.preprocessing.mean = list(v)?,
         "std" => t.preprocessing.std = list(v)?,
         _ => {
-            return Err("unknown option (epochs, batch, optimizer, lr, momentum, weight_decay, lr_step, lr_gamma, classes, labels, test_fraction, resize, channels, mean, std)".to_string())
+            return Err("unknown option (epochs, batch, optimizer, lr, momentum, weight_decay, lr_step, lr_gamma, classes, labels, test_fraction, train_per_class, resize, channels, mean, std)".to_string())
         }
     }
     Ok(())

@@ -19,7 +19,7 @@ pub struct Args {
     /// The ONNX backbone (default: fixtures/tiny/tiny_digits.onnx).
     pub backbone: Option<PathBuf>,
     /// A task as NAME=DATASET[:key=value...]; keys: epochs, batch, optimizer, lr, momentum,
-    /// weight_decay, lr_step, lr_gamma, classes (e.g. 0,1,2), labels, test_fraction,
+    /// weight_decay, lr_step, lr_gamma, classes (e.g. 0,1,2), labels, test_fraction, train_per_class,
     /// resize (HxW), channels, mean, std. Repeat for a sequence, in order.
     #[arg(long = "task", value_parser = plan::parse_task)]
     pub tasks: Vec<TaskPlan>,

@@ -1,11 +1,13 @@
 //! Command-line interface: argument definitions and one module per subcommand.
 
 mod adapt_cmd;
+mod bench_cmd;
 mod data_cmd;
 mod export_cmd;
 mod graph_cmd;
 mod inspect_cmd;
 mod load;
+mod report_cmd;
 mod run_cmd;
 
 use clap::{Parser, Subcommand};
@@ -42,6 +44,10 @@ pub enum Command {
     Export(export_cmd::ExportArgs),
     /// Check an exported artifact: digests, manifest, probes in tract and ONNX Runtime.
     Verify(export_cmd::VerifyArgs),
+    /// Learn one scenario with every method and print the measured comparison table.
+    Bench(bench_cmd::Args),
+    /// Render a pack's results as a static HTML page (and PNG): heatmap, accuracy lines, losses.
+    Report(report_cmd::Args),
     /// Describe a model: inputs, outputs, ops, parameters, trainable layers, head and feature tensor.
     Inspect(inspect_cmd::Args),
     /// Run a model on inputs from a safetensors file in ONNX Runtime, tract, or both.
@@ -60,6 +66,8 @@ pub fn main() -> anyhow::Result<Outcome> {
         Command::Adapt(a) => adapt_cmd::run(*a, cli.quiet),
         Command::Export(a) => export_cmd::run_export(a, cli.quiet),
         Command::Verify(a) => export_cmd::run_verify(a),
+        Command::Bench(a) => bench_cmd::run(a, cli.quiet),
+        Command::Report(a) => report_cmd::run(a, cli.quiet),
         Command::Inspect(a) => inspect_cmd::run(a),
         Command::Run(a) => run_cmd::run(a),
         Command::Data(c) => data_cmd::run(c, cli.quiet),

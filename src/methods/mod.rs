@@ -46,6 +46,17 @@ pub enum MethodKind {
 }
 
 impl MethodKind {
+    /// Every method, in the order tables list them.
+    pub const ALL: [MethodKind; 7] = [
+        MethodKind::Finetune,
+        MethodKind::FeatureExtract,
+        MethodKind::Joint,
+        MethodKind::Lwf,
+        MethodKind::Ewc,
+        MethodKind::Packnet,
+        MethodKind::Piggyback,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             MethodKind::Finetune => "finetune",

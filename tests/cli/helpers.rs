@@ -90,3 +90,69 @@ pub fn kill_after_epochs(args: &[String], pack: &Path, epochs: u64) {
     child.kill().expect("kill");
     child.wait().expect("wait");
 }
+
+/// Checks `value` against the subset of JSON Schema mtpack's schemas use: `type`,
+/// `required`, `properties`, `additionalProperties: false`, `items`, `enum`, `const`.
+/// Returns the first violation, with its JSON path.
+pub fn schema_violation(schema: &serde_json::Value, value: &serde_json::Value, path: &str) -> Option<String> {
+    use serde_json::Value;
+    let type_ok = |t: &str| match t {
+        "object" => value.is_object(),
+        "array" => value.is_array(),
+        "string" => value.is_string(),
+        "number" => value.is_number(),
+        "integer" => value.is_i64() || value.is_u64(),
+        "boolean" => value.is_boolean(),
+        "null" => value.is_null(),
+        _ => true,
+    };
+    match &schema["type"] {
+        Value::String(t) if !type_ok(t) => return Some(format!("{path}: not {t}")),
+        Value::Array(ts) if !ts.iter().any(|t| t.as_str().is_some_and(type_ok)) => {
+            return Some(format!("{path}: none of {ts:?}"))
+        }
+        _ => {}
+    }
+    if let Some(options) = schema["enum"].as_array() {
+        if !options.contains(value) {
+            return Some(format!("{path}: {value} not in {options:?}"));
+        }
+    }
+    if !schema["const"].is_null() && schema["const"] != *value {
+        return Some(format!("{path}: {value} is not {}", schema["const"]));
+    }
+    if let (Some(obj), Some(props)) = (value.as_object(), schema["properties"].as_object()) {
+        for r in schema["required"].as_array().into_iter().flatten().filter_map(Value::as_str) {
+            if !obj.contains_key(r) {
+                return Some(format!("{path}: missing {r}"));
+            }
+        }
+        for (k, v) in obj {
+            match props.get(k) {
+                Some(s) => {
+                    if let Some(e) = schema_violation(s, v, &format!("{path}.{k}")) {
+                        return Some(e);
+                    }
+                }
+                None if schema["additionalProperties"] == Value::Bool(false) => {
+                    return Some(format!("{path}: unexpected {k}"))
+                }
+                None => {}
+            }
+        }
+    }
+    if let (Some(items), Some(arr)) = (schema.get("items"), value.as_array()) {
+        for (i, v) in arr.iter().enumerate() {
+            if let Some(e) = schema_violation(items, v, &format!("{path}[{i}]")) {
+                return Some(e);
+            }
+        }
+    }
+    None
+}
+
+/// The JSON schema `schemas/<name>`.
+pub fn schema(name: &str) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(root().join("schemas").join(name)).expect("schema file"))
+        .expect("schema JSON")
+}

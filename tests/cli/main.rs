@@ -3,6 +3,7 @@
 
 mod adapt;
 mod bad_input;
+mod bench;
 mod data;
 mod export;
 mod graph;

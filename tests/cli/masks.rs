@@ -117,6 +117,8 @@ fn piggyback_leaves_the_backbone_bit_for_bit() {
     // One bit per masked weight per task in the artifact.
     let art: serde_json::Value =
         serde_json::from_slice(&std::fs::read(last.with_extension("manifest.json")).unwrap()).unwrap();
+    assert_eq!(schema_violation(&schema("artifact.schema.json"), &art, "$"), None);
+    assert_eq!(schema_violation(&schema("pack.schema.json"), &manifest(&pack), "$"), None);
     assert_eq!(art["masks"]["kind"], "piggyback-bits");
     let bpw = art["masks"]["bits_per_weight_per_task"].as_f64().unwrap();
     assert!((1.0..1.01).contains(&bpw), "{bpw}");
