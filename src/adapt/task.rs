@@ -17,7 +17,7 @@ use crate::methods::{Method, MethodKind, TaskCtx};
 use crate::onnx::Model;
 use crate::pack::{Manifest, Metrics, Pack, TaskRecord};
 use crate::tensor::Tensor;
-use crate::train::{candle, eval, prefix, train_epoch, Optimizer, Task, TrainError};
+use crate::train::{candle, eval, prefix, train_epoch, train_epoch_mixed, Optimizer, Task, TrainError};
 
 /// How many held-out images of the first task the backbone's own head is scored on.
 pub const AGREEMENT_IMAGES: usize = 500;
@@ -201,24 +201,21 @@ impl Runner<'_> {
                     y: &self.data[k].train_y,
                 })
                 .collect();
-            let steps: usize = members.iter().map(|&k| self.data[k].train_y.len().div_ceil(hyper.batch)).sum();
+            let steps: usize = if joint {
+                members.iter().map(|&k| self.data[k].train_y.len()).sum::<usize>().div_ceil(hyper.batch)
+            } else {
+                self.data[t].train_y.len().div_ceil(hyper.batch)
+            };
             let bar = self.progress_bar(steps, format!("{name} epoch {}/{epochs}", epoch + 1));
             let started = Instant::now();
             let hooks = method.hooks(epoch, lr, &engine, &ctx)?;
-            let stats = train_epoch(
-                &engine,
-                &tasks,
-                epoch,
-                hyper.batch,
-                self.plan.seed,
-                lr,
-                &mut opt,
-                hooks,
-                &mut |s, _, l| {
+            // Joint training mixes every task into each batch (see train::mixed).
+            let run = if joint && members.len() > 1 { train_epoch_mixed } else { train_epoch };
+            let stats =
+                run(&engine, &tasks, epoch, hyper.batch, self.plan.seed, lr, &mut opt, hooks, &mut |s, _, l| {
                     bar.set_position(s as u64);
                     bar.set_message(format!("loss {l:.4}"));
-                },
-            )?;
+                })?;
             let summary = format!("loss {:.4}, {:.1} images/s", stats.loss, stats.images_per_second);
             // Progress bars draw only on a terminal; logs get one line per epoch.
             if !self.quiet && !std::io::IsTerminal::is_terminal(&std::io::stderr()) {

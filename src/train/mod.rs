@@ -5,11 +5,13 @@
 mod batches;
 pub mod eval;
 pub mod loss;
+mod mixed;
 pub mod optim;
 pub mod prefix;
 mod trainer;
 
 pub use batches::epoch_batches;
+pub use mixed::train_epoch_mixed;
 pub use optim::{OptimConfig, OptimKind, Optimizer, StepLr};
 pub use trainer::{train_epoch, BatchCtx, EpochStats, Hooks, NoHooks, Task};
 

@@ -128,18 +128,8 @@ pub fn train_epoch(
         if let Some(extra) = hooks.extra_loss(&ctx).map_err(candle("method loss"))? {
             loss = (loss + extra).map_err(candle("adding the method loss"))?;
         }
-        let value: f64 =
-            loss.to_dtype(candle_core::DType::F64).and_then(|l| l.to_scalar()).map_err(candle("reading the loss"))?;
-        if !value.is_finite() {
-            return Err(TrainError::Invalid(format!(
-                "loss became {value} at epoch {epoch}, step {step}; lower the learning rate"
-            )));
-        }
         right += correct(logits, &yb).map_err(candle("accuracy"))?;
-        let grads = loss.backward().map_err(candle("backward pass"))?;
-        opt.step_scaled(engine.params(), &grads, lr, hooks.grad_masks(), hooks.lr_scales())
-            .map_err(candle("optimizer step"))?;
-        hooks.after_step(engine.params()).map_err(candle("after-step hook"))?;
+        let value = optimise(engine, &loss, lr, opt, hooks, (epoch, step))?;
         loss_sum += value * idx.len() as f64;
         progress(step + 1, order.len(), value);
     }
@@ -152,4 +142,28 @@ pub fn train_epoch(
         images_per_second: n as f64 / secs,
         lr,
     })
+}
+
+/// Backward pass, optimizer step and after-step hook for one batch's `loss`; returns its
+/// value, or an error if it is not finite.
+pub(crate) fn optimise(
+    engine: &Engine,
+    loss: &Tensor,
+    lr: f64,
+    opt: &mut Optimizer,
+    hooks: &mut dyn Hooks,
+    (epoch, step): (u64, usize),
+) -> Result<f64, TrainError> {
+    let value: f64 =
+        loss.to_dtype(candle_core::DType::F64).and_then(|l| l.to_scalar()).map_err(candle("reading the loss"))?;
+    if !value.is_finite() {
+        return Err(TrainError::Invalid(format!(
+            "loss became {value} at epoch {epoch}, step {step}; lower the learning rate"
+        )));
+    }
+    let grads = loss.backward().map_err(candle("backward pass"))?;
+    opt.step_scaled(engine.params(), &grads, lr, hooks.grad_masks(), hooks.lr_scales())
+        .map_err(candle("optimizer step"))?;
+    hooks.after_step(engine.params()).map_err(candle("after-step hook"))?;
+    Ok(value)
 }

@@ -1,0 +1,99 @@
+//! Joint training with mixed batches: every batch draws from all tasks at once, runs the
+//! shared backbone once, and scores each example with its own task's head. BatchNorm then
+//! sees the mixture of all tasks in every batch, the same statistics its running averages
+//! (used at evaluation) converge to; batches of one task each would train every head under
+//! statistics it never meets at evaluation.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use candle_core::Tensor;
+
+use super::loss::{correct, cross_entropy};
+use super::trainer::optimise;
+use super::{candle, epoch_batches, EpochStats, Hooks, Optimizer, Task, TrainError};
+use crate::engine::Engine;
+
+/// One epoch over the union of `tasks` (which must share their input), shuffled together.
+#[allow(clippy::too_many_arguments)]
+pub fn train_epoch_mixed(
+    engine: &Engine,
+    tasks: &[Task],
+    epoch: u64,
+    batch: usize,
+    seed: u64,
+    lr: f64,
+    opt: &mut Optimizer,
+    hooks: &mut dyn Hooks,
+    progress: &mut dyn FnMut(usize, usize, f64),
+) -> Result<EpochStats, TrainError> {
+    let input = tasks.first().map(|t| t.input).ok_or_else(|| TrainError::Invalid("no tasks to train".into()))?;
+    if tasks.iter().any(|t| t.input != input) {
+        return Err(TrainError::Invalid("mixed batches need every task to feed the same input".into()));
+    }
+    // Global example g belongs to the task whose range holds it.
+    let owner: Vec<(usize, usize)> =
+        tasks.iter().enumerate().flat_map(|(k, t)| (0..t.y.len()).map(move |i| (k, i))).collect();
+    let order = epoch_batches(owner.len(), batch, seed, epoch);
+    let logits: Vec<&str> = tasks.iter().map(|t| t.logits).collect();
+    let dev = engine.device().clone();
+    let started = Instant::now();
+    let (mut loss_sum, mut right) = (0.0, 0usize);
+    for (step, idx) in order.iter().enumerate() {
+        let mut groups: Vec<Vec<usize>> = vec![Vec::new(); tasks.len()];
+        for &g in idx {
+            if let Some(&(k, i)) = owner.get(g) {
+                if let Some(v) = groups.get_mut(k) {
+                    v.push(i);
+                }
+            }
+        }
+        let mut parts = Vec::new();
+        for (t, rows) in tasks.iter().zip(&groups).filter(|(_, r)| !r.is_empty()) {
+            let ids = Tensor::new(rows.iter().map(|&i| i as u32).collect::<Vec<u32>>(), &dev)
+                .map_err(candle("batch indices"))?;
+            parts.push(t.x.index_select(&ids, 0).map_err(candle("selecting a batch"))?);
+        }
+        let xb = Tensor::cat(&parts, 0).map_err(candle("mixing a batch"))?;
+        let outs = engine.forward_to(&[(input, xb)], &logits)?;
+        let outputs: HashMap<String, Tensor> = logits.iter().map(|s| s.to_string()).zip(outs.clone()).collect();
+        let mut total: Option<Tensor> = None;
+        let mut offset = 0;
+        for ((t, rows), out) in tasks.iter().zip(&groups).zip(&outs) {
+            if rows.is_empty() {
+                continue;
+            }
+            let mine = out.narrow(0, offset, rows.len()).map_err(candle("a task's rows"))?;
+            offset += rows.len();
+            let yb: Vec<i64> = rows.iter().filter_map(|&i| t.y.get(i).copied()).collect();
+            let yt = Tensor::new(yb.as_slice(), &dev).map_err(candle("batch labels"))?;
+            right += correct(&mine, &yb).map_err(candle("accuracy"))?;
+            // Each task's mean, weighted by its share of the batch: the batch mean overall.
+            let part = cross_entropy(&mine, &yt)
+                .and_then(|l| l.affine(rows.len() as f64 / idx.len().max(1) as f64, 0.0))
+                .map_err(candle("cross-entropy"))?;
+            total = Some(match total {
+                Some(acc) => (acc + part).map_err(candle("adding task losses"))?,
+                None => part,
+            });
+        }
+        let mut loss = total.ok_or_else(|| TrainError::Invalid("an empty batch".into()))?;
+        let ctx = super::BatchCtx { task: 0, indices: idx, outputs: &outputs, params: engine.params() };
+        if let Some(extra) = hooks.extra_loss(&ctx).map_err(candle("method loss"))? {
+            loss = (loss + extra).map_err(candle("adding the method loss"))?;
+        }
+        let value = optimise(engine, &loss, lr, opt, hooks, (epoch, step))?;
+        loss_sum += value * idx.len() as f64;
+        progress(step + 1, order.len(), value);
+    }
+    let n = owner.len();
+    let secs = started.elapsed().as_secs_f64().max(1e-9);
+    Ok(EpochStats {
+        epoch,
+        examples: n,
+        loss: loss_sum / n.max(1) as f64,
+        train_accuracy: right as f64 / n.max(1) as f64,
+        images_per_second: n as f64 / secs,
+        lr,
+    })
+}
