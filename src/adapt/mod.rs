@@ -135,14 +135,14 @@ pub fn analyse_backbone(path: &Path, method: MethodKind) -> Result<(Model, Backb
     Ok((model, Backbone { record, input_shape, shared, masked }))
 }
 
-fn new_manifest(plan: &Plan, backbone: &Backbone) -> Manifest {
+fn new_manifest(plan: &Plan, backbone: &Backbone, model: &Model) -> Manifest {
     let own = backbone.record.own_head.is_some();
     Manifest {
         schema: PACK_SCHEMA.into(),
         mtpack_version: env!("CARGO_PKG_VERSION").into(),
         backbone: backbone.record.clone(),
         method: plan.method.name().into(),
-        method_params: plan.params.effective(plan.method),
+        method_params: plan.params.for_backbone(plan.method, model).effective(plan.method),
         needs_old_data: plan.method.needs_old_data(),
         seed: plan.seed,
         plan: plan.clone(),
@@ -196,7 +196,7 @@ fn open_pack(
     pack.create_dirs()?;
     model.save(&pack.backbone())?;
     model.save(&pack.model())?;
-    let mut m = new_manifest(plan, backbone);
+    let mut m = new_manifest(plan, backbone, model);
     m.files.insert("backbone.onnx".into(), String::new());
     m.files.insert("model.onnx".into(), String::new());
     if m.backbone.own_head.is_some() {
@@ -212,9 +212,10 @@ fn open_pack(
 /// Runs the plan into `opts.pack`; returns the final manifest.
 pub fn run(plan: &Plan, opts: &Options) -> Result<Manifest, AdaptError> {
     plan.validate().map_err(AdaptError::Plan)?;
-    let mut method = methods::create(plan.method, &plan.params).map_err(AdaptError::Plan)?;
     let backbone_path = plan.backbone.clone().unwrap_or_else(default_backbone);
     let (model, backbone) = analyse_backbone(&backbone_path, plan.method)?;
+    let params = plan.params.for_backbone(plan.method, &model);
+    let mut method = methods::create(plan.method, &params).map_err(AdaptError::Plan)?;
     // Every task's data is read and checked before anything trains.
     let mut prepared = Vec::with_capacity(plan.tasks.len());
     for t in &plan.tasks {

@@ -256,7 +256,7 @@ impl Runner<'_> {
         progress: Progress,
         manifest: &mut Manifest,
     ) -> Result<(), AdaptError> {
-        let trained = engine.export(model).map_err(TrainError::from)?;
+        let trained = method.canonical(engine.export(model).map_err(TrainError::from)?)?;
         trained.save(&self.pack.model())?;
         let name = &self.plan.tasks[t].name;
         let state_dir = self.pack.state_dir().join(format!("after_{name}"));

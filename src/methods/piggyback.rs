@@ -205,6 +205,13 @@ impl Method for Piggyback {
         (!out.is_empty()).then_some(out)
     }
 
+    fn canonical(&self, model: Model) -> Result<Model, TrainError> {
+        if self.per_task.is_empty() {
+            return Ok(model);
+        }
+        self.per_task.apply(&model, None)
+    }
+
     fn task_report(&self) -> Option<serde_json::Value> {
         self.report.clone()
     }

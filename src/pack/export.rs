@@ -151,7 +151,9 @@ fn select(m: &Manifest, opts: &ExportOptions) -> Result<Vec<usize>, ExportError>
 
 /// The method with the state it had after the pack's last task.
 fn load_method(pack: &Pack, m: &Manifest) -> Result<Box<dyn Method>, ExportError> {
-    let mut method = methods::create(m.plan.method, &m.plan.params).map_err(ExportError::Invalid)?;
+    let backbone = Model::load(&pack.backbone()).map_err(step(format!("{}", pack.backbone().display())))?;
+    let params = m.plan.params.for_backbone(m.plan.method, &backbone);
+    let mut method = methods::create(m.plan.method, &params).map_err(ExportError::Invalid)?;
     if let Some(last) = m.tasks.last() {
         method.load(&pack.state_dir().join(format!("after_{}", last.name))).map_err(step("the method's state"))?;
     }

@@ -69,11 +69,13 @@ fn three_tasks(dir: &Path, method: &str, extra: &[&str]) -> (PathBuf, PathBuf, P
 #[test]
 fn mask_methods_never_forget_bit_for_bit() {
     let dir = tempfile::tempdir().unwrap();
+    // The papers' choices for biases and BatchNorm, and the per-task copies that are the
+    // default on a BatchNorm backbone such as the tiny one.
     let setups: [(&str, &[&str]); 4] = [
+        ("packnet", &["--packnet-shared", "first-task"]),
+        ("piggyback", &["--piggyback-shared", "frozen"]),
         ("packnet", &[]),
         ("piggyback", &[]),
-        ("packnet", &["--packnet-shared", "per-task"]),
-        ("piggyback", &["--piggyback-shared", "per-task"]),
     ];
     for (k, (method, extra)) in setups.into_iter().enumerate() {
         let sub = dir.path().join(k.to_string());
@@ -114,6 +116,10 @@ fn piggyback_leaves_the_backbone_bit_for_bit() {
     }
     let m = manifest(&pack);
     assert_eq!(m["accuracy_matrix"].as_array().unwrap().last().unwrap()[0], 1.0, "own head must agree fully");
+    // On this BatchNorm backbone each task trained its own BatchNorm (recorded as such).
+    assert_eq!(m["method_params"]["shared"], "per-task");
+    let (per_task, _) = mtpack::store::load(&pack.join("state/after_t3/per_task.safetensors")).unwrap();
+    assert_eq!(per_task["per_task/bn1.scale"].shape(), [4, 8], "backbone + 3 tasks");
     // One bit per masked weight per task in the artifact.
     let art: serde_json::Value =
         serde_json::from_slice(&std::fs::read(last.with_extension("manifest.json")).unwrap()).unwrap();
@@ -127,7 +133,7 @@ fn piggyback_leaves_the_backbone_bit_for_bit() {
 #[test]
 fn packnet_owns_each_weight_once_and_prunes_as_set() {
     let dir = tempfile::tempdir().unwrap();
-    let (pack, _, _) = three_tasks(dir.path(), "packnet", &[]);
+    let (pack, _, _) = three_tasks(dir.path(), "packnet", &["--packnet-shared", "first-task"]);
     let (owners, _) = mtpack::store::load(&pack.join("state/after_t3/packnet.safetensors")).unwrap();
     let after_t1 = initializers(&dir.path().join("packnet_model_after_t1.onnx"));
     let now = initializers(&pack.join("model.onnx"));
