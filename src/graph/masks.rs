@@ -3,8 +3,9 @@
 //! `W` becomes `W/unmasked * keep(task)`, and each task's output is gated so that reading it
 //! with another task's value gives NaN instead of a plausible wrong answer.
 //!
-//! - PackNet: one uint8 owner id per weight. A 256-entry table `keep[o] = 0 < o <= task + 1`
-//!   is computed from `task`, and the ids index it (Cast, Gather): two cheap passes per weight.
+//! - PackNet: one owner id per weight, two to a byte while ids fit in 4 bits (15 tasks),
+//!   else a byte each. A 256-entry table `keep[o] = 0 < o <= task + 1` is computed from
+//!   `task` (and from it a [256, 2] table of each byte's pair), and the packed ids index it.
 //! - Piggyback: one packed bit row per task ([T, ceil(n/8)] uint8). The row is gathered by
 //!   `task`, and its bytes index a constant [256, 8] table of their bits (Gather), which
 //!   unpacks eight weights per lookup.
@@ -56,6 +57,47 @@ impl Builder {
     fn cast(&mut self, input: &str, output: &str, to: DType) {
         self.node("Cast", &[input], output, vec![attr::make_int("to", i64::from(tensor_proto::onnx_code(to)))]);
     }
+
+    /// `output` (shaped `shape`) from packed bytes `packed`: each byte indexes `table`, a
+    /// [256, per_byte] float table of what it holds; the first `n` values are kept.
+    fn unpack(
+        &mut self,
+        p: &str,
+        packed: &str,
+        (table, per_byte): (&str, usize),
+        n: usize,
+        shape: &[i64],
+        output: &str,
+    ) {
+        self.cast(packed, &format!("{p}/bytes"), DType::I32);
+        self.node("Gather", &[table, &format!("{p}/bytes")], &format!("{p}/values"), vec![attr::make_int("axis", 0)]);
+        self.init(&format!("{p}/flat_shape"), i64s(&[-1]));
+        self.node("Reshape", &[&format!("{p}/values"), &format!("{p}/flat_shape")], &format!("{p}/flat"), vec![]);
+        let mut flat = format!("{p}/flat");
+        if !n.is_multiple_of(per_byte) {
+            self.init(&format!("{p}/start"), i64s(&[0]));
+            self.init(&format!("{p}/end"), i64s(&[n as i64]));
+            self.node("Slice", &[&flat, &format!("{p}/start"), &format!("{p}/end")], &format!("{p}/used"), vec![]);
+            flat = format!("{p}/used");
+        }
+        self.init(&format!("{p}/shape"), i64s(shape));
+        self.node("Reshape", &[&flat, &format!("{p}/shape")], output, vec![]);
+    }
+}
+
+/// Bits an owner id takes in the artifact: 4 (two ids a byte) while every id fits, else 8.
+pub fn owner_bits(ids: &ArrayD<u8>) -> u32 {
+    if ids.iter().all(|&v| v < 16) {
+        4
+    } else {
+        8
+    }
+}
+
+/// Two 4-bit ids a byte, the first in the low nibble.
+fn pack_nibbles(ids: &ArrayD<u8>) -> Vec<u8> {
+    let flat: Vec<u8> = ids.iter().copied().collect();
+    flat.chunks(2).map(|c| c.first().copied().unwrap_or(0) | (c.get(1).copied().unwrap_or(0) << 4)).collect()
 }
 
 fn i64s(v: &[i64]) -> Tensor {
@@ -105,6 +147,15 @@ pub fn embed(
         b.node("Greater", &["mask/ids", "mask/zero"], "mask/owned", vec![]);
         b.node("And", &["mask/owned", "mask/up_to"], "mask/visible", vec![]);
         b.cast("mask/visible", "mask/owner_table", DType::F32);
+        // Two 4-bit owner ids a byte: each byte's pair of keep values, from the table above.
+        let nibbles: Vec<i64> = (0..256i64).flat_map(|v| [v & 15, v >> 4]).collect();
+        b.init(
+            "mask/nibbles",
+            Tensor::I64(
+                ArrayD::from_shape_vec(ndarray::IxDyn(&[256, 2]), nibbles).unwrap_or_else(|_| ArrayD::zeros(vec![0])),
+            ),
+        );
+        b.node("Gather", &["mask/owner_table", "mask/nibbles"], "mask/pair_table", vec![attr::make_int("axis", 0)]);
     }
     if masks.values().any(|s| matches!(s, StoredMask::Bits { .. })) {
         b.init("mask/bit_table", bit_table());
@@ -129,39 +180,22 @@ pub fn embed(
         }
         match stored {
             StoredMask::PerTask(_) => continue,
+            StoredMask::Owners(ids) if owner_bits(ids) == 4 => {
+                b.init(&format!("{name}/owner"), Tensor::U8(ndarray::Array1::from(pack_nibbles(ids)).into_dyn()));
+                b.unpack(&p, &format!("{name}/owner"), ("mask/pair_table", 2), ids.len(), &shape, &keep);
+            }
             StoredMask::Owners(ids) => {
                 b.init(&format!("{name}/owner"), Tensor::U8(ids.clone()));
                 b.cast(&format!("{name}/owner"), &format!("{p}/ids"), DType::I32);
                 b.node("Gather", &["mask/owner_table", &format!("{p}/ids")], &keep, vec![attr::make_int("axis", 0)]);
             }
             StoredMask::Bits { rows, len: n } => {
-                let n = *n;
                 b.init(&format!("{name}/bits"), Tensor::U8(rows.clone().into_dyn()));
-                b.node(
-                    "Gather",
-                    &[&format!("{name}/bits"), "mask/row"],
-                    &format!("{p}/row"),
-                    vec![attr::make_int("axis", 0)],
-                );
-                b.cast(&format!("{p}/row"), &format!("{p}/bytes"), DType::I32);
-                b.node(
-                    "Gather",
-                    &["mask/bit_table", &format!("{p}/bytes")],
-                    &format!("{p}/bits"),
-                    vec![attr::make_int("axis", 0)],
-                );
-                b.init(&format!("{p}/flat_shape"), i64s(&[-1]));
-                b.node("Reshape", &[&format!("{p}/bits"), &format!("{p}/flat_shape")], &format!("{p}/flat"), vec![]);
-                let mut flat = format!("{p}/flat");
-                if rows.shape().get(1).copied().unwrap_or(0) * 8 != n {
-                    b.init(&format!("{p}/start"), i64s(&[0]));
-                    b.init(&format!("{p}/end"), i64s(&[n as i64]));
-                    b.node("Slice", &[&flat, &format!("{p}/start"), &format!("{p}/end")], &format!("{p}/used"), vec![]);
-                    flat = format!("{p}/used");
-                }
-                b.init(&format!("{p}/shape"), i64s(&shape));
-                b.node("Reshape", &[&flat, &format!("{p}/shape")], &format!("{p}/task_keep"), vec![]);
-                b.node("Max", &[&format!("{p}/task_keep"), "mask/all"], &keep, vec![]);
+                let row = format!("{p}/row");
+                b.node("Gather", &[&format!("{name}/bits"), "mask/row"], &row, vec![attr::make_int("axis", 0)]);
+                let unpacked = format!("{p}/task_keep");
+                b.unpack(&p, &row, ("mask/bit_table", 8), *n, &shape, &unpacked);
+                b.node("Max", &[&unpacked, "mask/all"], &keep, vec![]);
             }
         }
         b.node("Mul", &[&format!("{name}/unmasked"), &keep], name, vec![]);
@@ -309,4 +343,73 @@ fn gate_outputs(m: &mut Model, gates: &[(String, i64)]) -> Result<(), GraphError
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::onnx::build::{model, node, value_info};
+    use crate::onnx::pb::GraphProto;
+    use crate::runtime::tract_rt::TractSession;
+    use crate::runtime::Backend;
+
+    /// y = x @ W, W [3, 3] (9 weights: an odd count exercises the slice).
+    fn matmul(w: &[f32]) -> Model {
+        let w = Tensor::F32(ArrayD::from_shape_vec(ndarray::IxDyn(&[3, 3]), w.to_vec()).unwrap());
+        let graph = GraphProto {
+            node: vec![node("MatMul", "mm", &["x", "W"], &["y"], vec![])],
+            input: vec![value_info("x", DType::F32, None)],
+            output: vec![value_info("y", DType::F32, None)],
+            initializer: vec![tensor_proto::from_tensor("W", &w)],
+            ..Default::default()
+        };
+        model(graph, 13)
+    }
+
+    fn run(m: &Model, task: i64) -> Vec<f32> {
+        let mut s = TractSession::from_bytes(&m.to_bytes(), "test").unwrap();
+        let x = Tensor::F32(ndarray::arr2(&[[1.0f32, 10.0, 100.0]]).into_dyn());
+        let out =
+            s.run(&[("x".into(), x), (TASK_INPUT.into(), Tensor::I64(ndarray::arr1(&[task]).into_dyn()))]).unwrap();
+        out[0].1.as_f32().unwrap().iter().copied().collect()
+    }
+
+    #[test]
+    fn owner_ids_unpack_in_the_graph_in_both_widths() {
+        let w: Vec<f32> = (1..=9).map(|v| v as f32).collect();
+        // 4-bit ids (all < 16) and 8-bit ids (one is 20).
+        for ids in [[1u8, 0, 2, 3, 1, 2, 0, 3, 1], [1, 0, 2, 20, 1, 2, 0, 3, 1]] {
+            let owners = ArrayD::from_shape_vec(ndarray::IxDyn(&[3, 3]), ids.to_vec()).unwrap();
+            let masks = BTreeMap::from([("W".to_string(), StoredMask::Owners(owners))]);
+            let m = embed(&matmul(&w), &masks, &[]).unwrap();
+            for task in [0i64, 1, 2, 19] {
+                let keep: Vec<f32> = ids
+                    .iter()
+                    .zip(&w)
+                    .map(|(&o, &v)| if o > 0 && i64::from(o) <= task + 1 { v } else { 0.0 })
+                    .collect();
+                let want: Vec<f32> = (0..3).map(|j| keep[j] + 10.0 * keep[3 + j] + 100.0 * keep[6 + j]).collect();
+                assert_eq!(run(&m, task), want, "ids {ids:?}, task {task}");
+            }
+        }
+    }
+
+    #[test]
+    fn packed_bits_unpack_per_task_and_task_minus_one_is_unmasked() {
+        let w: Vec<f32> = (1..=9).map(|v| v as f32).collect();
+        let t0 = [true, false, true, true, false, true, true, true, false];
+        let t1 = [false, true, true, false, true, true, false, false, true];
+        let rows = ndarray::Array2::from_shape_vec(
+            (2, 2),
+            [crate::methods::masks::pack_bits(&t0), crate::methods::masks::pack_bits(&t1)].concat(),
+        )
+        .unwrap();
+        let masks = BTreeMap::from([("W".to_string(), StoredMask::Bits { rows, len: 9 })]);
+        let m = embed(&matmul(&w), &masks, &[]).unwrap();
+        for (task, keep) in [(0i64, t0), (1, t1), (-1, [true; 9])] {
+            let kept: Vec<f32> = keep.iter().zip(&w).map(|(&k, &v)| if k { v } else { 0.0 }).collect();
+            let want: Vec<f32> = (0..3).map(|j| kept[j] + 10.0 * kept[3 + j] + 100.0 * kept[6 + j]).collect();
+            assert_eq!(run(&m, task), want, "task {task}");
+        }
+    }
 }

@@ -89,7 +89,7 @@ pub struct ArtifactManifest {
 /// The embedded masks: their kind, their tensors and what they cost.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct MaskSummary {
-    /// "packnet-owner-ids" (one uint8 per weight for all tasks) or "piggyback-bits" (one bit
+    /// "packnet-owner-ids" (one 4- or 8-bit owner id per weight for all tasks) or "piggyback-bits" (one bit
     /// per weight per task).
     pub kind: String,
     pub masked_params: usize,
@@ -116,7 +116,7 @@ impl MaskSummary {
             match s {
                 StoredMask::Owners(ids) => {
                     params += ids.len();
-                    bytes += ids.len();
+                    bytes += ids.len().div_ceil(8 / crate::graph::masks::owner_bits(ids) as usize);
                     kind = "packnet-owner-ids";
                     tensors.insert(name.clone(), format!("{name}/owner"));
                 }
