@@ -161,6 +161,9 @@ pub fn embed(
         b.init("mask/bit_table", bit_table());
         b.node("Less", &[TASK_INPUT, "mask/zero"], "mask/own_head", vec![]);
         b.cast("mask/own_head", "mask/all", DType::F32);
+        // For the backbone's own head every bit reads 1; folded into the small table once
+        // rather than applied to every weight.
+        b.node("Max", &["mask/bit_table", "mask/all"], "mask/task_bit_table", vec![]);
     }
     for (i, (name, stored)) in masks.iter().enumerate() {
         let shape = shapes.get(name).cloned().unwrap_or_default();
@@ -193,9 +196,7 @@ pub fn embed(
                 b.init(&format!("{name}/bits"), Tensor::U8(rows.clone().into_dyn()));
                 let row = format!("{p}/row");
                 b.node("Gather", &[&format!("{name}/bits"), "mask/row"], &row, vec![attr::make_int("axis", 0)]);
-                let unpacked = format!("{p}/task_keep");
-                b.unpack(&p, &row, ("mask/bit_table", 8), *n, &shape, &unpacked);
-                b.node("Max", &[&unpacked, "mask/all"], &keep, vec![]);
+                b.unpack(&p, &row, ("mask/task_bit_table", 8), *n, &shape, &keep);
             }
         }
         b.node("Mul", &[&format!("{name}/unmasked"), &keep], name, vec![]);
