@@ -207,7 +207,8 @@ fn build(
             outputs.extend(selected.iter().map(|&i| logits(i)));
             let plain = with_outputs(model, &outputs)?;
             let x = stack(&selected.iter().map(|&i| rows(i).0).collect::<Vec<_>>())?;
-            let raw = stack(&selected.iter().map(|&i| rows(i).1).collect::<Vec<_>>())?;
+            // Raw images are only fed with preprocessing in the graph; tasks may differ in size.
+            let raw = if pre { stack(&selected.iter().map(|&i| rows(i).1).collect::<Vec<_>>())? } else { x.clone() };
             let q = Query::new(None, outputs, x, &raw, &plain, &input, pre)?;
             (plain, None, vec![q], DESIGN, None)
         }

@@ -104,7 +104,13 @@ fn mobilenetv2_exports_for_every_method() {
     let task = |name: &str, classes: &str| {
         format!("{name}={}:classes={classes}:train_per_class=12:resize=32x32:channels=3:epochs=1:batch=8", p(&digits()))
     };
-    let (t1, t2) = (task("a", "0,1,2"), task("b", "3,4"));
+    // The second task's images are stored at another size (16x16): probes of tasks whose raw
+    // images differ must still export.
+    let big = dir.path().join("digits16.safetensors");
+    let csv = root().join("fixtures/digits/digits.csv.gz");
+    let import = ["data", "import", "csv", p(&csv), "--shape", "1x8x8", "--pixel-max", "16", "--resize", "16x16"];
+    mtpack(import.iter().chain(&["-o", p(&big), "--quiet"])).expect(0);
+    let (t1, t2) = (task("a", "0,1,2"), task("b", "3,4").replacen(p(&digits()), p(&big), 1));
     for method in METHODS {
         let pack = dir.path().join(method);
         let args = ["adapt", p(&mnv2), "--method", method, "--task", &t1, "--task", &t2, "-o", p(&pack), "--quiet"];
