@@ -372,7 +372,8 @@ pub fn export(pack_dir: &Path, out: &Path, opts: &ExportOptions) -> Result<Expor
     };
     let json = serde_json::to_string_pretty(&manifest).map_err(step("manifest"))?;
     let mut final_model = built.model;
-    artifact::embed(&mut final_model, &json);
+    // Compact in the model (it counts against the artifact's size), pretty beside it.
+    artifact::embed(&mut final_model, &serde_json::to_string(&manifest).map_err(step("manifest"))?);
     let write =
         |p: &Path, b: &[u8]| crate::fsutil::write_atomic(p, b).map_err(step(format!("writing {}", p.display())));
     write(&probes_path, &probe_bytes)?;

@@ -42,7 +42,8 @@ pub fn verify(model_path: &Path, manifest_path: Option<&Path>) -> Result<VerifyR
         .map(|p| std::fs::read_to_string(p).map_err(|e| format!("cannot read manifest {}: {e}", p.display())));
     let text = match (&external, &embedded) {
         (Some(Ok(ext)), Some(emb)) => {
-            if ext.trim() != emb.trim() {
+            let parsed = |t: &str| serde_json::from_str::<serde_json::Value>(t).ok();
+            if ext.trim() != emb.trim() && parsed(ext).is_none_or(|e| Some(e) != parsed(emb)) {
                 problems.push("the manifest file differs from the manifest embedded in the model".to_string());
             }
             Some(ext.clone())
