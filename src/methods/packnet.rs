@@ -123,14 +123,24 @@ impl PackNet {
                 .get(name)
                 .ok_or_else(|| TrainError::Invalid(format!("packnet: weight '{name}' is not trainable")))?;
             let mut w = masks::values(var.as_tensor()).map_err(candle("packnet pruning"))?;
+            if w.len() != own.ids.len() {
+                return Err(TrainError::Invalid(format!(
+                    "packnet: weight '{name}' has {} values but {} owner ids",
+                    w.len(),
+                    own.ids.len()
+                )));
+            }
             let mut taken: Vec<usize> = (0..own.ids.len()).filter(|&i| own.ids.get(i) == Some(&0)).collect();
-            taken.sort_by(|&a, &b| w[a].abs().total_cmp(&w[b].abs()).then(a.cmp(&b)));
+            let magnitude = |i: usize| w.get(i).map_or(0.0, |v| v.abs());
+            taken.sort_by(|&a, &b| magnitude(a).total_cmp(&magnitude(b)).then(a.cmp(&b)));
             let freed = (frac * taken.len() as f64).round() as usize;
             for (rank, &i) in taken.iter().enumerate() {
                 if rank < freed {
-                    w[i] = 0.0;
-                } else {
-                    own.ids[i] = id;
+                    if let Some(v) = w.get_mut(i) {
+                        *v = 0.0;
+                    }
+                } else if let Some(o) = own.ids.get_mut(i) {
+                    *o = id;
                 }
             }
             Tensor::from_vec(w, var.as_tensor().dims(), var.device())
