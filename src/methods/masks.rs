@@ -174,6 +174,22 @@ impl PerTask {
         Ok(out)
     }
 
+    /// `model` as the pack stores it: the backbone's values of the per-task parameters.
+    pub fn canonical(&self, model: Model) -> Result<Model, TrainError> {
+        if self.is_empty() {
+            return Ok(model);
+        }
+        self.apply(&model, None)
+    }
+
+    /// Adds each per-task parameter's stacked rows to `out` (nothing when there are none).
+    pub fn add_stored(&self, out: &mut BTreeMap<String, crate::graph::masks::StoredMask>) -> Result<(), TrainError> {
+        for (name, rows) in self.stacked()? {
+            out.insert(name, crate::graph::masks::StoredMask::PerTask(rows));
+        }
+        Ok(())
+    }
+
     /// Each parameter's rows stacked: [1 + tasks, ...].
     pub fn stacked(&self) -> Result<BTreeMap<String, ndarray::ArrayD<f32>>, TrainError> {
         let names: Vec<String> = self.rows.first().map(|r| r.keys().cloned().collect()).unwrap_or_default();

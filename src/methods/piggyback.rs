@@ -199,17 +199,12 @@ impl Method for Piggyback {
             let rows = ndarray::Array2::from_shape_vec((b.rows.len(), width), flat).ok()?;
             out.insert(name.clone(), StoredMask::Bits { rows, len: b.shape.iter().product() });
         }
-        for (name, rows) in self.per_task.stacked().ok()? {
-            out.insert(name, StoredMask::PerTask(rows));
-        }
+        self.per_task.add_stored(&mut out).ok()?;
         (!out.is_empty()).then_some(out)
     }
 
     fn canonical(&self, model: Model) -> Result<Model, TrainError> {
-        if self.per_task.is_empty() {
-            return Ok(model);
-        }
-        self.per_task.apply(&model, None)
+        self.per_task.canonical(model)
     }
 
     fn task_report(&self) -> Option<serde_json::Value> {

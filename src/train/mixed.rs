@@ -87,13 +87,5 @@ pub fn train_epoch_mixed(
         progress(step + 1, order.len(), value);
     }
     let n = owner.len();
-    let secs = started.elapsed().as_secs_f64().max(1e-9);
-    Ok(EpochStats {
-        epoch,
-        examples: n,
-        loss: loss_sum / n.max(1) as f64,
-        train_accuracy: right as f64 / n.max(1) as f64,
-        images_per_second: n as f64 / secs,
-        lr,
-    })
+    Ok(EpochStats::summarise(epoch, n, loss_sum, right, started, lr))
 }

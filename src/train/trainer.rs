@@ -77,6 +77,22 @@ pub struct EpochStats {
     pub lr: f64,
 }
 
+impl EpochStats {
+    /// An epoch of `n` examples with summed loss `loss_sum` and `right` correct, begun at
+    /// `started`.
+    pub(crate) fn summarise(epoch: u64, n: usize, loss_sum: f64, right: usize, started: Instant, lr: f64) -> Self {
+        let secs = started.elapsed().as_secs_f64().max(1e-9);
+        EpochStats {
+            epoch,
+            examples: n,
+            loss: loss_sum / n.max(1) as f64,
+            train_accuracy: right as f64 / n.max(1) as f64,
+            images_per_second: n as f64 / secs,
+            lr,
+        }
+    }
+}
+
 /// Trains one epoch over one task, or over several with their batches interleaved
 /// evenly (joint training). `progress(batch, batches, loss)` is told after every step.
 #[allow(clippy::too_many_arguments)]
@@ -133,15 +149,7 @@ pub fn train_epoch(
         loss_sum += value * idx.len() as f64;
         progress(step + 1, order.len(), value);
     }
-    let secs = started.elapsed().as_secs_f64().max(1e-9);
-    Ok(EpochStats {
-        epoch,
-        examples: n,
-        loss: loss_sum / n.max(1) as f64,
-        train_accuracy: right as f64 / n.max(1) as f64,
-        images_per_second: n as f64 / secs,
-        lr,
-    })
+    Ok(EpochStats::summarise(epoch, n, loss_sum, right, started, lr))
 }
 
 /// Backward pass, optimizer step and after-step hook for one batch's `loss`; returns its
