@@ -19,9 +19,13 @@ fn main() -> anyhow::Result<()> {
     let model = add_heads(&backbone, "features", &[("task".into(), LinearHead::init(10, 1280, 0))], true)?;
     let names = mtpack::graph::analysis::trainable_names(model.graph());
     let engine = Engine::new(&model, &|n| names.contains(n), DType::F32, &Device::Cpu)?;
+    // Batch-statistics BatchNorm, as `mtpack adapt` and the throughput bench train.
+    engine.set_training(true);
     let x = Tensor::randn(0f32, 1f32, (32, 3, 64, 64), &Device::Cpu)?;
     let y = Tensor::new(&[1i64; 32], &Device::Cpu)?;
-    for round in 0..3 {
+    // MTPACK_PROFILE_ROUNDS: more rounds to dilute warm-up in a `perf record` of this example.
+    let rounds: usize = std::env::var("MTPACK_PROFILE_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
+    for round in 0..rounds {
         let t = Instant::now();
         let out = engine.forward_to(&[("input", x.clone())], &["task/logits"])?;
         let l = loss::cross_entropy(&out[0], &y)?;

@@ -1,6 +1,7 @@
 //! The trainable part: ONNX graphs executed as candle operations, with chosen initializers as
 //! `Var`s so that `backward()` gives their gradients.
 
+mod fuse;
 #[cfg(test)]
 pub mod gradcheck;
 pub mod kernels;
@@ -150,21 +151,37 @@ impl Engine {
             training: training.clone(),
             stateful: stateful.clone(),
         };
+        let fixed = |name: &str| !(trainable(name) || stateful.contains(name));
+        let folded = fuse::batch_norm_clamps(g, ctx.opset, &fixed);
+        let folded_away: std::collections::HashSet<usize> = folded.values().map(|f| f.clamp_node).collect();
         let mut steps = Vec::with_capacity(g.node.len());
-        for n in &g.node {
-            let op = registry::build(n, &ctx)?;
-            let running = match (n.op_type(), n.input.get(3), n.input.get(4)) {
-                ("BatchNormalization", Some(m), Some(v)) if stateful.contains(m) => Some((m.clone(), v.clone())),
-                _ => None,
-            };
-            steps.push(Step {
-                running,
+        for (idx, n) in g.node.iter().enumerate() {
+            if folded_away.contains(&idx) {
+                continue;
+            }
+            let mut step = Step {
+                running: match (n.op_type(), n.input.get(3), n.input.get(4)) {
+                    ("BatchNormalization", Some(m), Some(v)) if stateful.contains(m) => Some((m.clone(), v.clone())),
+                    _ => None,
+                },
                 label: node_label(n),
                 op_type: n.op_type().to_string(),
                 inputs: n.input.iter().map(|i| (!i.is_empty()).then(|| i.clone())).collect(),
                 outputs: n.output.clone(),
-                op,
-            });
+                op: registry::build(n, &ctx)?,
+            };
+            if let Some(f) = folded.get(&idx) {
+                // The clamp node is still checked as if it ran on its own.
+                let c = &g.node[f.clamp_node];
+                registry::build(c, &ctx)?;
+                step.op = ops::build_batch_norm_clamped(n, &ctx, Some(f.clamp))?;
+                step.label = format!("{}+{}", step.label, node_label(c));
+                step.op_type = format!("{}+{}", n.op_type(), c.op_type());
+                if let (Some(first), Some(out)) = (step.outputs.first_mut(), c.output.first()) {
+                    first.clone_from(out);
+                }
+            }
+            steps.push(step);
         }
         let (mut constants, mut params) = (HashMap::new(), BTreeMap::new());
         for t in &g.initializer {

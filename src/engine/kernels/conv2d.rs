@@ -1,12 +1,13 @@
 //! 2-D convolution (NCHW, OIHW weights) with groups, strides, dilations and asymmetric
 //! padding, plus both gradients. Dense groups use im2col + GEMM; depthwise convolution (one
-//! input channel per group) uses direct loops, which is what makes MobileNet-style backbones
+//! input channel per group) runs on padded planes (see `depthwise`), which is what makes MobileNet-style backbones
 //! train at a useful speed. Work is split over the batch with rayon.
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{gemm, slice, Real};
+use super::depthwise::Plane;
+use super::{gemm, simd, slice, Real};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConvParams {
@@ -15,17 +16,6 @@ pub struct ConvParams {
     /// [top, left, bottom, right]
     pub pads: [usize; 4],
     pub groups: usize,
-}
-
-/// A run of `len` output positions starting at `y`, reading input `x + t * step`, through
-/// weight `w`.
-#[derive(Clone, Copy, Debug)]
-struct Run {
-    x: usize,
-    step: usize,
-    y: usize,
-    len: usize,
-    w: usize,
 }
 
 /// Sizes of one convolution, derived once from the input and weight shapes.
@@ -93,34 +83,45 @@ impl Geometry {
         self.kh == 1 && self.kw == 1 && self.p.stride == [1, 1] && self.p.pads == [0; 4]
     }
 
-    /// Scratch space for [`Geometry::columns`] (none when the input is used directly).
-    fn cols_buffer<T: Real>(&self) -> Vec<T> {
-        if self.pointwise() {
-            Vec::new()
-        } else {
-            vec![T::zero(); self.k() * self.ohw()]
-        }
+    /// Images whose columns go into one GEMM. A small feature map alone makes a GEMM too
+    /// narrow to run near peak (a 4x4 map gives 16 columns), so the columns of several
+    /// images sit side by side. It depends on the shapes only: the results do not depend
+    /// on the thread count.
+    fn unit(&self) -> usize {
+        (512 / self.ohw().max(1)).clamp(1, 16).min(self.n.max(1))
     }
 
-    /// The im2col matrix of group `g` of one image: the input itself for a pointwise
-    /// convolution, else written into `buf`.
-    fn columns<'a, T: Real>(&self, x: &'a [T], g: usize, buf: &'a mut [T]) -> &'a [T] {
-        if self.pointwise() {
-            &x[g * self.cin_g * self.ohw()..][..self.cin_g * self.ohw()]
-        } else {
-            self.im2col(x, g, buf);
-            buf
-        }
+    /// Whether the columns of a unit are the input itself (one image, pointwise).
+    fn direct(&self, imgs: usize) -> bool {
+        self.pointwise() && imgs == 1
     }
 
-    /// Writes the im2col matrix [cin_g*kh*kw, oh*ow] of group `g` of one image.
-    fn im2col<T: Real>(&self, x: &[T], g: usize, cols: &mut [T]) {
+    /// The columns [cin_g*kh*kw, imgs*oh*ow] of group `g` for the `imgs` images in `x`:
+    /// the input itself when [`Geometry::direct`], else written into `buf`.
+    fn columns<'a, T: Real>(&self, x: &'a [T], imgs: usize, g: usize, buf: &'a mut Vec<T>) -> &'a [T] {
+        let (in_item, pitch) = (self.cin * self.h * self.w, imgs * self.ohw());
+        if self.direct(imgs) {
+            return &x[g * self.cin_g * self.ohw()..][..self.cin_g * self.ohw()];
+        }
+        buf.resize(self.k() * pitch, T::zero());
+        for i in 0..imgs {
+            self.im2col(&x[i * in_item..][..in_item], g, buf, pitch, i * self.ohw());
+        }
+        buf
+    }
+
+    /// Writes the im2col rows of group `g` of one image: row r at `cols[r * pitch + off..]`.
+    fn im2col<T: Real>(&self, x: &[T], g: usize, cols: &mut [T], pitch: usize, off: usize) {
         let (ohw, p) = (self.ohw(), self.p);
         for c in 0..self.cin_g {
             let plane = &x[(g * self.cin_g + c) * self.h * self.w..][..self.h * self.w];
+            if self.pointwise() {
+                cols[c * pitch + off..][..ohw].copy_from_slice(plane);
+                continue;
+            }
             for ki in 0..self.kh {
                 for kj in 0..self.kw {
-                    let row = &mut cols[((c * self.kh + ki) * self.kw + kj) * ohw..][..ohw];
+                    let row = &mut cols[((c * self.kh + ki) * self.kw + kj) * pitch + off..][..ohw];
                     for oy in 0..self.oh {
                         let iy = Self::src(oy, ki, p.stride[0], p.dilation[0], p.pads[0], self.h);
                         for ox in 0..self.ow {
@@ -136,14 +137,19 @@ impl Geometry {
         }
     }
 
-    /// Adds the im2col-shaped gradient back into the input gradient of group `g`.
-    fn col2im<T: Real>(&self, cols: &[T], g: usize, dx: &mut [T]) {
+    /// Adds im2col-shaped gradient rows (row r at `cols[r * pitch + off..]`) back into the
+    /// input gradient of group `g` of one image.
+    fn col2im<T: Real>(&self, cols: &[T], g: usize, dx: &mut [T], pitch: usize, off: usize) {
         let (ohw, p) = (self.ohw(), self.p);
         for c in 0..self.cin_g {
             let plane = &mut dx[(g * self.cin_g + c) * self.h * self.w..][..self.h * self.w];
+            if self.pointwise() {
+                plane.iter_mut().zip(&cols[c * pitch + off..][..ohw]).for_each(|(d, &v)| *d += v);
+                continue;
+            }
             for ki in 0..self.kh {
                 for kj in 0..self.kw {
-                    let row = &cols[((c * self.kh + ki) * self.kw + kj) * ohw..][..ohw];
+                    let row = &cols[((c * self.kh + ki) * self.kw + kj) * pitch + off..][..ohw];
                     for oy in 0..self.oh {
                         let Some(iy) = Self::src(oy, ki, p.stride[0], p.dilation[0], p.pads[0], self.h) else {
                             continue;
@@ -159,61 +165,90 @@ impl Geometry {
         }
     }
 
-    /// Calls `f` for every contiguous run of output positions that one kernel tap of output
-    /// channel `oc` of a depthwise convolution touches, within one image. Bounds are worked
-    /// out per run, so the inner loops the callers write have no per-element checks.
-    #[inline]
-    fn depthwise_runs(&self, oc: usize, mut f: impl FnMut(Run)) {
-        let p = self.p;
-        let ic = oc / self.cout_g;
-        let (sx, dx, pl) = (p.stride[1], p.dilation[1], p.pads[1]);
-        for ki in 0..self.kh {
-            for oy in 0..self.oh {
-                let Some(iy) = Self::src(oy, ki, p.stride[0], p.dilation[0], p.pads[0], self.h) else { continue };
-                for kj in 0..self.kw {
-                    let off = kj * dx;
-                    // ox*sx + off - pl must lie in [0, w).
-                    let lo = if pl > off { (pl - off).div_ceil(sx) } else { 0 };
-                    let Some(top) = (self.w - 1 + pl).checked_sub(off) else { continue };
-                    let hi = (top / sx + 1).min(self.ow);
-                    if lo >= hi {
-                        continue;
-                    }
-                    f(Run {
-                        x: (ic * self.h + iy) * self.w + lo * sx + off - pl,
-                        step: sx,
-                        y: (oc * self.oh + oy) * self.ow + lo,
-                        len: hi - lo,
-                        w: (oc * self.kh + ki) * self.kw + kj,
-                    });
-                }
+    /// Output channels [c0, c0 + cc) of `imgs` images laid out [imgs][cout][ohw], side by
+    /// side as [cc, imgs*ohw] in `buf` (or the slice itself for one image).
+    fn gather<'a, T: Real>(&self, y: &'a [T], imgs: usize, c0: usize, cc: usize, buf: &'a mut Vec<T>) -> &'a [T] {
+        let ohw = self.ohw();
+        if imgs == 1 {
+            return &y[c0 * ohw..][..cc * ohw];
+        }
+        buf.resize(cc * imgs * ohw, T::zero());
+        for i in 0..imgs {
+            for c in 0..cc {
+                buf[(c * imgs + i) * ohw..][..ohw].copy_from_slice(&y[(i * self.cout + c0 + c) * ohw..][..ohw]);
             }
         }
+        buf
+    }
+
+    /// The inverse of [`Geometry::gather`]: writes [cc, imgs*ohw] into the images' channels.
+    fn scatter<T: Real>(&self, src: &[T], imgs: usize, c0: usize, cc: usize, y: &mut [T]) {
+        let ohw = self.ohw();
+        for i in 0..imgs {
+            for c in 0..cc {
+                y[(i * self.cout + c0 + c) * ohw..][..ohw].copy_from_slice(&src[(c * imgs + i) * ohw..][..ohw]);
+            }
+        }
+    }
+
+    /// The padded-plane layout of a depthwise convolution.
+    fn plane(&self) -> Plane {
+        Plane {
+            h: self.h,
+            w: self.w,
+            oh: self.oh,
+            ow: self.ow,
+            kh: self.kh,
+            kw: self.kw,
+            stride: self.p.stride,
+            dilation: self.p.dilation,
+            pads: self.p.pads,
+            multiplier: self.cout_g,
+        }
+    }
+
+    /// Per input channel: its plane in the input, and its filters' and outputs' ranges.
+    fn depthwise_channels(&self) -> impl Iterator<Item = (std::ops::Range<usize>, usize, usize)> + '_ {
+        let (hw, taps) = (self.h * self.w, self.kh * self.kw);
+        (0..self.cin).map(move |ic| (ic * hw..(ic + 1) * hw, ic * self.cout_g * taps, ic * self.cout_g * self.ohw()))
     }
 }
 
 fn forward<T: Real>(x: &[T], w: &[T], g: &Geometry) -> candle_core::Result<Vec<T>> {
     let (in_item, out_item) = (g.cin * g.h * g.w, g.cout * g.ohw());
     let mut out = vec![T::zero(); g.n * out_item];
-    out.par_chunks_mut(out_item.max(1)).zip(x.par_chunks(in_item.max(1))).try_for_each(
-        |(y, xi)| -> candle_core::Result<()> {
-            if g.depthwise() {
-                for oc in 0..g.cout {
-                    g.depthwise_runs(oc, |r| {
-                        let wv = w[r.w];
-                        for (t, o) in y[r.y..r.y + r.len].iter_mut().enumerate() {
-                            *o += wv * xi[r.x + t * r.step];
-                        }
-                    });
-                }
-                return Ok(());
-            }
-            let mut buf = g.cols_buffer();
+    if g.depthwise() {
+        out.par_chunks_mut(out_item.max(1)).zip(x.par_chunks(in_item.max(1))).for_each(|(y, xi)| {
+            let (pl, taps) = (g.plane(), g.cout_g * g.kh * g.kw);
+            let mut s = pl.scratch();
+            simd(
+                #[inline(always)]
+                || {
+                    for (plane, wo, yo) in g.depthwise_channels() {
+                        pl.fill(&xi[plane], &mut s);
+                        pl.forward(&mut s, &w[wo..wo + taps], &mut y[yo..yo + g.cout_g * g.ohw()]);
+                    }
+                },
+            );
+        });
+        return Ok(out);
+    }
+    let unit = g.unit();
+    out.par_chunks_mut((unit * out_item).max(1)).zip(x.par_chunks((unit * in_item).max(1))).try_for_each(
+        |(y, xu)| -> candle_core::Result<()> {
+            let imgs = xu.len() / in_item.max(1);
+            let pitch = imgs * g.ohw();
+            let (mut cols, mut ybuf) = (Vec::new(), vec![T::zero(); if imgs > 1 { g.cout_g * pitch } else { 0 }]);
             for grp in 0..g.p.groups {
-                let cols = g.columns(xi, grp, &mut buf);
+                let cols = g.columns(xu, imgs, grp, &mut cols);
                 let wg = &w[grp * g.cout_g * g.k()..][..g.cout_g * g.k()];
-                let yg = &mut y[grp * g.cout_g * g.ohw()..][..g.cout_g * g.ohw()];
-                gemm(g.cout_g, g.ohw(), g.k(), wg, false, cols, false, yg, false)?;
+                if imgs == 1 {
+                    let yg = &mut y[grp * g.cout_g * g.ohw()..][..g.cout_g * g.ohw()];
+                    gemm(g.cout_g, g.ohw(), g.k(), wg, false, cols, false, yg, false)?;
+                } else {
+                    gemm(g.cout_g, pitch, g.k(), wg, false, cols, false, &mut ybuf, false)?;
+                    g.scatter(&ybuf, imgs, grp * g.cout_g, g.cout_g, y);
+                }
             }
             Ok(())
         },
@@ -224,29 +259,43 @@ fn forward<T: Real>(x: &[T], w: &[T], g: &Geometry) -> candle_core::Result<Vec<T
 fn backward_input<T: Real>(w: &[T], dy: &[T], g: &Geometry) -> candle_core::Result<Vec<T>> {
     let (in_item, out_item) = (g.cin * g.h * g.w, g.cout * g.ohw());
     let mut dx = vec![T::zero(); g.n * in_item];
-    dx.par_chunks_mut(in_item.max(1)).zip(dy.par_chunks(out_item.max(1))).try_for_each(
-        |(dxi, dyi)| -> candle_core::Result<()> {
-            if g.depthwise() {
-                for oc in 0..g.cout {
-                    g.depthwise_runs(oc, |r| {
-                        let wv = w[r.w];
-                        for (t, &d) in dyi[r.y..r.y + r.len].iter().enumerate() {
-                            dxi[r.x + t * r.step] += wv * d;
-                        }
-                    });
-                }
-                return Ok(());
-            }
-            let mut cols = vec![T::zero(); g.k() * g.ohw()];
+    if g.depthwise() {
+        dx.par_chunks_mut(in_item.max(1)).zip(dy.par_chunks(out_item.max(1))).for_each(|(dxi, dyi)| {
+            let (pl, taps) = (g.plane(), g.cout_g * g.kh * g.kw);
+            let mut s = pl.scratch();
+            simd(
+                #[inline(always)]
+                || {
+                    for (plane, wo, yo) in g.depthwise_channels() {
+                        pl.backward_input(
+                            &mut s,
+                            &dyi[yo..yo + g.cout_g * g.ohw()],
+                            &w[wo..wo + taps],
+                            &mut dxi[plane],
+                        );
+                    }
+                },
+            );
+        });
+        return Ok(dx);
+    }
+    let unit = g.unit();
+    dx.par_chunks_mut((unit * in_item).max(1)).zip(dy.par_chunks((unit * out_item).max(1))).try_for_each(
+        |(dxu, dyu)| -> candle_core::Result<()> {
+            let imgs = dyu.len() / out_item.max(1);
+            let pitch = imgs * g.ohw();
+            let (mut dybuf, mut dcols) = (Vec::new(), vec![T::zero(); g.k() * pitch]);
             for grp in 0..g.p.groups {
                 let wg = &w[grp * g.cout_g * g.k()..][..g.cout_g * g.k()];
-                let dyg = &dyi[grp * g.cout_g * g.ohw()..][..g.cout_g * g.ohw()];
-                if g.pointwise() {
-                    let dxg = &mut dxi[grp * g.cin_g * g.ohw()..][..g.cin_g * g.ohw()];
+                let dyg = g.gather(dyu, imgs, grp * g.cout_g, g.cout_g, &mut dybuf);
+                if g.direct(imgs) {
+                    let dxg = &mut dxu[grp * g.cin_g * g.ohw()..][..g.cin_g * g.ohw()];
                     gemm(g.k(), g.ohw(), g.cout_g, wg, true, dyg, false, dxg, false)?;
-                } else {
-                    gemm(g.k(), g.ohw(), g.cout_g, wg, true, dyg, false, &mut cols, false)?;
-                    g.col2im(&cols, grp, dxi);
+                    continue;
+                }
+                gemm(g.k(), pitch, g.cout_g, wg, true, dyg, false, &mut dcols, false)?;
+                for (i, dxi) in dxu.chunks_exact_mut(in_item).enumerate() {
+                    g.col2im(&dcols, grp, dxi, pitch, i * g.ohw());
                 }
             }
             Ok(())
@@ -258,38 +307,41 @@ fn backward_input<T: Real>(w: &[T], dy: &[T], g: &Geometry) -> candle_core::Resu
 fn backward_weight<T: Real>(x: &[T], dy: &[T], g: &Geometry) -> candle_core::Result<Vec<T>> {
     let (in_item, out_item) = (g.cin * g.h * g.w, g.cout * g.ohw());
     let wlen = g.cout * g.k();
-    let partial = |mut dw: Vec<T>, (xi, dyi): (&[T], &[T])| -> candle_core::Result<Vec<T>> {
+    // Units of images summed in order: the result does not depend on the thread count or
+    // scheduling, so a resumed run reproduces an uninterrupted one bit for bit.
+    let unit = if g.depthwise() { g.n.div_ceil(8).max(1) } else { g.unit() };
+    let partial = |u: usize| -> candle_core::Result<Vec<T>> {
+        let items = (u * unit)..((u + 1) * unit).min(g.n);
+        let imgs = items.len();
+        let xu = &x[items.start * in_item..][..imgs * in_item];
+        let dyu = &dy[items.start * out_item..][..imgs * out_item];
+        let mut dw = vec![T::zero(); wlen];
         if g.depthwise() {
-            for oc in 0..g.cout {
-                g.depthwise_runs(oc, |r| {
-                    let acc: T = dyi[r.y..r.y + r.len].iter().enumerate().map(|(t, &d)| d * xi[r.x + t * r.step]).sum();
-                    dw[r.w] += acc;
-                });
-            }
+            let (pl, taps) = (g.plane(), g.cout_g * g.kh * g.kw);
+            let mut s = pl.scratch();
+            simd(
+                #[inline(always)]
+                || {
+                    for (xi, dyi) in xu.chunks_exact(in_item).zip(dyu.chunks_exact(out_item)) {
+                        for (plane, wo, yo) in g.depthwise_channels() {
+                            pl.fill(&xi[plane], &mut s);
+                            pl.backward_weight(&mut s, &dyi[yo..yo + g.cout_g * g.ohw()], &mut dw[wo..wo + taps]);
+                        }
+                    }
+                },
+            );
             return Ok(dw);
         }
-        let mut buf = g.cols_buffer();
+        let (mut cols, mut dybuf) = (Vec::new(), Vec::new());
         for grp in 0..g.p.groups {
-            let cols = g.columns(xi, grp, &mut buf);
-            let dyg = &dyi[grp * g.cout_g * g.ohw()..][..g.cout_g * g.ohw()];
+            let cols = g.columns(xu, imgs, grp, &mut cols);
+            let dyg = g.gather(dyu, imgs, grp * g.cout_g, g.cout_g, &mut dybuf);
             let dwg = &mut dw[grp * g.cout_g * g.k()..][..g.cout_g * g.k()];
-            gemm(g.cout_g, g.k(), g.ohw(), dyg, false, cols, true, dwg, true)?;
+            gemm(g.cout_g, g.k(), imgs * g.ohw(), dyg, false, cols, true, dwg, true)?;
         }
         Ok(dw)
     };
-    // Fixed chunks of the batch summed in order: the result does not depend on the thread
-    // count or scheduling, so a resumed run reproduces an uninterrupted one bit for bit.
-    const CHUNKS: usize = 8;
-    let per = g.n.div_ceil(CHUNKS).max(1);
-    let partials: Vec<candle_core::Result<Vec<T>>> = (0..g.n.div_ceil(per))
-        .into_par_iter()
-        .map(|c| {
-            let items = (c * per)..((c + 1) * per).min(g.n);
-            items.into_iter().try_fold(vec![T::zero(); wlen], |acc, i| {
-                partial(acc, (&x[i * in_item..][..in_item], &dy[i * out_item..][..out_item]))
-            })
-        })
-        .collect();
+    let partials: Vec<candle_core::Result<Vec<T>>> = (0..g.n.div_ceil(unit)).into_par_iter().map(partial).collect();
     let mut dw = vec![T::zero(); wlen];
     for p in partials {
         dw.iter_mut().zip(p?).for_each(|(a, b)| *a += b);
@@ -439,6 +491,11 @@ mod tests {
             ([1, 3, 5, 5], [6, 1, 3, 3], p(1, [0, 0, 0, 0], 3, 1)), // depthwise multiplier 2
             ([2, 3, 5, 4], [5, 3, 1, 1], p(1, [0, 0, 0, 0], 1, 1)), // pointwise
             ([1, 2, 9, 9], [3, 2, 3, 3], p(1, [2, 2, 2, 2], 1, 2)), // dilated
+            ([1, 4, 3, 3], [2, 4, 1, 1], p(1, [0, 0, 0, 0], 1, 1)), // pointwise, input used directly
+            ([3, 2, 20, 20], [3, 2, 1, 1], p(1, [0, 0, 0, 0], 1, 1)), // one image per GEMM
+            ([5, 2, 12, 12], [4, 2, 3, 3], p(1, [1, 1, 1, 1], 1, 1)), // 3 images per GEMM, 2 left over
+            ([2, 2, 9, 8], [2, 1, 3, 3], p(2, [2, 1, 0, 2], 2, 2)), // depthwise dilated, asymmetric
+            ([1, 2, 11, 10], [4, 1, 5, 5], p(3, [2, 2, 1, 0], 2, 1)), // depthwise 5x5 stride 3, multiplier 2
         ]
     }
 

@@ -3,7 +3,9 @@
 //! and pooling with padding, ceil mode and any stride. They run as candle custom ops, so
 //! autograd sees them like any other op.
 
+pub mod batchnorm;
 pub mod conv2d;
+mod depthwise;
 pub mod pointwise;
 pub mod pool2d;
 
@@ -35,6 +37,60 @@ pub fn slice<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout) -> ca
         Some((start, end)) => data.get(start..end).ok_or_else(|| candle_core::Error::Msg("layout out of range".into())),
         None => Err(candle_core::Error::RequiresContiguous { op: "mtpack kernel" }),
     }
+}
+
+/// Runs `f` compiled for AVX2 where the CPU has it, else as built. The binary targets the
+/// x86-64 baseline (SSE2), so without this the kernels' loops run four floats wide; `f` and
+/// what it calls must be inlined into it (`#[inline(always)]`) for the wider code to apply.
+/// Only the vector width changes, never the order of operations, so results are
+/// identical either way.
+#[inline(always)]
+pub(crate) fn simd<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2")]
+        unsafe fn wide<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2, checked just above.
+            return unsafe { wide(f) };
+        }
+    }
+    f()
+}
+
+/// Sums `f(a[i], b[i])` in eight independent lanes, so that the loop vectorises (the
+/// compiler may not reassociate one serial float sum).
+#[inline(always)]
+fn lanes<T: Real>(a: &[T], b: &[T], f: impl Fn(T, T) -> T) -> T {
+    let mut acc = [T::zero(); 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: T = ca.remainder().iter().zip(cb.remainder()).map(|(&x, &y)| f(x, y)).sum();
+    for (xa, xb) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += f(xa[i], xb[i]);
+        }
+    }
+    acc.iter().copied().sum::<T>() + tail
+}
+
+/// Dot product of two equally long slices, vectorised.
+#[inline(always)]
+pub(crate) fn lanes_dot<T: Real>(a: &[T], b: &[T]) -> T {
+    lanes(a, b, |x, y| x * y)
+}
+
+/// Sum of a slice, vectorised.
+#[inline(always)]
+pub(crate) fn lanes_sum<T: Real>(a: &[T]) -> T {
+    lanes(a, a, |x, _| x)
+}
+
+/// Sum of squared deviations from `m`, vectorised.
+#[inline(always)]
+pub(crate) fn lanes_sum_sq_dev<T: Real>(a: &[T], m: T) -> T {
+    lanes(a, a, |x, _| (x - m) * (x - m))
 }
 
 /// `c (m x n) = [c +] a (m x k) * b (k x n)`, row-major, with optional transposes given as
@@ -102,6 +158,17 @@ pub fn gemm<T: Real>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lane_sums_match_serial_sums() {
+        let a: Vec<f64> = (0..21).map(|i| i as f64 * 0.25).collect();
+        let b: Vec<f64> = (0..21).map(|i| 1.0 - i as f64).collect();
+        let dot: f64 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+        assert!((lanes_dot(&a, &b) - dot).abs() < 1e-12);
+        assert!((lanes_sum(&a) - a.iter().sum::<f64>()).abs() < 1e-12);
+        let dev: f64 = a.iter().map(|x| (x - 1.5) * (x - 1.5)).sum();
+        assert!((lanes_sum_sq_dev(&a, 1.5) - dev).abs() < 1e-12);
+    }
 
     #[test]
     fn gemm_with_transposes_matches_naive() {

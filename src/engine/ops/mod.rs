@@ -7,6 +7,8 @@ mod linear;
 mod norm;
 mod shape;
 
+pub(crate) use norm::build_batch_norm_clamped;
+
 use candle_core::{DType, Tensor};
 
 use super::registry::Registry;

@@ -4,6 +4,7 @@
 use candle_core::Tensor;
 
 use super::{axis, ints, opt, req};
+use crate::engine::kernels::batchnorm::{self, Clamp};
 use crate::engine::registry::{BuildCtx, FnOp, Op, OpSpec, Registry};
 use crate::engine::EngineError;
 use crate::onnx::attr;
@@ -25,6 +26,15 @@ fn per_channel(v: &Tensor, rank: usize) -> candle_core::Result<Tensor> {
 }
 
 fn build_batch_norm(node: &NodeProto, ctx: &BuildCtx) -> Result<Box<dyn Op>, EngineError> {
+    build_batch_norm_clamped(node, ctx, None)
+}
+
+/// BatchNormalization followed by `clamp` (a Clip or Relu the engine folded into it).
+pub fn build_batch_norm_clamped(
+    node: &NodeProto,
+    ctx: &BuildCtx,
+    clamp: Option<Clamp>,
+) -> Result<Box<dyn Op>, EngineError> {
     if attr::int_or(node, "training_mode", 0)? != 0 {
         return Err(EngineError::Invalid {
             node: attr::node_label(node),
@@ -42,7 +52,7 @@ fn build_batch_norm(node: &NodeProto, ctx: &BuildCtx) -> Result<Box<dyn Op>, Eng
         let (input, scale, bias, mean, var) = (req(x, 0)?, req(x, 1)?, req(x, 2)?, req(x, 3)?, req(x, 4)?);
         let r = input.rank();
         if stateful && training.load(std::sync::atomic::Ordering::Relaxed) && input.device().is_cpu() && r >= 2 {
-            let (y, bm, bv) = crate::engine::kernels::pointwise::batch_norm_train(input, scale, bias, eps)?;
+            let (y, bm, bv) = batchnorm::batch_norm_train(input, scale, bias, eps, clamp)?;
             // Running variance takes the unbiased batch variance, as PyTorch does.
             let m = (input.elem_count() / bm.elem_count().max(1)) as f64;
             let unbiased = (bv * (m / (m - 1.0).max(1.0)))?;
@@ -51,13 +61,16 @@ fn build_batch_norm(node: &NodeProto, ctx: &BuildCtx) -> Result<Box<dyn Op>, Eng
             return Ok(vec![y, new_mean, new_var]);
         }
         if input.device().is_cpu() && r >= 2 {
-            return Ok(vec![crate::engine::kernels::pointwise::batch_norm(input, scale, bias, mean, var, eps)?]);
+            return Ok(vec![batchnorm::batch_norm(input, [scale, bias, mean, var], eps, clamp)?]);
         }
         // y = (x - mean) * scale / sqrt(var + eps) + bias; scale and bias may be trainable.
         let inv = (var + eps)?.sqrt()?.recip()?;
         let k = per_channel(&scale.mul(&inv)?, r)?;
-        let y =
+        let mut y =
             input.broadcast_sub(&per_channel(mean, r)?)?.broadcast_mul(&k)?.broadcast_add(&per_channel(bias, r)?)?;
+        if let Some(c) = clamp {
+            y = y.maximum(c.lo)?.minimum(c.hi)?;
+        }
         Ok(vec![y])
     })))
 }

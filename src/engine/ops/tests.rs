@@ -145,3 +145,55 @@ fn shape_ops_pass_gradients_through() {
     check("Identity", vec![], &[&[3]], &[], 17);
     check("Dropout", vec![], &[&[3]], &[], 17);
 }
+
+/// BatchNormalization -> Clip (bounds as initializers, opset 13), optionally also exposing
+/// the BatchNormalization output, which keeps the engine from folding the Clip in.
+fn bn_clip_model(expose_bn: bool) -> crate::onnx::Model {
+    let scalar = |name: &str, v: f64| {
+        let host = crate::tensor::Tensor::F64(ndarray::arr0(v).into_dyn());
+        crate::onnx::tensor_proto::from_tensor(name, &host)
+    };
+    let ins = ["x", "s", "b", "m", "v"];
+    let mut output = vec![value_info("y", HostDType::F64, None)];
+    if expose_bn {
+        output.push(value_info("z", HostDType::F64, None));
+    }
+    let graph = GraphProto {
+        node: vec![
+            node("BatchNormalization", "bn", &ins, &["z"], vec![make_float("epsilon", 1e-3)]),
+            node("Clip", "clip", &["z", "lo", "hi"], &["y"], vec![]),
+        ],
+        input: ins.iter().map(|s| value_info(s, HostDType::F64, None)).collect(),
+        output,
+        initializer: vec![scalar("lo", -0.2), scalar("hi", 0.4)],
+        ..Default::default()
+    };
+    model(graph, 13)
+}
+
+#[test]
+fn clip_after_batch_norm_is_folded_with_the_same_values_and_gradients() {
+    let stats = [seeded(&[3], 4, DType::F64), (seeded(&[3], 5, DType::F64).abs().unwrap() + 0.5).unwrap()];
+    let feeds = |v: &[Tensor]| {
+        let names = ["x", "s", "b"];
+        let mut f: Vec<(&str, Tensor)> = names.iter().copied().zip(v.iter().cloned()).collect();
+        f.extend([("m", stats[0].clone()), ("v", stats[1].clone())]);
+        f
+    };
+    let run = |engine: &Engine, v: &[Tensor]| -> candle_core::Result<Tensor> {
+        let inputs = feeds(v);
+        let out = engine.forward_to(&inputs, &["y"]).map_err(|e| candle_core::Error::Msg(format!("{e:#}")))?;
+        out.into_iter().next().ok_or_else(|| candle_core::Error::Msg("no output".into()))
+    };
+    let fused = Engine::new(&bn_clip_model(false), &|_| false, DType::F64, &Device::Cpu).unwrap();
+    let plain = Engine::new(&bn_clip_model(true), &|_| false, DType::F64, &Device::Cpu).unwrap();
+    let v = [seeded(&[2, 3, 4, 4], 1, DType::F64), seeded(&[3], 2, DType::F64), seeded(&[3], 3, DType::F64)];
+    let ops =
+        |e: &Engine| -> Vec<String> { e.profile_forward(&feeds(&v)).unwrap().into_iter().map(|(op, _)| op).collect() };
+    assert_eq!(ops(&fused), ["BatchNormalization+Clip"]);
+    assert!(ops(&plain).contains(&"Clip".to_string()), "a BatchNormalization output read twice stays unfolded");
+    let (a, b) = (run(&fused, &v).unwrap(), run(&plain, &v).unwrap());
+    let diff: f64 = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap();
+    assert_eq!(diff, 0.0);
+    check_gradients(&v, |t| run(&fused, t), 1e-6).unwrap();
+}

@@ -1,0 +1,443 @@
+//! BatchNormalization as fused CPU kernels, with recorded statistics (`eval()`) or the
+//! batch's own (`train()`), optionally followed by a clamp (the Clip/ReLU that follows
+//! almost every BatchNormalization in a CNN, folded in by the engine). One pass forward; the
+//! backward is one pass for the per-channel sums and one for the input gradient, where the
+//! composite candle expressions cost a pass and a buffer per elementary op.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::{lanes_dot, lanes_sum, simd, slice, Real};
+
+/// Clamp applied to the normalised output: y = min(max(z, lo), hi).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Clamp {
+    pub lo: f64,
+    pub hi: f64,
+}
+
+/// Grouping of x as [N, C, inner].
+fn planes(l: &Layout, c_expected: usize) -> candle_core::Result<(usize, usize, usize)> {
+    let dims = l.shape().dims();
+    let (n, c) = match dims {
+        [n, c, ..] => (*n, *c),
+        _ => return Err(candle_core::Error::Msg(format!("BatchNormalization needs [N, C, ...], got {dims:?}"))),
+    };
+    if c != c_expected {
+        return Err(candle_core::Error::Msg(format!("BatchNormalization: {c} channels, statistics for {c_expected}")));
+    }
+    Ok((n, c, dims[2..].iter().product::<usize>().max(1)))
+}
+
+fn unsupported(op: &str) -> candle_core::Error {
+    candle_core::Error::Msg(format!("{op} supports float32 and float64 only"))
+}
+
+/// y = clamp(x * k[c] + (bias[c] - mean[c] * k[c])) with k = scale / sqrt(var + eps), for x
+/// [N, C, ...]; differentiable in x, scale and bias. With `batch` the statistics are the
+/// batch's own and the gradient flows through them too.
+#[derive(Clone, Debug)]
+struct Normalise {
+    mean: Vec<f64>,
+    /// 1 / sqrt(var + eps)
+    inv_std: Vec<f64>,
+    clamp: Option<Clamp>,
+    batch: bool,
+}
+
+impl Normalise {
+    fn run<T: Real + candle_core::WithDType>(
+        &self,
+        s: [&CpuStorage; 3],
+        l: [&Layout; 3],
+    ) -> candle_core::Result<Vec<T>> {
+        let (_, c, inner) = planes(l[0], self.mean.len())?;
+        let (x, scale, bias) = (slice::<T>(s[0], l[0])?, slice::<T>(s[1], l[1])?, slice::<T>(s[2], l[2])?);
+        if scale.len() != c || bias.len() != c {
+            return Err(candle_core::Error::Msg(
+                "BatchNormalization: scale or bias length differs from channels".into(),
+            ));
+        }
+        let clamp = self.clamp.map(|k| (T::real(k.lo), T::real(k.hi)));
+        let mut y = vec![T::zero(); x.len()];
+        y.par_chunks_mut(inner).zip(x.par_chunks(inner)).enumerate().for_each(|(p, (yp, xp))| {
+            let ch = p % c;
+            let k = scale[ch] * T::real(self.inv_std[ch]);
+            let b = bias[ch] - T::real(self.mean[ch]) * k;
+            simd(
+                #[inline(always)]
+                || {
+                    let out = yp.iter_mut().zip(xp);
+                    match clamp {
+                        // The same max/min as the Clip kernel: folding the Clip in changes no value.
+                        Some((lo, hi)) => out
+                            .for_each(|(o, &v)| *o = num_traits::Float::min(num_traits::Float::max(v * k + b, lo), hi)),
+                        None => out.for_each(|(o, &v)| *o = v * k + b),
+                    }
+                },
+            )
+        });
+        Ok(y)
+    }
+}
+
+impl CustomOp3 for Normalise {
+    fn name(&self) -> &'static str {
+        "mtpack-batchnorm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (s, l) = ([s1, s2, s3], [l1, l2, l3]);
+        let storage = match s1 {
+            CpuStorage::F32(_) => CpuStorage::F32(self.run::<f32>(s, l)?),
+            CpuStorage::F64(_) => CpuStorage::F64(self.run::<f64>(s, l)?),
+            _ => return Err(unsupported(self.name())),
+        };
+        Ok((storage, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        scale: &Tensor,
+        _bias: &Tensor,
+        y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.contiguous()?;
+        // The clamp passes the gradient where lo < y < hi (equivalently lo < z < hi); both
+        // passes below apply that mask as they read dy, so no masked copy is made.
+        let mask = Mask(self.clamp);
+        // [2, C]: sum(dy * xhat) and sum(dy) per channel.
+        let sums =
+            x.apply_op3_no_bwd(&dy, y, &Sums { mean: self.mean.clone(), inv_std: self.inv_std.clone(), mask })?;
+        let host: Vec<f64> = sums.to_dtype(candle_core::DType::F64)?.flatten_all()?.to_vec1()?;
+        let scale: Vec<f64> = scale.to_dtype(candle_core::DType::F64)?.flatten_all()?.to_vec1()?;
+        let c = self.mean.len();
+        let m = (x.elem_count() / c.max(1)).max(1) as f64;
+        // dx = a * dy + b * x + c0 per channel. Recorded statistics: a = scale * inv_std.
+        // Batch statistics add the paths through the mean and variance:
+        // dx = k * (dy - sum(dy)/m - xhat * sum(dy * xhat)/m), xhat = (x - mean) * inv_std.
+        let mut coef = Combine { a: vec![0.0; c], b: vec![0.0; c], c0: vec![0.0; c], reads_x: self.batch, mask };
+        for ch in 0..c {
+            let (inv, k) = (self.inv_std[ch], scale.get(ch).copied().unwrap_or(0.0) * self.inv_std[ch]);
+            coef.a[ch] = k;
+            if self.batch {
+                let (dxhat, dsum) = (host.get(ch).copied().unwrap_or(0.0), host.get(c + ch).copied().unwrap_or(0.0));
+                let slope = k * inv * dxhat / m;
+                coef.b[ch] = -slope;
+                coef.c0[ch] = -k * dsum / m + slope * self.mean[ch];
+            }
+        }
+        let dx = dy.apply_op3_no_bwd(x, y, &coef)?;
+        Ok((Some(dx), Some(sums.get(0)?), Some(sums.get(1)?)))
+    }
+}
+
+/// The gradient mask of a folded clamp, read from the op's output y.
+#[derive(Clone, Copy, Debug)]
+struct Mask(Option<Clamp>);
+
+impl Mask {
+    /// `dy` with the clamp's gradient mask applied, written into `out`.
+    #[inline(always)]
+    fn apply<'a, T: Real>(&self, dy: &'a [T], y: &[T], out: &'a mut [T]) -> &'a [T] {
+        let Some(k) = self.0 else { return dy };
+        // `&`, not `&&`: without a branch the loop vectorises.
+        let (lo, hi) = (T::real(k.lo), T::real(k.hi));
+        out.iter_mut().zip(dy).zip(y).for_each(|((o, &d), &v)| *o = if (v > lo) & (v < hi) { d } else { T::zero() });
+        out
+    }
+}
+
+/// (x, dy, y) -> [2, C]: per channel sum(g * (x - mean) * inv_std) and sum(g), with g the
+/// masked dy.
+#[derive(Clone, Debug)]
+struct Sums {
+    mean: Vec<f64>,
+    inv_std: Vec<f64>,
+    mask: Mask,
+}
+
+impl Sums {
+    fn run<T: Real>(&self, [x, dy, y]: [&[T]; 3], (n, c, inner): (usize, usize, usize)) -> Vec<T> {
+        let per: Vec<(T, T)> = (0..c)
+            .into_par_iter()
+            .map(|ch| {
+                let (mut dx, mut dd) = (0.0f64, 0.0f64);
+                let mut scratch = vec![T::zero(); if self.mask.0.is_some() { inner } else { 0 }];
+                simd(
+                    #[inline(always)]
+                    || {
+                        for b in 0..n {
+                            let at = (b * c + ch) * inner;
+                            let xp = &x[at..at + inner];
+                            let dp = self.mask.apply(&dy[at..at + inner], &y[at..at + inner], &mut scratch);
+                            // Plane sums in lanes of T, accumulated across planes in f64.
+                            let (sxd, sd) = (lanes_dot(xp, dp), lanes_sum(dp));
+                            dx += sxd.to_f64().unwrap_or(f64::NAN);
+                            dd += sd.to_f64().unwrap_or(f64::NAN);
+                        }
+                    },
+                );
+                let xhat = (dx - self.mean[ch] * dd) * self.inv_std[ch];
+                (T::real(xhat), T::real(dd))
+            })
+            .collect();
+        per.iter().map(|p| p.0).chain(per.iter().map(|p| p.1)).collect()
+    }
+}
+
+/// The three equally shaped contiguous inputs of a gradient pass.
+fn three<'a, T: candle_core::WithDType>(s: [&'a CpuStorage; 3], l: [&Layout; 3]) -> candle_core::Result<[&'a [T]; 3]> {
+    if l[1].shape() != l[0].shape() || l[2].shape() != l[0].shape() {
+        return Err(candle_core::Error::Msg("batchnorm gradient: shapes differ".into()));
+    }
+    Ok([slice(s[0], l[0])?, slice(s[1], l[1])?, slice(s[2], l[2])?])
+}
+
+impl CustomOp3 for Sums {
+    fn name(&self) -> &'static str {
+        "mtpack-batchnorm-sums"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let dims = planes(l1, self.mean.len())?;
+        let (s, l) = ([s1, s2, s3], [l1, l2, l3]);
+        let storage = match s1 {
+            CpuStorage::F32(_) => CpuStorage::F32(self.run(three(s, l)?, dims)),
+            CpuStorage::F64(_) => CpuStorage::F64(self.run(three(s, l)?, dims)),
+            _ => return Err(unsupported(self.name())),
+        };
+        Ok((storage, Shape::from((2, dims.1))))
+    }
+}
+
+/// (dy, x, y) -> a[c] * g + b[c] * x + c0[c] over channel planes, with g the masked dy;
+/// x is not read unless `reads_x`.
+#[derive(Clone, Debug)]
+struct Combine {
+    a: Vec<f64>,
+    b: Vec<f64>,
+    c0: Vec<f64>,
+    reads_x: bool,
+    mask: Mask,
+}
+
+impl Combine {
+    fn run<T: Real>(&self, [dy, x, y]: [&[T]; 3], (_, c, inner): (usize, usize, usize)) -> Vec<T> {
+        let mut out = vec![T::zero(); dy.len()];
+        let rows = dy.par_chunks(inner).zip(x.par_chunks(inner)).zip(y.par_chunks(inner));
+        out.par_chunks_mut(inner).zip(rows).enumerate().for_each(|(p, (o, ((dp, xp), yp)))| {
+            let ch = p % c;
+            let (a, b, c0) = (T::real(self.a[ch]), T::real(self.b[ch]), T::real(self.c0[ch]));
+            // The mask writes g into `o`, then `o` is updated in place.
+            let masked = self.mask.0.is_some();
+            simd(
+                #[inline(always)]
+                || {
+                    if masked {
+                        self.mask.apply(dp, yp, o);
+                    }
+                    let src: &[T] = if masked { &[] } else { dp };
+                    match (self.reads_x, masked) {
+                        (true, true) => o.iter_mut().zip(xp).for_each(|(o, &v)| *o = a * *o + b * v + c0),
+                        (true, false) => {
+                            o.iter_mut().zip(src).zip(xp).for_each(|((o, &d), &v)| *o = a * d + b * v + c0)
+                        }
+                        (false, true) => o.iter_mut().for_each(|o| *o = a * *o),
+                        (false, false) => o.iter_mut().zip(src).for_each(|(o, &d)| *o = a * d),
+                    }
+                },
+            )
+        });
+        out
+    }
+}
+
+impl CustomOp3 for Combine {
+    fn name(&self) -> &'static str {
+        "mtpack-batchnorm-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let dims = planes(l1, self.a.len())?;
+        let (s, l) = ([s1, s2, s3], [l1, l2, l3]);
+        let storage = match s1 {
+            CpuStorage::F32(_) => CpuStorage::F32(self.run(three(s, l)?, dims)),
+            CpuStorage::F64(_) => CpuStorage::F64(self.run(three(s, l)?, dims)),
+            _ => return Err(unsupported(self.name())),
+        };
+        Ok((storage, l1.shape().clone()))
+    }
+}
+
+/// Per-channel mean and biased variance of x [N, C, ...], as [2, C]; no gradient.
+#[derive(Clone, Copy, Debug)]
+struct ChannelStats;
+
+impl ChannelStats {
+    fn run<T: Real>(x: &[T], (n, c, inner): (usize, usize, usize)) -> Vec<T> {
+        let per: Vec<(T, T)> = (0..c)
+            .into_par_iter()
+            .map(|ch| {
+                let count = (n * inner).max(1) as f64;
+                let plane = |b: usize| &x[(b * c + ch) * inner..][..inner];
+                let total =
+                    |f: &dyn Fn(&[T]) -> T| (0..n).map(|b| f(plane(b)).to_f64().unwrap_or(f64::NAN)).sum::<f64>();
+                let mean = simd(
+                    #[inline(always)]
+                    || total(&|p| lanes_sum(p)) / count,
+                );
+                let m = T::real(mean);
+                let var = simd(
+                    #[inline(always)]
+                    || total(&|p| super::lanes_sum_sq_dev(p, m)) / count,
+                );
+                (T::real(mean), T::real(var))
+            })
+            .collect();
+        per.iter().map(|p| p.0).chain(per.iter().map(|p| p.1)).collect()
+    }
+}
+
+impl CustomOp1 for ChannelStats {
+    fn name(&self) -> &'static str {
+        "mtpack-channel-stats"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let dims = planes(l, l.shape().dims().get(1).copied().unwrap_or(0))?;
+        let shape = Shape::from((2, dims.1));
+        match s {
+            CpuStorage::F32(_) => Ok((CpuStorage::F32(Self::run(slice::<f32>(s, l)?, dims)), shape)),
+            CpuStorage::F64(_) => Ok((CpuStorage::F64(Self::run(slice::<f64>(s, l)?, dims)), shape)),
+            _ => Err(unsupported(self.name())),
+        }
+    }
+}
+
+fn host(t: &Tensor) -> candle_core::Result<Vec<f64>> {
+    t.flatten_all()?.to_dtype(candle_core::DType::F64)?.to_vec1()
+}
+
+/// Inference-statistics batch normalisation over axis 1, then `clamp`; differentiable in
+/// x, scale and bias.
+pub fn batch_norm(
+    x: &Tensor,
+    [scale, bias, mean, var]: [&Tensor; 4],
+    eps: f64,
+    clamp: Option<Clamp>,
+) -> candle_core::Result<Tensor> {
+    let inv_std = host(var)?.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
+    let op = Normalise { mean: host(mean)?, inv_std, clamp, batch: false };
+    x.contiguous()?.apply_op3(&scale.contiguous()?, &bias.contiguous()?, op)
+}
+
+/// Training-mode batch normalisation, then `clamp`: normalises with the batch's statistics
+/// and returns them too (mean and biased variance, each [C]) for the running averages.
+pub fn batch_norm_train(
+    x: &Tensor,
+    scale: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    clamp: Option<Clamp>,
+) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    let x = x.contiguous()?;
+    let stats = x.detach().apply_op1_no_bwd(&ChannelStats)?;
+    let (mean_t, var_t) = (stats.get(0)?, stats.get(1)?);
+    let inv_std = host(&var_t)?.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
+    let op = Normalise { mean: host(&mean_t)?, inv_std, clamp, batch: true };
+    let y = x.apply_op3(&scale.contiguous()?, &bias.contiguous()?, op)?;
+    Ok((y, mean_t, var_t))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::gradcheck::{check_gradients, seeded};
+    use candle_core::DType;
+
+    fn reference(x: &Tensor, [scale, bias, mean, var]: [&Tensor; 4]) -> Tensor {
+        let r = |t: &Tensor| t.reshape((1, t.elem_count(), 1, 1)).unwrap();
+        x.broadcast_sub(&r(mean))
+            .unwrap()
+            .broadcast_div(&r(&(var + 1e-5).unwrap().sqrt().unwrap()))
+            .unwrap()
+            .broadcast_mul(&r(scale))
+            .unwrap()
+            .broadcast_add(&r(bias))
+            .unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+    }
+
+    #[test]
+    fn batch_norm_matches_the_formula_and_its_gradients() {
+        let x = seeded(&[2, 3, 4, 5], 1, DType::F64);
+        let (scale, bias) = (seeded(&[3], 2, DType::F64), seeded(&[3], 3, DType::F64));
+        let mean = seeded(&[3], 4, DType::F64);
+        let var = (seeded(&[3], 5, DType::F64).abs().unwrap() + 0.5).unwrap();
+        let y = batch_norm(&x, [&scale, &bias, &mean, &var], 1e-5, None).unwrap();
+        let want = reference(&x, [&scale, &bias, &mean, &var]);
+        assert!(max_diff(&y, &want) < 1e-12);
+        let clamp = Some(Clamp { lo: -0.2, hi: 0.3 });
+        let y = batch_norm(&x, [&scale, &bias, &mean, &var], 1e-5, clamp).unwrap();
+        assert!(max_diff(&y, &want.clamp(-0.2, 0.3).unwrap()) < 1e-12);
+        for clamp in [None, clamp] {
+            check_gradients(
+                &[x.clone(), scale.clone(), bias.clone()],
+                |v| batch_norm(&v[0], [&v[1], &v[2], &mean, &var], 1e-5, clamp),
+                1e-6,
+            )
+            .unwrap();
+        }
+    }
+
+    #[test]
+    fn training_batch_norm_gradients_include_the_batch_statistics() {
+        let x = seeded(&[3, 2, 3, 4], 7, DType::F64);
+        let (scale, bias) = (seeded(&[2], 8, DType::F64), seeded(&[2], 9, DType::F64));
+        let (y, mean, var) = batch_norm_train(&x, &scale, &bias, 1e-5, None).unwrap();
+        // The statistics are the batch's: the output is the formula with them.
+        let want = reference(&x, [&scale, &bias, &mean, &var]);
+        assert!(max_diff(&y, &want) < 1e-12);
+        let m: Vec<f64> = x.transpose(0, 1).unwrap().flatten_from(1).unwrap().mean(1).unwrap().to_vec1().unwrap();
+        let got: Vec<f64> = mean.to_vec1().unwrap();
+        assert!(m.iter().zip(&got).all(|(a, b)| (a - b).abs() < 1e-12));
+        for clamp in [None, Some(Clamp { lo: 0.0, hi: 0.5 })] {
+            check_gradients(
+                &[x.clone(), scale.clone(), bias.clone()],
+                |t| Ok(batch_norm_train(&t[0], &t[1], &t[2], 1e-5, clamp)?.0),
+                1e-6,
+            )
+            .unwrap();
+        }
+    }
+}

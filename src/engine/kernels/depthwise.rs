@@ -1,0 +1,216 @@
+//! Depthwise convolution (one input channel per group) for one image, forward and both
+//! gradients. Each input plane is first copied into a zero-padded buffer split into stride
+//! phases in both axes (row `r` of row phase `p` holds padded row `r * stride + p`, and the
+//! same for columns). Output positions are then laid out with the buffer's row pitch
+//! ("extended" rows: a few extra columns per row that are computed and dropped), so each
+//! kernel tap is ONE contiguous multiply-add over the whole output plane: long loops the
+//! compiler vectorises, for any stride, dilation or padding, even on the 4x4 planes deep in
+//! a network where a per-row loop would be all overhead.
+
+use super::{lanes_dot as dot, Real};
+
+/// The padded, phase-split plane layout for one convolution.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Plane {
+    /// input height and width
+    pub h: usize,
+    pub w: usize,
+    /// output height and width
+    pub oh: usize,
+    pub ow: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub stride: [usize; 2],
+    pub dilation: [usize; 2],
+    /// [top, left, bottom, right]
+    pub pads: [usize; 4],
+    /// output channels per input channel
+    pub multiplier: usize,
+}
+
+impl Plane {
+    /// Rows of one phase: every padded row, plus one so that the last tap's extended run
+    /// stays inside the phase.
+    fn phase_rows(&self) -> usize {
+        (self.h + self.pads[0] + self.pads[2]).div_ceil(self.stride[0]) + 1
+    }
+
+    /// Columns of one phase (the row pitch of the buffer and of extended outputs).
+    fn pitch(&self) -> usize {
+        (self.w + self.pads[1] + self.pads[3]).div_ceil(self.stride[1])
+    }
+
+    fn buffer_len(&self) -> usize {
+        self.stride[0] * self.stride[1] * self.phase_rows() * self.pitch()
+    }
+
+    /// Length of an output plane in extended rows.
+    fn extended_len(&self) -> usize {
+        self.oh * self.pitch()
+    }
+
+    /// Buffer index of padded position (py, px).
+    #[inline(always)]
+    fn at(&self, py: usize, px: usize) -> usize {
+        let [sy, sx] = self.stride;
+        let phase = (py % sy) * sx + px % sx;
+        (phase * self.phase_rows() + py / sy) * self.pitch() + px / sx
+    }
+
+    /// Start of the run that kernel tap (ki, kj) reads for the whole extended output plane.
+    #[inline(always)]
+    fn tap(&self, ki: usize, kj: usize) -> usize {
+        self.at(ki * self.dilation[0], kj * self.dilation[1])
+    }
+
+    /// Buffer offsets of every kernel tap, in filter order.
+    fn taps(&self) -> Vec<usize> {
+        (0..self.kh).flat_map(move |ki| (0..self.kw).map(move |kj| self.tap(ki, kj))).collect()
+    }
+
+    /// Working memory for one image's channels.
+    pub fn scratch<T: Real>(&self) -> Scratch<T> {
+        Scratch {
+            buf: vec![T::zero(); self.buffer_len()],
+            ext: vec![T::zero(); self.extended_len()],
+            taps: self.taps(),
+            dirty: false,
+        }
+    }
+
+    /// Writes input plane `x` [h*w] into the scratch buffer. Only positions of the input
+    /// are written: padding and phase tails keep their zeros, so the buffer serves every
+    /// channel without clearing.
+    #[inline(always)]
+    pub fn fill<T: Real>(&self, x: &[T], s: &mut Scratch<T>) {
+        if s.dirty {
+            s.buf.iter_mut().for_each(|v| *v = T::zero());
+            s.dirty = false;
+        }
+        let [top, left, ..] = self.pads;
+        for (iy, row) in x.chunks_exact(self.w).enumerate() {
+            if self.stride[1] == 1 {
+                let at = self.at(iy + top, left);
+                s.buf[at..at + self.w].copy_from_slice(row);
+            } else {
+                for (ix, &v) in row.iter().enumerate() {
+                    s.buf[self.at(iy + top, ix + left)] = v;
+                }
+            }
+        }
+    }
+
+    /// Adds the buffer-shaped gradient `buf` back into the input plane gradient `dx`.
+    #[inline(always)]
+    fn unfill<T: Real>(&self, buf: &[T], dx: &mut [T]) {
+        let [top, left, ..] = self.pads;
+        for (iy, row) in dx.chunks_exact_mut(self.w).enumerate() {
+            if self.stride[1] == 1 {
+                let at = self.at(iy + top, left);
+                row.iter_mut().zip(&buf[at..at + self.w]).for_each(|(d, &g)| *d += g);
+            } else {
+                for (ix, d) in row.iter_mut().enumerate() {
+                    *d += buf[self.at(iy + top, ix + left)];
+                }
+            }
+        }
+    }
+
+    /// Copies an output plane [oh*ow] into extended rows, the extra columns zero.
+    #[inline(always)]
+    fn extend<T: Real>(&self, y: &[T], ext: &mut [T]) {
+        let pitch = self.pitch();
+        for (e, row) in ext.chunks_exact_mut(pitch).zip(y.chunks_exact(self.ow)) {
+            e[..self.ow].copy_from_slice(row);
+            e[self.ow..].iter_mut().for_each(|v| *v = T::zero());
+        }
+    }
+
+    /// Output planes [multiplier, oh*ow] of one input channel, filled into `s`, through
+    /// filters `w` [multiplier, kh*kw]; `y` is overwritten.
+    #[inline(always)]
+    pub fn forward<T: Real>(&self, s: &mut Scratch<T>, w: &[T], y: &mut [T]) {
+        let (ohw, len) = (self.oh * self.ow, self.extended_len());
+        let Scratch { buf, ext, taps, .. } = s;
+        for (ym, wm) in y.chunks_exact_mut(ohw).zip(w.chunks_exact(taps.len())).take(self.multiplier) {
+            ext.iter_mut().for_each(|v| *v = T::zero());
+            for (&at, &wv) in taps.iter().zip(wm) {
+                ext.iter_mut().zip(&buf[at..at + len]).for_each(|(o, &x)| *o += wv * x);
+            }
+            for (row, e) in ym.chunks_exact_mut(self.ow).zip(ext.chunks_exact(self.pitch())) {
+                row.copy_from_slice(&e[..self.ow]);
+            }
+        }
+    }
+
+    /// Adds to `dx` [h*w] the gradient of one input channel from the output gradients `dy`
+    /// [multiplier, oh*ow] through filters `w`.
+    #[inline(always)]
+    pub fn backward_input<T: Real>(&self, s: &mut Scratch<T>, dy: &[T], w: &[T], dx: &mut [T]) {
+        let (ohw, len) = (self.oh * self.ow, self.extended_len());
+        s.buf.iter_mut().for_each(|v| *v = T::zero());
+        s.dirty = true;
+        let Scratch { buf, ext, taps, .. } = s;
+        for (dym, wm) in dy.chunks_exact(ohw).zip(w.chunks_exact(taps.len())).take(self.multiplier) {
+            self.extend(dym, ext);
+            for (&at, &wv) in taps.iter().zip(wm) {
+                buf[at..at + len].iter_mut().zip(ext.iter()).for_each(|(d, &g)| *d += wv * g);
+            }
+        }
+        self.unfill(buf, dx);
+    }
+
+    /// Adds to `dw` [multiplier, kh*kw] the filter gradient of one input channel, filled
+    /// into `s`, from the output gradients `dy` [multiplier, oh*ow].
+    #[inline(always)]
+    pub fn backward_weight<T: Real>(&self, s: &mut Scratch<T>, dy: &[T], dw: &mut [T]) {
+        let (ohw, len) = (self.oh * self.ow, self.extended_len());
+        let Scratch { buf, ext, taps, .. } = s;
+        for (dym, dwm) in dy.chunks_exact(ohw).zip(dw.chunks_exact_mut(taps.len())).take(self.multiplier) {
+            self.extend(dym, ext);
+            for (&at, acc) in taps.iter().zip(dwm.iter_mut()) {
+                *acc += dot(ext, &buf[at..at + len]);
+            }
+        }
+    }
+}
+
+/// A padded plane buffer, an extended output plane and the tap offsets, reused across the
+/// channels of one image.
+pub(super) struct Scratch<T> {
+    buf: Vec<T>,
+    ext: Vec<T>,
+    taps: Vec<usize>,
+    /// The buffer holds gradients, not zero padding.
+    dirty: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fill_then_unfill_is_the_identity_for_any_stride_and_padding() {
+        for (stride, pads) in [(1, [0, 0, 0, 0]), (2, [1, 1, 1, 1]), (3, [2, 0, 1, 2])] {
+            let p = Plane {
+                h: 5,
+                w: 7,
+                oh: 1,
+                ow: 1,
+                kh: 1,
+                kw: 1,
+                stride: [stride, stride],
+                dilation: [1, 1],
+                pads,
+                multiplier: 1,
+            };
+            let x: Vec<f64> = (0..35).map(|i| i as f64 + 1.0).collect();
+            let mut s = p.scratch::<f64>();
+            p.fill(&x, &mut s);
+            assert_eq!(s.buf.iter().sum::<f64>(), x.iter().sum::<f64>(), "stride {stride}: padding stays zero");
+            let mut back = vec![0.0; 35];
+            p.unfill(&s.buf, &mut back);
+            assert_eq!(back, x, "stride {stride} pads {pads:?}");
+        }
+    }
+}
