@@ -7,7 +7,9 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{lanes_dot, lanes_sum, simd, slice, Real};
+use std::mem::MaybeUninit;
+
+use super::{lanes_sum, par_written, simd, slice, write_front, Real};
 
 /// Clamp applied to the normalised output: y = min(max(z, lo), hi).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -59,21 +61,19 @@ impl Normalise {
             ));
         }
         let clamp = self.clamp.map(|k| (T::real(k.lo), T::real(k.hi)));
-        let mut y = vec![T::zero(); x.len()];
-        y.par_chunks_mut(inner).zip(x.par_chunks(inner)).enumerate().for_each(|(p, (yp, xp))| {
+        let y = par_written(x.len(), inner, |p, yp| {
+            let xp = &x[p * inner..(p * inner + inner).min(x.len())];
             let ch = p % c;
             let k = scale[ch] * T::real(self.inv_std[ch]);
             let b = bias[ch] - T::real(self.mean[ch]) * k;
             simd(
                 #[inline(always)]
-                || {
-                    let out = yp.iter_mut().zip(xp);
-                    match clamp {
-                        // The same max/min as the Clip kernel: folding the Clip in changes no value.
-                        Some((lo, hi)) => out
-                            .for_each(|(o, &v)| *o = num_traits::Float::min(num_traits::Float::max(v * k + b, lo), hi)),
-                        None => out.for_each(|(o, &v)| *o = v * k + b),
-                    }
+                || match clamp {
+                    // The same max/min as the Clip kernel: folding the Clip in changes no value.
+                    Some((lo, hi)) => write_front(yp, xp.iter(), |&v| {
+                        num_traits::Float::min(num_traits::Float::max(v * k + b, lo), hi)
+                    }),
+                    None => write_front(yp, xp.iter(), |&v| v * k + b),
                 },
             )
         });
@@ -146,18 +146,6 @@ impl CustomOp3 for Normalise {
 #[derive(Clone, Copy, Debug)]
 struct Mask(Option<Clamp>);
 
-impl Mask {
-    /// `dy` with the clamp's gradient mask applied, written into `out`.
-    #[inline(always)]
-    fn apply<'a, T: Real>(&self, dy: &'a [T], y: &[T], out: &'a mut [T]) -> &'a [T] {
-        let Some(k) = self.0 else { return dy };
-        // `&`, not `&&`: without a branch the loop vectorises.
-        let (lo, hi) = (T::real(k.lo), T::real(k.hi));
-        out.iter_mut().zip(dy).zip(y).for_each(|((o, &d), &v)| *o = if (v > lo) & (v < hi) { d } else { T::zero() });
-        out
-    }
-}
-
 /// (x, dy, y) -> [2, C]: per channel sum(g * (x - mean) * inv_std) and sum(g), with g the
 /// masked dy.
 #[derive(Clone, Debug)]
@@ -172,20 +160,19 @@ impl Sums {
         let per: Vec<(T, T)> = (0..c)
             .into_par_iter()
             .map(|ch| {
-                let (mut dx, mut dd) = (0.0f64, 0.0f64);
-                let mut scratch = vec![T::zero(); if self.mask.0.is_some() { inner } else { 0 }];
-                simd(
+                let planes = |b: usize| {
+                    let at = (b * c + ch) * inner;
+                    (&x[at..at + inner], &dy[at..at + inner], &y[at..at + inner])
+                };
+                let (dx, dd) = simd(
                     #[inline(always)]
-                    || {
-                        for b in 0..n {
-                            let at = (b * c + ch) * inner;
-                            let xp = &x[at..at + inner];
-                            let dp = self.mask.apply(&dy[at..at + inner], &y[at..at + inner], &mut scratch);
-                            // Plane sums in lanes of T, accumulated across planes in f64.
-                            let (sxd, sd) = (lanes_dot(xp, dp), lanes_sum(dp));
-                            dx += sxd.to_f64().unwrap_or(f64::NAN);
-                            dd += sd.to_f64().unwrap_or(f64::NAN);
+                    || match self.mask.0 {
+                        Some(k) => {
+                            // `&`, not `&&`: without a branch the loop vectorises.
+                            let (lo, hi) = (T::real(k.lo), T::real(k.hi));
+                            channel_sums((0..n).map(planes), |d, v| if (v > lo) & (v < hi) { d } else { T::zero() })
                         }
+                        None => channel_sums((0..n).map(planes), |d, _| d),
                     },
                 );
                 let xhat = (dx - self.mean[ch] * dd) * self.inv_std[ch];
@@ -193,6 +180,52 @@ impl Sums {
             })
             .collect();
         per.iter().map(|p| p.0).chain(per.iter().map(|p| p.1)).collect()
+    }
+}
+
+/// sum(g * x) and sum(g) over a channel's planes (x, dy, y), with g = mask(dy, y): in eight
+/// lanes of T within a plane, accumulated across planes in f64.
+#[inline(always)]
+fn channel_sums<'a, T: Real>(
+    planes: impl Iterator<Item = (&'a [T], &'a [T], &'a [T])>,
+    mask: impl Fn(T, T) -> T,
+) -> (f64, f64) {
+    let (mut total_x, mut total_g) = (0.0f64, 0.0f64);
+    for (x, dy, y) in planes {
+        let (mut sx, mut sg) = ([T::zero(); 8], [T::zero(); 8]);
+        let (cx, cd, cy) = (x.chunks_exact(8), dy.chunks_exact(8), y.chunks_exact(8));
+        let (mut tx, mut tg) = (T::zero(), T::zero());
+        for ((&a, &d), &v) in cx.remainder().iter().zip(cd.remainder()).zip(cy.remainder()) {
+            let g = mask(d, v);
+            tx += g * a;
+            tg += g;
+        }
+        for ((xa, da), ya) in cx.zip(cd).zip(cy) {
+            for i in 0..8 {
+                let g = mask(da[i], ya[i]);
+                sx[i] += g * xa[i];
+                sg[i] += g;
+            }
+        }
+        total_x += (sx.iter().copied().sum::<T>() + tx).to_f64().unwrap_or(f64::NAN);
+        total_g += (sg.iter().copied().sum::<T>() + tg).to_f64().unwrap_or(f64::NAN);
+    }
+    (total_x, total_g)
+}
+
+/// o = a * g + b * x + c0 over one plane, g = mask(dy, y); x is not read unless `reads_x`.
+#[inline(always)]
+fn combine_plane<T: Real>(
+    o: &mut [MaybeUninit<T>],
+    [dy, x, y]: [&[T]; 3],
+    [a, b, c0]: [T; 3],
+    reads_x: bool,
+    mask: impl Fn(T, T) -> T,
+) -> usize {
+    if reads_x {
+        write_front(o, dy.iter().zip(x).zip(y), |((&d, &v), &w)| a * mask(d, w) + b * v + c0)
+    } else {
+        write_front(o, dy.iter().zip(y), |(&d, &w)| a * mask(d, w))
     }
 }
 
@@ -242,32 +275,23 @@ struct Combine {
 
 impl Combine {
     fn run<T: Real>(&self, [dy, x, y]: [&[T]; 3], (_, c, inner): (usize, usize, usize)) -> Vec<T> {
-        let mut out = vec![T::zero(); dy.len()];
-        let rows = dy.par_chunks(inner).zip(x.par_chunks(inner)).zip(y.par_chunks(inner));
-        out.par_chunks_mut(inner).zip(rows).enumerate().for_each(|(p, (o, ((dp, xp), yp)))| {
+        par_written(dy.len(), inner, |p, o| {
+            let span = p * inner..(p * inner + inner).min(dy.len());
+            let (dp, xp, yp) = (&dy[span.clone()], &x[span.clone()], &y[span]);
             let ch = p % c;
             let (a, b, c0) = (T::real(self.a[ch]), T::real(self.b[ch]), T::real(self.c0[ch]));
-            // The mask writes g into `o`, then `o` is updated in place.
-            let masked = self.mask.0.is_some();
             simd(
                 #[inline(always)]
-                || {
-                    if masked {
-                        self.mask.apply(dp, yp, o);
+                || match self.mask.0 {
+                    Some(k) => {
+                        let (lo, hi) = (T::real(k.lo), T::real(k.hi));
+                        let g = |d: T, v: T| if (v > lo) & (v < hi) { d } else { T::zero() };
+                        combine_plane(o, [dp, xp, yp], [a, b, c0], self.reads_x, g)
                     }
-                    let src: &[T] = if masked { &[] } else { dp };
-                    match (self.reads_x, masked) {
-                        (true, true) => o.iter_mut().zip(xp).for_each(|(o, &v)| *o = a * *o + b * v + c0),
-                        (true, false) => {
-                            o.iter_mut().zip(src).zip(xp).for_each(|((o, &d), &v)| *o = a * d + b * v + c0)
-                        }
-                        (false, true) => o.iter_mut().for_each(|o| *o = a * *o),
-                        (false, false) => o.iter_mut().zip(src).for_each(|(o, &d)| *o = a * d),
-                    }
+                    None => combine_plane(o, [dp, xp, yp], [a, b, c0], self.reads_x, |d, _| d),
                 },
             )
-        });
-        out
+        })
     }
 }
 

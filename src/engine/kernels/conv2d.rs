@@ -7,7 +7,9 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::depthwise::Plane;
-use super::{gemm, simd, slice, Real};
+use std::mem::MaybeUninit;
+
+use super::{gemm, gemm_into, par_filled, par_written, simd, slice, Real};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConvParams {
@@ -46,6 +48,9 @@ impl Geometry {
         }
         if p.stride.contains(&0) || p.dilation.contains(&0) {
             return bad("conv2d: zero stride or dilation".into());
+        }
+        if kh == 0 || kw == 0 {
+            return bad(format!("conv2d: empty {kh}x{kw} kernel"));
         }
         let out = |size: usize, k: usize, s: usize, d: usize, p0: usize, p1: usize| {
             let span = d * (k.max(1) - 1) + 1;
@@ -182,11 +187,16 @@ impl Geometry {
     }
 
     /// The inverse of [`Geometry::gather`]: writes [cc, imgs*ohw] into the images' channels.
-    fn scatter<T: Real>(&self, src: &[T], imgs: usize, c0: usize, cc: usize, y: &mut [T]) {
+    /// `channels` is the images' channel count (cout for outputs, cin for a pointwise
+    /// convolution's input gradient, whose planes are output-sized).
+    fn scatter<T: Real>(&self, src: &[T], imgs: usize, [channels, c0, cc]: [usize; 3], y: &mut [MaybeUninit<T>]) {
         let ohw = self.ohw();
         for i in 0..imgs {
             for c in 0..cc {
-                y[(i * self.cout + c0 + c) * ohw..][..ohw].copy_from_slice(&src[(c * imgs + i) * ohw..][..ohw]);
+                let dst = &mut y[(i * channels + c0 + c) * ohw..][..ohw];
+                dst.iter_mut().zip(&src[(c * imgs + i) * ohw..][..ohw]).for_each(|(d, &v)| {
+                    d.write(v);
+                });
             }
         }
     }
@@ -216,9 +226,9 @@ impl Geometry {
 
 fn forward<T: Real>(x: &[T], w: &[T], g: &Geometry) -> candle_core::Result<Vec<T>> {
     let (in_item, out_item) = (g.cin * g.h * g.w, g.cout * g.ohw());
-    let mut out = vec![T::zero(); g.n * out_item];
     if g.depthwise() {
-        out.par_chunks_mut(out_item.max(1)).zip(x.par_chunks(in_item.max(1))).for_each(|(y, xi)| {
+        return Ok(par_written(g.n * out_item, out_item.max(1), |i, y| {
+            let xi = &x[i * in_item..][..in_item];
             let (pl, taps) = (g.plane(), g.cout_g * g.kh * g.kw);
             let mut s = pl.scratch();
             simd(
@@ -230,30 +240,40 @@ fn forward<T: Real>(x: &[T], w: &[T], g: &Geometry) -> candle_core::Result<Vec<T
                     }
                 },
             );
-        });
-        return Ok(out);
+            // The input channels' output planes make up the whole image.
+            y.len()
+        }));
     }
     let unit = g.unit();
-    out.par_chunks_mut((unit * out_item).max(1)).zip(x.par_chunks((unit * in_item).max(1))).try_for_each(
-        |(y, xu)| -> candle_core::Result<()> {
-            let imgs = xu.len() / in_item.max(1);
-            let pitch = imgs * g.ohw();
-            let (mut cols, mut ybuf) = (Vec::new(), vec![T::zero(); if imgs > 1 { g.cout_g * pitch } else { 0 }]);
-            for grp in 0..g.p.groups {
-                let cols = g.columns(xu, imgs, grp, &mut cols);
-                let wg = &w[grp * g.cout_g * g.k()..][..g.cout_g * g.k()];
-                if imgs == 1 {
-                    let yg = &mut y[grp * g.cout_g * g.ohw()..][..g.cout_g * g.ohw()];
-                    gemm(g.cout_g, g.ohw(), g.k(), wg, false, cols, false, yg, false)?;
-                } else {
-                    gemm(g.cout_g, pitch, g.k(), wg, false, cols, false, &mut ybuf, false)?;
-                    g.scatter(&ybuf, imgs, grp * g.cout_g, g.cout_g, y);
-                }
-            }
-            Ok(())
-        },
-    )?;
-    Ok(out)
+    // Every image's outputs are written: the groups' output channels make them up.
+    par_filled(g.n * out_item, (unit * out_item).max(1), |u, y| {
+        let imgs = y.len() / out_item.max(1);
+        forward_unit(&x[u * unit * in_item..][..imgs * in_item], w, g, imgs, y)
+    })
+}
+
+/// The outputs of `imgs` images, written into `y` (every element).
+fn forward_unit<T: Real>(
+    xu: &[T],
+    w: &[T],
+    g: &Geometry,
+    imgs: usize,
+    y: &mut [MaybeUninit<T>],
+) -> candle_core::Result<()> {
+    let pitch = imgs * g.ohw();
+    let (mut cols, mut ybuf) = (Vec::new(), vec![T::zero(); if imgs > 1 { g.cout_g * pitch } else { 0 }]);
+    for grp in 0..g.p.groups {
+        let cols = g.columns(xu, imgs, grp, &mut cols);
+        let wg = &w[grp * g.cout_g * g.k()..][..g.cout_g * g.k()];
+        if imgs == 1 {
+            let yg = &mut y[grp * g.cout_g * g.ohw()..][..g.cout_g * g.ohw()];
+            gemm_into(g.cout_g, g.ohw(), g.k(), wg, false, cols, false, yg)?;
+        } else {
+            gemm(g.cout_g, pitch, g.k(), wg, false, cols, false, &mut ybuf, false)?;
+            g.scatter(&ybuf, imgs, [g.cout, grp * g.cout_g, g.cout_g], y);
+        }
+    }
+    Ok(())
 }
 
 fn backward_input<T: Real>(w: &[T], dy: &[T], g: &Geometry) -> candle_core::Result<Vec<T>> {
@@ -279,6 +299,9 @@ fn backward_input<T: Real>(w: &[T], dy: &[T], g: &Geometry) -> candle_core::Resu
         });
         return Ok(dx);
     }
+    if g.pointwise() {
+        return pointwise_backward_input(w, dy, g);
+    }
     let unit = g.unit();
     dx.par_chunks_mut((unit * in_item).max(1)).zip(dy.par_chunks((unit * out_item).max(1))).try_for_each(
         |(dxu, dyu)| -> candle_core::Result<()> {
@@ -288,11 +311,6 @@ fn backward_input<T: Real>(w: &[T], dy: &[T], g: &Geometry) -> candle_core::Resu
             for grp in 0..g.p.groups {
                 let wg = &w[grp * g.cout_g * g.k()..][..g.cout_g * g.k()];
                 let dyg = g.gather(dyu, imgs, grp * g.cout_g, g.cout_g, &mut dybuf);
-                if g.direct(imgs) {
-                    let dxg = &mut dxu[grp * g.cin_g * g.ohw()..][..g.cin_g * g.ohw()];
-                    gemm(g.k(), g.ohw(), g.cout_g, wg, true, dyg, false, dxg, false)?;
-                    continue;
-                }
                 gemm(g.k(), pitch, g.cout_g, wg, true, dyg, false, &mut dcols, false)?;
                 for (i, dxi) in dxu.chunks_exact_mut(in_item).enumerate() {
                     g.col2im(&dcols, grp, dxi, pitch, i * g.ohw());
@@ -302,6 +320,30 @@ fn backward_input<T: Real>(w: &[T], dy: &[T], g: &Geometry) -> candle_core::Resu
         },
     )?;
     Ok(dx)
+}
+
+/// The input gradient of a pointwise convolution: every element is written once (no
+/// overlapping taps), so it is written into uninitialised memory, not added to zeros.
+fn pointwise_backward_input<T: Real>(w: &[T], dy: &[T], g: &Geometry) -> candle_core::Result<Vec<T>> {
+    let (in_item, out_item, unit) = (g.cin * g.h * g.w, g.cout * g.ohw(), g.unit());
+    // The groups' input channels make up every image's gradient: all of it is written.
+    par_filled(g.n * in_item, (unit * in_item).max(1), |u, dxu| {
+        let imgs = dxu.len() / in_item.max(1);
+        let dyu = &dy[u * unit * out_item..][..imgs * out_item];
+        let (pitch, mut dybuf, mut dcols) = (imgs * g.ohw(), Vec::new(), Vec::new());
+        (0..g.p.groups).try_for_each(|grp| {
+            let wg = &w[grp * g.cout_g * g.k()..][..g.cout_g * g.k()];
+            let dyg = g.gather(dyu, imgs, grp * g.cout_g, g.cout_g, &mut dybuf);
+            if imgs == 1 {
+                let dxg = &mut dxu[grp * g.cin_g * g.ohw()..][..g.cin_g * g.ohw()];
+                return gemm_into(g.cin_g, g.ohw(), g.cout_g, wg, true, dyg, false, dxg);
+            }
+            dcols.resize(g.cin_g * pitch, T::zero());
+            gemm(g.cin_g, pitch, g.cout_g, wg, true, dyg, false, &mut dcols, false)?;
+            g.scatter(&dcols, imgs, [g.cin, grp * g.cin_g, g.cin_g], dxu);
+            Ok(())
+        })
+    })
 }
 
 fn backward_weight<T: Real>(x: &[T], dy: &[T], g: &Geometry) -> candle_core::Result<Vec<T>> {
@@ -425,9 +467,17 @@ impl CustomOp2 for Conv2d {
         let dy = dy.contiguous()?;
         let xs = dims4(x.layout())?;
         let ws = dims4(w.layout())?;
-        let dx = w.apply_op2_no_bwd(&dy, &Conv2d { p: self.p, pass: Pass::GradInput(xs) })?;
-        let dw = x.apply_op2_no_bwd(&dy, &Conv2d { p: self.p, pass: Pass::GradWeight(ws) })?;
-        Ok((Some(dx), Some(dw)))
+        // A gradient nobody reads is not computed: the image into the first convolution,
+        // or the weights of a frozen layer.
+        let dx = match x.track_op() {
+            true => Some(w.apply_op2_no_bwd(&dy, &Conv2d { p: self.p, pass: Pass::GradInput(xs) })?),
+            false => None,
+        };
+        let dw = match w.track_op() {
+            true => Some(x.apply_op2_no_bwd(&dy, &Conv2d { p: self.p, pass: Pass::GradWeight(ws) })?),
+            false => None,
+        };
+        Ok((dx, dw))
     }
 }
 

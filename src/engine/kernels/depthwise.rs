@@ -7,6 +7,8 @@
 //! compiler vectorises, for any stride, dilation or padding, even on the 4x4 planes deep in
 //! a network where a per-row loop would be all overhead.
 
+use std::mem::MaybeUninit;
+
 use super::{lanes_dot as dot, Real};
 
 /// The padded, phase-split plane layout for one convolution.
@@ -87,31 +89,32 @@ impl Plane {
             s.buf.iter_mut().for_each(|v| *v = T::zero());
             s.dirty = false;
         }
-        let [top, left, ..] = self.pads;
+        let sx = self.stride[1];
         for (iy, row) in x.chunks_exact(self.w).enumerate() {
-            if self.stride[1] == 1 {
-                let at = self.at(iy + top, left);
-                s.buf[at..at + self.w].copy_from_slice(row);
-            } else {
-                for (ix, &v) in row.iter().enumerate() {
-                    s.buf[self.at(iy + top, ix + left)] = v;
-                }
+            for (first, at) in self.phase_runs(iy) {
+                let dst = &mut s.buf[at..];
+                row.iter().skip(first).step_by(sx).zip(dst.iter_mut()).for_each(|(&v, d)| *d = v);
             }
         }
+    }
+
+    /// For input row `iy`: per column phase, the first input column in that phase and the
+    /// buffer offset where that phase's run of the row starts. Input columns `first`,
+    /// `first + stride`, ... land at consecutive buffer positions from there.
+    #[inline(always)]
+    fn phase_runs(&self, iy: usize) -> impl Iterator<Item = (usize, usize)> + '_ {
+        let [top, left, ..] = self.pads;
+        let sx = self.stride[1];
+        (0..sx.min(self.w)).map(move |first| (first, self.at(iy + top, first + left)))
     }
 
     /// Adds the buffer-shaped gradient `buf` back into the input plane gradient `dx`.
     #[inline(always)]
     fn unfill<T: Real>(&self, buf: &[T], dx: &mut [T]) {
-        let [top, left, ..] = self.pads;
+        let sx = self.stride[1];
         for (iy, row) in dx.chunks_exact_mut(self.w).enumerate() {
-            if self.stride[1] == 1 {
-                let at = self.at(iy + top, left);
-                row.iter_mut().zip(&buf[at..at + self.w]).for_each(|(d, &g)| *d += g);
-            } else {
-                for (ix, d) in row.iter_mut().enumerate() {
-                    *d += buf[self.at(iy + top, ix + left)];
-                }
+            for (first, at) in self.phase_runs(iy) {
+                row.iter_mut().skip(first).step_by(sx).zip(&buf[at..]).for_each(|(d, &g)| *d += g);
             }
         }
     }
@@ -127,18 +130,25 @@ impl Plane {
     }
 
     /// Output planes [multiplier, oh*ow] of one input channel, filled into `s`, through
-    /// filters `w` [multiplier, kh*kw]; `y` is overwritten.
+    /// filters `w` [multiplier, kh*kw]; every element of `y` is written.
     #[inline(always)]
-    pub fn forward<T: Real>(&self, s: &mut Scratch<T>, w: &[T], y: &mut [T]) {
+    pub fn forward<T: Real>(&self, s: &mut Scratch<T>, w: &[T], y: &mut [MaybeUninit<T>]) {
         let (ohw, len) = (self.oh * self.ow, self.extended_len());
         let Scratch { buf, ext, taps, .. } = s;
         for (ym, wm) in y.chunks_exact_mut(ohw).zip(w.chunks_exact(taps.len())).take(self.multiplier) {
-            ext.iter_mut().for_each(|v| *v = T::zero());
-            for (&at, &wv) in taps.iter().zip(wm) {
-                ext.iter_mut().zip(&buf[at..at + len]).for_each(|(o, &x)| *o += wv * x);
+            // The first tap assigns, the others add: no zeroing pass.
+            for (t, (&at, &wv)) in taps.iter().zip(wm).enumerate() {
+                let run = ext.iter_mut().zip(&buf[at..at + len]);
+                if t == 0 {
+                    run.for_each(|(o, &x)| *o = wv * x);
+                } else {
+                    run.for_each(|(o, &x)| *o += wv * x);
+                }
             }
             for (row, e) in ym.chunks_exact_mut(self.ow).zip(ext.chunks_exact(self.pitch())) {
-                row.copy_from_slice(&e[..self.ow]);
+                row.iter_mut().zip(&e[..self.ow]).for_each(|(d, &v)| {
+                    d.write(v);
+                });
             }
         }
     }
