@@ -115,7 +115,7 @@ impl CustomOp3 for Normalise {
         let dy = dy.contiguous()?;
         // The clamp passes the gradient where lo < y < hi (equivalently lo < z < hi); both
         // passes below apply that mask as they read dy, so no masked copy is made.
-        let mask = Mask(self.clamp);
+        let mask = self.clamp;
         // [2, C]: sum(dy * xhat) and sum(dy) per channel.
         let sums =
             x.apply_op3_no_bwd(&dy, y, &Sums { mean: self.mean.clone(), inv_std: self.inv_std.clone(), mask })?;
@@ -142,21 +142,22 @@ impl CustomOp3 for Normalise {
     }
 }
 
-/// The gradient mask of a folded clamp, read from the op's output y.
-#[derive(Clone, Copy, Debug)]
-struct Mask(Option<Clamp>);
-
 /// (x, dy, y) -> [2, C]: per channel sum(g * (x - mean) * inv_std) and sum(g), with g the
 /// masked dy.
 #[derive(Clone, Debug)]
 struct Sums {
     mean: Vec<f64>,
     inv_std: Vec<f64>,
-    mask: Mask,
+    /// The folded clamp's gradient mask, read from the op's output y.
+    mask: Option<Clamp>,
 }
 
-impl Sums {
-    fn run<T: Real>(&self, [x, dy, y]: [&[T]; 3], (n, c, inner): (usize, usize, usize)) -> Vec<T> {
+impl GradPass for Sums {
+    fn channels(&self) -> usize {
+        self.mean.len()
+    }
+
+    fn pass<T: Real>(&self, [x, dy, y]: [&[T]; 3], (n, c, inner): (usize, usize, usize)) -> Vec<T> {
         let per: Vec<(T, T)> = (0..c)
             .into_par_iter()
             .map(|ch| {
@@ -166,7 +167,7 @@ impl Sums {
                 };
                 let (dx, dd) = simd(
                     #[inline(always)]
-                    || match self.mask.0 {
+                    || match self.mask {
                         Some(k) => {
                             // `&`, not `&&`: without a branch the loop vectorises.
                             let (lo, hi) = (T::real(k.lo), T::real(k.hi));
@@ -237,6 +238,23 @@ fn three<'a, T: candle_core::WithDType>(s: [&'a CpuStorage; 3], l: [&Layout; 3])
     Ok([slice(s[0], l[0])?, slice(s[1], l[1])?, slice(s[2], l[2])?])
 }
 
+/// A backward pass over three equally shaped tensors (x, dy, y in some order), per element
+/// type; `channels` is the channel count it was built for.
+trait GradPass: Sync {
+    fn channels(&self) -> usize;
+    fn pass<T: Real>(&self, inputs: [&[T]; 3], dims: (usize, usize, usize)) -> Vec<T>;
+
+    /// `cpu_fwd` of the pass as a candle op: checks the layouts, runs it on f32 or f64.
+    fn cpu(&self, name: &str, s: [&CpuStorage; 3], l: [&Layout; 3]) -> candle_core::Result<CpuStorage> {
+        let dims = planes(l[0], self.channels())?;
+        match s[0] {
+            CpuStorage::F32(_) => Ok(CpuStorage::F32(self.pass(three(s, l)?, dims))),
+            CpuStorage::F64(_) => Ok(CpuStorage::F64(self.pass(three(s, l)?, dims))),
+            _ => Err(unsupported(name)),
+        }
+    }
+}
+
 impl CustomOp3 for Sums {
     fn name(&self) -> &'static str {
         "mtpack-batchnorm-sums"
@@ -251,14 +269,8 @@ impl CustomOp3 for Sums {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let dims = planes(l1, self.mean.len())?;
-        let (s, l) = ([s1, s2, s3], [l1, l2, l3]);
-        let storage = match s1 {
-            CpuStorage::F32(_) => CpuStorage::F32(self.run(three(s, l)?, dims)),
-            CpuStorage::F64(_) => CpuStorage::F64(self.run(three(s, l)?, dims)),
-            _ => return Err(unsupported(self.name())),
-        };
-        Ok((storage, Shape::from((2, dims.1))))
+        let storage = self.cpu(self.name(), [s1, s2, s3], [l1, l2, l3])?;
+        Ok((storage, Shape::from((2, self.mean.len()))))
     }
 }
 
@@ -270,11 +282,16 @@ struct Combine {
     b: Vec<f64>,
     c0: Vec<f64>,
     reads_x: bool,
-    mask: Mask,
+    /// The folded clamp's gradient mask, read from the op's output y.
+    mask: Option<Clamp>,
 }
 
-impl Combine {
-    fn run<T: Real>(&self, [dy, x, y]: [&[T]; 3], (_, c, inner): (usize, usize, usize)) -> Vec<T> {
+impl GradPass for Combine {
+    fn channels(&self) -> usize {
+        self.a.len()
+    }
+
+    fn pass<T: Real>(&self, [dy, x, y]: [&[T]; 3], (_, c, inner): (usize, usize, usize)) -> Vec<T> {
         par_written(dy.len(), inner, |p, o| {
             let span = p * inner..(p * inner + inner).min(dy.len());
             let (dp, xp, yp) = (&dy[span.clone()], &x[span.clone()], &y[span]);
@@ -282,7 +299,7 @@ impl Combine {
             let (a, b, c0) = (T::real(self.a[ch]), T::real(self.b[ch]), T::real(self.c0[ch]));
             simd(
                 #[inline(always)]
-                || match self.mask.0 {
+                || match self.mask {
                     Some(k) => {
                         let (lo, hi) = (T::real(k.lo), T::real(k.hi));
                         let g = |d: T, v: T| if (v > lo) & (v < hi) { d } else { T::zero() };
@@ -309,14 +326,7 @@ impl CustomOp3 for Combine {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let dims = planes(l1, self.a.len())?;
-        let (s, l) = ([s1, s2, s3], [l1, l2, l3]);
-        let storage = match s1 {
-            CpuStorage::F32(_) => CpuStorage::F32(self.run(three(s, l)?, dims)),
-            CpuStorage::F64(_) => CpuStorage::F64(self.run(three(s, l)?, dims)),
-            _ => return Err(unsupported(self.name())),
-        };
-        Ok((storage, l1.shape().clone()))
+        Ok((self.cpu(self.name(), [s1, s2, s3], [l1, l2, l3])?, l1.shape().clone()))
     }
 }
 

@@ -6,7 +6,9 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::depthwise::Plane;
+use std::ops::Range;
+
+use super::depthwise::{Plane, Scratch};
 use std::mem::MaybeUninit;
 
 use super::{gemm, gemm_into, par_filled, par_written, simd, slice, Real};
@@ -217,10 +219,22 @@ impl Geometry {
         }
     }
 
-    /// Per input channel: its plane in the input, and its filters' and outputs' ranges.
-    fn depthwise_channels(&self) -> impl Iterator<Item = (std::ops::Range<usize>, usize, usize)> + '_ {
-        let (hw, taps) = (self.h * self.w, self.kh * self.kw);
-        (0..self.cin).map(move |ic| (ic * hw..(ic + 1) * hw, ic * self.cout_g * taps, ic * self.cout_g * self.ohw()))
+    /// Calls `f(plane, scratch, [input plane, filters, outputs])` for each input channel of a
+    /// depthwise convolution of one image (ranges into that image's tensors), with the
+    /// loops compiled wide (see [`simd`]).
+    #[inline(always)]
+    fn depthwise_each<T: Real>(&self, mut f: impl FnMut(&Plane, &mut Scratch<T>, [Range<usize>; 3])) {
+        let (pl, hw, taps, outs) =
+            (self.plane(), self.h * self.w, self.cout_g * self.kh * self.kw, self.cout_g * self.ohw());
+        let mut s = pl.scratch();
+        simd(
+            #[inline(always)]
+            || {
+                for ic in 0..self.cin {
+                    f(&pl, &mut s, [ic * hw..(ic + 1) * hw, ic * taps..(ic + 1) * taps, ic * outs..(ic + 1) * outs]);
+                }
+            },
+        );
     }
 }
 
@@ -229,15 +243,11 @@ fn forward<T: Real>(x: &[T], w: &[T], g: &Geometry) -> candle_core::Result<Vec<T
     if g.depthwise() {
         return Ok(par_written(g.n * out_item, out_item.max(1), |i, y| {
             let xi = &x[i * in_item..][..in_item];
-            let (pl, taps) = (g.plane(), g.cout_g * g.kh * g.kw);
-            let mut s = pl.scratch();
-            simd(
+            g.depthwise_each(
                 #[inline(always)]
-                || {
-                    for (plane, wo, yo) in g.depthwise_channels() {
-                        pl.fill(&xi[plane], &mut s);
-                        pl.forward(&mut s, &w[wo..wo + taps], &mut y[yo..yo + g.cout_g * g.ohw()]);
-                    }
+                |pl, s, [xr, wr, yr]| {
+                    pl.fill(&xi[xr], s);
+                    pl.forward(s, &w[wr], &mut y[yr]);
                 },
             );
             // The input channels' output planes make up the whole image.
@@ -281,20 +291,9 @@ fn backward_input<T: Real>(w: &[T], dy: &[T], g: &Geometry) -> candle_core::Resu
     let mut dx = vec![T::zero(); g.n * in_item];
     if g.depthwise() {
         dx.par_chunks_mut(in_item.max(1)).zip(dy.par_chunks(out_item.max(1))).for_each(|(dxi, dyi)| {
-            let (pl, taps) = (g.plane(), g.cout_g * g.kh * g.kw);
-            let mut s = pl.scratch();
-            simd(
+            g.depthwise_each(
                 #[inline(always)]
-                || {
-                    for (plane, wo, yo) in g.depthwise_channels() {
-                        pl.backward_input(
-                            &mut s,
-                            &dyi[yo..yo + g.cout_g * g.ohw()],
-                            &w[wo..wo + taps],
-                            &mut dxi[plane],
-                        );
-                    }
-                },
+                |pl, s, [xr, wr, yr]| pl.backward_input(s, &dyi[yr], &w[wr], &mut dxi[xr]),
             );
         });
         return Ok(dx);
@@ -359,19 +358,15 @@ fn backward_weight<T: Real>(x: &[T], dy: &[T], g: &Geometry) -> candle_core::Res
         let dyu = &dy[items.start * out_item..][..imgs * out_item];
         let mut dw = vec![T::zero(); wlen];
         if g.depthwise() {
-            let (pl, taps) = (g.plane(), g.cout_g * g.kh * g.kw);
-            let mut s = pl.scratch();
-            simd(
-                #[inline(always)]
-                || {
-                    for (xi, dyi) in xu.chunks_exact(in_item).zip(dyu.chunks_exact(out_item)) {
-                        for (plane, wo, yo) in g.depthwise_channels() {
-                            pl.fill(&xi[plane], &mut s);
-                            pl.backward_weight(&mut s, &dyi[yo..yo + g.cout_g * g.ohw()], &mut dw[wo..wo + taps]);
-                        }
-                    }
-                },
-            );
+            for (xi, dyi) in xu.chunks_exact(in_item).zip(dyu.chunks_exact(out_item)) {
+                g.depthwise_each(
+                    #[inline(always)]
+                    |pl, s, [xr, wr, yr]| {
+                        pl.fill(&xi[xr], s);
+                        pl.backward_weight(s, &dyi[yr], &mut dw[wr]);
+                    },
+                );
+            }
             return Ok(dw);
         }
         let (mut cols, mut dybuf) = (Vec::new(), Vec::new());
