@@ -7,7 +7,7 @@
 //!
 //! Run (after scripts/fetch.sh and scripts/prepare_sequence.sh):
 //!   cargo run --release --example continual_sequence -- [METHOD...] [--ewc-lambda L] [--lwf-lambda L]
-//!       [--frozen-bn-lr LR] [--lr LR] [--optimizer sgd|adamw] [--set PARAM=VALUE...] [--out DIR]
+//!       [--frozen-bn-lr LR] [--lr LR] [--optimizer sgd|adamw] [--seed N] [--set PARAM=VALUE...] [--out DIR]
 //! `--set` sets any method parameter of the plan file (e.g. `--set packnet_prune=0.5`).
 //! Piggyback, unless --lr/--optimizer say otherwise, trains with its own defaults (Adam).
 //! Packs go to .cache/runs/<method>[-settings] (reused when complete, resumed when interrupted).
@@ -27,6 +27,7 @@ fn main() -> anyhow::Result<()> {
     let mut frozen_bn_lr: Option<f64> = None;
     let mut lr: Option<f64> = None;
     let mut optimizer: Option<String> = None;
+    let mut seed = 0u64;
     let mut sets = serde_json::Map::new();
     let mut out = root.join(".cache/runs");
     let mut args = std::env::args().skip(1);
@@ -39,6 +40,7 @@ fn main() -> anyhow::Result<()> {
             "--out" => out = args.next().map(PathBuf::from).unwrap_or(out),
             "--lr" => lr = args.next().and_then(|v| v.parse().ok()),
             "--optimizer" => optimizer = args.next(),
+            "--seed" => seed = args.next().and_then(|v| v.parse().ok()).unwrap_or(0),
             "--set" => {
                 let kv = args.next().unwrap_or_default();
                 let (k, v) = kv.split_once('=').ok_or_else(|| anyhow::anyhow!("--set {kv}: not PARAM=VALUE"))?;
@@ -70,7 +72,7 @@ fn main() -> anyhow::Result<()> {
         let plan = Plan {
             backbone: Some(root.join(".cache/models/mobilenetv2_imagenet.onnx")),
             method,
-            seed: 0,
+            seed,
             device: Default::default(),
             batchnorm: if frozen_bn_lr.is_some() { BatchNormMode::Frozen } else { BatchNormMode::Batch },
             defaults: Hyper {
@@ -102,6 +104,9 @@ fn main() -> anyhow::Result<()> {
         }
         if let Some(o) = &optimizer {
             suffix = format!("{suffix}-{o}");
+        }
+        if seed != 0 {
+            suffix = format!("{suffix}-seed{seed}");
         }
         for (k, v) in &sets {
             let v = v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string());

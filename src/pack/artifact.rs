@@ -89,8 +89,8 @@ pub struct ArtifactManifest {
 /// The embedded masks: their kind, their tensors and what they cost.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct MaskSummary {
-    /// "packnet-owner-ids" (one 4- or 8-bit owner id per weight for all tasks) or "piggyback-bits" (one bit
-    /// per weight per task).
+    /// "packnet-owner-ids" (one 4- or 8-bit owner id per weight for all tasks), "piggyback-bits" (one bit
+    /// per weight per task) or "per-task-parameters" (no weight masks, only per-task copies: EWC).
     pub kind: String,
     pub masked_params: usize,
     pub tasks: usize,
@@ -130,6 +130,9 @@ impl MaskSummary {
                     per_task.push(name.clone());
                 }
             }
+        }
+        if kind.is_empty() && !per_task.is_empty() {
+            kind = "per-task-parameters";
         }
         MaskSummary {
             kind: kind.into(),

@@ -29,6 +29,7 @@ pub const TOLERANCE: f64 = 1e-4;
 pub const DESIGN: &str =
     "one output per task (<task>/logits, plus the backbone's own output); one backbone pass feeds every head";
 pub const DESIGN_MASKED: &str = "one output per task (<task>/logits) and an int64 input 'task' [1] selecting the per-task weight masks, unpacked in the graph; read a task's output with its task value (other outputs are NaN); task -1 gives the backbone's own output";
+pub const DESIGN_PER_TASK: &str = "one output per task (<task>/logits) and an int64 input 'task' [1] selecting each task's own biases and BatchNormalization, stacked and gathered in the graph; read a task's output with its task value (other outputs are NaN); task -1 gives the backbone's own output";
 pub const DESIGN_STANDALONE: &str = "one task with its weight mask applied: a plain model, no task input";
 
 #[derive(Debug, thiserror::Error)]
@@ -254,7 +255,8 @@ fn build(
             }
             let embedded = masks::embed(&base, stored, &gates).map_err(step("putting the masks into the graph"))?;
             let summary = MaskSummary::of(stored, m.tasks.len());
-            (embedded, Some(masks::TASK_INPUT.to_string()), queries, DESIGN_MASKED, Some(summary))
+            let design = if summary.masked_params > 0 { DESIGN_MASKED } else { DESIGN_PER_TASK };
+            (embedded, Some(masks::TASK_INPUT.to_string()), queries, design, Some(summary))
         }
     };
     let (model, input) = if pre {

@@ -130,8 +130,24 @@ fn ewc_with_lambda_zero_is_finetune() {
     let (ewc, ft) = (dir.path().join("ewc"), dir.path().join("ft"));
     let t1 = digits_task("low", ":classes=0,1,2,3,4");
     let t2 = digits_task("high", ":classes=5,6,7,8,9");
-    mtpack(["adapt", "--method", "ewc", "--ewc-lambda", "0", "--task", &t1, "--task", &t2, "-o", p(&ewc), "--quiet"])
-        .expect(0);
+    // Fine-tuning shares BatchNorm; so does EWC's penalised mode (the paper's).
+    mtpack([
+        "adapt",
+        "--method",
+        "ewc",
+        "--ewc-lambda",
+        "0",
+        "--ewc-shared",
+        "penalised",
+        "--task",
+        &t1,
+        "--task",
+        &t2,
+        "-o",
+        p(&ewc),
+        "--quiet",
+    ])
+    .expect(0);
     mtpack(["adapt", "--method", "finetune", "--task", &t1, "--task", &t2, "-o", p(&ft), "--quiet"]).expect(0);
     assert_eq!(weights(&ewc.join("model.onnx")), weights(&ft.join("model.onnx")));
     // With a strong penalty the backbone stays closer to where task 1 left it.
@@ -154,6 +170,42 @@ fn ewc_with_lambda_zero_is_finetune() {
     let m = manifest(&strong);
     assert!(m["metrics"]["average_accuracy"].as_f64().unwrap().is_finite());
     assert!(m["tasks"][1]["history"][1]["loss"].as_f64().unwrap().is_finite());
+}
+
+#[test]
+fn ewc_per_task_batchnorm_keeps_each_tasks_copy_and_exports_with_a_task_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let pack = dir.path().join("ewc");
+    let (t1, t2) = (digits_task("low", ":classes=0,1,2,3,4"), digits_task("high", ":classes=5,6,7,8,9"));
+    // The tiny backbone has BatchNormalization: per-task copies are EWC's default there.
+    mtpack(["adapt", "--method", "ewc", "--task", &t1, "--task", &t2, "-o", p(&pack), "--quiet"]).expect(0);
+    let m = manifest(&pack);
+    assert_eq!(m["method_params"]["shared"], "per-task");
+    let rows =
+        |task: &str| mtpack::store::load(&pack.join(format!("state/after_{task}/per_task.safetensors"))).unwrap().0;
+    let (after_low, after_high) = (rows("low"), rows("high"));
+    let stats: Vec<&String> = after_high.keys().filter(|k| k.ends_with("bn1.mean") || k.ends_with("bn1.var")).collect();
+    assert_eq!(stats.len(), 2, "running statistics are kept per task: {:?}", after_high.keys());
+    let row = |t: &mtpack::tensor::Tensor, r: usize| t.as_f32().unwrap().index_axis(ndarray::Axis(0), r).to_owned();
+    for name in after_high.keys() {
+        // Row 0 is the backbone's; task 1's copy (row 1) is not touched by task 2, which
+        // trained its own (row 2).
+        assert_eq!(row(&after_low[name], 1), row(&after_high[name], 1), "{name}");
+    }
+    assert!(stats.iter().any(|n| row(&after_high[*n], 1) != row(&after_high[*n], 2)));
+    // The copies are not in the penalty: no Fisher for them.
+    let (fisher, _) = mtpack::store::load(&pack.join("state/after_high/ewc.safetensors")).unwrap();
+    let own: Vec<&str> = after_high.keys().filter_map(|k| k.strip_prefix("per_task/")).collect();
+    assert!(fisher.keys().all(|k| !own.contains(&k.trim_start_matches("F/").trim_start_matches("FT/"))));
+    assert!(fisher.keys().any(|k| k.starts_with("F/")));
+    let artifact = dir.path().join("ewc.onnx");
+    mtpack(["export", p(&pack), "-o", p(&artifact), "--quiet"]).expect(0);
+    let a = serde_json::from_slice::<serde_json::Value>(&std::fs::read(dir.path().join("ewc.manifest.json")).unwrap())
+        .unwrap();
+    assert_eq!(a["task_input"], "task");
+    assert_eq!(a["masks"]["kind"], "per-task-parameters");
+    assert_eq!(schema_violation(&schema("artifact.schema.json"), &a, "$"), None);
+    mtpack(["verify", p(&artifact), "--quiet"]).expect(0);
 }
 
 #[test]
