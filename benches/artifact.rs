@@ -6,7 +6,8 @@
 //! Packs are made here from small subsets of the bundled UCI digits (20 training images per
 //! class, one epoch): size and latency do not depend on how well the tasks were learned.
 //! Three tasks for every method, and eight for PackNet and Piggyback, whose masks grow with
-//! the task count. Run: `cargo bench --bench artifact` (MTPACK_BENCH_STEPS: timed runs).
+//! the task count. Run: `cargo bench --bench artifact` (MTPACK_BENCH_STEPS: timed runs;
+//! MTPACK_BENCH_METHODS: a comma-separated subset of the methods).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -97,8 +98,14 @@ fn main() {
         .collect();
 
     let mut rows = Vec::new();
-    let runs: Vec<(MethodKind, usize)> =
-        METHODS.iter().map(|&m| (m, 3)).chain([(MethodKind::Packnet, 8), (MethodKind::Piggyback, 8)]).collect();
+    let only = std::env::var("MTPACK_BENCH_METHODS").ok();
+    let wanted = |m: &MethodKind| only.as_deref().is_none_or(|o| o.split(',').any(|n| n.trim() == m.name()));
+    let runs: Vec<(MethodKind, usize)> = METHODS
+        .iter()
+        .map(|&m| (m, 3))
+        .chain([(MethodKind::Packnet, 8), (MethodKind::Piggyback, 8)])
+        .filter(|(m, _)| wanted(m))
+        .collect();
     for (method, count) in runs {
         let plan = Plan {
             backbone: Some(backbone.clone()),
@@ -134,7 +141,7 @@ fn main() {
             method: method.name(),
             tasks: count,
             size_ratio: size / backbone_size,
-            bits: m.masks.as_ref().map(|k| k.bits_per_weight_per_task),
+            bits: m.masks.as_ref().filter(|k| k.masked_params > 0).map(|k| k.bits_per_weight_per_task),
             latency: [latency[0] / base_ms[0], latency[1] / base_ms[1]],
         });
     }

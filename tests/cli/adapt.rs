@@ -209,6 +209,28 @@ fn ewc_per_task_batchnorm_keeps_each_tasks_copy_and_exports_with_a_task_input() 
 }
 
 #[test]
+fn ewc_per_task_killed_in_the_second_task_resumes_to_the_same_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let (killed, whole) = (dir.path().join("killed"), dir.path().join("whole"));
+    let (t1, t2) = (digits_task("low", ":classes=0,1,2,3,4"), digits_task("high", ":classes=5,6,7,8,9:epochs=40"));
+    let args = |out: &Path| -> Vec<String> {
+        ["adapt", "--method", "ewc", "--task", &t1, "--task", &t2, "-o", p(out), "--quiet"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    };
+    // Task 1 has 2 epochs: the third checkpointed epoch is task 2's.
+    kill_after_epochs(&args(&killed), &killed, 3);
+    assert_eq!(manifest(&killed)["tasks"][1]["done"], false, "the run must have been interrupted in task 2");
+    mtpack(args(&killed)).expect(0);
+    mtpack(args(&whole)).expect(0);
+    assert_eq!(weights(&killed.join("model.onnx")), weights(&whole.join("model.onnx")));
+    let state = |d: &Path| std::fs::read(d.join("state/after_high/per_task.safetensors")).unwrap();
+    assert_eq!(state(&killed), state(&whole));
+    assert_eq!(manifest(&killed)["accuracy_matrix"], manifest(&whole)["accuracy_matrix"]);
+}
+
+#[test]
 fn joint_trains_on_every_task_so_far() {
     let dir = tempfile::tempdir().unwrap();
     let pack = dir.path().join("joint");
