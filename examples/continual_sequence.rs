@@ -9,6 +9,8 @@
 //!   cargo run --release --example continual_sequence -- [METHOD...] [--ewc-lambda L] [--lwf-lambda L]
 //!       [--frozen-bn-lr LR] [--lr LR] [--optimizer sgd|adamw] [--seed N] [--set PARAM=VALUE...] [--out DIR]
 //! `--set` sets any method parameter of the plan file (e.g. `--set packnet_prune=0.5`).
+//! `--defaults` keeps mtpack's defaults for BatchNorm and learning rate (LwF: frozen
+//! BatchNorm at lr 0.001) instead of the comparison's batch statistics at lr 0.01.
 //! Piggyback, unless --lr/--optimizer say otherwise, trains with its own defaults (Adam).
 //! Packs go to .cache/runs/<method>[-settings] (reused when complete, resumed when interrupted).
 
@@ -28,6 +30,7 @@ fn main() -> anyhow::Result<()> {
     let mut lr: Option<f64> = None;
     let mut optimizer: Option<String> = None;
     let mut seed = 0u64;
+    let mut own_defaults = false;
     let mut sets = serde_json::Map::new();
     let mut out = root.join(".cache/runs");
     let mut args = std::env::args().skip(1);
@@ -40,6 +43,7 @@ fn main() -> anyhow::Result<()> {
             "--out" => out = args.next().map(PathBuf::from).unwrap_or(out),
             "--lr" => lr = args.next().and_then(|v| v.parse().ok()),
             "--optimizer" => optimizer = args.next(),
+            "--defaults" => own_defaults = true,
             "--seed" => seed = args.next().and_then(|v| v.parse().ok()).unwrap_or(0),
             "--set" => {
                 let kv = args.next().unwrap_or_default();
@@ -74,12 +78,16 @@ fn main() -> anyhow::Result<()> {
             method,
             seed,
             device: Default::default(),
-            batchnorm: if frozen_bn_lr.is_some() { BatchNormMode::Frozen } else { BatchNormMode::Batch },
+            batchnorm: match (frozen_bn_lr, own_defaults) {
+                (Some(_), _) => Some(BatchNormMode::Frozen),
+                (None, true) => None,
+                (None, false) => Some(BatchNormMode::Batch),
+            },
             defaults: Hyper {
                 epochs: Some(2),
                 batch: Some(32),
                 optimizer: optimizer.clone().or(default_opt),
-                lr: lr.or(frozen_bn_lr).or(default_lr),
+                lr: lr.or(frozen_bn_lr).or(default_lr.filter(|_| !own_defaults)),
                 momentum: Some(0.9),
                 ..Hyper::default()
             },
@@ -96,6 +104,9 @@ fn main() -> anyhow::Result<()> {
             (MethodKind::Lwf, _) if lwf_lambda.is_some() => format!("lwf-{}", lwf_lambda.unwrap_or_default()),
             _ => method.name().to_string(),
         };
+        if own_defaults {
+            suffix = format!("{suffix}-defaults");
+        }
         if let Some(lr) = frozen_bn_lr {
             suffix = format!("{suffix}-frozenbn-lr{lr}");
         }

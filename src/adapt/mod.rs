@@ -214,6 +214,7 @@ pub fn run(plan: &Plan, opts: &Options) -> Result<Manifest, AdaptError> {
     plan.validate().map_err(AdaptError::Plan)?;
     let backbone_path = plan.backbone.clone().unwrap_or_else(default_backbone);
     let (model, backbone) = analyse_backbone(&backbone_path, plan.method)?;
+    let plan = &plan.for_backbone(&model);
     let params = plan.params.for_backbone(plan.method, &model);
     let mut method = methods::create(plan.method, &params).map_err(AdaptError::Plan)?;
     // Every task's data is read and checked before anything trains.

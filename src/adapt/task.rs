@@ -185,7 +185,7 @@ impl Runner<'_> {
                 .collect()
         };
         method.begin_task(&ctx, &engine, &mut record, &state)?;
-        engine.set_training(self.plan.batchnorm == super::plan::BatchNormMode::Batch);
+        engine.set_training(self.plan.batchnorm_mode() == super::plan::BatchNormMode::Batch);
         let epochs = hyper.epochs + method.extra_epochs(&ctx);
         for epoch in progress.epochs_done..epochs {
             let lr = hyper.schedule.lr_at(hyper.optim.lr, epoch) * method.lr_scale(epoch, &ctx);

@@ -104,14 +104,14 @@ pub fn default_scenario(root: &Path) -> Plan {
     }
 }
 
-/// `plan` with `method`: the comparison's SGD at lr 0.01 where the plan sets no optimizer,
-/// except for methods that train with their own (Piggyback).
+/// `plan` with `method`: SGD where the plan sets no optimizer, except for methods that
+/// train with their own (Piggyback); learning rate and BatchNorm as the plan sets them, else
+/// the method's defaults for the backbone (LwF: frozen BatchNorm at lr 0.001).
 pub fn plan_for(plan: &Plan, method: MethodKind) -> Plan {
     let mut p = plan.clone();
     p.method = method;
     if method.hyper_defaults().optimizer.is_none() {
         p.defaults.optimizer = p.defaults.optimizer.or(Some("sgd".into()));
-        p.defaults.lr = p.defaults.lr.or(Some(0.01));
     }
     p
 }

@@ -44,7 +44,8 @@ pub struct Args {
     /// sgd or adamw [default: sgd; piggyback: adamw].
     #[arg(long)]
     pub optimizer: Option<String>,
-    /// Learning rate [default: 0.01; piggyback: 0.01 with adamw for the head].
+    /// Learning rate [default: 0.01; 0.001 with frozen BatchNorm; piggyback: 0.01 with adamw
+    /// for the head].
     #[arg(long)]
     pub lr: Option<f64>,
     /// SGD momentum [default: 0.9].
@@ -65,9 +66,10 @@ pub struct Args {
     #[arg(long, value_enum, default_value = "cpu")]
     pub device: DeviceChoice,
     /// BatchNormalization while the backbone trains: batch statistics with running
-    /// averages updated (batch, PyTorch's train()) or the recorded ones (frozen).
-    #[arg(long, value_enum, default_value = "batch")]
-    pub batchnorm: BatchNormMode,
+    /// averages updated (batch, PyTorch's train()) or the recorded ones (frozen)
+    /// [default: frozen for lwf on a backbone with BatchNormalization, else batch].
+    #[arg(long, value_enum)]
+    pub batchnorm: Option<BatchNormMode>,
     #[command(flatten)]
     pub params: MethodParams,
     /// Print the manifest's results as JSON on stdout.

@@ -9,6 +9,13 @@
 //! fine-tuning below lambda 1e4.) Penalties of all earlier tasks add up (or, online, one
 //! decayed Fisher is kept).
 //!
+//! A floor (default 0.01 of the mean) is added to every penalised weight's Fisher. Where an
+//! old task's gradient is exactly zero (a unit that is dead or saturated on its data) the
+//! Fisher is 0 and EWC alone lets a later task move those weights anywhere; with
+//! BatchNorm kept per task, a unit revived that way lands 100 standard deviations off the
+//! old task's statistics. Measured on the real sequence at lambda 1000 without the floor:
+//! one first-layer filter grew 5.3x during the digits task and MNIST fell from 0.97 to 0.40.
+//!
 //! The penalty lambda/2 * sum_k F_k (theta - theta*_k)^2 is applied after every optimizer
 //! step as its exact proximal step, theta <- (theta + c * sum F_k theta*_k) / (1 + c * sum F_k)
 //! with c = lr * lambda. That minimises the same objective but cannot overshoot, so any
@@ -20,7 +27,7 @@ use std::path::Path;
 use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 
-use super::{masks, Method, MethodKind, MethodParams, TaskCtx, EWC_LAMBDA, EWC_SAMPLES};
+use super::{masks, Method, MethodKind, MethodParams, TaskCtx, EWC_FISHER_FLOOR, EWC_LAMBDA, EWC_SAMPLES};
 use crate::engine::Engine;
 use crate::graph::masks::StoredMask;
 use crate::onnx::Model;
@@ -28,7 +35,7 @@ use crate::rng::Rng;
 use crate::train::loss::log_softmax;
 use crate::train::{candle, Hooks, TrainError};
 
-pub const NORMALISATION: &str = "each task's diagonal Fisher (mean of squared per-sample gradients of log p(y|x)) is divided by its mean entry, so mean F = 1 over the penalised weights";
+pub const NORMALISATION: &str = "each task's diagonal Fisher (mean of squared per-sample gradients of log p(y|x)) is divided by its mean entry, so mean F = 1 over the penalised weights, and the floor (ewc_fisher_floor, default 0.01) is added to every entry";
 pub const PENALTY_STEP: &str = "exact proximal step after each optimizer step: theta <- (theta + lr*lambda*sum_k F_k theta*_k) / (1 + lr*lambda*sum_k F_k)";
 
 /// What EWC does with the backbone's biases and BatchNormalization.
@@ -57,6 +64,7 @@ pub struct Ewc {
     kind: FisherKind,
     decay: Option<f64>,
     samples: usize,
+    floor: f64,
     /// sum_k F_k and sum_k F_k * theta*_k per parameter.
     sum_f: HashMap<String, Tensor>,
     sum_f_theta: HashMap<String, Tensor>,
@@ -73,6 +81,7 @@ impl Ewc {
             kind: p.ewc_fisher.unwrap_or(FisherKind::True),
             decay: p.ewc_decay,
             samples: p.ewc_samples.unwrap_or(EWC_SAMPLES),
+            floor: p.ewc_fisher_floor.unwrap_or(EWC_FISHER_FLOOR),
             sum_f: HashMap::new(),
             sum_f_theta: HashMap::new(),
             lr: 0.0,
@@ -82,7 +91,7 @@ impl Ewc {
         }
     }
 
-    /// Diagonal Fisher of `params` for the task, normalised to a mean of 1.
+    /// Diagonal Fisher of `params` for the task, normalised to a mean of 1, plus the floor.
     pub fn fisher(
         &self,
         engine: &Engine,
@@ -134,7 +143,8 @@ impl Ewc {
         }
         let mean = sum / len.max(1) as f64;
         let scale = if mean > 0.0 && mean.is_finite() { 1.0 / (count * mean) } else { 0.0 };
-        acc.into_iter().map(|(k, t)| Ok((k, t.affine(scale, 0.0).map_err(candle("Fisher"))?))).collect()
+        let floor = if scale > 0.0 { self.floor } else { 0.0 };
+        acc.into_iter().map(|(k, t)| Ok((k, t.affine(scale, floor).map_err(candle("Fisher"))?))).collect()
     }
 }
 

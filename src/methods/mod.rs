@@ -129,6 +129,11 @@ pub struct MethodParams {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[arg(long)]
     pub ewc_samples: Option<usize>,
+    /// EWC: added to every penalised weight's normalised Fisher, so weights an old task
+    /// shows no gradient for (dead or saturated units) stay anchored too [default: 0.01].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[arg(long)]
+    pub ewc_fisher_floor: Option<f64>,
     /// EWC: biases and BatchNormalization are weights like any other, shared and in the
     /// penalty (penalised, the paper's), or each task trains its own copy and keeps its own
     /// BatchNorm statistics (per-task; the artifact then selects them with a `task` input)
@@ -189,6 +194,7 @@ pub const LWF_TEMPERATURE: f64 = 2.0;
 pub const LWF_LAMBDA: f64 = 1.0;
 pub const EWC_LAMBDA: f64 = 100.0;
 pub const EWC_SAMPLES: usize = 200;
+pub const EWC_FISHER_FLOOR: f64 = 0.01;
 pub const PACKNET_PRUNE_FIRST: f64 = 0.5;
 pub const PACKNET_PRUNE: f64 = 0.75;
 pub const PACKNET_RETRAIN_EPOCHS: u64 = 1;
@@ -214,6 +220,9 @@ impl MethodParams {
         }
         if let Some(d) = self.ewc_decay.filter(|d| !(0.0..=1.0).contains(d)) {
             return Err(format!("ewc_decay must be in [0, 1], got {d}"));
+        }
+        if let Some(f) = self.ewc_fisher_floor.filter(|f| !(f.is_finite() && *f >= 0.0)) {
+            return Err(format!("ewc_fisher_floor must be >= 0, got {f}"));
         }
         if self.ewc_samples == Some(0) {
             return Err("ewc_samples must be at least 1".into());
@@ -246,7 +255,7 @@ impl MethodParams {
     /// measured). Piggyback keeps the paper's frozen BatchNorm, which measured better than
     /// per-task copies on the same sequence.
     pub fn for_backbone(&self, method: MethodKind, model: &Model) -> MethodParams {
-        let has_bn = model.graph().node.iter().any(|n| n.op_type() == "BatchNormalization");
+        let has_bn = has_batchnorm(model);
         let mut p = self.clone();
         if has_bn && method == MethodKind::Packnet {
             p.packnet_shared = p.packnet_shared.or(Some(SharedParams::PerTask));
@@ -271,6 +280,7 @@ impl MethodParams {
                 "fisher": self.ewc_fisher.unwrap_or(FisherKind::True),
                 "online_decay": self.ewc_decay,
                 "samples": self.ewc_samples.unwrap_or(EWC_SAMPLES),
+                "fisher_floor": self.ewc_fisher_floor.unwrap_or(EWC_FISHER_FLOOR),
                 "shared": self.ewc_shared.unwrap_or_default(),
                 "fisher_normalisation": ewc::NORMALISATION,
                 "penalty_step": ewc::PENALTY_STEP,
@@ -280,6 +290,11 @@ impl MethodParams {
             _ => serde_json::json!({}),
         }
     }
+}
+
+/// Whether `model` has BatchNormalization (whose statistics several defaults depend on).
+pub fn has_batchnorm(model: &Model) -> bool {
+    model.graph().node.iter().any(|n| n.op_type() == "BatchNormalization")
 }
 
 /// What a method knows about the task being learned.

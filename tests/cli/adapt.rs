@@ -198,6 +198,16 @@ fn ewc_per_task_batchnorm_keeps_each_tasks_copy_and_exports_with_a_task_input() 
     let own: Vec<&str> = after_high.keys().filter_map(|k| k.strip_prefix("per_task/")).collect();
     assert!(fisher.keys().all(|k| !own.contains(&k.trim_start_matches("F/").trim_start_matches("FT/"))));
     assert!(fisher.keys().any(|k| k.starts_with("F/")));
+    // One task's Fisher: mean entry 1 plus the floor, no entry below the floor.
+    let (first, _) = mtpack::store::load(&pack.join("state/after_low/ewc.safetensors")).unwrap();
+    let entries: Vec<f32> = first
+        .iter()
+        .filter(|(k, _)| k.starts_with("F/"))
+        .flat_map(|(_, t)| t.as_f32().unwrap().iter().copied())
+        .collect();
+    let mean = entries.iter().map(|&v| f64::from(v)).sum::<f64>() / entries.len() as f64;
+    assert!((mean - 1.01).abs() < 1e-3, "mean Fisher {mean}");
+    assert!(entries.iter().all(|&v| v >= 0.01 - 1e-6));
     let artifact = dir.path().join("ewc.onnx");
     mtpack(["export", p(&pack), "-o", p(&artifact), "--quiet"]).expect(0);
     let a = serde_json::from_slice::<serde_json::Value>(&std::fs::read(dir.path().join("ewc.manifest.json")).unwrap())
