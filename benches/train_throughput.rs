@@ -36,6 +36,7 @@ fn images(n: usize) -> (Tensor, Vec<i64>) {
         channels: Some(3),
         mean: vec![0.485, 0.456, 0.406],
         std: vec![0.229, 0.224, 0.225],
+        layout: None,
     };
     (Tensor::F32(pre.apply(&s.x, 255.0).expect("preprocessing").into_dyn()), s.y)
 }

@@ -83,6 +83,9 @@ fn main() -> anyhow::Result<()> {
                 (None, true) => None,
                 (None, false) => Some(BatchNormMode::Batch),
             },
+            at: None,
+            pool: None,
+            layout: None,
             defaults: Hyper {
                 epochs: Some(2),
                 batch: Some(32),

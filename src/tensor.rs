@@ -71,6 +71,20 @@ macro_rules! each {
 }
 
 impl Tensor {
+    /// A tensor of zeros (false) of `dtype` and `shape`.
+    pub fn zeros(dtype: DType, shape: &[usize]) -> Tensor {
+        let s = ndarray::IxDyn(shape);
+        match dtype {
+            DType::F32 => Tensor::F32(ArrayD::zeros(s)),
+            DType::F64 => Tensor::F64(ArrayD::zeros(s)),
+            DType::I64 => Tensor::I64(ArrayD::zeros(s)),
+            DType::I32 => Tensor::I32(ArrayD::zeros(s)),
+            DType::I8 => Tensor::I8(ArrayD::zeros(s)),
+            DType::U8 => Tensor::U8(ArrayD::zeros(s)),
+            DType::Bool => Tensor::Bool(ArrayD::from_elem(s, false)),
+        }
+    }
+
     pub fn dtype(&self) -> DType {
         match self {
             Tensor::F32(_) => DType::F32,

@@ -56,7 +56,8 @@ pub fn prepare(t: &TaskPlan, input_shape: Option<&[Dim]>, seed: u64) -> Result<T
     };
     let (train_x, test_x) = (prep(&d.train)?, prep(&test)?);
     if let Some(dims) = input_shape {
-        check_input(&train_x, dims).map_err(fail)?;
+        let layout = t.preprocessing.layout.unwrap_or_default();
+        check_input(&train_x, dims, layout).map_err(fail)?;
     }
     Ok(TaskData {
         labels: d.labels.clone(),
@@ -91,7 +92,7 @@ fn keep_classes(s: &Split, classes: &[i64]) -> Split {
 }
 
 /// The preprocessed images must fit the backbone's declared input (fixed dimensions).
-fn check_input(x: &Tensor, dims: &[Dim]) -> Result<(), String> {
+fn check_input(x: &Tensor, dims: &[Dim], layout: crate::data::Layout) -> Result<(), String> {
     let shape = x.shape();
     let fits = dims.len() == shape.len()
         && dims.iter().zip(shape).skip(1).all(|(d, &s)| !matches!(d, Dim::Fixed(n) if *n >= 0 && *n as usize != s));
@@ -100,9 +101,12 @@ fn check_input(x: &Tensor, dims: &[Dim]) -> Result<(), String> {
     } else {
         let want: Vec<String> = dims.iter().map(ToString::to_string).collect();
         Err(format!(
-            "images are {:?} after preprocessing but the backbone input is [{}] (set resize/channels)",
+            "images are {:?} after preprocessing but the backbone input is [{}] (images in layout {}, the \
+             input reads as {}; set resize, channels or layout=nchw|nhwc)",
             shape.get(1..).unwrap_or_default(),
-            want.join(", ")
+            want.join(", "),
+            layout.name(),
+            crate::data::Layout::of_input(dims).name()
         ))
     }
 }

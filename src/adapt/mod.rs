@@ -9,11 +9,13 @@ mod task;
 
 use std::path::{Path, PathBuf};
 
-use crate::graph::analysis::{find_feature, find_head, trainable_layers, trainable_names};
+use crate::graph::analysis::{find_feature, find_head, nearest_names, trainable_layers, trainable_names};
+use crate::graph::features::{attach, Pool, FEATURE};
 use crate::graph::index::validate;
+use crate::graph::materialize::weights_from_nodes;
 use crate::methods::{self, MethodKind};
 use crate::onnx::{tensor_type, Dim, Model};
-use crate::pack::manifest::{BackboneRecord, OwnHead};
+use crate::pack::manifest::{BackboneRecord, CutRecord, OwnHead};
 use crate::pack::{Manifest, Metrics, Pack, PACK_SCHEMA};
 use plan::{Plan, TaskPlan};
 
@@ -82,25 +84,20 @@ fn backbone_err(path: &Path, e: impl std::error::Error + Send + Sync + 'static) 
     AdaptError::Backbone { path: path.to_path_buf(), source: Box::new(e) }
 }
 
-/// Loads and analyses the backbone: feature tensor, own head, what can train.
-pub fn analyse_backbone(path: &Path, method: MethodKind) -> Result<(Model, Backbone), AdaptError> {
-    let model = Model::load(path).map_err(|e| backbone_err(path, e))?;
-    validate(model.graph()).map_err(|e| backbone_err(path, e))?;
+/// Loads and analyses the backbone: weights made by nodes folded into initializers, the
+/// feature tensor (the plan's `at` with its pooling, or the own head's input, or the graph
+/// output), the own head, what can train.
+pub fn analyse_backbone(path: &Path, plan: &Plan) -> Result<(Model, Backbone), AdaptError> {
+    let loaded = Model::load(path).map_err(|e| backbone_err(path, e))?;
+    validate(loaded.graph()).map_err(|e| backbone_err(path, e))?;
+    let (model, _folded) = weights_from_nodes(&loaded).map_err(|e| backbone_err(path, e))?;
+    let (model, head, feature, feature_dim, cut) = choose_feature(path, model, plan)?;
     let g = model.graph();
-    let head = find_head(g);
-    let feature = find_feature(g, head.as_ref())
-        .ok_or_else(|| AdaptError::Plan(format!("{}: no feature tensor found for new heads", path.display())))?;
-    let feature_dim = feature.dim.ok_or_else(|| {
-        AdaptError::Plan(format!(
-            "{}: the width of feature tensor '{}' is not declared",
-            path.display(),
-            feature.tensor
-        ))
-    })?;
     let missing = crate::engine::missing_ops(&model);
-    if !missing.is_empty() && method != MethodKind::FeatureExtract {
+    if !missing.is_empty() && plan.method != MethodKind::FeatureExtract {
         return Err(AdaptError::Plan(format!(
-            "{}: the training engine cannot execute {} (method feature-extract trains only the head)",
+            "{}: the training engine cannot execute {} (method feature-extract trains only the head; \
+             --at TENSOR drops what follows it)",
             path.display(),
             missing.join(", ")
         )));
@@ -128,11 +125,54 @@ pub fn analyse_backbone(path: &Path, method: MethodKind) -> Result<(Model, Backb
         source: path.display().to_string(),
         sha256,
         input: input.name().to_string(),
-        feature: feature.tensor,
+        feature,
         feature_dim,
         own_head,
+        cut,
     };
     Ok((model, Backbone { record, input_shape, shared, masked }))
+}
+
+type FeatureChoice = (Model, Option<crate::graph::analysis::Head>, String, usize, Option<CutRecord>);
+
+/// Where the heads attach. With `at`, or for a headless model whose output is not one vector
+/// per image, the backbone is cut there and pooled (shapes found by running it once in ONNX
+/// Runtime); otherwise the own head's input or the graph output, as declared.
+fn choose_feature(path: &Path, model: Model, plan: &Plan) -> Result<FeatureChoice, AdaptError> {
+    let g = model.graph();
+    let head = if plan.at.is_some() { None } else { find_head(g) };
+    let guess = find_feature(g, head.as_ref())
+        .ok_or_else(|| AdaptError::Plan(format!("{}: no feature tensor found for new heads", path.display())))?;
+    let at = match (&plan.at, head.is_some(), guess.dim) {
+        (Some(at), _, _) => at.clone(),
+        (None, true, Some(dim)) => return Ok((model, head, guess.tensor, dim, None)),
+        (None, false, Some(dim)) if declared_rank(g, &guess.tensor) == Some(2) => {
+            return Ok((model, head, guess.tensor, dim, None))
+        }
+        _ => guess.tensor,
+    };
+    if !g.node.iter().any(|n| n.output.contains(&at)) {
+        return Err(AdaptError::Plan(format!(
+            "{}: --at {at}: no tensor of that name is computed by the graph; nearest: {}",
+            path.display(),
+            nearest_names(g, &at, 5).join(", ")
+        )));
+    }
+    let shapes = crate::runtime::probe::shapes(&model, std::slice::from_ref(&at))
+        .map_err(|e| AdaptError::Plan(format!("{}: finding the shape of '{at}': {e:#}", path.display())))?;
+    let dims = shapes.get(&at).cloned().unwrap_or_default();
+    let pool = plan.pool.unwrap_or(Pool::Mean);
+    let layout = plan.layout.unwrap_or_else(|| {
+        crate::graph::analysis::single_input_shape(g).map(|d| crate::data::Layout::of_input(&d)).unwrap_or_default()
+    });
+    let (cut_model, width) = attach(&model, &at, &dims, pool, layout).map_err(|e| backbone_err(path, e))?;
+    let record = CutRecord { at: at.clone(), shape: dims, pool };
+    Ok((cut_model, None, FEATURE.to_string(), width, Some(record)))
+}
+
+/// The rank a graph output declares, if it does.
+fn declared_rank(g: &crate::onnx::pb::GraphProto, tensor: &str) -> Option<usize> {
+    g.output.iter().find(|o| o.name() == tensor).and_then(tensor_type).and_then(|(_, s)| s).map(|s| s.len())
 }
 
 fn new_manifest(plan: &Plan, backbone: &Backbone, model: &Model) -> Manifest {
@@ -213,7 +253,7 @@ fn open_pack(
 pub fn run(plan: &Plan, opts: &Options) -> Result<Manifest, AdaptError> {
     plan.validate().map_err(AdaptError::Plan)?;
     let backbone_path = plan.backbone.clone().unwrap_or_else(default_backbone);
-    let (model, backbone) = analyse_backbone(&backbone_path, plan.method)?;
+    let (model, backbone) = analyse_backbone(&backbone_path, plan)?;
     let plan = &plan.for_backbone(&model);
     let params = plan.params.for_backbone(plan.method, &model);
     let mut method = methods::create(plan.method, &params).map_err(AdaptError::Plan)?;

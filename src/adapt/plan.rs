@@ -145,6 +145,17 @@ pub struct Plan {
     /// None: the method's default for the backbone (see `Plan::for_backbone`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batchnorm: Option<BatchNormMode>,
+    /// The tensor new heads attach to; everything after it is dropped. None: the input of the
+    /// backbone's own classifier, or its graph output when it has none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<String>,
+    /// How a token sequence or feature map becomes one vector per image (default: mean).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<crate::graph::features::Pool>,
+    /// The backbone input's layout for every task that does not set its own (default: read
+    /// from the declared input shape).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layout: Option<crate::data::Layout>,
     /// Settings every task inherits.
     #[serde(default)]
     pub defaults: Hyper,
@@ -210,6 +221,13 @@ impl Plan {
             BatchNormMode::Batch
         });
         p.batchnorm = Some(mode);
+        let declared = crate::graph::analysis::single_input_shape(model.graph());
+        let detected = declared.map(|d| crate::data::Layout::of_input(&d)).unwrap_or_default();
+        for t in &mut p.tasks {
+            // Recorded only when NHWC, so that plans of NCHW backbones keep their digests.
+            let layout = t.preprocessing.layout.or(p.layout).unwrap_or(detected);
+            t.preprocessing.layout = (layout == crate::data::Layout::Nhwc).then_some(layout);
+        }
         if bn && mode == BatchNormMode::Frozen && p.method.hyper_defaults().lr.is_none() {
             p.defaults.lr = p.defaults.lr.or(Some(FROZEN_BN_LR));
         }
@@ -284,8 +302,9 @@ fn set_option(t: &mut TaskPlan, k: &str, v: &str) -> Result<(), String> {
         "channels" => t.preprocessing.channels = Some(one(v)?),
         "mean" => t.preprocessing.mean = list(v)?,
         "std" => t.preprocessing.std = list(v)?,
+        "layout" => t.preprocessing.layout = Some(v.parse()?),
         _ => {
-            return Err("unknown option (epochs, batch, optimizer, lr, momentum, weight_decay, lr_step, lr_gamma, classes, labels, test_fraction, train_per_class, resize, channels, mean, std)".to_string())
+            return Err("unknown option (epochs, batch, optimizer, lr, momentum, weight_decay, lr_step, lr_gamma, classes, labels, test_fraction, train_per_class, resize, channels, mean, std, layout)".to_string())
         }
     }
     Ok(())
@@ -344,6 +363,9 @@ mod tests {
             seed: 0,
             device: Default::default(),
             batchnorm: mode,
+            at: None,
+            pool: None,
+            layout: None,
             defaults: Hyper { lr, ..Hyper::default() },
             params: Default::default(),
             tasks: crate::adapt::default_tasks(),

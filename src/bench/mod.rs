@@ -81,6 +81,7 @@ pub fn default_scenario(root: &Path) -> Plan {
         channels: Some(3),
         mean: vec![0.485, 0.456, 0.406],
         std: vec![0.229, 0.224, 0.225],
+        layout: None,
     };
     let task = |name: &str, per_class: Option<usize>| TaskPlan {
         name: name.into(),
@@ -98,6 +99,9 @@ pub fn default_scenario(root: &Path) -> Plan {
         seed: 0,
         device: Default::default(),
         batchnorm: Default::default(),
+        at: None,
+        pool: None,
+        layout: None,
         defaults: Hyper { epochs: Some(2), batch: Some(32), momentum: Some(0.9), ..Hyper::default() },
         params: MethodParams::default(),
         tasks: vec![task("fashion", Some(200)), task("mnist", Some(200)), task("digits", None)],

@@ -20,7 +20,7 @@ pub struct Args {
     pub backbone: Option<PathBuf>,
     /// A task as NAME=DATASET[:key=value...]; keys: epochs, batch, optimizer, lr, momentum,
     /// weight_decay, lr_step, lr_gamma, classes (e.g. 0,1,2), labels, test_fraction, train_per_class,
-    /// resize (HxW), channels, mean, std. Repeat for a sequence, in order.
+    /// resize (HxW), channels, mean, std, layout (nchw|nhwc). Repeat for a sequence, in order.
     #[arg(long = "task", value_parser = plan::parse_task)]
     pub tasks: Vec<TaskPlan>,
     /// A TOML plan file (schema: schemas/plan.schema.json) instead of the flags below.
@@ -70,6 +70,19 @@ pub struct Args {
     /// [default: frozen for lwf on a backbone with BatchNormalization, else batch].
     #[arg(long, value_enum)]
     pub batchnorm: Option<BatchNormMode>,
+    /// Attach the new heads to this tensor of the backbone and drop everything after it
+    /// (`mtpack inspect` lists candidates) [default: the input of the backbone's own
+    /// classifier, else its graph output].
+    #[arg(long)]
+    pub at: Option<String>,
+    /// Pooling of a token sequence [N, T, D] (cls: first token, mean, none: flatten) or a
+    /// feature map [N, C, H, W] (mean: global average, none: flatten) [default: mean].
+    #[arg(long, value_enum)]
+    pub pool: Option<crate::graph::features::Pool>,
+    /// The layout of the backbone's image input for every task [default: read from its
+    /// declared shape: [N, H, W, 1|3|4] is nhwc].
+    #[arg(long, value_enum)]
+    pub layout: Option<crate::data::Layout>,
     #[command(flatten)]
     pub params: MethodParams,
     /// Print the manifest's results as JSON on stdout.
@@ -85,6 +98,9 @@ fn plan_from_flags(a: &Args) -> Plan {
         seed: a.seed,
         device: a.device,
         batchnorm: a.batchnorm,
+        at: a.at.clone(),
+        pool: a.pool,
+        layout: a.layout,
         defaults: hyper(a),
         params: a.params.clone(),
         tasks,

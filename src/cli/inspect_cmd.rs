@@ -15,7 +15,15 @@ pub struct Args {
 
 pub fn run(a: Args) -> anyhow::Result<Outcome> {
     let m = load::model(&a.model)?;
-    let report = inspect(&m);
+    let mut report = inspect(&m);
+    // Shapes of the candidates from one run in ONNX Runtime; without it they stay unknown.
+    let names: Vec<String> = report.candidates.iter().map(|c| c.tensor.clone()).collect();
+    let folded = crate::graph::materialize::weights_from_nodes(&m).map(|(f, _)| f).unwrap_or(m);
+    if let Ok(shapes) = crate::runtime::probe::shapes(&folded, &names) {
+        for c in &mut report.candidates {
+            c.shape = shapes.get(&c.tensor).cloned();
+        }
+    }
     if a.json {
         print_json(&report)?;
     } else {
@@ -68,6 +76,21 @@ pub fn text(r: &Report) -> String {
     if let Some(f) = &r.feature {
         let dim = f.dim.map(|d| d.to_string()).unwrap_or_else(|| "?".into());
         let _ = writeln!(s, "feature     {} (dim {dim}, {})", f.tensor, f.from);
+    }
+    if !r.candidates.is_empty() {
+        let _ = writeln!(s, "candidates  for --at (shape for one image):");
+        for c in &r.candidates {
+            let shape = c.shape.as_ref().map(|d| format!("{d:?}")).unwrap_or_else(|| "[?]".into());
+            let _ = writeln!(s, "  {:<14} {:<28} {}", shape, c.op, c.tensor);
+        }
+    }
+    let f = &r.weights_from_nodes;
+    if f.total() > 0 {
+        let _ = writeln!(
+            s,
+            "from nodes  {} Constant, {} ConstantOfShape, {} Identity outputs folded into initializers",
+            f.constants, f.constant_of_shape, f.identities
+        );
     }
     let _ = writeln!(
         s,

@@ -41,11 +41,20 @@ pub struct PreprocessArgs {
     /// Per-channel standard deviation, comma-separated.
     #[arg(long, value_delimiter = ',')]
     pub std: Vec<f32>,
+    /// The layout the model's input takes (default: read from its declared input shape).
+    #[arg(long, value_enum)]
+    pub layout: Option<crate::data::Layout>,
 }
 
 impl PreprocessArgs {
     pub fn to_preprocessing(&self) -> Preprocessing {
-        Preprocessing { resize: self.resize, channels: self.channels, mean: self.mean.clone(), std: self.std.clone() }
+        Preprocessing {
+            resize: self.resize,
+            channels: self.channels,
+            mean: self.mean.clone(),
+            std: self.std.clone(),
+            layout: self.layout,
+        }
     }
 }
 
@@ -155,8 +164,10 @@ pub fn run(a: Args) -> anyhow::Result<Outcome> {
         }
     }
     let agree = comparisons.iter().all(|c| c.max_abs_diff <= a.tolerance);
+    // Only a classifier's [N, classes] output has an accuracy; an encoder's features do not.
+    let scores = |out: &Named| out.first().is_some_and(|(_, t)| t.shape().len() == 2);
     let accuracy = match (&labels, results.first()) {
-        (Some(y), Some((_, out))) if !a.ignore_labels => Some(accuracy(out, y, &a.model)?),
+        (Some(y), Some((_, out))) if !a.ignore_labels && scores(out) => Some(accuracy(out, y, &a.model)?),
         _ => None,
     };
     let report = RunReport {
@@ -235,7 +246,9 @@ fn read_inputs(model: &Model, a: &Args) -> anyhow::Result<(Named, Option<Vec<i64
                 names.join(", ")
             );
         };
-        let (x, y) = dataset_input(&a.input, a)?;
+        let declared = model.graph().input.iter().find(|i| i.name() == *only).and_then(tensor_type);
+        let layout = declared.and_then(|(_, d)| d).map(|d| crate::data::Layout::of_input(&d)).unwrap_or_default();
+        let (x, y) = dataset_input(&a.input, a, layout)?;
         (vec![(only.to_string(), x)], Some(y))
     } else {
         bail!("holds neither the model's inputs ({}) nor a dataset's x", names.join(", "));
@@ -246,7 +259,8 @@ fn read_inputs(model: &Model, a: &Args) -> anyhow::Result<(Named, Option<Vec<i64
     Ok((inputs, labels))
 }
 
-fn dataset_input(path: &Path, a: &Args) -> anyhow::Result<(Tensor, Vec<i64>)> {
+/// The dataset's images preprocessed into `layout` unless `--layout` says otherwise.
+fn dataset_input(path: &Path, a: &Args, layout: crate::data::Layout) -> anyhow::Result<(Tensor, Vec<i64>)> {
     let d = Dataset::load(path)?;
     let split = match (a.split, &d.test) {
         (SplitChoice::Test, Some(t)) => t.clone(),
@@ -256,7 +270,10 @@ fn dataset_input(path: &Path, a: &Args) -> anyhow::Result<(Tensor, Vec<i64>)> {
     let n = a.limit.unwrap_or(split.len()).min(split.len());
     let idx: Vec<usize> = (0..n).collect();
     let split = split.select(&idx);
-    let pre = a.pre.to_preprocessing();
+    let mut pre = a.pre.to_preprocessing();
+    if pre.layout.is_none() && layout == crate::data::Layout::Nhwc {
+        pre.layout = Some(layout);
+    }
     let x = if split.x.dtype() == crate::tensor::DType::F32 && pre.is_identity() && d.pixel_max == 1.0 {
         split.x
     } else {

@@ -22,6 +22,50 @@ pub struct Preprocessing {
     /// Per-channel standard deviation divided by; empty means none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub std: Vec<f32>,
+    /// The layout the backbone's input takes; None is NCHW (datasets are stored NCHW).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layout: Option<Layout>,
+}
+
+/// Image tensor layouts: PyTorch exports take NCHW, TensorFlow (tf2onnx) exports NHWC.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Layout {
+    #[default]
+    Nchw,
+    Nhwc,
+}
+
+impl std::str::FromStr for Layout {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Layout, String> {
+        match s {
+            "nchw" => Ok(Layout::Nchw),
+            "nhwc" => Ok(Layout::Nhwc),
+            other => Err(format!("layout '{other}' is not nchw or nhwc")),
+        }
+    }
+}
+
+impl Layout {
+    /// The layout a declared image input takes: NHWC when its last dimension is a fixed 1, 3
+    /// or 4 channels and its second is not; NCHW otherwise (and for anything not rank 4).
+    pub fn of_input(dims: &[crate::onnx::Dim]) -> Layout {
+        use crate::onnx::Dim;
+        let ch = |d: Option<&Dim>| matches!(d, Some(Dim::Fixed(1 | 3 | 4)));
+        if dims.len() == 4 && ch(dims.get(3)) && !ch(dims.get(1)) {
+            Layout::Nhwc
+        } else {
+            Layout::Nchw
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Layout::Nchw => "nchw",
+            Layout::Nhwc => "nhwc",
+        }
+    }
 }
 
 impl Preprocessing {
@@ -73,7 +117,22 @@ impl Preprocessing {
             img = repeat_channels(img, c)?;
         }
         normalise(&mut img, &self.mean, &self.std)?;
+        if self.layout == Some(Layout::Nhwc) {
+            img = img.permuted_axes([0, 2, 3, 1]).as_standard_layout().to_owned();
+        }
         Ok(img)
+    }
+
+    /// The shape of one preprocessed image in the backbone's layout, from the stored
+    /// [C, H, W] size.
+    pub fn image_shape(&self, stored: [usize; 3]) -> [usize; 3] {
+        let [c, h, w] = stored;
+        let [h, w] = self.resize.unwrap_or([h, w]);
+        let c = self.channels.unwrap_or(c);
+        match self.layout {
+            Some(Layout::Nhwc) => [h, w, c],
+            _ => [c, h, w],
+        }
     }
 }
 
@@ -161,11 +220,25 @@ mod tests {
     #[test]
     fn full_pipeline_scales_repeats_and_normalises() {
         let x = Tensor::U8(ArrayD::from_shape_vec(IxDyn(&[1, 1, 2, 2]), vec![0, 255, 255, 0]).unwrap());
-        let p = Preprocessing { resize: None, channels: Some(3), mean: vec![0.5], std: vec![0.5] };
+        let p = Preprocessing { resize: None, channels: Some(3), mean: vec![0.5], std: vec![0.5], layout: None };
         let out = p.apply(&x, 255.0).unwrap();
         assert_eq!(out.dim(), (1, 3, 2, 2));
         assert_eq!(out[[0, 2, 0, 1]], 1.0);
         assert_eq!(out[[0, 1, 0, 0]], -1.0);
+        let nhwc = Preprocessing { layout: Some(Layout::Nhwc), ..p }.apply(&x, 255.0).unwrap();
+        assert_eq!(nhwc.dim(), (1, 2, 2, 3));
+        assert_eq!(nhwc[[0, 0, 1, 2]], 1.0);
+        assert_eq!(nhwc[[0, 0, 0, 1]], -1.0);
+    }
+
+    #[test]
+    fn layout_is_read_from_the_declared_input() {
+        use crate::onnx::Dim::{Fixed, Named};
+        let n = || Named("N".into());
+        assert_eq!(Layout::of_input(&[n(), Fixed(224), Fixed(224), Fixed(3)]), Layout::Nhwc);
+        assert_eq!(Layout::of_input(&[n(), Fixed(3), Fixed(224), Fixed(224)]), Layout::Nchw);
+        assert_eq!(Layout::of_input(&[n(), Fixed(1), Fixed(8), Fixed(1)]), Layout::Nchw);
+        assert_eq!(Layout::of_input(&[n(), Fixed(8)]), Layout::Nchw);
     }
 
     #[test]

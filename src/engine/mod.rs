@@ -110,6 +110,32 @@ pub struct Engine {
     float: DType,
     device: Device,
     training: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Steps whose outputs depend only on constants and on the shapes of the graph inputs
+    /// (shape arithmetic, constants expanded to the batch, resized position embeddings).
+    statics: Vec<bool>,
+    /// Their outputs, per tuple of graph-input shapes: evaluated once for each input size, the
+    /// way ONNX Runtime folds them at load, instead of on every step.
+    static_cache: std::sync::Mutex<HashMap<Vec<Vec<usize>>, StaticValues>>,
+}
+
+/// Outputs of static steps by tensor name, for one tuple of graph-input shapes.
+type StaticValues = HashMap<String, Tensor>;
+
+/// Which steps are static: Shape and Constant always; others when every input they read is a
+/// fixed, non-re-parameterised initializer or a static step's output.
+fn static_steps(steps: &[Step], fixed: &dyn Fn(&str) -> bool) -> Vec<bool> {
+    let mut known: std::collections::HashSet<&str> = std::collections::HashSet::new();
+    steps
+        .iter()
+        .map(|s| {
+            let is = s.running.is_none()
+                && (s.op_type == "Shape" || s.inputs.iter().flatten().all(|i| known.contains(i.as_str()) || fixed(i)));
+            if is {
+                known.extend(s.outputs.iter().map(String::as_str));
+            }
+            is
+        })
+        .collect()
 }
 
 /// Default-domain ops of `model` that the engine cannot execute, sorted and unique.
@@ -206,6 +232,7 @@ impl Engine {
             }
         }
         let inits: std::collections::HashSet<&str> = g.initializer.iter().map(|t| t.name()).collect();
+        let statics = static_steps(&steps, &|n| constants.contains_key(n));
         Ok(Engine {
             steps,
             inputs: g.input.iter().map(|i| i.name().to_string()).filter(|n| !inits.contains(n.as_str())).collect(),
@@ -217,7 +244,18 @@ impl Engine {
             float,
             device: device.clone(),
             training,
+            statics,
+            static_cache: Default::default(),
         })
+    }
+
+    /// Re-derives the static steps after a change of what is fixed; drops cached values.
+    fn refresh_statics(&mut self) {
+        let (constants, reparams) = (&self.constants, &self.reparams);
+        self.statics = static_steps(&self.steps, &|n| constants.contains_key(n) && !reparams.contains_key(n));
+        if let Ok(mut c) = self.static_cache.lock() {
+            c.clear();
+        }
     }
 
     /// Training mode: BatchNormalization with trainable scale normalises with batch
@@ -243,6 +281,7 @@ impl Engine {
     /// [`Reparam`]); it trains and is checkpointed like the graph's own.
     pub fn add_param(&mut self, name: &str, var: Var) {
         self.params.insert(name.to_string(), var);
+        self.refresh_statics();
     }
 
     /// From now on every op reading initializer `name` sees `f(value)`.
@@ -254,6 +293,7 @@ impl Engine {
             });
         }
         self.reparams.insert(name.to_string(), f);
+        self.refresh_statics();
         Ok(())
     }
 
@@ -314,6 +354,8 @@ impl Engine {
                 .ok_or_else(|| EngineError::Tensor { tensor: name.clone(), problem: "graph input not given".into() })?;
             env.insert(name.clone(), t);
         }
+        let key: Vec<Vec<usize>> = self.inputs.iter().filter_map(|n| env.get(n)).map(|t| t.dims().to_vec()).collect();
+        let mut cached = self.static_cache.lock().map(|mut c| c.remove(&key).unwrap_or_default()).unwrap_or_default();
         // Re-parameterised weights are computed once per pass, not once per reader.
         let mut reparam_cache: HashMap<&str, Tensor> = HashMap::new();
         for name in self.reparams.keys() {
@@ -335,6 +377,15 @@ impl Engine {
         for (i, s) in self.steps.iter().enumerate() {
             if wanted.iter().all(|w| env.contains_key(*w) || self.constants.contains_key(*w)) {
                 break;
+            }
+            let is_static = self.statics.get(i).copied().unwrap_or(false);
+            if is_static && s.outputs.iter().all(|o| o.is_empty() || cached.contains_key(o)) {
+                for o in s.outputs.iter().filter(|o| !o.is_empty()) {
+                    if let Some(t) = cached.get(o) {
+                        env.insert(o.clone(), t.clone());
+                    }
+                }
+                continue;
             }
             let args: Vec<Option<Tensor>> =
                 s.inputs.iter().map(|n| n.as_deref().and_then(|n| lookup(&env, n))).collect();
@@ -366,6 +417,9 @@ impl Engine {
             }
             for (name, t) in s.outputs.iter().zip(outs) {
                 if !name.is_empty() {
+                    if is_static {
+                        cached.insert(name.clone(), t.clone());
+                    }
                     env.insert(name.clone(), t);
                 }
             }
@@ -375,6 +429,9 @@ impl Engine {
                     env.remove(name);
                 }
             }
+        }
+        if let Ok(mut c) = self.static_cache.lock() {
+            c.insert(key, cached);
         }
         wanted
             .iter()

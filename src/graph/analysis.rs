@@ -57,6 +57,15 @@ pub struct Feature {
     pub from: &'static str,
 }
 
+/// A tensor new heads could attach to (`adapt --at`).
+#[derive(Debug, Serialize, Clone)]
+pub struct Candidate {
+    pub tensor: String,
+    pub op: String,
+    /// For one image (batch 1); None when no runtime could compute it.
+    pub shape: Option<Vec<usize>>,
+}
+
 #[derive(Debug, Serialize, Clone, Default)]
 pub struct Parameters {
     pub tensors: usize,
@@ -80,12 +89,52 @@ pub struct Report {
     pub trainable: Vec<Layer>,
     pub head: Option<Head>,
     pub feature: Option<Feature>,
+    /// Tensors all image data passes through that a head could read, in graph order.
+    pub candidates: Vec<Candidate>,
+    /// Weights made by nodes (Constant, ConstantOfShape, Identity of an initializer), which
+    /// mtpack folds into initializers before it trains them.
+    pub weights_from_nodes: super::materialize::Folded,
     /// Ops outside the default ONNX domain (custom ops), as "domain:Op".
     pub custom_ops: Vec<String>,
     /// Ops the training engine cannot execute yet (empty: the whole graph can train).
     pub engine_missing_ops: Vec<String>,
     /// Bytes of the file that belong to fields newer than mtpack's ONNX schema.
     pub unknown_field_bytes: u64,
+}
+
+/// The declared shape of the graph's one input (initializers listed as inputs aside).
+pub fn single_input_shape(g: &GraphProto) -> Option<Vec<Dim>> {
+    let mut inputs = g.input.iter().filter(|i| !g.initializer.iter().any(|t| t.name() == i.name()));
+    match (inputs.next(), inputs.next()) {
+        (Some(i), None) => tensor_type(i).and_then(|(_, s)| s),
+        _ => None,
+    }
+}
+
+/// Up to `n` tensor names of the graph closest to `wanted` (for "no such tensor" messages).
+pub fn nearest_names(g: &GraphProto, wanted: &str, n: usize) -> Vec<String> {
+    let mut names: Vec<(usize, &str)> = g
+        .node
+        .iter()
+        .flat_map(|nd| nd.output.iter())
+        .filter(|o| !o.is_empty())
+        .map(|o| (edit_distance(&o.to_lowercase(), &wanted.to_lowercase()), o.as_str()))
+        .collect();
+    names.sort();
+    names.into_iter().take(n).map(|(_, s)| s.to_string()).collect()
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            cur[j + 1] = (prev[j] + usize::from(ca != *cb)).min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev.last().copied().unwrap_or(0)
 }
 
 pub fn describe(v: &crate::onnx::pb::ValueInfoProto) -> ValueDesc {
@@ -108,8 +157,13 @@ pub fn inspect(model: &Model) -> Report {
     }
     custom.sort();
     custom.dedup();
-    let head = find_head(g);
-    let feature = find_feature(g, head.as_ref());
+    let (folded_model, folded) =
+        super::materialize::weights_from_nodes(model).unwrap_or_else(|_| (model.clone(), Default::default()));
+    let fg = folded_model.graph();
+    let head = find_head(fg);
+    let feature = find_feature(fg, head.as_ref());
+    let candidates =
+        super::features::candidates(fg).into_iter().map(|(tensor, op)| Candidate { tensor, op, shape: None }).collect();
     Report {
         schema: INSPECT_SCHEMA,
         file: model.origin.display().to_string(),
@@ -121,9 +175,11 @@ pub fn inspect(model: &Model) -> Report {
         nodes: g.node.len(),
         ops,
         parameters: parameters(g),
-        trainable: trainable_layers(g),
+        trainable: trainable_layers(fg),
         head,
         feature,
+        candidates,
+        weights_from_nodes: folded,
         custom_ops: custom,
         engine_missing_ops: crate::engine::missing_ops(model),
         unknown_field_bytes: model.unknown_bytes,
@@ -290,14 +346,19 @@ pub fn find_feature(g: &GraphProto, head: Option<&Head>) -> Option<Feature> {
 
 /// Initializers that training may update: weights and biases of Conv/ConvTranspose/Gemm/MatMul
 /// layers (with a MatMul's Add bias) and the scale and bias of BatchNormalization and
-/// LayerNormalization. Running statistics and shape constants never train.
+/// LayerNormalization (also when written out as ReduceMean/Sub/.../Mul/Add). Running statistics and shape constants never train.
 pub fn trainable_names(g: &GraphProto) -> std::collections::BTreeSet<String> {
     let mut names: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
     for l in trainable_layers(g) {
         names.insert(l.weight);
         names.extend(l.bias);
     }
+    let prod = producers(g);
     for n in &g.node {
+        // LayerNorm written out by exporters: its scale and bias train like LayerNormalization's.
+        if let Some((scale, bias)) = super::features::layer_norm_affine(g, &prod, n) {
+            names.extend([scale, bias].into_iter().filter(|t| const_shape(g, t).is_some()));
+        }
         if matches!(n.op_type(), "BatchNormalization" | "LayerNormalization") {
             for i in n.input.iter().skip(1).take(2).filter(|i| !i.is_empty()) {
                 if const_shape(g, i).is_some() {

@@ -3,9 +3,11 @@
 pub mod analysis;
 pub mod cut;
 mod error;
+pub mod features;
 pub mod heads;
 pub mod index;
 pub mod masks;
+pub mod materialize;
 mod patch;
 pub mod preprocess;
 

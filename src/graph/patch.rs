@@ -21,6 +21,8 @@ pub struct Patch {
     renames: Vec<(String, String)>,
     /// Node renames applied by name prefix, for merging graphs.
     node_prefix: Option<String>,
+    /// Tensors whose producing node is removed (an initializer or rename takes its place).
+    unproduce: Vec<String>,
 }
 
 impl Patch {
@@ -58,6 +60,13 @@ impl Patch {
         self
     }
 
+    /// Removes the node that produces `tensor`: the patch provides it otherwise (an added
+    /// initializer of that name, or a rename of its readers).
+    pub fn remove_producer(&mut self, tensor: &str) -> &mut Self {
+        self.unproduce.push(tensor.to_string());
+        self
+    }
+
     pub fn rename_tensor(&mut self, old: &str, new: &str) -> &mut Self {
         self.renames.push((old.to_string(), new.to_string()));
         self
@@ -71,6 +80,10 @@ impl Patch {
     /// Applies the patch to a copy of `model`.
     pub fn apply(&self, model: &Model) -> Result<Model, GraphError> {
         let mut out = model.clone();
+        if !self.unproduce.is_empty() {
+            let gone: HashSet<&str> = self.unproduce.iter().map(String::as_str).collect();
+            out.graph_mut().node.retain(|n| !n.output.iter().any(|o| gone.contains(o.as_str())));
+        }
         let taken: HashSet<String> = {
             let g = out.graph();
             g.initializer

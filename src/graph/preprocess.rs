@@ -5,24 +5,14 @@
 use ndarray::{Array1, Array4};
 
 use super::{GraphError, Patch};
-use crate::data::Preprocessing;
-use crate::onnx::pb::attribute_proto::AttributeType;
-use crate::onnx::pb::AttributeProto;
+use crate::data::{Layout, Preprocessing};
 use crate::onnx::{attr, build, tensor_proto, Dim, Model};
 use crate::tensor::{DType, Tensor};
 
 pub const RAW_INPUT: &str = "image";
 
-fn string_attr(name: &str, value: &str) -> AttributeProto {
-    AttributeProto {
-        name: Some(name.into()),
-        r#type: Some(AttributeType::String as i32),
-        s: Some(value.as_bytes().to_vec()),
-        ..Default::default()
-    }
-}
-
-/// Replaces float input `input` by a uint8 input `image` of `raw` = [C, H, W] per image.
+/// Replaces float input `input` by a uint8 input `image` of `raw` = [C, H, W] per image, taken
+/// as [H, W, C] when the preprocessing's layout is NHWC (the backbone's own layout).
 pub fn prepend(
     model: &Model,
     input: &str,
@@ -45,6 +35,12 @@ pub fn prepend(
     init(&mut p, "pre/scale", Tensor::F32(ndarray::arr0(1.0 / pixel_max).into_dyn()));
     p.add_node(build::node("Mul", "pre/scale_mul", &[&cur, "pre/scale"], &["pre/scaled"], vec![]));
     cur = "pre/scaled".into();
+    let nhwc = pre.layout == Some(Layout::Nhwc);
+    if nhwc {
+        let perm = vec![attr::make_ints("perm", &[0, 3, 1, 2])];
+        p.add_node(build::node("Transpose", "pre/to_nchw", &[&cur], &["pre/nchw"], perm));
+        cur = "pre/nchw".into();
+    }
     let mut channels = raw[0];
     if let Some([h, w]) = pre.resize.filter(|r| *r != [raw[1], raw[2]]) {
         init(&mut p, "pre/hw", Tensor::I64(Array1::from(vec![h as i64, w as i64]).into_dyn()));
@@ -59,7 +55,10 @@ pub fn prepend(
             &["pre/sizes"],
             vec![attr::make_int("axis", 0)],
         ));
-        let attrs = vec![string_attr("mode", "linear"), string_attr("coordinate_transformation_mode", "half_pixel")];
+        let attrs = vec![
+            attr::make_string("mode", "linear"),
+            attr::make_string("coordinate_transformation_mode", "half_pixel"),
+        ];
         p.add_node(build::node("Resize", "pre/resize", &[&cur, "", "", "pre/sizes"], &["pre/resized"], attrs));
         cur = "pre/resized".into();
     }
@@ -82,9 +81,15 @@ pub fn prepend(
     init(&mut p, "pre/mean", as4(mean).map_err(bad)?);
     init(&mut p, "pre/std", as4(std).map_err(bad)?);
     p.add_node(build::node("Sub", "pre/centre", &[&cur, "pre/mean"], &["pre/centred"], vec![]));
-    p.add_node(build::node("Div", "pre/normalise", &["pre/centred", "pre/std"], &[input], vec![]));
-    let raw_dims =
-        [Dim::Named("batch".into()), Dim::Fixed(raw[0] as i64), Dim::Fixed(raw[1] as i64), Dim::Fixed(raw[2] as i64)];
+    if nhwc {
+        p.add_node(build::node("Div", "pre/normalise", &["pre/centred", "pre/std"], &["pre/normalised"], vec![]));
+        let perm = vec![attr::make_ints("perm", &[0, 2, 3, 1])];
+        p.add_node(build::node("Transpose", "pre/to_nhwc", &["pre/normalised"], &[input], perm));
+    } else {
+        p.add_node(build::node("Div", "pre/normalise", &["pre/centred", "pre/std"], &[input], vec![]));
+    }
+    let [c, h, w] = raw.map(|d| Dim::Fixed(d as i64));
+    let raw_dims = if nhwc { [Dim::Named("batch".into()), h, w, c] } else { [Dim::Named("batch".into()), c, h, w] };
     let others: Vec<_> = model.graph().input.iter().filter(|i| i.name() != input).cloned().collect();
     let mut inputs = vec![build::value_info(RAW_INPUT, DType::U8, Some(&raw_dims))];
     inputs.extend(others);

@@ -96,6 +96,15 @@ pub fn make_float(name: &str, value: f32) -> AttributeProto {
     }
 }
 
+pub fn make_string(name: &str, value: &str) -> AttributeProto {
+    AttributeProto {
+        name: Some(name.to_string()),
+        r#type: Some(AttributeType::String as i32),
+        s: Some(value.as_bytes().to_vec()),
+        ..Default::default()
+    }
+}
+
 pub fn make_tensor(name: &str, value: TensorProto) -> AttributeProto {
     AttributeProto {
         name: Some(name.to_string()),

@@ -197,7 +197,8 @@ fn build(
     let input = m.backbone.input.clone();
     let pre = opts.with_preprocessing;
     let rows = |i: usize| {
-        (data::head_rows(&data[i].test_x, PROBES_PER_TASK), data::head_rows(&data[i].test_raw, PROBES_PER_TASK))
+        let raw = raw_images(&m.tasks[i], data::head_rows(&data[i].test_raw, PROBES_PER_TASK));
+        (data::head_rows(&data[i].test_x, PROBES_PER_TASK), raw)
     };
     let own = m.backbone.own_head.as_ref().filter(|_| opts.task.is_none());
     let logits = |i: usize| m.tasks[i].logits.clone();
@@ -270,6 +271,21 @@ fn build(
         (model, input)
     };
     Ok(Built { model, input, task_input, queries, design, masks })
+}
+
+/// Stored [N, C, H, W] images in the layout the artifact's raw image input takes (the
+/// backbone's: [N, H, W, C] for NHWC).
+fn raw_images(task: &crate::pack::manifest::TaskRecord, t: Tensor) -> Tensor {
+    if task.preprocessing.layout != Some(crate::data::Layout::Nhwc) {
+        return t;
+    }
+    match t {
+        Tensor::U8(a) if a.ndim() == 4 => Tensor::U8(a.permuted_axes(vec![0, 2, 3, 1]).as_standard_layout().to_owned()),
+        Tensor::F32(a) if a.ndim() == 4 => {
+            Tensor::F32(a.permuted_axes(vec![0, 2, 3, 1]).as_standard_layout().to_owned())
+        }
+        other => other,
+    }
 }
 
 fn task_feed(b: &Built, task: Option<i64>) -> Vec<(String, Tensor)> {
@@ -425,7 +441,7 @@ fn measure(
     let mut out = Vec::new();
     for &i in selected {
         let rec = &m.tasks[i];
-        let x = if raw { data[i].test_raw.clone() } else { data[i].test_x.clone() };
+        let x = if raw { raw_images(rec, data[i].test_raw.clone()) } else { data[i].test_x.clone() };
         let value = b.task_input.as_ref().map(|_| i as i64);
         let scores = eval::run_batched_with(&b.model, &task_feed(b, value), &b.input, &rec.logits, &x, 256)
             .map_err(step(format!("task '{}'", rec.name)))?;

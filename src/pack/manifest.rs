@@ -21,6 +21,19 @@ pub struct BackboneRecord {
     /// The backbone's own classifier, kept as task 0 and scored by agreement with the
     /// original model's predictions.
     pub own_head: Option<OwnHead>,
+    /// Where the backbone was cut and how the cut tensor was pooled into `feature`, when the
+    /// heads do not hang off the backbone's own feature tensor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cut: Option<CutRecord>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct CutRecord {
+    /// The tensor of the original backbone the heads attach to; what followed it is dropped.
+    pub at: String,
+    /// Its shape for one image (batch 1), as ONNX Runtime computed it.
+    pub shape: Vec<usize>,
+    pub pool: crate::graph::features::Pool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

@@ -4,6 +4,7 @@
 pub mod device;
 mod error;
 pub mod ort_rt;
+pub mod probe;
 pub mod tract_rt;
 
 pub use error::RuntimeError;

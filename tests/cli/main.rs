@@ -2,6 +2,7 @@
 //! the committed fixtures and on the real backbones fetched by `scripts/fetch.sh`.
 
 mod adapt;
+mod backbones;
 mod bad_input;
 mod bench;
 mod data;

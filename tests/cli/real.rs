@@ -50,6 +50,7 @@ fn images(b: &Backbone, n: usize) -> Tensor {
         channels: Some(3),
         mean: vec![0.485, 0.456, 0.406],
         std: vec![0.229, 0.224, 0.225],
+        layout: None,
     };
     Tensor::F32(pre.apply(&s.x, 255.0).unwrap().into_dyn())
 }

@@ -1,4 +1,4 @@
-//! Conv, MaxPool, AveragePool, GlobalAveragePool, GlobalMaxPool (1-D and 2-D).
+//! Conv, ConvTranspose (2-D, one group, equal pads and strides), MaxPool, AveragePool, GlobalAveragePool, GlobalMaxPool (1-D and 2-D).
 
 use candle_core::Tensor;
 
@@ -12,6 +12,7 @@ use crate::onnx::pb::NodeProto;
 
 pub fn register(r: &mut Registry) {
     r.insert("Conv", OpSpec::new(2, 3, build_conv));
+    r.insert("ConvTranspose", OpSpec::new(2, 3, build_conv_transpose));
     r.insert("MaxPool", OpSpec::new(1, 1, build_max_pool).outputs(1));
     r.insert("AveragePool", OpSpec::new(1, 1, build_avg_pool));
     r.insert("GlobalAveragePool", OpSpec::new(1, 1, build_global_avg));
@@ -191,6 +192,43 @@ fn build_global_max(_: &NodeProto, _: &BuildCtx) -> Result<Box<dyn Op>, EngineEr
         let mut y = req(x, 0)?.clone();
         for d in (2..y.rank()).rev() {
             y = y.max_keepdim(d)?;
+        }
+        Ok(vec![y])
+    })))
+}
+
+/// ConvTranspose on candle's kernel, which takes one padding, stride and dilation for both
+/// axes and no groups: decoders of encoder-decoder exports (upsampling x2) fit; others are
+/// refused by name.
+fn build_conv_transpose(node: &NodeProto, _: &BuildCtx) -> Result<Box<dyn Op>, EngineError> {
+    let w = window(node)?;
+    let one = |v: &[usize], what: &str, default: usize| -> Result<usize, EngineError> {
+        match v {
+            [] => Ok(default),
+            [first, rest @ ..] if rest.iter().all(|x| x == first) => Ok(*first),
+            _ => Err(invalid(node, format!("{what} {v:?} differ between axes; only equal ones are supported"))),
+        }
+    };
+    if w.auto_pad != "NOTSET" {
+        return Err(invalid(node, format!("auto_pad {} is not supported", w.auto_pad)));
+    }
+    if attr::int_or(node, "group", 1)? != 1 || attr::ints(node, "output_shape")?.is_some() {
+        return Err(invalid(node, "only group 1 without output_shape is supported"));
+    }
+    let (pad, stride, dilation) =
+        (one(&w.pads, "pads", 0)?, one(&w.strides, "strides", 1)?, one(&w.dilations, "dilations", 1)?);
+    let out_pad = one(&usizes(node, "output_padding")?.unwrap_or_default(), "output_padding", 0)?;
+    Ok(Box::new(FnOp(move |x: &[Option<Tensor>]| {
+        let (input, kernel) = (req(x, 0)?, req(x, 1)?);
+        if input.rank() != 4 {
+            return Err(candle_core::Error::Msg(format!(
+                "ConvTranspose: rank {} input, only 2-D is supported",
+                input.rank()
+            )));
+        }
+        let mut y = input.conv_transpose2d(kernel, pad, out_pad, stride, dilation)?;
+        if let Some(b) = opt(x, 2) {
+            y = y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?)?;
         }
         Ok(vec![y])
     })))

@@ -3,8 +3,11 @@
 
 mod conv;
 mod elementwise;
+mod generate;
 mod linear;
 mod norm;
+mod resize;
+mod select;
 mod shape;
 
 pub(crate) use norm::build_batch_norm_clamped;
@@ -16,8 +19,11 @@ use super::registry::Registry;
 pub fn register_all(r: &mut Registry) {
     conv::register(r);
     elementwise::register(r);
+    generate::register(r);
     linear::register(r);
     norm::register(r);
+    resize::register(r);
+    select::register(r);
     shape::register(r);
 }
 
@@ -65,5 +71,7 @@ pub(crate) fn unify(a: &Tensor, b: &Tensor) -> candle_core::Result<(Tensor, Tens
     }
 }
 
+#[cfg(test)]
+mod parity;
 #[cfg(test)]
 mod tests;

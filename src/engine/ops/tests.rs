@@ -79,6 +79,8 @@ fn convolutions_and_pools() {
     check("MaxPool", pool(3, 2, &[1, 1, 1, 1]), &[&[2, 3, 7, 7]], &[], 17);
     check("AveragePool", pool(3, 2, &[1, 1, 1, 1]), &[&[2, 3, 7, 7]], &[], 17);
     check("GlobalAveragePool", vec![], &[&[2, 3, 4, 5]], &[], 17);
+    let up = vec![make_ints("kernel_shape", &[4, 4]), make_ints("pads", &[1, 1, 1, 1]), make_ints("strides", &[2, 2])];
+    check("ConvTranspose", up, &[&[1, 2, 3, 3], &[2, 3, 4, 4], &[3]], &[], 17);
     check("GlobalMaxPool", vec![], &[&[2, 3, 4, 5]], &[], 17);
 }
 
@@ -146,6 +148,27 @@ fn shape_ops_pass_gradients_through() {
     check("Dropout", vec![], &[&[3]], &[], 17);
 }
 
+#[test]
+fn transformer_and_converter_ops_have_exact_gradients() {
+    let cond = Tensor::new(&[[1u8], [0], [1]], &Device::Cpu).unwrap();
+    check("Where", vec![], &[&[3, 4], &[3, 1]], &[(0, cond)], 17);
+    check("Expand", vec![], &[&[1, 3, 1]], &[(1, i64s(&[2, 1, 4]))], 17);
+    check("Tile", vec![], &[&[2, 3]], &[(1, i64s(&[2, 2]))], 17);
+    check("Split", vec![make_int("axis", 1)], &[&[2, 5]], &[(1, i64s(&[3, 2]))], 17);
+    check("Max", vec![], &[&[3, 4], &[4]], &[], 17);
+    check("Min", vec![], &[&[3, 4], &[3, 1]], &[], 17);
+    let pads = i64s(&[0, 1, 2, 0, 2, 1]);
+    for mode in ["constant", "reflect", "edge"] {
+        let attrs = vec![crate::onnx::attr::make_string("mode", mode)];
+        check("Pad", attrs, &[&[2, 4, 5]], &[(1, pads.clone()), (2, f64s(&[0.5]).squeeze(0).unwrap())], 17);
+    }
+    for mode in ["nearest", "linear", "cubic"] {
+        let attrs = vec![crate::onnx::attr::make_string("mode", mode)];
+        let (roi, scales) = (f64s(&[]), f64s(&[]));
+        check("Resize", attrs, &[&[1, 2, 4, 3]], &[(1, roi), (2, scales), (3, i64s(&[1, 2, 6, 5]))], 13);
+    }
+}
+
 /// BatchNormalization -> Clip (bounds as initializers, opset 13), optionally also exposing
 /// the BatchNormalization output, which keeps the engine from folding the Clip in.
 fn bn_clip_model(expose_bn: bool) -> crate::onnx::Model {
@@ -196,4 +219,32 @@ fn clip_after_batch_norm_is_folded_with_the_same_values_and_gradients() {
     let diff: f64 = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap();
     assert_eq!(diff, 0.0);
     check_gradients(&v, |t| run(&fused, t), 1e-6).unwrap();
+}
+
+#[test]
+fn shape_subgraphs_run_once_per_input_size() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/tiny/tiny_vit.onnx");
+    let (m, _) = crate::graph::materialize::weights_from_nodes(&crate::onnx::Model::load(&path).unwrap()).unwrap();
+    let trainable = crate::graph::analysis::trainable_names(m.graph());
+    // Written-out LayerNorms train their scale and bias; the tied projection is one weight.
+    for name in ["norm.weight", "norm.bias", "block1/norm2.weight", "block0.attn.proj.weight"] {
+        assert!(trainable.contains(name), "{name} not in {trainable:?}");
+    }
+    let engine = Engine::new(&m, &|n| trainable.contains(n), DType::F32, &Device::Cpu).unwrap();
+    let x = |n: usize| vec![("pixels", seeded(&[n, 1, 8, 8], 3, DType::F32))];
+    let ops =
+        |n: usize| -> Vec<String> { engine.profile_forward(&x(n)).unwrap().into_iter().map(|(op, _)| op).collect() };
+    let first = ops(2);
+    assert!(first.contains(&"Shape".to_string()) && first.contains(&"Resize".to_string()), "{first:?}");
+    let again = ops(2);
+    for folded in ["Shape", "Resize", "ConstantOfShape", "Where", "Expand"] {
+        assert!(!again.contains(&folded.to_string()), "{folded} ran again for the same size: {again:?}");
+    }
+    assert!(again.contains(&"MatMul".to_string()), "the data path still runs: {again:?}");
+    assert!(ops(3).contains(&"Shape".to_string()), "a new batch size evaluates the shapes anew");
+    // Cached or not, the values are the same.
+    let run = |n: usize| engine.forward(&x(n)).unwrap().remove(0).flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let fresh = Engine::new(&m, &|n| trainable.contains(n), DType::F32, &Device::Cpu).unwrap();
+    let reference = fresh.forward(&x(2)).unwrap().remove(0).flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(run(2), reference);
 }

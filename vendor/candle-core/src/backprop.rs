@@ -441,7 +441,9 @@ impl Tensor {
                     Op::Matmul(lhs, rhs) => {
                         // Skipping checks, the op went ok, we can skip
                         // the matmul size checks for now.
-
+                        // mtpack: a gradient arriving through a permutation (attention's
+                        // head transposes) has strides the CPU matmul refuses.
+                        let grad = if grad.is_contiguous() { grad } else { grad.contiguous()? };
                         let lhs_grad = grad.matmul(&rhs.t()?)?;
                         grads.accumulate(lhs, &lhs_grad)?;
 
