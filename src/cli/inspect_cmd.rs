@@ -81,7 +81,7 @@ pub fn text(r: &Report) -> String {
         let _ = writeln!(s, "candidates  for --at (shape for one image):");
         for c in &r.candidates {
             let shape = c.shape.as_ref().map(|d| format!("{d:?}")).unwrap_or_else(|| "[?]".into());
-            let _ = writeln!(s, "  {:<14} {:<28} {}", shape, c.op, c.tensor);
+            let _ = writeln!(s, "  {:<18} {:<24} {}", shape, c.op, c.tensor);
         }
     }
     let f = &r.weights_from_nodes;

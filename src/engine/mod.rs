@@ -154,6 +154,27 @@ pub fn missing_ops(model: &Model) -> Vec<String> {
     v
 }
 
+/// For each op of [`missing_ops`], the first node using it, as "Op (node 'name')".
+pub fn missing_ops_with_nodes(model: &Model) -> Vec<String> {
+    missing_ops(model)
+        .into_iter()
+        .map(|op| {
+            let first = model.graph().node.iter().find(|n| {
+                let full = if n.domain().is_empty() {
+                    n.op_type().to_string()
+                } else {
+                    format!("{}:{}", n.domain(), n.op_type())
+                };
+                full == op
+            });
+            match first {
+                Some(n) => format!("{op} (node '{}')", node_label(n)),
+                None => op,
+            }
+        })
+        .collect()
+}
+
 impl Engine {
     /// Compiles `model`; float initializers for which `trainable` is true become `Var`s.
     pub fn new(

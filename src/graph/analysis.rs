@@ -162,8 +162,12 @@ pub fn inspect(model: &Model) -> Report {
     let fg = folded_model.graph();
     let head = find_head(fg);
     let feature = find_feature(fg, head.as_ref());
-    let candidates =
+    let mut candidates: Vec<Candidate> =
         super::features::candidates(fg).into_iter().map(|(tensor, op)| Candidate { tensor, op, shape: None }).collect();
+    // The own classifier's input is always a candidate (the default cut).
+    if let Some(f) = feature.as_ref().filter(|f| !candidates.iter().any(|c| c.tensor == f.tensor)) {
+        candidates.push(Candidate { tensor: f.tensor.clone(), op: f.from.to_string(), shape: None });
+    }
     Report {
         schema: INSPECT_SCHEMA,
         file: model.origin.display().to_string(),

@@ -121,7 +121,8 @@ impl Ewc {
             let grads = logp.get(label).and_then(|l| l.backward()).map_err(candle("Fisher gradient"))?;
             for name in params {
                 let Some(var) = engine.params().get(name) else { continue };
-                let Some(g) = grads.get(var.as_tensor()) else { continue };
+                // Detached, or every sample's graph stays reachable through the running sum.
+                let Some(g) = grads.get(var.as_tensor()).map(candle_core::Tensor::detach) else { continue };
                 let sq = g.sqr().map_err(candle("Fisher"))?;
                 let next = match acc.remove(name) {
                     Some(a) => (a + sq).map_err(candle("Fisher"))?,

@@ -443,8 +443,9 @@ fn measure(
         let rec = &m.tasks[i];
         let x = if raw { raw_images(rec, data[i].test_raw.clone()) } else { data[i].test_x.clone() };
         let value = b.task_input.as_ref().map(|_| i as i64);
-        let scores = eval::run_batched_with(&b.model, &task_feed(b, value), &b.input, &rec.logits, &x, 256)
-            .map_err(step(format!("task '{}'", rec.name)))?;
+        let scores =
+            eval::run_batched_with(&b.model, &task_feed(b, value), &b.input, &rec.logits, &x, eval::eval_batch(&x))
+                .map_err(step(format!("task '{}'", rec.name)))?;
         let accuracy = eval::accuracy(&scores, &data[i].test_y).map_err(step("accuracy"))?;
         out.push(ArtifactTask {
             name: rec.name.clone(),

@@ -8,6 +8,15 @@ use crate::runtime::Backend;
 use crate::tensor::Tensor;
 
 /// Runs `model` in ONNX Runtime over `x` in batches and returns the named output, stacked.
+/// Images per ONNX Runtime call when mtpack evaluates: 256 at 3x64x64 (and below), fewer for
+/// larger images, so that one call holds about the same memory (a ViT at 3x224x224 with 256
+/// images needed several GiB of activations; at 20 it is under one).
+pub fn eval_batch(x: &Tensor) -> usize {
+    const BUDGET: usize = 256 * 3 * 64 * 64;
+    let per_image: usize = x.shape().iter().skip(1).product();
+    (BUDGET / per_image.max(1)).clamp(8, 256)
+}
+
 pub fn run_batched(model: &Model, input: &str, output: &str, x: &Tensor, batch: usize) -> Result<Tensor, TrainError> {
     run_batched_with(model, &[], input, output, x, batch)
 }
@@ -82,6 +91,6 @@ pub fn evaluate(
     y: &[i64],
 ) -> Result<f64, TrainError> {
     let current = engine.export(model)?;
-    let out = run_batched(&current, input, logits, x, 256)?;
+    let out = run_batched(&current, input, logits, x, eval_batch(x))?;
     accuracy(&out, y)
 }

@@ -34,4 +34,9 @@ fn inspect_reports_ops_the_engine_lacks() {
     assert_eq!(j["engine_missing_ops"], serde_json::json!(["Einsum"]));
     let r = mtpack(["run", p(&f), "--input", p(&digits()), "--runtime", "candle"]).expect(2);
     assert!(r.stderr.contains("node 'relu1': op Einsum is not supported by the training engine"), "{}", r.stderr);
+    // adapt refuses before training, naming op and node, and says what still works.
+    let task = format!("a={}:classes=0,1", p(&digits()));
+    let r =
+        mtpack(["adapt", p(&f), "--method", "finetune", "--task", &task, "-o", p(&dir.path().join("pack"))]).expect(2);
+    assert!(r.stderr.contains("cannot execute Einsum (node 'relu1')") && r.stderr.contains("--at"), "{}", r.stderr);
 }

@@ -38,6 +38,18 @@ fn build_gemm(node: &NodeProto, _: &BuildCtx) -> Result<Box<dyn Op>, EngineError
 
 /// numpy matmul: 1-D operands are promoted and the added axis removed; batch axes broadcast.
 pub fn matmul(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    // Tokens times a weight ([.., T, K] x [K, N], every linear layer of a transformer) is one
+    // [rows, K] x [K, N] product, as PyTorch computes it: broadcasting the weight over the
+    // batch instead made the backward pass eight small products plus a reduction of
+    // batch-sized weight gradients (4.5x the forward on ViT-S/14).
+    if a.rank() > 2 && b.rank() == 2 {
+        let (lead, k) = a.dims().split_at(a.rank() - 1);
+        let rows: usize = lead.iter().product();
+        let y = a.reshape((rows, k[0]))?.matmul(b)?;
+        let mut shape = lead.to_vec();
+        shape.push(b.dims()[1]);
+        return y.reshape(shape);
+    }
     let (a1, b1) = (a.rank() == 1, b.rank() == 1);
     let a = if a1 { a.unsqueeze(0)? } else { a.clone() };
     let b = if b1 { b.unsqueeze(1)? } else { b.clone() };
