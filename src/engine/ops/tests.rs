@@ -248,3 +248,17 @@ fn shape_subgraphs_run_once_per_input_size() {
     let reference = fresh.forward(&x(2)).unwrap().remove(0).flatten_all().unwrap().to_vec1::<f32>().unwrap();
     assert_eq!(run(2), reference);
 }
+
+#[test]
+fn the_whole_transformer_has_exact_gradients() {
+    // End to end through every pattern of the PyTorch-style fixture (class token, resized
+    // position embeddings, written-out LayerNorm, attention, Erf GELU), in double precision.
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/tiny/tiny_vit.onnx");
+    let (m, _) = crate::graph::materialize::weights_from_nodes(&crate::onnx::Model::load(&path).unwrap()).unwrap();
+    let engine = Engine::new(&m, &|_| false, DType::F64, &Device::Cpu).unwrap();
+    let f = |v: &[Tensor]| -> candle_core::Result<Tensor> {
+        let out = engine.forward(&[("pixels", v[0].clone())]).map_err(|e| candle_core::Error::Msg(format!("{e:#}")))?;
+        out.into_iter().next().ok_or_else(|| candle_core::Error::Msg("no output".into()))
+    };
+    check_gradients(&[seeded(&[2, 1, 8, 8], 21, DType::F64)], f, 1e-5).unwrap();
+}
