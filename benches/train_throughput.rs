@@ -92,30 +92,9 @@ fn mobilenetv2(torch: Option<(f64, f64, String)>) {
         tract.run(&input).expect("tract run");
     });
 
-    // Full fine-tuning step in candle: every weight, bias and BatchNorm scale/shift trains.
-    let names = mtpack::graph::analysis::trainable_names(model.graph());
-    let engine = Engine::new(&model, &|n| names.contains(n), DType::F32, &Device::Cpu).expect("engine");
+    // Full fine-tuning step in candle: every weight, bias and BatchNorm scale/shift trains,
     // BatchNorm with batch statistics, as PyTorch's train() and as `mtpack adapt` trains.
-    engine.set_training(true);
-    let xc = to_candle(&x, DType::F32).expect("x");
-    let task = Task { input: "input", logits: "task/logits", extra_outputs: &[], x: &xc, y: &y };
-    let mut opt = Optimizer::new(OptimConfig::sgd(0.01, 0.9, 0.0));
-    let mut epoch = 0;
-    let train_ips = per_second(BATCH, || {
-        train_epoch(
-            &engine,
-            std::slice::from_ref(&task),
-            epoch,
-            BATCH,
-            0,
-            0.01,
-            &mut opt,
-            &mut NoHooks::default(),
-            &mut |_, _, _| {},
-        )
-        .expect("train step");
-        epoch += 1;
-    });
+    let (train_ips, trainable) = training_rate(&model, "input", &x, &y, BATCH);
 
     // Head only, on features cached from the frozen prefix (computed once by ONNX Runtime).
     let prefix = cut::prefix(&model, "features").expect("prefix");
@@ -139,7 +118,7 @@ fn mobilenetv2(torch: Option<(f64, f64, String)>) {
     println!(
         "MobileNetV2 (ImageNet), input 3x64x64, batch {BATCH}, {} threads, {} trainable tensors",
         rayon::current_num_threads(),
-        engine.params().len()
+        trainable
     );
     println!();
     println!("| what | images/s | ratio to ONNX Runtime inference |");
@@ -179,33 +158,11 @@ fn vit(torch: Option<(f64, f64, String)>) {
     let ort_ips = per_second(VIT_BATCH, || {
         ort.run(&input).expect("ort run");
     });
-    let names = mtpack::graph::analysis::trainable_names(model.graph());
-    let engine = Engine::new(&model, &|n| names.contains(n), DType::F32, &Device::Cpu).expect("engine");
-    engine.set_training(true);
-    let xc = to_candle(&x, DType::F32).expect("x");
-    let task = Task { input: "input_image", logits: "task/logits", extra_outputs: &[], x: &xc, y: &y };
-    let mut opt = Optimizer::new(OptimConfig::sgd(0.01, 0.9, 0.0));
-    let mut epoch = 0;
-    let train_ips = per_second(VIT_BATCH, || {
-        let mut progress = |_, _, _| {};
-        train_epoch(
-            &engine,
-            std::slice::from_ref(&task),
-            epoch,
-            VIT_BATCH,
-            0,
-            0.01,
-            &mut opt,
-            &mut NoHooks::default(),
-            &mut progress,
-        )
-        .expect("train step");
-        epoch += 1;
-    });
+    let (train_ips, trainable) = training_rate(&model, "input_image", &x, &y, VIT_BATCH);
     println!(
         "ViT-S/14 encoder (cut at its final LayerNorm, class token), input 3x224x224, batch {VIT_BATCH}, {} threads, {} trainable tensors",
         rayon::current_num_threads(),
-        engine.params().len()
+        trainable
     );
     println!();
     println!("| what | images/s | ratio to ONNX Runtime inference |");
@@ -218,6 +175,25 @@ fn vit(torch: Option<(f64, f64, String)>) {
         println!();
         println!("mtpack training / PyTorch training (ViT): {:.2}x", train_ips / train);
     }
+}
+
+/// Images/s of a full training step (forward, backward, SGD lr 0.01 momentum 0.9) on one
+/// batch, every trainable tensor training; and how many tensors train.
+fn training_rate(model: &Model, input: &str, x: &Tensor, y: &[i64], batch: usize) -> (f64, usize) {
+    let names = mtpack::graph::analysis::trainable_names(model.graph());
+    let engine = Engine::new(model, &|n| names.contains(n), DType::F32, &Device::Cpu).expect("engine");
+    engine.set_training(true);
+    let xc = to_candle(x, DType::F32).expect("x");
+    let task = Task { input, logits: "task/logits", extra_outputs: &[], x: &xc, y };
+    let mut opt = Optimizer::new(OptimConfig::sgd(0.01, 0.9, 0.0));
+    let mut epoch = 0;
+    let rate = per_second(batch, || {
+        let (tasks, mut hooks) = (std::slice::from_ref(&task), NoHooks::default());
+        train_epoch(&engine, tasks, epoch, batch, 0, 0.01, &mut opt, &mut hooks, &mut |_, _, _| {})
+            .expect("train step");
+        epoch += 1;
+    });
+    (rate, engine.params().len())
 }
 
 /// PyTorch's figures for the same model and step, when MTPACK_BENCH_PYTORCH is set.

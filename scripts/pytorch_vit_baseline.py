@@ -16,14 +16,17 @@ Prints one JSON line: {"train_images_per_second", "inference_images_per_second",
 Usage: pytorch_vit_baseline.py ONNX STEPS THREADS
 """
 import json
+import os
 import sys
-import time
 
 import numpy as np
 import onnx
 import torch
 from onnx import numpy_helper
 from transformers import Dinov2Config, Dinov2Model
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from pytorch_baseline import rate  # noqa: E402  the same timing as the MobileNetV2 baseline
 
 BATCH = 8
 
@@ -78,14 +81,6 @@ def parity(net, path):
     with torch.no_grad():
         got = net(pixel_values=torch.from_numpy(x)).last_hidden_state.numpy()
     return float(np.abs(want - got).max())
-
-
-def rate(f, steps, batch):
-    f()
-    t = time.perf_counter()
-    for _ in range(steps):
-        f()
-    return batch * steps / (time.perf_counter() - t)
 
 
 def main():

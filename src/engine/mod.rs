@@ -138,41 +138,34 @@ fn static_steps(steps: &[Step], fixed: &dyn Fn(&str) -> bool) -> Vec<bool> {
         .collect()
 }
 
-/// Default-domain ops of `model` that the engine cannot execute, sorted and unique.
-pub fn missing_ops(model: &Model) -> Vec<String> {
-    let mut v: Vec<String> = model
-        .graph()
-        .node
-        .iter()
-        .filter(|n| !(n.domain().is_empty() || n.domain() == "ai.onnx") || !registry::supports(n.op_type()))
-        .map(
-            |n| if n.domain().is_empty() { n.op_type().to_string() } else { format!("{}:{}", n.domain(), n.op_type()) },
-        )
-        .collect();
-    v.sort();
-    v.dedup();
+/// "Op" for the default domain, "domain:Op" otherwise.
+fn op_key(n: &crate::onnx::pb::NodeProto) -> String {
+    if n.domain().is_empty() {
+        n.op_type().to_string()
+    } else {
+        format!("{}:{}", n.domain(), n.op_type())
+    }
+}
+
+/// Each op of `model` the engine cannot execute, with the first node using it; sorted by op.
+fn missing(model: &Model) -> BTreeMap<String, String> {
+    let mut v = BTreeMap::new();
+    for n in &model.graph().node {
+        if !(n.domain().is_empty() || n.domain() == "ai.onnx") || !registry::supports(n.op_type()) {
+            v.entry(op_key(n)).or_insert_with(|| node_label(n));
+        }
+    }
     v
 }
 
-/// For each op of [`missing_ops`], the first node using it, as "Op (node 'name')".
+/// Default-domain ops of `model` that the engine cannot execute, sorted and unique.
+pub fn missing_ops(model: &Model) -> Vec<String> {
+    missing(model).into_keys().collect()
+}
+
+/// The same, each as "Op (node 'name')" naming the first node that uses it.
 pub fn missing_ops_with_nodes(model: &Model) -> Vec<String> {
-    missing_ops(model)
-        .into_iter()
-        .map(|op| {
-            let first = model.graph().node.iter().find(|n| {
-                let full = if n.domain().is_empty() {
-                    n.op_type().to_string()
-                } else {
-                    format!("{}:{}", n.domain(), n.op_type())
-                };
-                full == op
-            });
-            match first {
-                Some(n) => format!("{op} (node '{}')", node_label(n)),
-                None => op,
-            }
-        })
-        .collect()
+    missing(model).into_iter().map(|(op, node)| format!("{op} (node '{node}')")).collect()
 }
 
 impl Engine {
@@ -302,7 +295,6 @@ impl Engine {
     /// [`Reparam`]); it trains and is checkpointed like the graph's own.
     pub fn add_param(&mut self, name: &str, var: Var) {
         self.params.insert(name.to_string(), var);
-        self.refresh_statics();
     }
 
     /// From now on every op reading initializer `name` sees `f(value)`.

@@ -63,21 +63,18 @@ pub fn candidates(g: &GraphProto) -> Vec<(String, String)> {
     let mut v = Vec::new();
     for n in &g.node {
         let Some(out) = n.output.first() else { continue };
-        let featureish = FEATURE_OPS.contains(&n.op_type()) || decomposed_layer_norm(g, &prod, n);
+        let written_out_ln = layer_norm_affine(g, &prod, n).is_some();
+        let featureish = FEATURE_OPS.contains(&n.op_type()) || written_out_ln;
         if (featureish || outputs.contains(out.as_str())) && is_cut(g, out) {
-            let op = if decomposed_layer_norm(g, &prod, n) { "LayerNorm (decomposed)" } else { n.op_type() };
+            let op = if written_out_ln { "LayerNorm (decomposed)" } else { n.op_type() };
             v.push((out.clone(), op.to_string()));
         }
     }
     v
 }
 
-/// `Add(Mul(Div(Sub(x, mean), ...), scale), bias)`: PyTorch's LayerNorm before opset 17.
-fn decomposed_layer_norm(g: &GraphProto, prod: &std::collections::HashMap<&str, Source>, n: &NodeProto) -> bool {
-    layer_norm_affine(g, prod, n).is_some()
-}
-
-/// For the final Add of a written-out LayerNorm, its (scale, bias) inputs.
+/// For the final Add of a LayerNorm written out as `Add(Mul(Div(Sub(x, mean), ...), scale),
+/// bias)` (PyTorch before opset 17), its (scale, bias) inputs.
 pub(crate) fn layer_norm_affine(
     g: &GraphProto,
     prod: &std::collections::HashMap<&str, Source>,
@@ -173,17 +170,17 @@ pub fn attach(
             (build::node("Gather", "mtpack/pool", &[at, "mtpack/pool_index"], &[FEATURE], attrs), *d)
         }
         ([_, _, d], Pool::Mean) => (mean_over(&mut p, at, &[1], opset), *d),
-        ([_, c, _, _], Pool::Mean | Pool::Cls) if layout == Layout::Nchw => (mean_over(&mut p, at, &[2, 3], opset), *c),
-        ([_, _, _, c], Pool::Mean | Pool::Cls) => (mean_over(&mut p, at, &[1, 2], opset), *c),
+        ([_, _, _, _], Pool::Cls) => {
+            return Err(bad("pool=cls needs a token sequence [N, T, D]; this is a feature map".into()))
+        }
+        ([_, c, _, _], Pool::Mean) if layout == Layout::Nchw => (mean_over(&mut p, at, &[2, 3], opset), *c),
+        ([_, _, _, c], Pool::Mean) => (mean_over(&mut p, at, &[1, 2], opset), *c),
         ([_, rest @ ..], Pool::None) if !rest.is_empty() => {
             let attrs = vec![attr::make_int("axis", 1)];
             (build::node("Flatten", "mtpack/pool", &[at], &[FEATURE], attrs), rest.iter().product())
         }
         _ => return Err(bad(format!("a feature of shape {dims:?} cannot be pooled with pool={}", pool.name()))),
     };
-    if dims.len() == 4 && pool == Pool::Cls {
-        return Err(bad("pool=cls needs a token sequence [N, T, D]; this is a feature map".into()));
-    }
     p.add_node(op);
     let out = build::value_info(FEATURE, DType::F32, Some(&[Dim::Named("batch".into()), Dim::Fixed(width as i64)]));
     p.set_outputs(vec![out]);

@@ -21,6 +21,15 @@ fn i64s(v: &[i64]) -> Tensor {
     Tensor::I64(ndarray::Array1::from(v.to_vec()).into_dyn())
 }
 
+/// Rank-0 tensors: Range and Pad take scalars.
+fn i64_0(v: i64) -> Tensor {
+    Tensor::I64(ndarray::arr0(v).into_dyn())
+}
+
+fn f32_0(v: f32) -> Tensor {
+    Tensor::F32(ndarray::arr0(v).into_dyn())
+}
+
 fn f32v(v: &[f32]) -> Tensor {
     Tensor::F32(ndarray::Array1::from(v.to_vec()).into_dyn())
 }
@@ -95,17 +104,7 @@ fn generators_and_rearrangements_match_onnx_runtime() {
     let value = tensor_proto::from_tensor("v", &f32v(&[1.5]));
     case("ConstantOfShape", vec![make_tensor("value", value)], &[("s", i64s(&[2, 3]), false)], 1, 17);
     case("ConstantOfShape", vec![], &[("s", i64s(&[4]), false)], 1, 17);
-    case(
-        "Range",
-        vec![],
-        &[
-            ("a", i64s(&[2]).reshape0(), false),
-            ("b", i64s(&[11]).reshape0(), false),
-            ("d", i64s(&[3]).reshape0(), false),
-        ],
-        1,
-        17,
-    );
+    case("Range", vec![], &[("a", i64_0(2), false), ("b", i64_0(11), false), ("d", i64_0(3), false)], 1, 17);
     let x = f32s(&[1, 3, 1], 3);
     case("Expand", vec![], &[("x", x.clone(), true), ("s", i64s(&[2, 1, 4]), false)], 1, 17);
     case("Expand", vec![], &[("x", x.clone(), true), ("s", i64s(&[5, 1, 1, 1]), false)], 1, 17);
@@ -117,13 +116,7 @@ fn generators_and_rearrangements_match_onnx_runtime() {
     let p = f32s(&[1, 2, 4, 5], 6);
     for mode in ["constant", "reflect", "edge"] {
         let pads = ("p", i64s(&[0, 0, 1, 2, 0, 0, 2, 1]), false);
-        case(
-            "Pad",
-            vec![make_string("mode", mode)],
-            &[("x", p.clone(), true), pads, ("v", f32v(&[0.7]).reshape0(), false)],
-            1,
-            17,
-        );
+        case("Pad", vec![make_string("mode", mode)], &[("x", p.clone(), true), pads, ("v", f32_0(0.7), false)], 1, 17);
     }
     case(
         "Pad",
@@ -177,21 +170,6 @@ fn resize_matches_onnx_runtime_in_every_mode() {
     case("Resize", ex, &[("x", x, true), ("", f32v(&[]), false), ("", f32v(&[]), false), sizes], 1, 13);
 }
 
-trait Scalar0 {
-    fn reshape0(self) -> Self;
-}
-
-impl Scalar0 for Tensor {
-    /// The same single value as a rank-0 tensor (Range and Pad take scalars).
-    fn reshape0(self) -> Tensor {
-        match self {
-            Tensor::I64(a) => Tensor::I64(ndarray::arr0(a.iter().copied().next().unwrap_or(0)).into_dyn()),
-            Tensor::F32(a) => Tensor::F32(ndarray::arr0(a.iter().copied().next().unwrap_or(0.0)).into_dyn()),
-            other => other,
-        }
-    }
-}
-
 #[test]
 fn transformer_building_blocks_match_onnx_runtime() {
     let x = f32s(&[2, 5, 6], 8);
@@ -216,7 +194,7 @@ fn transformer_building_blocks_match_onnx_runtime() {
     case("ReduceMean", vec![make_int("keepdims", 0)], &[("x", x.clone(), true), ("a", i64s(&[0, 2]), false)], 1, 18);
     case("ReduceSum", vec![], &[("x", x.clone(), true), ("a", i64s(&[1]), false)], 1, 14);
     case("Transpose", vec![make_ints("perm", &[2, 0, 1])], &[("x", x.clone(), true)], 1, 14);
-    case("Pow", vec![], &[("x", x, true), ("e", f32v(&[2.0]).reshape0(), false)], 1, 14);
+    case("Pow", vec![], &[("x", x, true), ("e", f32_0(2.0), false)], 1, 14);
 }
 
 #[test]
