@@ -2,7 +2,8 @@
 //! classification tasks.
 //!
 //! The modules follow the pipeline: [`onnx`] (I/O), [`graph`] (surgery), [`runtime`]
-//! (ONNX Runtime and tract), [`data`] (task datasets).
+//! (ONNX Runtime and tract), [`data`] (task datasets), [`serve`] (one task of an exported
+//! artifact at the plain backbone's speed).
 
 pub mod adapt;
 pub mod alloc;
@@ -18,6 +19,20 @@ pub mod pack;
 pub mod report;
 pub mod rng;
 pub mod runtime;
+pub mod serve;
 pub mod store;
 pub mod tensor;
 pub mod train;
+
+/// An error and its sources on one line, as anyhow's `{:#}` prints them, for reports that
+/// collect problems as text.
+pub fn report_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut next = e.source();
+    while let Some(s) = next {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        next = s.source();
+    }
+    text
+}

@@ -166,6 +166,23 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// A plan with every setting at its default.
+    pub fn new(backbone: Option<PathBuf>, method: MethodKind, tasks: Vec<TaskPlan>) -> Plan {
+        Plan {
+            backbone,
+            method,
+            seed: 0,
+            device: DeviceChoice::default(),
+            batchnorm: None,
+            at: None,
+            pool: None,
+            layout: None,
+            defaults: Hyper::default(),
+            params: MethodParams::default(),
+            tasks,
+        }
+    }
+
     pub fn from_toml(text: &str) -> Result<Plan, String> {
         toml::from_str(text).map_err(|e| e.to_string())
     }

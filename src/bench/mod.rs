@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::adapt::plan::{Hyper, Plan, TaskPlan};
 use crate::data::Preprocessing;
-use crate::methods::{MethodKind, MethodParams};
+use crate::methods::MethodKind;
 use crate::pack::export::{export, ExportOptions};
 use crate::runtime::ort_rt::OrtSession;
 use crate::runtime::Backend;
@@ -93,18 +93,10 @@ pub fn default_scenario(root: &Path) -> Plan {
         preprocessing: pre.clone(),
         hyper: Hyper::default(),
     };
+    let tasks = vec![task("fashion", Some(200)), task("mnist", Some(200)), task("digits", None)];
     Plan {
-        backbone: Some(root.join(".cache/models/mobilenetv2_imagenet.onnx")),
-        method: MethodKind::Finetune,
-        seed: 0,
-        device: Default::default(),
-        batchnorm: Default::default(),
-        at: None,
-        pool: None,
-        layout: None,
         defaults: Hyper { epochs: Some(2), batch: Some(32), momentum: Some(0.9), ..Hyper::default() },
-        params: MethodParams::default(),
-        tasks: vec![task("fashion", Some(200)), task("mnist", Some(200)), task("digits", None)],
+        ..Plan::new(Some(root.join(".cache/models/mobilenetv2_imagenet.onnx")), MethodKind::Finetune, tasks)
     }
 }
 

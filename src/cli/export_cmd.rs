@@ -79,8 +79,9 @@ pub fn run_verify(a: VerifyArgs) -> anyhow::Result<Outcome> {
     } else {
         println!("{}: {} tensors checked", report.model, report.tensors_checked);
         for o in &report.outputs {
+            let served = if o.task.is_some() { " (task alone)" } else { "" };
             println!(
-                "  {:<6} {:<28} max |diff| {:.2e} {}",
+                "  {:<6} {:<28} max |diff| {:.2e} {}{served}",
                 o.runtime,
                 o.output,
                 o.max_abs_diff,

@@ -11,6 +11,7 @@ use crate::runtime::device::{candle_device, DeviceChoice};
 use crate::runtime::ort_rt::OrtSession;
 use crate::runtime::tract_rt::TractSession;
 use crate::runtime::{compare, Backend, Named};
+use crate::serve::specialize;
 use crate::store;
 use crate::tensor::Tensor;
 
@@ -92,9 +93,22 @@ pub struct Args {
     /// Do not score a dataset's labels against the first output (e.g. labels of another task).
     #[arg(long)]
     pub ignore_labels: bool,
+    /// Run one task of a multi-task artifact: its task selector becomes a constant that the
+    /// runtimes fold when they load the model, and only that task's output is computed.
+    #[arg(long)]
+    pub task: Option<String>,
     /// Print outputs and comparisons as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+/// The task a run served, when `--task` was given.
+#[derive(Serialize)]
+struct ServedTask {
+    name: String,
+    output: String,
+    /// The `task` input's value, fixed in the model (artifacts that select tasks by an input).
+    task_value: Option<i64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -124,6 +138,8 @@ struct RunReport {
     schema: &'static str,
     model: String,
     input: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    task: Option<ServedTask>,
     outputs: Vec<OutputRecord>,
     /// Largest absolute difference of each output between each runtime and the first.
     comparisons: Vec<Comparison>,
@@ -133,7 +149,7 @@ struct RunReport {
 }
 
 pub fn run(a: Args) -> anyhow::Result<Outcome> {
-    let model = load::model(&a.model)?;
+    let (model, task) = served_model(load::model(&a.model)?, &a)?;
     let (inputs, labels) = read_inputs(&model, &a).with_context(|| a.input.display().to_string())?;
     let bytes = model.to_bytes();
     let label = a.model.display().to_string();
@@ -174,6 +190,7 @@ pub fn run(a: Args) -> anyhow::Result<Outcome> {
         schema: "mtpack.run/1",
         model: label,
         input: a.input.display().to_string(),
+        task,
         outputs: results
             .iter()
             .flat_map(|(rt, outs)| {
@@ -198,7 +215,22 @@ pub fn run(a: Args) -> anyhow::Result<Outcome> {
     Ok(if agree { Outcome::Ok } else { Outcome::CheckFailed })
 }
 
+/// The model `a` asks for: the file itself, or one task of it.
+fn served_model(model: Model, a: &Args) -> anyhow::Result<(Model, Option<ServedTask>)> {
+    let Some(name) = &a.task else { return Ok((model, None)) };
+    let label = a.model.display().to_string();
+    let m = specialize::manifest_of(&model, &label)?;
+    let t = specialize::find_task(&m, name).with_context(|| label.clone())?;
+    let one = specialize::specialize(&model, &m, t).with_context(|| label.clone())?;
+    let served = ServedTask { name: t.name.clone(), output: t.output.clone(), task_value: t.task_value };
+    Ok((one, Some(served)))
+}
+
 fn print_text(r: &RunReport) {
+    if let Some(t) = &r.task {
+        let value = t.task_value.map(|v| format!(" (task value {v}, fixed in the model)")).unwrap_or_default();
+        println!("task {}: output {}{value}", t.name, t.output);
+    }
     for o in &r.outputs {
         let head: Vec<String> = o.values.iter().take(6).map(|v| format!("{v:.6}")).collect();
         println!(

@@ -23,6 +23,8 @@ pub enum GraphError {
     CutAtSource { tensor: String },
     #[error("the model has no classifier head to drop: {why}")]
     NoHead { why: String },
+    #[error("'{tensor}' is not an input of the graph")]
+    NotAnInput { tensor: String },
     #[error("{what} is already used in the graph")]
     NameTaken { what: String },
     #[error("tensor '{tensor}': {problem}")]

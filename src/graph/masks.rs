@@ -206,7 +206,7 @@ pub fn embed(
         b.init(&format!("{p}/task"), i64s(&[*value]));
         b.node("Equal", &[TASK_INPUT, &format!("{p}/task")], &format!("{p}/is"), vec![]);
         b.node("Where", &[&format!("{p}/is"), "gate/one", "gate/nan"], &format!("{p}/factor"), vec![]);
-        b.node("Mul", &[&format!("{output}/ungated"), &format!("{p}/factor")], output, vec![]);
+        b.node("Mul", &[&ungated(output), &format!("{p}/factor")], output, vec![]);
     }
     if !gates.is_empty() {
         b.init("gate/one", Tensor::F32(ndarray::arr0(1.0f32).into_dyn()));
@@ -323,12 +323,17 @@ fn move_masked_weights(
     Ok(shapes)
 }
 
+/// The task output before its gate (1 for its own task value, NaN for any other).
+pub fn ungated(output: &str) -> String {
+    format!("{output}/ungated")
+}
+
 /// Points every producer and reader of each gated output at `<output>/ungated`, leaving
 /// the graph output itself to the gate.
 fn gate_outputs(m: &mut Model, gates: &[(String, i64)]) -> Result<(), GraphError> {
     let g = m.graph_mut();
     for (output, _) in gates {
-        let ungated = format!("{output}/ungated");
+        let ungated = ungated(output);
         let mut produced = false;
         for n in &mut g.node {
             for o in n.output.iter_mut().filter(|o| *o == output) {

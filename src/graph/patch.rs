@@ -23,6 +23,8 @@ pub struct Patch {
     node_prefix: Option<String>,
     /// Tensors whose producing node is removed (an initializer or rename takes its place).
     unproduce: Vec<String>,
+    /// Graph inputs that become these constants.
+    fixed_inputs: Vec<TensorProto>,
 }
 
 impl Patch {
@@ -67,6 +69,14 @@ impl Patch {
         self
     }
 
+    /// The graph input named like `value` becomes this constant, so that runtimes fold what
+    /// depends on it when they load the model (ONNX Runtime does not fold an initializer that
+    /// is also a graph input, hence the input is removed, not shadowed).
+    pub fn fix_input(&mut self, value: TensorProto) -> &mut Self {
+        self.fixed_inputs.push(value);
+        self
+    }
+
     pub fn rename_tensor(&mut self, old: &str, new: &str) -> &mut Self {
         self.renames.push((old.to_string(), new.to_string()));
         self
@@ -80,6 +90,9 @@ impl Patch {
     /// Applies the patch to a copy of `model`.
     pub fn apply(&self, model: &Model) -> Result<Model, GraphError> {
         let mut out = model.clone();
+        for t in &self.fixed_inputs {
+            fix_input(&mut out, t)?;
+        }
         if !self.unproduce.is_empty() {
             let gone: HashSet<&str> = self.unproduce.iter().map(String::as_str).collect();
             out.graph_mut().node.retain(|n| !n.output.iter().any(|o| gone.contains(o.as_str())));
@@ -122,6 +135,22 @@ impl Patch {
         validate(out.graph())?;
         Ok(out)
     }
+}
+
+fn fix_input(model: &mut Model, value: &TensorProto) -> Result<(), GraphError> {
+    // Before IR 4 every initializer is also an overridable input, which runtimes never fold.
+    if model.proto.ir_version() < 4 {
+        model.proto.ir_version = Some(4);
+    }
+    let g = model.graph_mut();
+    let name = value.name();
+    if !g.input.iter().any(|i| i.name() == name) {
+        return Err(GraphError::NotAnInput { tensor: name.to_string() });
+    }
+    g.input.retain(|i| i.name() != name);
+    g.initializer.retain(|t| t.name() != name);
+    g.initializer.push(value.clone());
+    Ok(())
 }
 
 fn rename_everywhere(g: &mut crate::onnx::pb::GraphProto, old: &str, new: &str) {

@@ -10,6 +10,8 @@ use crate::onnx::{Model, OnnxError};
 use crate::runtime::ort_rt::OrtSession;
 use crate::runtime::tract_rt::TractSession;
 use crate::runtime::{compare, Backend, Named};
+use crate::serve::specialize::specialize;
+use crate::serve::Runtime;
 use crate::store;
 use crate::tensor::Tensor;
 
@@ -17,6 +19,10 @@ use crate::tensor::Tensor;
 pub struct OutputCheck {
     pub output: String,
     pub runtime: &'static str,
+    /// Set when the check ran the task's specialised model (the task selector a constant,
+    /// other outputs removed) rather than the whole artifact.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub task: Option<String>,
     pub max_abs_diff: f64,
     pub ok: bool,
 }
@@ -145,7 +151,42 @@ fn check_probes(model: &Model, m: &ArtifactManifest, file: &PathBuf, r: &mut Ver
     }
     for rt in &mut runtimes {
         for (feed, expected) in &groups {
-            run_group(rt.as_mut(), feed, expected, m.probes.tolerance, r);
+            run_group(rt.as_mut(), feed, expected, m.probes.tolerance, None, r);
+        }
+    }
+    let kinds: Vec<Runtime> = runtimes.iter().filter_map(|rt| Runtime::named(rt.name())).collect();
+    check_specialised(model, m, &groups, &kinds, r);
+}
+
+/// Every task's specialised model must reproduce the probes of its output, in every runtime
+/// the whole artifact ran in.
+fn check_specialised(
+    model: &Model,
+    m: &ArtifactManifest,
+    groups: &[(Named, Named)],
+    kinds: &[Runtime],
+    r: &mut VerifyReport,
+) {
+    for task in &m.tasks {
+        let Some((feed, expected)) = groups.iter().find(|(_, e)| e.iter().any(|(o, _)| *o == task.output)) else {
+            continue;
+        };
+        let feed: Named = feed.iter().filter(|(n, _)| *n == m.input).cloned().collect();
+        let expected: Named = expected.iter().filter(|(o, _)| *o == task.output).cloned().collect();
+        let one = match specialize(model, m, task) {
+            Ok(one) => one,
+            Err(e) => {
+                r.problems.push(format!("task '{}': {}", task.name, crate::report_chain(&e)));
+                continue;
+            }
+        };
+        for &kind in kinds {
+            match kind.session(&one, &format!("task '{}'", task.name)) {
+                Ok(mut s) => run_group(s.as_mut(), &feed, &expected, m.probes.tolerance, Some(&task.name), r),
+                Err(e) => {
+                    r.problems.push(format!("task '{}' in {}: {}", task.name, kind.name(), crate::report_chain(&e)))
+                }
+            }
         }
     }
 }
@@ -184,22 +225,29 @@ fn probe_groups(
     Ok(groups)
 }
 
-fn run_group(rt: &mut dyn Backend, feed: &Named, expected: &Named, tolerance: f64, r: &mut VerifyReport) {
+fn run_group(
+    rt: &mut dyn Backend,
+    feed: &Named,
+    expected: &Named,
+    tolerance: f64,
+    task: Option<&str>,
+    r: &mut VerifyReport,
+) {
     let name = rt.name();
-    {
-        match rt.run(feed).and_then(|out| compare(expected, &out)) {
-            Ok(diffs) => {
-                for (output, d) in diffs {
-                    let ok = d <= tolerance;
-                    if !ok {
-                        r.problems.push(format!(
-                            "output '{output}' in {name}: differs from the expected probe outputs by {d:.3e}"
-                        ));
-                    }
-                    r.outputs.push(OutputCheck { output, runtime: name, max_abs_diff: d, ok });
+    let which = task.map(|t| format!(" (task '{t}' specialised)")).unwrap_or_default();
+    match rt.run(feed).and_then(|out| compare(expected, &out)) {
+        Ok(diffs) => {
+            for (output, d) in diffs {
+                let ok = d <= tolerance;
+                if !ok {
+                    r.problems.push(format!(
+                        "output '{output}' in {name}{which}: differs from the expected probe outputs by {d:.3e}"
+                    ));
                 }
+                let task = task.map(str::to_string);
+                r.outputs.push(OutputCheck { output, runtime: name, task, max_abs_diff: d, ok });
             }
-            Err(e) => r.problems.push(format!("{name}: {e:#}")),
         }
+        Err(e) => r.problems.push(format!("{name}{which}: {e:#}")),
     }
 }

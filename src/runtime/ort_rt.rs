@@ -89,6 +89,22 @@ impl OrtSession {
         Ok(OrtSession { session, outputs })
     }
 
+    /// Writes `model` to `out` as ONNX Runtime holds it once loaded, after its graph
+    /// optimisations (constant folding included): what a session computes on every run.
+    pub fn write_optimized(model: &[u8], label: &str, out: &Path) -> Result<(), RuntimeError> {
+        let env = environment()?;
+        let ctx = |what: &str| format!("{what} {label}");
+        let mut builder = Session::builder(env)
+            .map_err(|source| RuntimeError::Ort { context: ctx("creating a session for"), source })?
+            .with_optimized_model_path(out)
+            .map_err(|e| RuntimeError::Ort {
+                context: ctx("asking for the optimised model of"),
+                source: ort::Error::new(e.message()),
+            })?;
+        builder.commit_from_memory(model).map_err(|source| RuntimeError::Ort { context: ctx("loading"), source })?;
+        Ok(())
+    }
+
     pub fn input_names(&self) -> Vec<String> {
         self.session.inputs().iter().map(|o| o.name().to_string()).collect()
     }

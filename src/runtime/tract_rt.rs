@@ -44,6 +44,27 @@ impl TractSession {
         Ok(TractSession { model, inputs, outputs, plans: HashMap::new() })
     }
 
+    /// The operators tract runs for inputs of these shapes, after its optimisations
+    /// (constant folding included).
+    pub fn optimized_ops(&mut self, inputs: &[(String, Tensor)]) -> Result<Vec<String>, RuntimeError> {
+        let ordered = self.ordered(inputs)?;
+        let plan = self.plan(&ordered)?;
+        Ok(plan.model().nodes().iter().map(|n| n.op().name().to_string()).collect())
+    }
+
+    /// `inputs` in the model's input order.
+    fn ordered<'a>(&self, inputs: &'a [(String, Tensor)]) -> Result<Vec<&'a Tensor>, RuntimeError> {
+        self.inputs
+            .iter()
+            .map(|name| {
+                inputs.iter().find(|(n, _)| n == name).map(|(_, t)| t).ok_or_else(|| RuntimeError::Input {
+                    input: name.clone(),
+                    problem: "the model needs it but it was not given".into(),
+                })
+            })
+            .collect()
+    }
+
     fn plan(&mut self, ordered: &[&Tensor]) -> Result<std::sync::Arc<TypedRunnableModel>, RuntimeError> {
         let key: Vec<Vec<usize>> = ordered.iter().map(|t| t.shape().to_vec()).collect();
         if let Some(p) = self.plans.get(&key) {
@@ -141,14 +162,7 @@ impl Backend for TractSession {
     }
 
     fn run(&mut self, inputs: &[(String, Tensor)]) -> Result<Named, RuntimeError> {
-        let mut ordered = Vec::with_capacity(self.inputs.len());
-        for name in &self.inputs {
-            let t = inputs.iter().find(|(n, _)| n == name).map(|(_, t)| t).ok_or_else(|| RuntimeError::Input {
-                input: name.clone(),
-                problem: "the model needs it but it was not given".into(),
-            })?;
-            ordered.push(t);
-        }
+        let ordered = self.ordered(inputs)?;
         let plan = self.plan(&ordered)?;
         let mut values = tvec![];
         for (name, t) in self.inputs.iter().zip(&ordered) {

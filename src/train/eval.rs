@@ -30,6 +30,16 @@ pub fn run_batched_with(
     x: &Tensor,
     batch: usize,
 ) -> Result<Tensor, TrainError> {
+    let exposed;
+    let model = if model.graph().output.iter().any(|o| o.name() == output) {
+        model
+    } else {
+        // A tensor inside the graph, such as the logits a backbone's own head turns into
+        // probabilities with a Softmax (LwF distils logits).
+        let g = model.graph();
+        exposed = crate::graph::Patch::new().add_output(crate::graph::cut::value_info_for(g, output)).apply(model)?;
+        &exposed
+    };
     let mut session = OrtSession::from_bytes(&model.to_bytes(), &model.origin.display().to_string())?;
     let n = x.shape().first().copied().unwrap_or(0);
     let mut parts: Vec<ndarray::ArrayD<f32>> = Vec::new();
@@ -93,4 +103,20 @@ pub fn evaluate(
     let current = engine.export(model)?;
     let out = run_batched(&current, input, logits, x, eval_batch(x))?;
     accuracy(&out, y)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tensor_inside_the_graph_is_read_like_an_output() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let model = Model::load(&root.join("fixtures/tiny/tiny_digits.onnx")).unwrap();
+        let x = Tensor::F32(ndarray::ArrayD::from_shape_fn(vec![5, 1, 8, 8], |i| (i[0] + i[2] * i[3]) as f32 / 50.0));
+        let inside = run_batched(&model, "input", "features", &x, 2).unwrap();
+        let cut = crate::graph::cut::prefix(&model, "features").unwrap();
+        assert_eq!(inside, run_batched(&cut, "input", "features", &x, 2).unwrap());
+        assert_eq!(inside.shape(), [5, 32]);
+    }
 }

@@ -13,4 +13,5 @@ mod inspect;
 mod masks;
 mod real;
 mod run;
+mod serve;
 mod train;
