@@ -8,9 +8,9 @@
 //!
 //! Packs are made here from small subsets of the bundled UCI digits (20 training images per
 //! class, one epoch): size and latency do not depend on how well the tasks were learned.
-//! Three tasks for every method, and eight for PackNet and Piggyback, whose masks grow with
-//! the task count. Run: `cargo bench --bench artifact` (MTPACK_BENCH_STEPS: timed runs;
-//! MTPACK_BENCH_METHODS: a comma-separated subset of the methods).
+//! Three and eight tasks for every method (the masks grow with the task count). Run: `cargo
+//! bench --bench artifact` (MTPACK_BENCH_STEPS: timed runs; MTPACK_BENCH_METHODS and
+//! MTPACK_BENCH_BACKBONES: comma-separated subsets of the methods and backbones).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -20,10 +20,12 @@ use mtpack::adapt::Options;
 use mtpack::data::{Dataset, Preprocessing};
 use mtpack::methods::{MethodKind, MethodParams};
 use mtpack::pack::export::{export, ExportOptions};
+use mtpack::pack::specialize;
 use mtpack::runtime::ort_rt::OrtSession;
 use mtpack::runtime::tract_rt::TractSession;
 use mtpack::runtime::Backend;
-use mtpack::serve::{specialize, Artifact, Runtime};
+use mtpack::runtime::Runtime;
+use mtpack::serve::Artifact;
 use mtpack::tensor::{max_abs_diff, Tensor};
 
 const METHODS: [MethodKind; 7] = MethodKind::ALL;
@@ -254,15 +256,16 @@ struct Row {
     /// Resident memory of the whole file in one ONNX Runtime session, and of all the task
     /// sessions together, MB.
     memory_mb: [f64; 2],
-    /// Largest |specialised - universal| over every task's output at batch 1.
-    max_diff: f64,
+    /// Largest |specialised - universal| over every task's output at batch 1, and the
+    /// largest |score| it is a difference of.
+    max_diff: [f64; 2],
 }
 
 /// Every task's specialised session against the universal path's output for that task.
-fn largest_difference(path: &Path, served: &mut Artifact, x: &Tensor) -> f64 {
+fn largest_difference(path: &Path, served: &mut Artifact, x: &Tensor) -> [f64; 2] {
     let m = served.manifest().clone();
     let mut whole = OrtSession::from_bytes(&std::fs::read(path).expect("artifact"), "artifact").expect("ort");
-    let mut worst = 0.0f64;
+    let (mut worst, mut largest) = (0.0f64, 0.0f64);
     for t in &m.tasks {
         let mut feed = vec![(m.input.clone(), x.clone())];
         if let (Some(input), Some(v)) = (&m.task_input, t.task_value) {
@@ -272,8 +275,9 @@ fn largest_difference(path: &Path, served: &mut Artifact, x: &Tensor) -> f64 {
         let want = &want.iter().find(|(n, _)| *n == t.output).expect("task output").1;
         let got = served.task(&t.name).expect("task session").run(x).expect("task run");
         worst = worst.max(max_abs_diff(want, &got).expect("same shape"));
+        largest = want.to_f64_vec().iter().fold(largest, |l, v| l.max(v.abs()));
     }
-    worst
+    [worst, largest]
 }
 
 fn measure(s: &Setup, base: &mut Baseline, backbone: &'static str, method: MethodKind, count: usize) -> Row {
@@ -342,12 +346,8 @@ fn main() {
     let only = std::env::var("MTPACK_BENCH_METHODS").ok();
     let only_backbone = std::env::var("MTPACK_BENCH_BACKBONES").ok();
     let wanted = |m: &MethodKind| only.as_deref().is_none_or(|o| o.split(',').any(|n| n.trim() == m.name()));
-    let runs: Vec<(MethodKind, usize)> = METHODS
-        .iter()
-        .map(|&m| (m, 3))
-        .chain([(MethodKind::Packnet, 8), (MethodKind::Piggyback, 8)])
-        .filter(|(m, _)| wanted(m))
-        .collect();
+    let runs: Vec<(MethodKind, usize)> =
+        [3, 8].into_iter().flat_map(|n| METHODS.iter().filter(|m| wanted(m)).map(move |&m| (m, n))).collect();
     let root_dir = root().join(".cache/bench_artifact");
     let _ = std::fs::remove_dir_all(&root_dir);
     let mut rows = Vec::new();
@@ -379,14 +379,14 @@ fn print_table(baselines: &[(&Backbone, [[f64; 2]; 2])], rows: &[Row]) {
             b.name, b.size, b.size, base[0][0], base[0][1], base[1][0], base[1][1]
         );
     }
-    println!("| backbone | method | tasks | artifact / backbone size | mask bits per weight per task | universal (ort) b1 / b32 | task session (ort) b1 / b32 | task session (tract) b1 / b32 | session creation ort / tract ms | ort memory, whole file / all task sessions MB | max diff |");
+    println!("| backbone | method | tasks | artifact / backbone size | mask bits per weight per task | universal (ort) b1 / b32 | task session (ort) b1 / b32 | task session (tract) b1 / b32 | session creation ort / tract ms | ort memory, whole file / all task sessions MB | max diff (largest score) |");
     println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in rows {
         let bits = r.bits.map_or("-".to_string(), |b| format!("{b:.2}"));
         println!(
-            "| {} | {} | {} | {:.3} | {bits} | {:.2} / {:.2} | {:.2} / {:.2} | {:.2} / {:.2} | {:.0} / {:.0} | {:.0} / {:.0} | {:.1e} |",
+            "| {} | {} | {} | {:.3} | {bits} | {:.2} / {:.2} | {:.2} / {:.2} | {:.2} / {:.2} | {:.0} / {:.0} | {:.0} / {:.0} | {:.1e} ({:.0}) |",
             r.backbone, r.method, r.tasks, r.size_ratio, r.universal[0], r.universal[1], r.ort[0], r.ort[1],
-            r.tract[0], r.tract[1], r.create_ms[0], r.create_ms[1], r.memory_mb[0], r.memory_mb[1], r.max_diff
+            r.tract[0], r.tract[1], r.create_ms[0], r.create_ms[1], r.memory_mb[0], r.memory_mb[1], r.max_diff[0], r.max_diff[1]
         );
     }
 }

@@ -7,11 +7,11 @@ use super::{load, print_json, Outcome};
 use crate::data::{Dataset, Preprocessing};
 use crate::engine::CandleSession;
 use crate::onnx::{tensor_type, Dim, Model};
+use crate::pack::specialize;
 use crate::runtime::device::{candle_device, DeviceChoice};
 use crate::runtime::ort_rt::OrtSession;
 use crate::runtime::tract_rt::TractSession;
 use crate::runtime::{compare, Backend, Named};
-use crate::serve::specialize;
 use crate::store;
 use crate::tensor::Tensor;
 

@@ -14,6 +14,7 @@
 pub mod artifact;
 pub mod export;
 pub mod manifest;
+pub mod specialize;
 pub mod verify;
 
 use std::path::{Path, PathBuf};

@@ -6,12 +6,12 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use super::artifact::{self, ArtifactManifest};
+use super::specialize::specialize;
 use crate::onnx::{Model, OnnxError};
 use crate::runtime::ort_rt::OrtSession;
 use crate::runtime::tract_rt::TractSession;
+use crate::runtime::Runtime;
 use crate::runtime::{compare, Backend, Named};
-use crate::serve::specialize::specialize;
-use crate::serve::Runtime;
 use crate::store;
 use crate::tensor::Tensor;
 
@@ -169,6 +169,7 @@ fn check_specialised(
 ) {
     for task in &m.tasks {
         let Some((feed, expected)) = groups.iter().find(|(_, e)| e.iter().any(|(o, _)| *o == task.output)) else {
+            r.problems.push(format!("task '{}': no probes of its output '{}'", task.name, task.output));
             continue;
         };
         let feed: Named = feed.iter().filter(|(n, _)| *n == m.input).cloned().collect();

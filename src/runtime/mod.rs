@@ -21,6 +21,38 @@ pub trait Backend {
     fn run(&mut self, inputs: &[(String, Tensor)]) -> Result<Named, RuntimeError>;
 }
 
+/// One of the two runtimes, by kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Runtime {
+    /// ONNX Runtime on the CPU.
+    Ort,
+    /// tract, the verifier.
+    Tract,
+}
+
+impl Runtime {
+    /// The runtime a [`Backend`] name stands for.
+    pub fn named(name: &str) -> Option<Runtime> {
+        [Runtime::Ort, Runtime::Tract].into_iter().find(|r| r.name() == name)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Runtime::Ort => "ort",
+            Runtime::Tract => "tract",
+        }
+    }
+
+    /// A session of `model` in this runtime.
+    pub fn session(self, model: &crate::onnx::Model, label: &str) -> Result<Box<dyn Backend>, RuntimeError> {
+        let bytes = model.to_bytes();
+        Ok(match self {
+            Runtime::Ort => Box::new(ort_rt::OrtSession::from_bytes(&bytes, label)?),
+            Runtime::Tract => Box::new(tract_rt::TractSession::from_bytes(&bytes, label)?),
+        })
+    }
+}
+
 /// Per-output largest absolute difference between two runs of the same model.
 pub fn compare(a: &Named, b: &Named) -> Result<Vec<(String, f64)>, RuntimeError> {
     let mut out = Vec::new();

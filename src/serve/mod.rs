@@ -1,13 +1,15 @@
 //! Serving the multi-task artifact from Rust: open the file once, ask for a task by name, run it.
 //!
-//! Each task gets its own runtime session of the task's specialised model (see [`specialize`]),
-//! made on first use and kept: with the task selector a constant, ONNX Runtime and tract unpack
-//! the task's masks and gather its per-task parameters once, at load, so a call costs what the
-//! plain backbone with one head costs. A session holds the task's unpacked weights, about the
-//! backbone's size (the README's artifact table gives the measured memory per session).
+//! Each task gets its own runtime session of the task's specialised model (see
+//! [`crate::pack::specialize`]), made on first use and kept: with the task selector a
+//! constant, ONNX Runtime and tract unpack the task's masks and gather its per-task
+//! parameters once, at load, so a call costs what the plain backbone with one head costs. A
+//! session holds the task's unpacked weights and the runtime's buffers (the README's artifact
+//! table gives the measured memory).
 //!
 //! ```no_run
-//! use mtpack::serve::{Artifact, Runtime};
+//! use mtpack::runtime::Runtime;
+//! use mtpack::serve::Artifact;
 //! # fn main() -> Result<(), mtpack::serve::ServeError> {
 //! let mut model = Artifact::open("model.onnx".as_ref(), Runtime::Ort)?;
 //! let x = mtpack::tensor::Tensor::F32(ndarray::ArrayD::zeros(vec![1, 3, 64, 64]));
@@ -15,76 +17,24 @@
 //! # Ok(()) }
 //! ```
 
-pub mod specialize;
-
 use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::graph::GraphError;
 use crate::onnx::{Model, OnnxError};
 use crate::pack::artifact::{ArtifactManifest, ArtifactTask};
-use crate::runtime::ort_rt::OrtSession;
-use crate::runtime::tract_rt::TractSession;
-use crate::runtime::{Backend, Named, RuntimeError};
+use crate::pack::specialize::{self, SpecializeError};
+use crate::runtime::{Backend, Named, Runtime, RuntimeError};
 use crate::tensor::Tensor;
-
-/// Which runtime serves the tasks.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Runtime {
-    /// ONNX Runtime on the CPU.
-    Ort,
-    /// tract, the verifier.
-    Tract,
-}
-
-impl Runtime {
-    /// The runtime a [`Backend`] name stands for.
-    pub fn named(name: &str) -> Option<Runtime> {
-        [Runtime::Ort, Runtime::Tract].into_iter().find(|r| r.name() == name)
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Runtime::Ort => "ort",
-            Runtime::Tract => "tract",
-        }
-    }
-
-    /// A session of `model` in this runtime.
-    pub fn session(self, model: &Model, label: &str) -> Result<Box<dyn Backend>, RuntimeError> {
-        let bytes = model.to_bytes();
-        Ok(match self {
-            Runtime::Ort => Box::new(OrtSession::from_bytes(&bytes, label)?),
-            Runtime::Tract => Box::new(TractSession::from_bytes(&bytes, label)?),
-        })
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("cannot read the artifact")]
     Load(#[from] OnnxError),
-    #[error("{model} has no mtpack manifest in its metadata; was it written by `mtpack export`?")]
-    NoManifest { model: String },
-    #[error("the manifest embedded in {model} is not an artifact manifest")]
-    Manifest {
-        model: String,
-        #[source]
-        source: serde_json::Error,
-    },
-    #[error("no task '{task}' in the artifact; its tasks: {known}")]
-    UnknownTask { task: String, known: String },
-    #[error("task '{task}' has no task value in the manifest, yet the artifact selects tasks by an input")]
-    NoTaskValue { task: String },
-    #[error("task '{task}': the artifact has no output '{output}'")]
+    #[error(transparent)]
+    Specialize(#[from] SpecializeError),
+    #[error("task '{task}': the runtime returned no output '{output}'")]
     MissingOutput { task: String, output: String },
-    #[error("specialising the artifact for task '{task}'")]
-    Graph {
-        task: String,
-        #[source]
-        source: GraphError,
-    },
     #[error("{context}")]
     Runtime {
         context: String,
@@ -176,7 +126,10 @@ impl Artifact {
             let s = TaskSession::new(&self.model, &self.manifest, task, self.runtime)?;
             self.sessions.insert(name.to_string(), s);
         }
-        self.sessions.get_mut(name).ok_or_else(|| ServeError::UnknownTask { task: name.into(), known: String::new() })
+        // Present: inserted above when it was not.
+        self.sessions.get_mut(name).ok_or_else(|| {
+            ServeError::Specialize(SpecializeError::UnknownTask { task: name.into(), known: String::new() })
+        })
     }
 
     /// Sessions created so far.

@@ -7,10 +7,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use mtpack::onnx::Model;
+use mtpack::pack::specialize;
 use mtpack::runtime::ort_rt::OrtSession;
 use mtpack::runtime::tract_rt::TractSession;
 use mtpack::runtime::Backend;
-use mtpack::serve::{specialize, Artifact, Runtime};
+use mtpack::runtime::Runtime;
+use mtpack::serve::Artifact;
 use mtpack::tensor::{max_abs_diff, Tensor};
 
 use crate::helpers::*;

@@ -2,22 +2,44 @@
 //! only that task's output stays, so a runtime folds the mask unpacking and the per-task
 //! BatchNorm gathering once, when it loads the model, instead of on every call.
 
-use crate::graph::{masks, Patch};
+use super::artifact::{self, ArtifactManifest, ArtifactTask};
+use crate::graph::{masks, GraphError, Patch};
 use crate::onnx::{tensor_proto, Model};
-use crate::pack::artifact::{self, ArtifactManifest, ArtifactTask};
 use crate::tensor::Tensor;
 
-use super::ServeError;
+#[derive(Debug, thiserror::Error)]
+pub enum SpecializeError {
+    #[error("{model} has no mtpack manifest in its metadata; was it written by `mtpack export`?")]
+    NoManifest { model: String },
+    #[error("the manifest embedded in {model} is not an artifact manifest")]
+    Manifest {
+        model: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("no task '{task}' in the artifact; its tasks: {known}")]
+    UnknownTask { task: String, known: String },
+    #[error("task '{task}' has no task value in the manifest, yet the artifact selects tasks by an input")]
+    NoTaskValue { task: String },
+    #[error("task '{task}': the artifact has no output '{output}'")]
+    MissingOutput { task: String, output: String },
+    #[error("specialising the artifact for task '{task}'")]
+    Graph {
+        task: String,
+        #[source]
+        source: GraphError,
+    },
+}
 
 /// The manifest embedded in an artifact.
-pub fn manifest_of(model: &Model, origin: &str) -> Result<ArtifactManifest, ServeError> {
-    let text = artifact::embedded(model).ok_or_else(|| ServeError::NoManifest { model: origin.to_string() })?;
-    serde_json::from_str(text).map_err(|source| ServeError::Manifest { model: origin.to_string(), source })
+pub fn manifest_of(model: &Model, origin: &str) -> Result<ArtifactManifest, SpecializeError> {
+    let text = artifact::embedded(model).ok_or_else(|| SpecializeError::NoManifest { model: origin.to_string() })?;
+    serde_json::from_str(text).map_err(|source| SpecializeError::Manifest { model: origin.to_string(), source })
 }
 
 /// The task called `name`, or an error listing the tasks there are.
-pub fn find_task<'a>(m: &'a ArtifactManifest, name: &str) -> Result<&'a ArtifactTask, ServeError> {
-    m.tasks.iter().find(|t| t.name == name).ok_or_else(|| ServeError::UnknownTask {
+pub fn find_task<'a>(m: &'a ArtifactManifest, name: &str) -> Result<&'a ArtifactTask, SpecializeError> {
+    m.tasks.iter().find(|t| t.name == name).ok_or_else(|| SpecializeError::UnknownTask {
         task: name.to_string(),
         known: m.tasks.iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join(", "),
     })
@@ -26,15 +48,15 @@ pub fn find_task<'a>(m: &'a ArtifactManifest, name: &str) -> Result<&'a Artifact
 /// `task`'s model: the `task` input (when the artifact has one) fixed to the task's value and
 /// every other output, with what only it needed, removed. Runs like the artifact fed that
 /// task value, with one input.
-pub fn specialize(model: &Model, m: &ArtifactManifest, task: &ArtifactTask) -> Result<Model, ServeError> {
-    let graph_error = |source| ServeError::Graph { task: task.name.clone(), source };
+pub fn specialize(model: &Model, m: &ArtifactManifest, task: &ArtifactTask) -> Result<Model, SpecializeError> {
+    let graph_error = |source| SpecializeError::Graph { task: task.name.clone(), source };
     let Some(output) = model.graph().output.iter().find(|o| o.name() == task.output) else {
-        return Err(ServeError::MissingOutput { task: task.name.clone(), output: task.output.clone() });
+        return Err(SpecializeError::MissingOutput { task: task.name.clone(), output: task.output.clone() });
     };
     let mut patch = Patch::new();
     patch.set_outputs(vec![output.clone()]);
     if let Some(input) = &m.task_input {
-        let value = task.task_value.ok_or_else(|| ServeError::NoTaskValue { task: task.name.clone() })?;
+        let value = task.task_value.ok_or_else(|| SpecializeError::NoTaskValue { task: task.name.clone() })?;
         let t = Tensor::I64(ndarray::arr1(&[value]).into_dyn());
         patch.fix_input(tensor_proto::from_tensor(input, &t));
         // The gate that turns the output to NaN under other task values is open for this one;
