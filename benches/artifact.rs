@@ -262,9 +262,8 @@ struct Row {
 }
 
 /// Every task's specialised session against the universal path's output for that task.
-fn largest_difference(path: &Path, served: &mut Artifact, x: &Tensor) -> [f64; 2] {
+fn largest_difference(whole: &mut OrtSession, served: &mut Artifact, x: &Tensor) -> [f64; 2] {
     let m = served.manifest().clone();
-    let mut whole = OrtSession::from_bytes(&std::fs::read(path).expect("artifact"), "artifact").expect("ort");
     let (mut worst, mut largest) = (0.0f64, 0.0f64);
     for t in &m.tasks {
         let mut feed = vec![(m.input.clone(), x.clone())];
@@ -319,7 +318,7 @@ fn measure(s: &Setup, base: &mut Baseline, backbone: &'static str, method: Metho
     let start = Instant::now();
     tract.task(&names[names.len() - 1]).and_then(|t| t.run(&s.xs[0])).expect("task run in tract");
     create[1] = start.elapsed().as_secs_f64() * 1000.0;
-    let max_diff = largest_difference(&path, &mut ort, &s.xs[0]);
+    let max_diff = largest_difference(&mut whole, &mut ort, &s.xs[0]);
     let size = std::fs::metadata(&path).expect("artifact").len() as f64;
     Row {
         backbone,

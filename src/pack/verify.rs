@@ -8,8 +8,6 @@ use serde::Serialize;
 use super::artifact::{self, ArtifactManifest};
 use super::specialize::specialize;
 use crate::onnx::{Model, OnnxError};
-use crate::runtime::ort_rt::OrtSession;
-use crate::runtime::tract_rt::TractSession;
 use crate::runtime::Runtime;
 use crate::runtime::{compare, Backend, Named};
 use crate::store;
@@ -139,22 +137,22 @@ fn check_probes(model: &Model, m: &ArtifactManifest, file: &PathBuf, r: &mut Ver
         Ok(g) => g,
         Err(e) => return r.problems.push(format!("probes {}: {e}", file.display())),
     };
-    let bytes = model.to_bytes();
-    let mut runtimes: Vec<Box<dyn Backend>> = Vec::new();
-    match TractSession::from_bytes(&bytes, "artifact") {
-        Ok(s) => runtimes.push(Box::new(s)),
-        Err(e) => r.problems.push(format!("tract cannot load the model: {e:#}")),
-    }
-    // ONNX Runtime joins when its library is present; tract alone is the verifier.
-    if let Ok(s) = OrtSession::from_bytes(&bytes, "artifact") {
-        runtimes.push(Box::new(s));
-    }
-    for rt in &mut runtimes {
+    let mut kinds = Vec::new();
+    for kind in [Runtime::Tract, Runtime::Ort] {
+        let mut rt = match kind.session(model, "artifact") {
+            Ok(s) => s,
+            // ONNX Runtime joins when its library is present; tract alone is the verifier.
+            Err(_) if kind == Runtime::Ort => continue,
+            Err(e) => {
+                r.problems.push(format!("tract cannot load the model: {e:#}"));
+                continue;
+            }
+        };
         for (feed, expected) in &groups {
             run_group(rt.as_mut(), feed, expected, m.probes.tolerance, None, r);
         }
+        kinds.push(kind);
     }
-    let kinds: Vec<Runtime> = runtimes.iter().filter_map(|rt| Runtime::named(rt.name())).collect();
     check_specialised(model, m, &groups, &kinds, r);
 }
 

@@ -31,11 +31,6 @@ pub enum Runtime {
 }
 
 impl Runtime {
-    /// The runtime a [`Backend`] name stands for.
-    pub fn named(name: &str) -> Option<Runtime> {
-        [Runtime::Ort, Runtime::Tract].into_iter().find(|r| r.name() == name)
-    }
-
     pub fn name(self) -> &'static str {
         match self {
             Runtime::Ort => "ort",
