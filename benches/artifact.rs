@@ -20,6 +20,7 @@ use mtpack::adapt::Options;
 use mtpack::data::{Dataset, Preprocessing};
 use mtpack::methods::{MethodKind, MethodParams};
 use mtpack::pack::export::{export, ExportOptions};
+use mtpack::pack::lock::Wait;
 use mtpack::pack::specialize;
 use mtpack::runtime::ort_rt::OrtSession;
 use mtpack::runtime::tract_rt::TractSession;
@@ -154,11 +155,11 @@ impl Setup {
         let tag = format!("{}-{count}{}", method.name(), if standalone { "-t0" } else { "" });
         let pack = self.dir.join(&tag);
         eprintln!("{tag}: adapting {count} tasks");
-        let opts = Options { pack: pack.clone(), extend: false, quiet: true };
+        let opts = Options { pack: pack.clone(), extend: false, quiet: true, wait: Wait::No };
         mtpack::adapt::run(&self.plan(method, count), &opts).expect("adapt");
         let out = self.dir.join(format!("{tag}.onnx"));
         let task = standalone.then(|| "t0".to_string());
-        export(&pack, &out, &ExportOptions { task, with_preprocessing: false }).expect("export");
+        export(&pack, &out, &ExportOptions { task, ..Default::default() }).expect("export");
         out
     }
 

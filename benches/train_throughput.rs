@@ -25,7 +25,7 @@ use mtpack::runtime::ort_rt::OrtSession;
 use mtpack::runtime::tract_rt::TractSession;
 use mtpack::runtime::Backend;
 use mtpack::tensor::Tensor;
-use mtpack::train::{loss, train_epoch, NoHooks, OptimConfig, Optimizer, Task};
+use mtpack::train::{loss, train_epoch, EpochRun, NoHooks, OptimConfig, Optimizer, Task};
 
 const BATCH: usize = 32;
 
@@ -189,8 +189,9 @@ fn training_rate(model: &Model, input: &str, x: &Tensor, y: &[i64], batch: usize
     let mut epoch = 0;
     let rate = per_second(batch, || {
         let (tasks, mut hooks) = (std::slice::from_ref(&task), NoHooks::default());
-        train_epoch(&engine, tasks, epoch, batch, 0, 0.01, &mut opt, &mut hooks, &mut |_, _, _| {})
-            .expect("train step");
+        let mut progress = |_, _, _| std::ops::ControlFlow::Continue(());
+        let run = EpochRun { epoch, batch, seed: 0, lr: 0.01, done: Default::default(), progress: &mut progress };
+        train_epoch(&engine, tasks, run, &mut opt, &mut hooks).expect("train step");
         epoch += 1;
     });
     (rate, engine.params().len())

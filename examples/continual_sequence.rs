@@ -127,7 +127,10 @@ fn main() -> anyhow::Result<()> {
             suffix = format!("{suffix}-{k}-{v}");
         }
         let started = std::time::Instant::now();
-        let m = mtpack::adapt::run(&plan, &Options { pack: out.join(&suffix), extend: false, quiet: false })?;
+        let m = mtpack::adapt::run(
+            &plan,
+            &Options { pack: out.join(&suffix), extend: false, quiet: false, wait: mtpack::pack::lock::Wait::No },
+        )?;
         eprintln!("{suffix}: {:.0}s", started.elapsed().as_secs_f64());
         println!("## {suffix}\n\n```\n{}```\n", report::table(&m));
         let last = m.accuracy_matrix.last().cloned().unwrap_or_default();

@@ -13,6 +13,7 @@ pub mod data;
 pub mod engine;
 pub mod fsutil;
 pub mod graph;
+pub mod interrupt;
 pub mod methods;
 pub mod onnx;
 pub mod pack;

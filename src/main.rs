@@ -10,7 +10,8 @@ fn main() -> ExitCode {
         Ok(mtpack::cli::Outcome::CheckFailed) => ExitCode::from(1),
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::from(2)
+            let interrupted = matches!(e.downcast_ref(), Some(mtpack::adapt::AdaptError::Interrupted { .. }));
+            ExitCode::from(if interrupted { mtpack::interrupt::EXIT_CODE } else { 2 })
         }
     }
 }

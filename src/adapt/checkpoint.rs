@@ -1,6 +1,7 @@
-//! Per-epoch checkpoints of the task in progress. Files carry the epoch in their names and
-//! `progress.json` (written last, atomically) names the complete set, so a run killed at
-//! any moment resumes from the last finished epoch.
+//! Checkpoints of the task in progress: after every epoch, and mid-epoch when the run is
+//! interrupted (Ctrl-C). Files carry the epoch (and step) in their names and `progress.json`
+//! (written last, atomically) names the complete set, so a run killed at any moment resumes
+//! from the last checkpoint written; a failed write leaves the previous one in place.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -10,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::{from_candle, to_candle_on, Engine};
 use crate::store;
-use crate::train::{candle, EpochStats, Optimizer, TrainError};
+use crate::train::{candle, EpochPart, EpochStats, Optimizer, TrainError};
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Progress {
@@ -19,22 +20,39 @@ pub struct Progress {
     pub steps: u64,
     pub history: Vec<EpochStats>,
     pub train_seconds: f64,
+    /// The part of epoch `epochs_done` run before an interrupt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partial: Option<EpochPart>,
+}
+
+impl Progress {
+    /// Names this checkpoint's files: the epoch, and the step for a mid-epoch one.
+    fn tag(&self) -> String {
+        match &self.partial {
+            Some(p) => format!("e{}_s{}", self.epochs_done, p.steps),
+            None => format!("e{}", self.epochs_done),
+        }
+    }
 }
 
 fn progress_file(dir: &Path) -> PathBuf {
     dir.join("progress.json")
 }
 
-fn weights_file(dir: &Path, epoch: u64) -> PathBuf {
-    dir.join(format!("weights_e{epoch}.safetensors"))
+fn weights_file(dir: &Path, tag: &str) -> PathBuf {
+    dir.join(format!("weights_{tag}.safetensors"))
 }
 
-fn optim_file(dir: &Path, epoch: u64) -> PathBuf {
-    dir.join(format!("optimizer_e{epoch}.safetensors"))
+fn optim_file(dir: &Path, tag: &str) -> PathBuf {
+    dir.join(format!("optimizer_{tag}.safetensors"))
 }
 
 fn invalid(e: impl std::fmt::Display) -> TrainError {
     TrainError::Invalid(format!("{e:#}"))
+}
+
+fn write_error(path: PathBuf) -> impl FnOnce(std::io::Error) -> TrainError {
+    move |source| TrainError::Write { path, source }
 }
 
 /// Prefix of method state in the weights file (no graph initializer starts with it).
@@ -53,20 +71,26 @@ pub fn save(
     }
     weights.extend(method_state.iter().map(|(n, t)| (format!("{METHOD}{n}"), t.clone())));
     let refs: Vec<(&str, &crate::tensor::Tensor)> = weights.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    store::save(&weights_file(dir, p.epochs_done), &refs, HashMap::new()).map_err(invalid)?;
+    let tag = p.tag();
+    store::save(&weights_file(dir, &tag), &refs, HashMap::new())?;
     let mut state = Vec::new();
     for (name, t) in opt.state() {
         state.push((name, from_candle(&t).map_err(candle("checkpoint optimizer"))?));
     }
     let refs: Vec<(&str, &crate::tensor::Tensor)> = state.iter().map(|(n, t)| (n.as_str(), t)).collect();
     let meta = HashMap::from([("steps".to_string(), opt.steps.to_string())]);
-    store::save(&optim_file(dir, p.epochs_done), &refs, meta).map_err(invalid)?;
+    store::save(&optim_file(dir, &tag), &refs, meta)?;
     let text = serde_json::to_vec_pretty(p).map_err(invalid)?;
-    crate::fsutil::write_atomic(&progress_file(dir), &text).map_err(invalid)?;
-    // Older epochs are no longer referenced.
-    for e in 0..p.epochs_done {
-        let _ = std::fs::remove_file(weights_file(dir, e));
-        let _ = std::fs::remove_file(optim_file(dir, e));
+    let progress = progress_file(dir);
+    crate::fsutil::write_atomic(&progress, &text).map_err(write_error(progress))?;
+    // Earlier checkpoints are no longer referenced.
+    let current = [weights_file(dir, &tag), optim_file(dir, &tag)];
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let ours = name.starts_with("weights_e") || name.starts_with("optimizer_e");
+        if ours && !current.contains(&e.path()) {
+            let _ = std::fs::remove_file(e.path());
+        }
     }
     Ok(())
 }
@@ -88,7 +112,8 @@ pub fn restore(
     if p.task != task {
         return Ok(None);
     }
-    let (weights, _) = store::load(&weights_file(dir, p.epochs_done)).map_err(invalid)?;
+    let tag = p.tag();
+    let (weights, _) = store::load(&weights_file(dir, &tag))?;
     let dev = engine.device().clone();
     for (name, var) in engine.params() {
         let t = weights.get(name).ok_or_else(|| invalid(format!("checkpoint has no weights for '{name}'")))?;
@@ -98,7 +123,7 @@ pub fn restore(
     let method_state: HashMap<String, crate::tensor::Tensor> =
         weights.iter().filter_map(|(k, t)| k.strip_prefix(METHOD).map(|n| (n.to_string(), t.clone()))).collect();
     method.restore_checkpoint_state(&method_state)?;
-    let (state, meta) = store::load(&optim_file(dir, p.epochs_done)).map_err(invalid)?;
+    let (state, meta) = store::load(&optim_file(dir, &tag))?;
     let steps = meta.get("steps").and_then(|s| s.parse().ok()).unwrap_or(0);
     let mut restored = Vec::new();
     for (name, t) in state {

@@ -37,6 +37,19 @@ pub enum AdaptError {
     Graph(#[from] crate::graph::GraphError),
     #[error(transparent)]
     Onnx(#[from] crate::onnx::OnnxError),
+    /// Stopped by a signal after writing a checkpoint; the same command resumes.
+    #[error(
+        "interrupted in task '{task}' {}; the checkpoint is in {pack}: rerun the same command to resume",
+        match step { Some(s) => format!("at epoch {}, step {s}", epoch + 1), None => format!("before epoch {}", epoch + 1) }
+    )]
+    Interrupted {
+        pack: PathBuf,
+        task: String,
+        /// The epoch (from 0) the resumed run continues.
+        epoch: u64,
+        /// Steps of that epoch already done, for a mid-epoch stop.
+        step: Option<usize>,
+    },
 }
 
 pub struct Options {
@@ -44,6 +57,8 @@ pub struct Options {
     /// Add the plan's tasks to an existing pack (its method and settings stay).
     pub extend: bool,
     pub quiet: bool,
+    /// Whether to wait for another process writing the same pack (else refuse at once).
+    pub wait: crate::pack::lock::Wait,
 }
 
 /// The committed tiny backbone the main job uses when none is given.
@@ -265,6 +280,8 @@ pub fn run(plan: &Plan, opts: &Options) -> Result<Manifest, AdaptError> {
     let device =
         crate::runtime::device::candle_device(plan.device).map_err(|e| AdaptError::Plan(format!("--device: {e}")))?;
     let pack = Pack::new(&opts.pack);
+    // Held until the run ends, however it ends: one writer per pack.
+    let _writing = pack.lock_exclusive(opts.wait)?;
     let mut manifest = open_pack(&pack, plan, &backbone, &model, opts.extend)?;
     let done: Vec<String> = manifest.tasks.iter().filter(|t| t.done).map(|t| t.name.clone()).collect();
     if let Some(last) = done.last() {
@@ -282,6 +299,14 @@ pub fn run(plan: &Plan, opts: &Options) -> Result<Manifest, AdaptError> {
     for t in 0..plan.tasks.len() {
         if manifest.tasks.get(t).is_some_and(|r| r.done) {
             continue;
+        }
+        if crate::interrupt::requested() {
+            return Err(AdaptError::Interrupted {
+                pack: pack.dir.clone(),
+                task: plan.tasks[t].name.clone(),
+                epoch: 0,
+                step: None,
+            });
         }
         runner.learn(t, method.as_mut(), &mut manifest)?;
     }

@@ -2,6 +2,7 @@
 //! let the method finish, write the weights, and measure the accuracy matrix row.
 
 use std::collections::BTreeSet;
+use std::ops::ControlFlow;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor as CTensor};
@@ -17,7 +18,9 @@ use crate::methods::{Method, MethodKind, TaskCtx};
 use crate::onnx::Model;
 use crate::pack::{Manifest, Metrics, Pack, TaskRecord};
 use crate::tensor::Tensor;
-use crate::train::{candle, eval, prefix, train_epoch, train_epoch_mixed, Optimizer, Task, TrainError};
+use crate::train::{
+    candle, eval, prefix, train_epoch, train_epoch_mixed, EpochEnd, EpochRun, Optimizer, Task, TrainError,
+};
 
 /// How many held-out images of the first task the backbone's own head is scored on.
 pub const AGREEMENT_IMAGES: usize = 500;
@@ -162,6 +165,7 @@ impl Runner<'_> {
             steps: 0,
             history: Vec::new(),
             train_seconds: 0.0,
+            partial: None,
         });
         // Inputs the engine trains on: images, or the frozen backbone's features.
         let joint = method.kind() == MethodKind::Joint;
@@ -210,29 +214,55 @@ impl Runner<'_> {
             let bar = self.progress_bar(steps, format!("{name} epoch {}/{epochs}", epoch + 1));
             let started = Instant::now();
             let hooks = method.hooks(epoch, lr, &engine, &ctx)?;
+            let done = progress.partial.take().unwrap_or_default();
+            bar.set_position(done.steps as u64);
+            let mut on_step = |s: usize, _: usize, l: f64| {
+                bar.set_position(s as u64);
+                bar.set_message(format!("loss {l:.4}"));
+                if crate::interrupt::requested() {
+                    ControlFlow::Break(())
+                } else {
+                    ControlFlow::Continue(())
+                }
+            };
+            let run = EpochRun { epoch, batch: hyper.batch, seed: self.plan.seed, lr, done, progress: &mut on_step };
             // Joint training mixes every task into each batch (see train::mixed).
-            let run = if joint && members.len() > 1 { train_epoch_mixed } else { train_epoch };
-            let stats =
-                run(&engine, &tasks, epoch, hyper.batch, self.plan.seed, lr, &mut opt, hooks, &mut |s, _, l| {
-                    bar.set_position(s as u64);
-                    bar.set_message(format!("loss {l:.4}"));
-                })?;
+            let train = if joint && members.len() > 1 { train_epoch_mixed } else { train_epoch };
+            let end = train(&engine, &tasks, run, &mut opt, hooks)?;
+            progress.train_seconds += started.elapsed().as_secs_f64();
+            progress.steps = opt.steps;
+            let stats = match end {
+                EpochEnd::Complete(stats) => stats,
+                EpochEnd::Stopped(part) => {
+                    bar.abandon();
+                    let step = part.steps;
+                    progress.partial = Some(part);
+                    checkpoint::save(&ckpt, &progress, &engine, &opt, &method.checkpoint_state()?)?;
+                    return Err(self.interrupted(&name, epoch, Some(step)));
+                }
+            };
             let summary = format!("loss {:.4}, {:.1} images/s", stats.loss, stats.images_per_second);
             // Progress bars draw only on a terminal; logs get one line per epoch.
             if !self.quiet && !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
                 eprintln!("{name} epoch {}/{epochs}: {summary}", epoch + 1);
             }
             bar.finish_with_message(summary);
-            progress.train_seconds += started.elapsed().as_secs_f64();
             progress.epochs_done = epoch + 1;
-            progress.steps = opt.steps;
             progress.history.push(stats);
             checkpoint::save(&ckpt, &progress, &engine, &opt, &method.checkpoint_state()?)?;
+            if crate::interrupt::requested() && epoch + 1 < epochs {
+                return Err(self.interrupted(&name, epoch + 1, None));
+            }
         }
         engine.set_training(false);
         let x_end = xs.last().cloned().ok_or_else(|| AdaptError::Plan("no training data".into()))?;
         method.end_task(&ctx, &engine, &x_end, &self.data[t].train_y)?;
         self.finish(t, &model, &engine, method, progress, manifest)
+    }
+
+    /// The error that ends a run stopped by a signal, after its checkpoint is written.
+    pub(super) fn interrupted(&self, task: &str, epoch: u64, step: Option<usize>) -> AdaptError {
+        AdaptError::Interrupted { pack: self.pack.dir.clone(), task: task.to_string(), epoch, step }
     }
 
     /// Frozen-backbone features of task `k`'s training images, cached in the pack.

@@ -221,7 +221,7 @@ pub fn run(plan: &Plan, methods: &[MethodKind], out: &Path, quiet: bool) -> Resu
         let (adapt_seconds, peak_memory_mb) = adapt_child(&p, &pack, quiet)?;
         let manifest = crate::pack::Pack::new(&pack).load_manifest().map_err(step("reading the pack"))?;
         let artifact: PathBuf = out.join(format!("{}.onnx", method.name()));
-        let done = export(&pack, &artifact, &ExportOptions { task: None, with_preprocessing: false })
+        let done = export(&pack, &artifact, &ExportOptions::default())
             .map_err(step(format!("exporting {}", pack.display())))?;
         let artifact_bytes = std::fs::metadata(&artifact).map_err(step("artifact size"))?.len();
         columns = manifest.columns.clone();

@@ -88,6 +88,9 @@ pub struct Args {
     /// Print the manifest's results as JSON on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Wait for another process writing the same pack to finish instead of refusing at once.
+    #[arg(long)]
+    pub wait: bool,
 }
 
 fn plan_from_flags(a: &Args) -> Plan {
@@ -136,7 +139,9 @@ pub fn run(a: Args, quiet: bool) -> anyhow::Result<Outcome> {
     } else {
         (plan_from_flags(&a), a.output.clone().unwrap_or_default(), false)
     };
-    let manifest = adapt::run(&plan, &Options { pack: pack.clone(), extend, quiet })?;
+    // Ctrl-C or SIGTERM: finish the step, write a checkpoint, exit 130.
+    crate::interrupt::install();
+    let manifest = adapt::run(&plan, &Options { pack: pack.clone(), extend, quiet, wait: super::wait(a.wait) })?;
     if a.json {
         print_json(&serde_json::json!({
             "schema": "mtpack.adapt/1",

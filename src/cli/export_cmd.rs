@@ -25,6 +25,9 @@ pub struct ExportArgs {
     /// Print the manifest as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Wait for a process writing the pack to finish instead of refusing at once.
+    #[arg(long)]
+    pub wait: bool,
 }
 
 /// Check an exported model: tensor digests, manifest, and probes in tract (and ONNX Runtime).
@@ -42,7 +45,8 @@ pub struct VerifyArgs {
 }
 
 pub fn run_export(a: ExportArgs, quiet: bool) -> anyhow::Result<Outcome> {
-    let opts = ExportOptions { task: a.task.clone(), with_preprocessing: a.with_preprocessing };
+    let opts =
+        ExportOptions { task: a.task.clone(), with_preprocessing: a.with_preprocessing, wait: super::wait(a.wait) };
     match export(&a.pack, &a.output, &opts) {
         Ok(done) => {
             if a.json {

@@ -60,6 +60,15 @@ pub enum Command {
     Graph(graph_cmd::GraphCommand),
 }
 
+/// The `--wait` flag of the commands that lock a pack.
+fn wait(flag: bool) -> crate::pack::lock::Wait {
+    if flag {
+        crate::pack::lock::Wait::Yes
+    } else {
+        crate::pack::lock::Wait::No
+    }
+}
+
 pub fn main() -> anyhow::Result<Outcome> {
     let cli = Cli::parse();
     match cli.command {

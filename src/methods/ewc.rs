@@ -266,7 +266,7 @@ impl Method for Ewc {
         host.sort_by(|a, b| a.0.cmp(&b.0));
         let refs: Vec<(&str, &crate::tensor::Tensor)> = host.iter().map(|(n, t)| (n.as_str(), t)).collect();
         let file = dir.join("ewc.safetensors");
-        crate::store::save(&file, &refs, Default::default()).map_err(|e| TrainError::Invalid(format!("{e:#}")))?;
+        crate::store::save(&file, &refs, Default::default())?;
         let mut files = vec!["ewc.safetensors".to_string()];
         files.extend(self.per_task.save(dir)?);
         Ok(files)
@@ -278,7 +278,7 @@ impl Method for Ewc {
         if !file.exists() {
             return Ok(());
         }
-        let (t, _) = crate::store::load(&file).map_err(|e| TrainError::Invalid(format!("{e:#}")))?;
+        let (t, _) = crate::store::load(&file)?;
         for (k, v) in t {
             let ct = crate::engine::to_candle(&v, candle_core::DType::F32).map_err(candle("EWC state"))?;
             if let Some(n) = k.strip_prefix("FT/") {

@@ -108,7 +108,7 @@ impl Method for Lwf {
         let file = targets_file(state, ctx.name);
         let dev = engine.device().clone();
         if file.exists() {
-            let (t, _) = store::load(&file).map_err(|e| TrainError::Invalid(format!("{e:#}")))?;
+            let (t, _) = store::load(&file)?;
             for name in ctx.old_logits {
                 let host = t
                     .get(name)
@@ -125,7 +125,7 @@ impl Method for Lwf {
             self.targets.insert(name.clone(), t.to_dtype(engine.float()).map_err(candle("LwF targets"))?);
         }
         let refs: Vec<(&str, &crate::tensor::Tensor)> = host.iter().map(|(n, t)| (n.as_str(), t)).collect();
-        store::save(&file, &refs, Default::default()).map_err(|e| TrainError::Invalid(format!("{e:#}")))?;
+        store::save(&file, &refs, Default::default())?;
         Ok(())
     }
 

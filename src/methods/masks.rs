@@ -77,7 +77,7 @@ pub fn mask_tensor(keep: &[bool], like: &candle_core::Tensor) -> candle_core::Re
 /// Writes a method's state file `name` into `dir`; returns the names written.
 pub fn save_state(dir: &std::path::Path, name: &str, host: &[(String, Tensor)]) -> Result<Vec<String>, TrainError> {
     let refs: Vec<(&str, &Tensor)> = host.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    crate::store::save(&dir.join(name), &refs, Default::default()).map_err(invalid)?;
+    crate::store::save(&dir.join(name), &refs, Default::default())?;
     Ok(vec![name.into()])
 }
 
@@ -90,7 +90,7 @@ pub fn load_state(
     if !file.exists() {
         return Ok(None);
     }
-    let (t, _) = crate::store::load(&file).map_err(invalid)?;
+    let (t, _) = crate::store::load(&file)?;
     Ok(Some(t))
 }
 

@@ -54,11 +54,20 @@ fn step<E: std::error::Error + Send + Sync + 'static>(context: impl Into<String>
     move |e| ExportError::Step { context, source: Box::new(e) }
 }
 
+#[derive(Clone, Debug)]
 pub struct ExportOptions {
     /// Export only this task, as a standalone model.
     pub task: Option<String>,
     /// Put the recorded preprocessing into the graph (uint8 image input).
     pub with_preprocessing: bool,
+    /// Whether to wait for a process writing the pack (else refuse at once).
+    pub wait: super::lock::Wait,
+}
+
+impl Default for ExportOptions {
+    fn default() -> Self {
+        ExportOptions { task: None, with_preprocessing: false, wait: super::lock::Wait::No }
+    }
 }
 
 pub struct Exported {
@@ -320,6 +329,8 @@ fn check_runtimes(b: &Built) -> Result<(f64, f64), ExportError> {
 /// Builds, verifies and writes the artifact. A failed verification writes nothing.
 pub fn export(pack_dir: &Path, out: &Path, opts: &ExportOptions) -> Result<Exported, ExportError> {
     let pack = Pack::new(pack_dir);
+    // Held while the pack is read: no adapt rewrites it under us.
+    let _reading = pack.lock_shared(opts.wait)?;
     let (m, model, data) = load(&pack)?;
     let selected = select(&m, opts)?;
     if opts.with_preprocessing {

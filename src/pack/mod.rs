@@ -6,6 +6,7 @@
 //! PACK/model.onnx             backbone + one head per task, latest weights
 //! PACK/state/                 method state (Fisher, anchors, recorded LwF targets)
 //! PACK/checkpoint/            the task in progress: weights and optimizer after each epoch
+//! PACK/.lock                  held by the one process writing the pack (see `lock`)
 //! ```
 //!
 //! Every file is written atomically and the manifest last, so a killed run leaves either the
@@ -13,6 +14,7 @@
 
 pub mod artifact;
 pub mod export;
+pub mod lock;
 pub mod manifest;
 pub mod specialize;
 pub mod verify;
@@ -45,6 +47,8 @@ pub enum PackError {
     },
     #[error("{path}: {problem}")]
     Invalid { path: PathBuf, problem: String },
+    #[error("{path} is in use: {holder}; wait for it to finish or pass --wait")]
+    Busy { path: PathBuf, holder: String },
 }
 
 /// Paths inside a pack directory.

@@ -5,28 +5,22 @@
 //! statistics it never meets at evaluation.
 
 use std::collections::HashMap;
-use std::time::Instant;
 
 use candle_core::Tensor;
 
 use super::loss::{correct, cross_entropy};
 use super::trainer::optimise;
-use super::{candle, epoch_batches, EpochStats, Hooks, Optimizer, Task, TrainError};
+use super::{candle, epoch_batches, EpochEnd, EpochRun, Hooks, Optimizer, Task, TrainError};
 use crate::engine::Engine;
 
 /// One epoch over the union of `tasks` (which must share their input), shuffled together.
-#[allow(clippy::too_many_arguments)]
 pub fn train_epoch_mixed(
     engine: &Engine,
     tasks: &[Task],
-    epoch: u64,
-    batch: usize,
-    seed: u64,
-    lr: f64,
+    run: EpochRun,
     opt: &mut Optimizer,
     hooks: &mut dyn Hooks,
-    progress: &mut dyn FnMut(usize, usize, f64),
-) -> Result<EpochStats, TrainError> {
+) -> Result<EpochEnd, TrainError> {
     let input = tasks.first().map(|t| t.input).ok_or_else(|| TrainError::Invalid("no tasks to train".into()))?;
     if tasks.iter().any(|t| t.input != input) {
         return Err(TrainError::Invalid("mixed batches need every task to feed the same input".into()));
@@ -34,12 +28,11 @@ pub fn train_epoch_mixed(
     // Global example g belongs to the task whose range holds it.
     let owner: Vec<(usize, usize)> =
         tasks.iter().enumerate().flat_map(|(k, t)| (0..t.y.len()).map(move |i| (k, i))).collect();
-    let order = epoch_batches(owner.len(), batch, seed, epoch);
+    let (epoch, lr) = (run.epoch, run.lr);
+    let order = epoch_batches(owner.len(), run.batch, run.seed, epoch);
     let logits: Vec<&str> = tasks.iter().map(|t| t.logits).collect();
     let dev = engine.device().clone();
-    let started = Instant::now();
-    let (mut loss_sum, mut right) = (0.0, 0usize);
-    for (step, idx) in order.iter().enumerate() {
+    run.drive(&order, |step, idx| {
         let mut groups: Vec<Vec<usize>> = vec![Vec::new(); tasks.len()];
         for &g in idx {
             if let Some(&(k, i)) = owner.get(g) {
@@ -58,6 +51,7 @@ pub fn train_epoch_mixed(
         let outs = engine.forward_to(&[(input, xb)], &logits)?;
         let outputs: HashMap<String, Tensor> = logits.iter().map(|s| s.to_string()).zip(outs.clone()).collect();
         let mut total: Option<Tensor> = None;
+        let mut right = 0;
         let mut offset = 0;
         for ((t, rows), out) in tasks.iter().zip(&groups).zip(&outs) {
             if rows.is_empty() {
@@ -83,9 +77,6 @@ pub fn train_epoch_mixed(
             loss = (loss + extra).map_err(candle("adding the method loss"))?;
         }
         let value = optimise(engine, &loss, lr, opt, hooks, (epoch, step))?;
-        loss_sum += value * idx.len() as f64;
-        progress(step + 1, order.len(), value);
-    }
-    let n = owner.len();
-    Ok(EpochStats::summarise(epoch, n, loss_sum, right, started, lr))
+        Ok((idx.len(), value, right))
+    })
 }

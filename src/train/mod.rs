@@ -13,7 +13,7 @@ mod trainer;
 pub use batches::epoch_batches;
 pub use mixed::train_epoch_mixed;
 pub use optim::{OptimConfig, OptimKind, Optimizer, StepLr};
-pub use trainer::{train_epoch, BatchCtx, EpochStats, Hooks, NoHooks, Task};
+pub use trainer::{train_epoch, BatchCtx, EpochEnd, EpochPart, EpochRun, EpochStats, Hooks, NoHooks, Task};
 
 use crate::engine::EngineError;
 use crate::graph::GraphError;
@@ -32,6 +32,14 @@ pub enum TrainError {
         context: String,
         #[source]
         source: Box<candle_core::Error>,
+    },
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error("cannot write {path}")]
+    Write {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
     },
     #[error("{0}")]
     Invalid(String),

@@ -50,7 +50,7 @@ pub fn features(
     let f = run_batched(&prefix, input, cut_at, x, 128)?;
     if let Some(path) = cache {
         let meta = HashMap::from([(CACHE_KEY.to_string(), key)]);
-        store::save(path, &[("features", &f)], meta).map_err(|e| TrainError::Invalid(format!("{e:#}")))?;
+        store::save(path, &[("features", &f)], meta)?;
     }
     Ok(f)
 }

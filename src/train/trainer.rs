@@ -1,6 +1,7 @@
 //! One epoch of mini-batch training of an [`Engine`], with the hooks methods plug into.
 
 use std::collections::{BTreeMap, HashMap};
+use std::ops::ControlFlow;
 use std::time::Instant;
 
 use candle_core::{Tensor, Var};
@@ -77,40 +78,97 @@ pub struct EpochStats {
     pub lr: f64,
 }
 
-impl EpochStats {
-    /// An epoch of `n` examples with summed loss `loss_sum` and `right` correct, begun at
-    /// `started`.
-    pub(crate) fn summarise(epoch: u64, n: usize, loss_sum: f64, right: usize, started: Instant, lr: f64) -> Self {
-        let secs = started.elapsed().as_secs_f64().max(1e-9);
+/// What has been done of an epoch so far: the sums its statistics are made of. An epoch
+/// stopped part-way (an interrupt) is checkpointed with this and resumed from `steps`.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct EpochPart {
+    pub steps: usize,
+    pub examples: usize,
+    pub loss_sum: f64,
+    pub right: usize,
+    pub seconds: f64,
+}
+
+impl EpochPart {
+    fn add_step(&mut self, examples: usize, loss: f64, right: usize) {
+        self.steps += 1;
+        self.examples += examples;
+        self.loss_sum += loss * examples as f64;
+        self.right += right;
+    }
+
+    pub fn stats(&self, epoch: u64, lr: f64) -> EpochStats {
+        let n = self.examples.max(1) as f64;
         EpochStats {
             epoch,
-            examples: n,
-            loss: loss_sum / n.max(1) as f64,
-            train_accuracy: right as f64 / n.max(1) as f64,
-            images_per_second: n as f64 / secs,
+            examples: self.examples,
+            loss: self.loss_sum / n,
+            train_accuracy: self.right as f64 / n,
+            images_per_second: self.examples as f64 / self.seconds.max(1e-9),
             lr,
         }
     }
 }
 
+/// How one epoch runs.
+pub struct EpochRun<'a> {
+    pub epoch: u64,
+    pub batch: usize,
+    pub seed: u64,
+    pub lr: f64,
+    /// What an earlier, interrupted process did of this epoch: its steps are skipped (the
+    /// batch order is a function of seed and epoch) and its sums carried on.
+    pub done: EpochPart,
+    /// Told (step, steps, loss) after every step; `Break` stops the epoch after that step.
+    pub progress: &'a mut dyn FnMut(usize, usize, f64) -> ControlFlow<()>,
+}
+
+/// How an epoch ended.
+#[derive(Debug)]
+pub enum EpochEnd {
+    Complete(EpochStats),
+    /// Stopped by the progress callback; the part done so far.
+    Stopped(EpochPart),
+}
+
+impl EpochRun<'_> {
+    /// Runs `step` for each batch of `order` not yet done, accumulating; `step` returns the
+    /// batch's (examples, loss, right).
+    pub(crate) fn drive<B>(
+        self,
+        order: &[B],
+        mut step: impl FnMut(usize, &B) -> Result<(usize, f64, usize), TrainError>,
+    ) -> Result<EpochEnd, TrainError> {
+        let started = Instant::now();
+        let mut part = self.done.clone();
+        let base = part.seconds;
+        for (i, b) in order.iter().enumerate().skip(part.steps) {
+            let (examples, loss, right) = step(i, b)?;
+            part.add_step(examples, loss, right);
+            part.seconds = base + started.elapsed().as_secs_f64();
+            let flow = (self.progress)(i + 1, order.len(), loss);
+            if flow.is_break() && part.steps < order.len() {
+                return Ok(EpochEnd::Stopped(part));
+            }
+        }
+        Ok(EpochEnd::Complete(part.stats(self.epoch, self.lr)))
+    }
+}
+
 /// Trains one epoch over one task, or over several with their batches interleaved
-/// evenly (joint training). `progress(batch, batches, loss)` is told after every step.
-#[allow(clippy::too_many_arguments)]
+/// evenly (joint training).
 pub fn train_epoch(
     engine: &Engine,
     tasks: &[Task],
-    epoch: u64,
-    batch: usize,
-    seed: u64,
-    lr: f64,
+    run: EpochRun,
     opt: &mut Optimizer,
     hooks: &mut dyn Hooks,
-    progress: &mut dyn FnMut(usize, usize, f64),
-) -> Result<EpochStats, TrainError> {
+) -> Result<EpochEnd, TrainError> {
+    let (epoch, lr) = (run.epoch, run.lr);
     let per_task: Vec<Vec<Vec<usize>>> = tasks
         .iter()
         .enumerate()
-        .map(|(k, t)| epoch_batches(t.y.len(), batch, seed.wrapping_add(k as u64), epoch))
+        .map(|(k, t)| epoch_batches(t.y.len(), run.batch, run.seed.wrapping_add(k as u64), epoch))
         .collect();
     // Each task's batches are spread evenly over the epoch (batch j of B at (j + 0.5) / B),
     // so a small task is not crowded into the first steps: running BatchNorm statistics and
@@ -122,12 +180,9 @@ pub fn train_epoch(
         .collect();
     keyed.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
     let order: Vec<(usize, &Vec<usize>)> = keyed.into_iter().map(|(_, k, idx)| (k, idx)).collect();
-    let n: usize = tasks.iter().map(|t| t.y.len()).sum();
-    let started = Instant::now();
-    let (mut loss_sum, mut right) = (0.0, 0usize);
     let dev = engine.device().clone();
-    for (step, (k, idx)) in order.iter().enumerate() {
-        let Some(task) = tasks.get(*k) else { continue };
+    run.drive(&order, |step, (k, idx)| {
+        let Some(task) = tasks.get(*k) else { return Ok((0, 0.0, 0)) };
         let mut wanted: Vec<&str> = vec![task.logits];
         wanted.extend(task.extra_outputs.iter().map(String::as_str));
         let ids =
@@ -144,12 +199,10 @@ pub fn train_epoch(
         if let Some(extra) = hooks.extra_loss(&ctx).map_err(candle("method loss"))? {
             loss = (loss + extra).map_err(candle("adding the method loss"))?;
         }
-        right += correct(logits, &yb).map_err(candle("accuracy"))?;
+        let right = correct(logits, &yb).map_err(candle("accuracy"))?;
         let value = optimise(engine, &loss, lr, opt, hooks, (epoch, step))?;
-        loss_sum += value * idx.len() as f64;
-        progress(step + 1, order.len(), value);
-    }
-    Ok(EpochStats::summarise(epoch, n, loss_sum, right, started, lr))
+        Ok((idx.len(), value, right))
+    })
 }
 
 /// Backward pass, optimizer step and after-step hook for one batch's `loss`; returns its

@@ -3,29 +3,10 @@
 
 use std::path::Path;
 
-use mtpack::onnx::Model;
 use mtpack::runtime::ort_rt::OrtSession;
 use mtpack::runtime::Backend;
 
 use crate::helpers::*;
-
-fn digits_task(name: &str, extra: &str) -> String {
-    format!("{name}={}{extra}", p(&digits()))
-}
-
-fn manifest(dir: &Path) -> serde_json::Value {
-    serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap()
-}
-
-/// Initializer bytes by name.
-fn weights(model: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
-    let m = Model::load(model).unwrap();
-    m.graph()
-        .initializer
-        .iter()
-        .map(|t| (t.name().to_string(), mtpack::onnx::tensor_proto::to_tensor(t).unwrap().to_le_bytes()))
-        .collect()
-}
 
 #[test]
 fn default_main_job_learns_both_digit_tasks_and_reruns_as_a_no_op() {

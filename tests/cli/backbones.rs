@@ -17,10 +17,6 @@ fn tiny_nhwc() -> PathBuf {
     root().join("fixtures/tiny/tiny_digits_nhwc.onnx")
 }
 
-fn manifest(pack: &Path) -> serde_json::Value {
-    serde_json::from_slice(&std::fs::read(pack.join("manifest.json")).unwrap()).unwrap()
-}
-
 /// A small real dataset: `train` and `test` UCI digits per class of `classes`, from the
 /// committed digits (keeps real-backbone tests at 224x224 to seconds).
 fn small_digits(dir: &Path, classes: &[i64], train: usize, test: usize) -> PathBuf {

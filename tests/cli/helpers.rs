@@ -49,11 +49,16 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<std::ffi::OsStr>,
 {
-    let out: Output = Command::new(env!("CARGO_BIN_EXE_mtpack")).args(args).output().expect("the mtpack binary runs");
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    Command::new(env!("CARGO_BIN_EXE_mtpack")).args(args).output().expect("the mtpack binary runs").into()
+}
+
+impl From<Output> for Run {
+    fn from(out: Output) -> Run {
+        Run {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
     }
 }
 
@@ -155,4 +160,24 @@ pub fn schema_violation(schema: &serde_json::Value, value: &serde_json::Value, p
 pub fn schema(name: &str) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(root().join("schemas").join(name)).expect("schema file"))
         .expect("schema JSON")
+}
+
+/// A task on the bundled digits: `NAME=DIGITS` plus `extra` options.
+pub fn digits_task(name: &str, extra: &str) -> String {
+    format!("{name}={}{extra}", p(&digits()))
+}
+
+/// A pack's manifest as JSON.
+pub fn manifest(dir: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap()
+}
+
+/// Initializer bytes by name.
+pub fn weights(model: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let m = mtpack::onnx::Model::load(model).unwrap();
+    m.graph()
+        .initializer
+        .iter()
+        .map(|t| (t.name().to_string(), mtpack::onnx::tensor_proto::to_tensor(t).unwrap().to_le_bytes()))
+        .collect()
 }

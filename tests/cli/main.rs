@@ -12,6 +12,7 @@ mod helpers;
 mod inspect;
 mod masks;
 mod real;
+mod reliability;
 mod run;
 mod serve;
 mod train;

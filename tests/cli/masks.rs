@@ -15,10 +15,6 @@ fn task(name: &str, classes: &str) -> String {
     format!("{name}={}:classes={classes}", p(&digits()))
 }
 
-fn manifest(dir: &Path) -> serde_json::Value {
-    serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap()
-}
-
 /// The held-out digits as the tiny backbone takes them.
 fn test_images() -> Tensor {
     let x = mtpack::data::Dataset::load(&digits()).unwrap().test.unwrap();

@@ -7,7 +7,8 @@ use mtpack::engine::{to_candle, Engine};
 use mtpack::graph::heads::{add_heads, LinearHead};
 use mtpack::onnx::Model;
 use mtpack::tensor::Tensor;
-use mtpack::train::{eval, loss, prefix, train_epoch, NoHooks, OptimConfig, Optimizer, Task};
+use mtpack::train::{eval, loss, prefix, train_epoch, EpochRun, NoHooks, OptimConfig, Optimizer, Task};
+use std::ops::ControlFlow;
 
 use crate::helpers::*;
 
@@ -46,18 +47,9 @@ fn fine_tuning_the_tiny_backbone_learns_fashion_mnist() {
     let mut opt = Optimizer::new(OptimConfig::sgd(0.01, 0.9, 1e-4));
     // 6 epochs of 3000 images at batch 32: 564 steps (measured: 0.07 -> 0.75 held out).
     for epoch in 0..6 {
-        train_epoch(
-            &engine,
-            std::slice::from_ref(&task),
-            epoch,
-            32,
-            0,
-            0.01,
-            &mut opt,
-            &mut NoHooks::default(),
-            &mut |_, _, _| {},
-        )
-        .unwrap();
+        let mut progress = |_, _, _| ControlFlow::Continue(());
+        let run = EpochRun { epoch, batch: 32, seed: 0, lr: 0.01, done: Default::default(), progress: &mut progress };
+        train_epoch(&engine, std::slice::from_ref(&task), run, &mut opt, &mut NoHooks::default()).unwrap();
     }
     let after = eval::evaluate(&engine, &model, "input", "fashion/logits", &xt, &yt).unwrap();
     eprintln!("fine-tuning: held-out accuracy {before:.3} -> {after:.3}");
@@ -98,4 +90,45 @@ fn cached_prefix_gives_the_same_loss_and_gradients() {
         let d: f32 = (ga - gb).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap();
         assert!(d < 1e-5, "{name}: gradients differ by {d}");
     }
+}
+
+/// Trains one epoch; stops after `stop_after` steps when given, then resumes the rest.
+fn one_epoch(stop_after: Option<usize>) -> (Vec<Vec<f32>>, mtpack::train::EpochStats) {
+    use mtpack::train::EpochEnd;
+    let model = tiny_with_new_head();
+    let (x, y) = fashion_8x8(false, 30);
+    let names = mtpack::graph::analysis::trainable_names(model.graph());
+    let engine = Engine::new(&model, &|n| names.contains(n), DType::F32, &Device::Cpu).unwrap();
+    engine.set_training(true);
+    let xc = to_candle(&x, DType::F32).unwrap();
+    let task = Task { input: "input", logits: "fashion/logits", extra_outputs: &[], x: &xc, y: &y };
+    let mut opt = Optimizer::new(OptimConfig::sgd(0.01, 0.9, 1e-4));
+    let mut run_from = |done, stop: Option<usize>| {
+        let mut progress =
+            |s: usize, _, _| if Some(s) == stop { ControlFlow::Break(()) } else { ControlFlow::Continue(()) };
+        let run = EpochRun { epoch: 1, batch: 32, seed: 0, lr: 0.01, done, progress: &mut progress };
+        train_epoch(&engine, std::slice::from_ref(&task), run, &mut opt, &mut NoHooks::default()).unwrap()
+    };
+    let stats = match run_from(Default::default(), stop_after) {
+        EpochEnd::Complete(stats) => stats,
+        EpochEnd::Stopped(part) => {
+            assert_eq!(Some(part.steps), stop_after);
+            match run_from(part, None) {
+                EpochEnd::Complete(stats) => stats,
+                EpochEnd::Stopped(_) => panic!("the resumed epoch must run to its end"),
+            }
+        }
+    };
+    let params = engine.params().values().map(|v| v.as_tensor().flatten_all().unwrap().to_vec1().unwrap()).collect();
+    (params, stats)
+}
+
+#[test]
+fn an_epoch_stopped_part_way_and_resumed_equals_one_uninterrupted_epoch() {
+    let (whole, whole_stats) = one_epoch(None);
+    let (resumed, resumed_stats) = one_epoch(Some(4));
+    assert_eq!(whole, resumed);
+    assert_eq!(whole_stats.examples, 300);
+    assert_eq!((whole_stats.examples, whole_stats.loss), (resumed_stats.examples, resumed_stats.loss));
+    assert_eq!(whole_stats.train_accuracy, resumed_stats.train_accuracy);
 }
