@@ -24,3 +24,32 @@ pub fn tune_for_training() {
         libc::mallopt(libc::M_TRIM_THRESHOLD, 1024 * 1024 * 1024);
     }
 }
+
+/// The machine's physical memory in bytes, where the platform says.
+pub fn physical_memory() -> Option<u64> {
+    #[cfg(unix)]
+    {
+        // SAFETY: sysconf only reads system configuration values.
+        let (pages, size) = unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
+        if pages > 0 && size > 0 {
+            return u64::try_from(pages).ok()?.checked_mul(u64::try_from(size).ok()?);
+        }
+    }
+    None
+}
+
+/// Refuses an allocation of `bytes` that this machine could not hold, before it is tried
+/// (a failed allocation aborts the process instead of returning an error). `None` for a
+/// size beyond any address space.
+pub fn check_fits(bytes: Option<u64>) -> Result<(), String> {
+    let limit = physical_memory().unwrap_or(u64::MAX);
+    match bytes {
+        Some(b) if b <= limit => Ok(()),
+        Some(b) => Err(format!(
+            "{:.1} GiB needed, more than this machine's {:.1} GiB of memory",
+            b as f64 / (1u64 << 30) as f64,
+            limit as f64 / (1u64 << 30) as f64
+        )),
+        None => Err("the size overflows any address space".into()),
+    }
+}

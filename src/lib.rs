@@ -12,6 +12,7 @@ pub mod cli;
 pub mod data;
 pub mod engine;
 pub mod fsutil;
+pub mod fuzz;
 pub mod graph;
 pub mod interrupt;
 pub mod methods;

@@ -12,8 +12,9 @@ use crate::runtime::device::DeviceChoice;
 ///
 /// Without a backbone and tasks it runs the built-in default: the committed tiny backbone
 /// (its own digit head is kept as task 0) learning the bundled UCI digits as two tasks,
-/// 0-4 then 5-9. A killed run resumes from its last finished epoch when rerun with the same
-/// command; `--resume PACK --task ...` adds tasks to an existing pack.
+/// 0-4 then 5-9. A killed run resumes from its last checkpoint when rerun with the same
+/// command (Ctrl-C writes one mid-epoch and exits 130); `--resume PACK --task ...` adds
+/// tasks to an existing pack. One process writes a pack at a time (see --wait).
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// The ONNX backbone (default: fixtures/tiny/tiny_digits.onnx).

@@ -77,7 +77,15 @@ pub fn run_export(a: ExportArgs, quiet: bool) -> anyhow::Result<Outcome> {
 }
 
 pub fn run_verify(a: VerifyArgs) -> anyhow::Result<Outcome> {
-    let report = verify(&a.model, a.manifest.as_deref())?;
+    let report = verify(&a.model, a.manifest.as_deref()).map_err(|e| {
+        let text = format!("{e:#}");
+        // Errors from reading the file already name it; the others get it here.
+        if text.contains(&a.model.display().to_string()) {
+            anyhow::Error::new(e)
+        } else {
+            anyhow::Error::new(e).context(a.model.display().to_string())
+        }
+    })?;
     if a.json {
         print_json(&report)?;
     } else {

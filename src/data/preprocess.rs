@@ -110,6 +110,11 @@ impl Preprocessing {
         let mut img = scaled
             .into_dimensionality::<Ix4>()
             .map_err(|_| DataError::Preprocessing(format!("images must be [N, C, H, W], got {:?}", x.shape())))?;
+        let (n, c, h, w) = img.dim();
+        let out = [n, self.channels.unwrap_or(c), self.resize.map_or(h, |r| r[0]), self.resize.map_or(w, |r| r[1])];
+        let bytes = out.iter().try_fold(4u64, |acc, &d| acc.checked_mul(d as u64));
+        crate::alloc::check_fits(bytes)
+            .map_err(|e| DataError::Preprocessing(format!("images of {out:?} after preprocessing: {e}")))?;
         if let Some([h, w]) = self.resize {
             img = resize_bilinear(&img, h, w);
         }

@@ -25,6 +25,9 @@ pub enum RuntimeError {
         #[source]
         source: anyhow_like::TractError,
     },
+    /// A runtime panicked on the model (a damaged or hostile file); the process goes on.
+    #[error("{runtime}: {context}: the runtime failed on this model ({message})")]
+    Panicked { runtime: &'static str, context: String, message: String },
     #[error("input '{input}': {problem}")]
     Input { input: String, problem: String },
     #[error("output '{output}': {problem}")]

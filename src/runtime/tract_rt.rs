@@ -20,6 +20,20 @@ pub struct TractSession {
     plans: HashMap<Vec<Vec<usize>>, std::sync::Arc<TypedRunnableModel>>,
 }
 
+/// Runs `f`, turning a panic inside tract into an error: tract assumes well-formed models
+/// in places (constant folding indexes with the model's own constants), and a damaged or
+/// hostile artifact must be refused, not end the process.
+fn guarded<T>(context: &str, f: impl FnOnce() -> Result<T, RuntimeError>) -> Result<T, RuntimeError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|payload| {
+        let message = payload
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "no message".into());
+        Err(RuntimeError::Panicked { runtime: "tract", context: context.to_string(), message })
+    })
+}
+
 fn fail(context: impl Into<String>) -> impl FnOnce(tract_onnx::prelude::TractError) -> RuntimeError {
     let context = context.into();
     move |e| RuntimeError::Tract { context, source: TractError(e) }
@@ -28,7 +42,8 @@ fn fail(context: impl Into<String>) -> impl FnOnce(tract_onnx::prelude::TractErr
 impl TractSession {
     pub fn from_bytes(bytes: &[u8], label: &str) -> Result<TractSession, RuntimeError> {
         let bytes = without_shape_hints(bytes);
-        let model = tract_onnx::onnx().model_for_read(&mut &bytes[..]).map_err(fail(format!("loading {label}")))?;
+        let context = format!("loading {label}");
+        let model = guarded(&context, || tract_onnx::onnx().model_for_read(&mut &bytes[..]).map_err(fail(&context)))?;
         let inputs = model
             .input_outlets()
             .map_err(fail("listing inputs"))?
@@ -75,11 +90,13 @@ impl TractSession {
             let fact = InferenceFact::dt_shape(datum_type(t), t.shape());
             model.set_input_fact(i, fact).map_err(fail(format!("setting the shape of input {i}")))?;
         }
-        let plan = model
-            .into_optimized()
-            .map_err(fail("optimising the model"))?
-            .into_runnable()
-            .map_err(fail("preparing the model"))?;
+        let plan = guarded("optimising the model", || {
+            model
+                .into_optimized()
+                .map_err(fail("optimising the model"))?
+                .into_runnable()
+                .map_err(fail("preparing the model"))
+        })?;
         self.plans.insert(key, plan.clone());
         Ok(plan)
     }
@@ -168,7 +185,7 @@ impl Backend for TractSession {
         for (name, t) in self.inputs.iter().zip(&ordered) {
             values.push(TValue::from(to_tract(name, t)?));
         }
-        let out = plan.run(values).map_err(fail("running the model"))?;
+        let out = guarded("running the model", || plan.run(values).map_err(fail("running the model")))?;
         self.outputs.iter().zip(out.iter()).map(|(name, v)| Ok((name.clone(), from_tract(name, v)?))).collect()
     }
 }

@@ -162,3 +162,63 @@ fn external_data_is_read() {
     let r = mtpack(["inspect", p(&f)]).expect(2);
     assert!(one_error_line(&r).contains("weights.bin"), "{}", r.stderr);
 }
+
+/// A safetensors file whose header claims `x` [2^40, 2^40, 1, 1] and `y` [2^40] over 12 bytes.
+fn hostile_safetensors(path: &std::path::Path) {
+    let big = 1u64 << 40;
+    let header = format!(
+        r#"{{"x":{{"dtype":"U8","shape":[{big},{big},1,1],"data_offsets":[0,4]}},"y":{{"dtype":"I64","shape":[{big}],"data_offsets":[4,12]}}}}"#
+    );
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend(header.as_bytes());
+    bytes.extend([0u8; 12]);
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn hostile_dataset_header_is_refused_without_allocating() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("huge.safetensors");
+    hostile_safetensors(&f);
+    let r = mtpack(["run", p(&tiny()), "--input", p(&f)]).expect(2);
+    assert!(one_error_line(&r).contains("huge.safetensors"), "{}", r.stderr);
+    let task = format!("t={}", p(&f));
+    let r = mtpack(["adapt", "--task", &task, "-o", p(&dir.path().join("pack")), "--quiet"]).expect(2);
+    assert!(one_error_line(&r).contains("huge.safetensors"), "{}", r.stderr);
+}
+
+#[test]
+fn a_resize_beyond_memory_is_refused_before_allocating() {
+    let dir = tempfile::tempdir().unwrap();
+    let task = format!("t={}:resize=1000000x1000000", p(&digits()));
+    let r = mtpack(["adapt", "--task", &task, "-o", p(&dir.path().join("pack")), "--quiet"]).expect(2);
+    let line = one_error_line(&r);
+    assert!(line.contains("task 't'") && line.contains("GiB needed"), "{line}");
+}
+
+#[test]
+fn hostile_probes_and_mask_sizes_in_an_artifact_are_refused_without_allocating() {
+    let dir = tempfile::tempdir().unwrap();
+    let pack = dir.path().join("pack");
+    mtpack(["adapt", "--method", "packnet", "--epochs", "1", "-o", p(&pack), "--quiet"]).expect(0);
+    let artifact = dir.path().join("a.onnx");
+    mtpack(["export", p(&pack), "-o", p(&artifact), "--quiet"]).expect(0);
+    let (_, probes) = mtpack::pack::export::sidecars(&artifact);
+    let good_probes = std::fs::read(&probes).unwrap();
+    hostile_safetensors(&probes);
+    let r = mtpack(["verify", p(&artifact)]);
+    assert!(r.code == 1 || r.code == 2, "exit {}: {}", r.code, r.stderr);
+    assert!(r.stdout.contains("a.probes.safetensors") || r.stderr.contains("a.probes.safetensors"), "{}", r.stdout);
+    assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
+    std::fs::write(&probes, good_probes).unwrap();
+    // The embedded masks: the packed mask bits claim a size no machine holds.
+    let mut m = Model::load(&artifact).unwrap();
+    let mask = m.graph_mut().initializer.iter_mut().find(|t| t.name().contains("mask")).expect("a mask initializer");
+    let name = mask.name().to_string();
+    mask.dims = vec![1 << 40, 1 << 40];
+    m.save(&artifact).unwrap();
+    let r = mtpack(["verify", p(&artifact)]).expect(2);
+    let line = one_error_line(&r);
+    assert!(line.contains(&name) && line.contains("a.onnx"), "{line}");
+    assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
+}

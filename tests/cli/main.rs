@@ -7,6 +7,7 @@ mod bad_input;
 mod bench;
 mod data;
 mod export;
+mod fuzz;
 mod graph;
 mod helpers;
 mod inspect;
