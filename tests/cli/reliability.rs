@@ -81,6 +81,9 @@ fn a_second_writer_is_refused_naming_the_first_and_readers_wait_for_it() {
     let export = mtpack(["export", p(&pack), "-o", p(&artifact)]).expect(2);
     assert!(export.stderr.contains("is in use"), "{}", export.stderr);
     assert!(!artifact.exists());
+    // `report` reads only the manifest, replaced atomically: it needs no lock.
+    let html = dir.path().join("r.html");
+    mtpack(["report", p(&pack), "-o", p(&html), "--quiet"]).expect(0);
     // With --wait the reader blocks until the writer is done, then exports its result.
     let reader = spawn(&["export", p(&pack), "-o", p(&artifact), "--wait"].map(String::from));
     let writer = finish(first).expect(0);
@@ -221,4 +224,32 @@ fn a_read_only_directory_at_the_end_of_a_task_resumes_to_the_same_pack() {
     mtpack(method_args("ewc", &whole, &task)).expect(0);
     assert_same_pack(&pack, &whole);
     assert_eq!(temporaries(&pack), Vec::<String>::new());
+}
+
+#[test]
+fn every_method_stopped_mid_epoch_in_its_second_task_resumes_to_the_same_pack() {
+    let dir = tempfile::tempdir().unwrap();
+    let tasks = [
+        digits_task("a", ":classes=0,1,2,3,4:epochs=3:batch=8"),
+        digits_task("b", ":classes=5,6,7,8,9:epochs=3:batch=8"),
+    ];
+    for method in ["lwf", "ewc", "joint", "packnet", "piggyback"] {
+        let args = |pack: &Path| {
+            let mut a = method_args(method, pack, &tasks[0]);
+            a.extend(["--task".to_string(), tasks[1].clone()]);
+            a
+        };
+        let stopped = dir.path().join(format!("{method}-stopped"));
+        let child = spawn(&args(&stopped));
+        let in_b = || progress(&stopped).is_some_and(|v| v["task"] == "b" && v["epochs_done"].as_u64() >= Some(1));
+        wait_until("an epoch of the second task is done", in_b);
+        signal(&child, libc::SIGINT);
+        let r = finish(child);
+        assert_eq!(r.code, 130, "{method}: {}", r.stderr);
+        assert!(r.stderr.contains("interrupted in task 'b'"), "{method}: {}", r.stderr);
+        mtpack(args(&stopped)).expect(0);
+        let whole = dir.path().join(format!("{method}-whole"));
+        mtpack(args(&whole)).expect(0);
+        assert_same_pack(&stopped, &whole);
+    }
 }
