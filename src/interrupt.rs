@@ -11,8 +11,9 @@ static SIGNALS: AtomicUsize = AtomicUsize::new(0);
 /// The exit code of a run stopped by a signal (128 + SIGINT, as shells report it).
 pub const EXIT_CODE: u8 = 130;
 
-/// Installs the handler. Safe to call more than once (later calls do nothing).
-pub fn install() {
+/// Installs the handler. Safe to call more than once (later calls do nothing); an error
+/// means signals keep their default effect (the process ends at once).
+pub fn install() -> Result<(), ctrlc::Error> {
     let handler = || {
         if SIGNALS.fetch_add(1, Ordering::SeqCst) == 0 {
             eprintln!(
@@ -23,8 +24,11 @@ pub fn install() {
             std::process::exit(i32::from(EXIT_CODE));
         }
     };
-    // Only fails when a handler is already installed, which is then ours.
-    let _ = ctrlc::set_handler(handler);
+    match ctrlc::set_handler(handler) {
+        // Already installed by an earlier call: the handler is this one.
+        Err(ctrlc::Error::MultipleHandlers) => Ok(()),
+        other => other,
+    }
 }
 
 /// Whether a stop has been asked for.

@@ -141,7 +141,9 @@ pub fn run(a: Args, quiet: bool) -> anyhow::Result<Outcome> {
         (plan_from_flags(&a), a.output.clone().unwrap_or_default(), false)
     };
     // Ctrl-C or SIGTERM: finish the step, write a checkpoint, exit 130.
-    crate::interrupt::install();
+    if let Err(e) = crate::interrupt::install() {
+        eprintln!("warning: Ctrl-C will stop adapt at once, without a checkpoint of the epoch in progress: {e}");
+    }
     let manifest = adapt::run(&plan, &Options { pack: pack.clone(), extend, quiet, wait: super::wait(a.wait) })?;
     if a.json {
         print_json(&serde_json::json!({

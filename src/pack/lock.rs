@@ -22,7 +22,7 @@ pub enum Wait {
 /// A held lock; released when dropped (or when the process ends, however it ends).
 #[derive(Debug)]
 pub struct PackLock {
-    _file: File,
+    file: File,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -48,7 +48,7 @@ impl Pack {
             f.write_all(me.as_bytes())?;
             f.sync_all()
         };
-        write(&mut lock._file).map_err(|source| PackError::Write { path: self.lock_path(), source })?;
+        write(&mut lock.file).map_err(|source| PackError::Write { path: self.lock_path(), source })?;
         Ok(lock)
     }
 
@@ -71,7 +71,7 @@ impl Pack {
             (Kind::Shared, Wait::Yes) => file.lock_shared().map_err(TryLockError::Error),
         };
         match attempt {
-            Ok(()) => Ok(PackLock { _file: file }),
+            Ok(()) => Ok(PackLock { file }),
             Err(TryLockError::WouldBlock) => {
                 Err(PackError::Busy { path: self.dir.clone(), holder: holder(&mut file, kind) })
             }
