@@ -173,8 +173,9 @@ fn choose_feature(path: &Path, model: Model, plan: &Plan) -> Result<FeatureChoic
             nearest_names(g, &at, 5).join(", ")
         )));
     }
-    let shapes = crate::runtime::probe::shapes(&model, std::slice::from_ref(&at))
-        .map_err(|e| AdaptError::Plan(format!("{}: finding the shape of '{at}': {e:#}", path.display())))?;
+    let shapes = crate::runtime::probe::shapes(&model, std::slice::from_ref(&at)).map_err(|e| {
+        AdaptError::Plan(format!("{}: finding the shape of '{at}': {}", path.display(), crate::report_chain(&e)))
+    })?;
     let dims = shapes.get(&at).cloned().unwrap_or_default();
     let pool = plan.pool.unwrap_or(Pool::Mean);
     let layout = plan.layout.unwrap_or_else(|| {

@@ -121,7 +121,7 @@ fn check_probes(model: &Model, m: &ArtifactManifest, file: &PathBuf, r: &mut Ver
     }
     let (mut t, _) = match store::from_bytes(&bytes, file) {
         Ok(v) => v,
-        Err(e) => return r.problems.push(format!("{e:#}")),
+        Err(e) => return r.problems.push(crate::report_chain(&e)),
     };
     let Some(input) = t.remove("input") else {
         return r.problems.push(format!("probes {}: no 'input'", file.display()));
@@ -144,7 +144,7 @@ fn check_probes(model: &Model, m: &ArtifactManifest, file: &PathBuf, r: &mut Ver
             // ONNX Runtime joins when its library is present; tract alone is the verifier.
             Err(_) if kind == Runtime::Ort => continue,
             Err(e) => {
-                r.problems.push(format!("tract cannot load the model: {e:#}"));
+                r.problems.push(format!("tract cannot load the model: {}", crate::report_chain(&e)));
                 continue;
             }
         };
@@ -247,6 +247,6 @@ fn run_group(
                 r.outputs.push(OutputCheck { output, runtime: name, task, max_abs_diff: d, ok });
             }
         }
-        Err(e) => r.problems.push(format!("{name}{which}: {e:#}")),
+        Err(e) => r.problems.push(format!("{name}{which}: {}", crate::report_chain(&e))),
     }
 }

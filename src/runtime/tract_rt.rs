@@ -24,7 +24,11 @@ pub struct TractSession {
 /// in places (constant folding indexes with the model's own constants), and a damaged or
 /// hostile artifact must be refused, not end the process.
 fn guarded<T>(context: &str, f: impl FnOnce() -> Result<T, RuntimeError>) -> Result<T, RuntimeError> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|payload| {
+    quiet_inside_guard();
+    GUARDED.with(|g| g.set(true));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    GUARDED.with(|g| g.set(false));
+    result.unwrap_or_else(|payload| {
         let message = payload
             .downcast_ref::<String>()
             .cloned()
@@ -32,6 +36,25 @@ fn guarded<T>(context: &str, f: impl FnOnce() -> Result<T, RuntimeError>) -> Res
             .unwrap_or_else(|| "no message".into());
         Err(RuntimeError::Panicked { runtime: "tract", context: context.to_string(), message })
     })
+}
+
+thread_local! {
+    static GUARDED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// A panic caught by `guarded` becomes an error with its message; the default hook would
+/// also print it (with a backtrace) before that error. The hook installed here stays silent
+/// inside a guard and hands every other panic to the hook that was there before.
+fn quiet_inside_guard() {
+    static INSTALL: std::sync::Once = std::sync::Once::new();
+    INSTALL.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !GUARDED.with(|g| g.get()) {
+                previous(info);
+            }
+        }));
+    });
 }
 
 fn fail(context: impl Into<String>) -> impl FnOnce(tract_onnx::prelude::TractError) -> RuntimeError {

@@ -199,10 +199,7 @@ fn a_resize_beyond_memory_is_refused_before_allocating() {
 #[test]
 fn hostile_probes_and_mask_sizes_in_an_artifact_are_refused_without_allocating() {
     let dir = tempfile::tempdir().unwrap();
-    let pack = dir.path().join("pack");
-    mtpack(["adapt", "--method", "packnet", "--epochs", "1", "-o", p(&pack), "--quiet"]).expect(0);
-    let artifact = dir.path().join("a.onnx");
-    mtpack(["export", p(&pack), "-o", p(&artifact), "--quiet"]).expect(0);
+    let (_, artifact) = packnet_pack_and_artifact(dir.path(), "a.onnx");
     let (_, probes) = mtpack::pack::export::sidecars(&artifact);
     let good_probes = std::fs::read(&probes).unwrap();
     hostile_safetensors(&probes);
@@ -220,5 +217,30 @@ fn hostile_probes_and_mask_sizes_in_an_artifact_are_refused_without_allocating()
     let r = mtpack(["verify", p(&artifact)]).expect(2);
     let line = one_error_line(&r);
     assert!(line.contains(&name) && line.contains("a.onnx"), "{line}");
+    assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
+}
+
+#[test]
+fn a_runtime_failing_on_a_damaged_artifact_is_a_problem_named_in_the_report_not_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, artifact) = packnet_pack_and_artifact(dir.path(), "a.onnx");
+    // One index of the mask unpacking table made out of range: tract panics while folding
+    // it (caught), ONNX Runtime returns an error; both become problems of the report.
+    let mut m = Model::load(&artifact).unwrap();
+    let t = m.graph_mut().initializer.iter_mut().find(|t| t.name() == "mask/nibbles").expect("the unpacking table");
+    let mtpack::tensor::Tensor::I64(mut a) = mtpack::onnx::tensor_proto::to_tensor(t).unwrap() else {
+        panic!("the table holds int64 indices")
+    };
+    a[[3, 1]] = 1 << 40;
+    *t = mtpack::onnx::tensor_proto::from_tensor("mask/nibbles", &mtpack::tensor::Tensor::I64(a));
+    m.save(&artifact).unwrap();
+    let r = mtpack(["verify", p(&artifact)]).expect(1);
+    assert!(r.stdout.contains("tensor 'mask/nibbles': sha256"), "{}", r.stdout);
+    assert!(r.stdout.contains("tract") && r.stdout.contains("index out of bounds"), "{}", r.stdout);
+    assert!(
+        r.stdout.contains("Gather node. Name:'mask/pair_table'"),
+        "the ONNX Runtime error keeps its message: {}",
+        r.stdout
+    );
     assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
 }

@@ -50,19 +50,10 @@ fn mutated_plans_are_read_or_refused() {
     assert!(counts[Class::Refused as usize] > 0);
 }
 
-/// A finished pack of the default sequence, and its exported artifact.
-fn pack_and_artifact(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
-    let pack = dir.join("pack");
-    mtpack(["adapt", "--method", "packnet", "-o", p(&pack), "--quiet", "--epochs", "1"]).expect(0);
-    let artifact = dir.join("artifact.onnx");
-    mtpack(["export", p(&pack), "-o", p(&artifact), "--quiet"]).expect(0);
-    (pack, artifact)
-}
-
 #[test]
 fn mutated_packs_and_artifacts_are_refused_never_verified() {
     let dir = tempfile::tempdir().unwrap();
-    let (pack, artifact) = pack_and_artifact(dir.path());
+    let (pack, artifact) = packnet_pack_and_artifact(dir.path(), "artifact.onnx");
     let manifest_file = pack.join("manifest.json");
     let original = std::fs::read(&manifest_file).unwrap();
     fuzz("pack manifest", &original, 300, 4, &|b| fuzz::read_pack_manifest(b, &pack));

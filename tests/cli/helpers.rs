@@ -181,3 +181,13 @@ pub fn weights(model: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
         .map(|t| (t.name().to_string(), mtpack::onnx::tensor_proto::to_tensor(t).unwrap().to_le_bytes()))
         .collect()
 }
+
+/// A PackNet pack of the built-in default sequence (one epoch per task) in `dir/pack`, and its
+/// artifact exported to `dir/<artifact>`.
+pub fn packnet_pack_and_artifact(dir: &Path, artifact: &str) -> (PathBuf, PathBuf) {
+    let pack = dir.join("pack");
+    mtpack(["adapt", "--method", "packnet", "--epochs", "1", "-o", p(&pack), "--quiet"]).expect(0);
+    let artifact = dir.join(artifact);
+    mtpack(["export", p(&pack), "-o", p(&artifact), "--quiet"]).expect(0);
+    (pack, artifact)
+}
