@@ -13,7 +13,7 @@ use crate::engine::{from_candle, to_candle_on, Engine};
 use crate::store;
 use crate::train::{candle, EpochPart, EpochStats, Optimizer, TrainError};
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct Progress {
     pub task: String,
     pub epochs_done: u64,

@@ -302,12 +302,7 @@ pub fn run(plan: &Plan, opts: &Options) -> Result<Manifest, AdaptError> {
             continue;
         }
         if crate::interrupt::requested() {
-            return Err(AdaptError::Interrupted {
-                pack: pack.dir.clone(),
-                task: plan.tasks[t].name.clone(),
-                epoch: 0,
-                step: None,
-            });
+            return Err(runner.interrupted(&plan.tasks[t].name, 0, None));
         }
         runner.learn(t, method.as_mut(), &mut manifest)?;
     }

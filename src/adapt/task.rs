@@ -159,14 +159,8 @@ impl Runner<'_> {
         method.prepare_engine(&mut engine, &ctx)?;
         let mut opt = Optimizer::new(hyper.optim);
         let ckpt = self.pack.checkpoint_dir();
-        let mut progress = checkpoint::restore(&ckpt, &name, &engine, &mut opt, method)?.unwrap_or(Progress {
-            task: name.clone(),
-            epochs_done: 0,
-            steps: 0,
-            history: Vec::new(),
-            train_seconds: 0.0,
-            partial: None,
-        });
+        let restored = checkpoint::restore(&ckpt, &name, &engine, &mut opt, method)?;
+        let mut progress = restored.unwrap_or_else(|| Progress { task: name.clone(), ..Default::default() });
         // Inputs the engine trains on: images, or the frozen backbone's features.
         let joint = method.kind() == MethodKind::Joint;
         let members: Vec<usize> = if joint { (0..=t).collect() } else { vec![t] };

@@ -140,18 +140,18 @@ impl EpochRun<'_> {
         mut step: impl FnMut(usize, &B) -> Result<(usize, f64, usize), TrainError>,
     ) -> Result<EpochEnd, TrainError> {
         let started = Instant::now();
-        let mut part = self.done.clone();
+        let EpochRun { epoch, lr, done: mut part, progress, .. } = self;
         let base = part.seconds;
         for (i, b) in order.iter().enumerate().skip(part.steps) {
             let (examples, loss, right) = step(i, b)?;
             part.add_step(examples, loss, right);
             part.seconds = base + started.elapsed().as_secs_f64();
-            let flow = (self.progress)(i + 1, order.len(), loss);
+            let flow = progress(i + 1, order.len(), loss);
             if flow.is_break() && part.steps < order.len() {
                 return Ok(EpochEnd::Stopped(part));
             }
         }
-        Ok(EpochEnd::Complete(part.stats(self.epoch, self.lr)))
+        Ok(EpochEnd::Complete(part.stats(epoch, lr)))
     }
 }
 
