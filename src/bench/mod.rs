@@ -249,37 +249,62 @@ pub fn run(plan: &Plan, methods: &[MethodKind], out: &Path, quiet: bool) -> Resu
     })
 }
 
+/// The comparison table: its header and one row of cells per method.
+pub fn table(r: &BenchReport) -> (Vec<String>, Vec<Vec<String>>) {
+    let mut header = vec!["method".to_string()];
+    header.extend(r.columns.iter().map(|t| format!("{t} acc")));
+    header.extend(
+        [
+            "average",
+            "BWT",
+            "forgetting",
+            "adapt s",
+            "peak MB",
+            "artifact MB (x backbone)",
+            "latency ms/task",
+            "old data",
+        ]
+        .map(String::from),
+    );
+    let rows = r
+        .methods
+        .iter()
+        .map(|m| {
+            let mut row = vec![m.method.clone()];
+            row.extend(m.final_accuracy.iter().map(|a| a.map_or("-".to_string(), |v| format!("{v:.3}"))));
+            row.extend([
+                format!("{:.3}", m.average_accuracy),
+                format!("{:+.3}", m.bwt),
+                format!("{:.3}", m.forgetting),
+                format!("{:.1}", m.adapt_seconds),
+                format!("{:.0}", m.peak_memory_mb),
+                format!("{:.2} ({:.2}x)", m.artifact_bytes as f64 / 1e6, m.artifact_vs_backbone),
+                format!("{:.3}", m.mean_latency_ms()),
+                if m.needs_old_data { "yes" } else { "no" }.to_string(),
+            ]);
+            row
+        })
+        .collect();
+    (header, rows)
+}
+
+impl MethodRow {
+    /// The mean over tasks of the median batch-1 latency.
+    pub fn mean_latency_ms(&self) -> f64 {
+        self.latency_ms.iter().sum::<f64>() / self.latency_ms.len().max(1) as f64
+    }
+}
+
 /// The comparison table as Markdown.
 pub fn markdown(r: &BenchReport) -> String {
     use std::fmt::Write as _;
+    let (header, rows) = table(r);
     let mut s = String::new();
     let _ = writeln!(s, "backbone {}, columns {} (seed {})\n", r.backbone, r.columns.join(", "), r.seed);
-    let tasks: Vec<String> = r.columns.iter().map(|t| format!("{t} acc")).collect();
-    let _ = writeln!(
-        s,
-        "| method | {} | average | BWT | forgetting | adapt s | peak MB | artifact MB (x backbone) | latency ms/task | old data |",
-        tasks.join(" | ")
-    );
-    let _ = writeln!(s, "|---|{}---:|---:|---:|---:|---:|---:|---:|---|", "---:|".repeat(r.columns.len()));
-    for m in &r.methods {
-        let acc: Vec<String> =
-            m.final_accuracy.iter().map(|a| a.map_or("-".to_string(), |v| format!("{v:.3}"))).collect();
-        let lat = m.latency_ms.iter().sum::<f64>() / m.latency_ms.len().max(1) as f64;
-        let _ = writeln!(
-            s,
-            "| {} | {} | {:.3} | {:+.3} | {:.3} | {:.1} | {:.0} | {:.2} ({:.2}x) | {:.3} | {} |",
-            m.method,
-            acc.join(" | "),
-            m.average_accuracy,
-            m.bwt,
-            m.forgetting,
-            m.adapt_seconds,
-            m.peak_memory_mb,
-            m.artifact_bytes as f64 / 1e6,
-            m.artifact_vs_backbone,
-            lat,
-            if m.needs_old_data { "yes" } else { "no" }
-        );
+    let _ = writeln!(s, "| {} |", header.join(" | "));
+    let _ = writeln!(s, "|---|{}---|", "---:|".repeat(header.len() - 2));
+    for row in rows {
+        let _ = writeln!(s, "| {} |", row.join(" | "));
     }
     s
 }

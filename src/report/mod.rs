@@ -1,14 +1,32 @@
-//! `mtpack report`: a pack's results as one static HTML page (inline SVG, no scripts, no
-//! network) and a PNG of the same charts: the accuracy matrix as a heatmap, each task's
-//! accuracy over the sequence, and the training loss of every epoch.
+//! `mtpack report`: results as one static HTML page (inline SVG, no scripts, no network)
+//! and a PNG of the same drawing, text included. For a pack: the accuracy matrix as a
+//! heatmap, each task's accuracy over the sequence, and the training loss of every epoch;
+//! for a bench output directory, the methods compared (compare.rs).
 
-mod png;
-mod svg;
+pub mod compare;
+mod raster;
+pub mod svg;
 
 use std::fmt::Write as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::pack::Manifest;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReportError {
+    #[error("cannot draw the figure: {0}")]
+    Svg(#[source] resvg::usvg::Error),
+    #[error("the figure's size {width}x{height} cannot be drawn")]
+    Size { width: u32, height: u32 },
+    #[error("cannot encode the PNG: {0}")]
+    Encode(String),
+    #[error("cannot write {path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
 
 /// Colours of the tasks' lines, in column order (colour-blind-safe palette).
 pub const PALETTE: [(u8, u8, u8); 8] = [
@@ -45,33 +63,18 @@ td,th{padding:4px 8px;border:1px solid #ccc;text-align:right}svg text{font-famil
 
 /// The page.
 pub fn html(m: &Manifest) -> String {
-    let mut s = String::new();
-    let title = format!("mtpack report: {} on {}", m.method, m.backbone.source);
-    let _ = write!(
-        s,
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{}</title>\n<style>{}</style></head><body>\n",
-        escape(&title),
-        STYLE
-    );
-    let _ = writeln!(s, "<h1>{}</h1>", escape(&title));
-    let _ = writeln!(
-        s,
-        "<p>method <b>{}</b> ({}), average accuracy <b>{:.4}</b>, BWT <b>{:+.4}</b>, forgetting <b>{:.4}</b></p>",
-        escape(&m.method),
-        if m.needs_old_data { "needs old data" } else { "no old data" },
-        m.metrics.average_accuracy,
-        m.metrics.bwt,
-        m.metrics.forgetting
-    );
+    let mut s = page_head(&title(m));
+    let _ = writeln!(s, "<p>{}</p>", escape(&summary(m)));
     let _ = writeln!(
         s,
         "<h2>Accuracy matrix</h2>\n<p>Held-out accuracy after each task (rows) on each task (columns).</p>"
     );
-    s.push_str(&svg::heatmap(&m.rows, &m.columns, &m.accuracy_matrix));
+    let [heat, acc, loss] = charts(m);
+    s.push_str(&heat.svg);
     let _ = writeln!(s, "<h2>Accuracy of each task over the sequence</h2>");
-    s.push_str(&svg::lines(&m.rows, &series(m), "accuracy", Some((0.0, 1.0))));
+    s.push_str(&acc.svg);
     let _ = writeln!(s, "<h2>Training loss per epoch</h2>");
-    s.push_str(&svg::loss_curves(&losses(m)));
+    s.push_str(&loss.svg);
     let _ = writeln!(s, "<h2>Tasks</h2>\n<table><tr><th>task</th><th>classes</th><th>train</th><th>held out</th><th>epochs</th><th>seconds</th><th>accuracy when learned</th></tr>");
     for t in &m.tasks {
         let _ = writeln!(
@@ -90,10 +93,68 @@ pub fn html(m: &Manifest) -> String {
     s
 }
 
-/// Writes `out` (HTML) and the PNG beside it (`<stem>.png`); returns the PNG's path.
-pub fn write(m: &Manifest, out: &Path) -> std::io::Result<std::path::PathBuf> {
-    crate::fsutil::write_atomic(out, html(m).as_bytes())?;
+/// The start of a page: its title as the document's and as the first heading.
+fn page_head(title: &str) -> String {
+    format!(
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{t}</title>\n<style>{STYLE}</style></head><body>\n<h1>{t}</h1>\n",
+        t = escape(title)
+    )
+}
+
+fn title(m: &Manifest) -> String {
+    format!("mtpack report: {} on {}", m.method, m.backbone.source)
+}
+
+fn summary(m: &Manifest) -> String {
+    format!(
+        "method {} ({}), average accuracy {:.4}, BWT {:+.4}, forgetting {:.4}",
+        m.method,
+        if m.needs_old_data { "needs old data" } else { "no old data" },
+        m.metrics.average_accuracy,
+        m.metrics.bwt,
+        m.metrics.forgetting
+    )
+}
+
+/// The pack's three charts: the accuracy matrix, the accuracy lines, the loss curves.
+fn charts(m: &Manifest) -> [svg::Chart; 3] {
+    [
+        svg::heatmap(&m.rows, &m.columns, &m.accuracy_matrix),
+        svg::lines(&m.rows, &series(m), svg::YAxis { label: "accuracy", range: Some((0.0, 1.0)) }, 0),
+        // The accuracy lines start with the backbone's column when it has one.
+        svg::loss_curves(&losses(m), m.columns.len().saturating_sub(m.tasks.len())),
+    ]
+}
+
+/// The page's charts on one SVG document, for the PNG.
+pub fn figure(m: &Manifest) -> String {
+    let [heat, acc, loss] = charts(m);
+    let rows = vec![
+        vec![("Accuracy matrix (rows: after task; columns: evaluated on)", &heat)],
+        vec![("Accuracy of each task over the sequence", &acc)],
+        vec![("Training loss per epoch", &loss)],
+    ];
+    svg::figure(&title(m), &[summary(m)], &rows)
+}
+
+pub use raster::png as render_png;
+
+/// Writes `html` to `out`, and beside it `figure` as `<stem>.svg` (for documents that take
+/// vectors) and as `<stem>.png`, each through a temporary file; returns the PNG's path.
+fn write_pair(html: &str, figure: &str, out: &Path) -> Result<PathBuf, ReportError> {
+    let png = raster::png(figure)?;
     let png_path = out.with_extension("png");
-    crate::fsutil::write_atomic(&png_path, &png::render(m))?;
+    let svg_path = out.with_extension("svg");
+    let files = [(out, html.as_bytes()), (svg_path.as_path(), figure.as_bytes()), (png_path.as_path(), &png)];
+    for (path, bytes) in files {
+        crate::fsutil::write_atomic(path, bytes)
+            .map_err(|source| ReportError::Write { path: path.to_path_buf(), source })?;
+    }
     Ok(png_path)
+}
+
+/// Writes a pack's page to `out` (HTML) and its figure beside it (`<stem>.svg`,
+/// `<stem>.png`); returns the PNG's path.
+pub fn write(m: &Manifest, out: &Path) -> Result<PathBuf, ReportError> {
+    write_pair(&html(m), &figure(m), out)
 }

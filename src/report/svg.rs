@@ -1,4 +1,5 @@
-//! The charts as inline SVG.
+//! The charts as SVG: each is a `<svg>` element of known size, inlined into the HTML page
+//! as is and placed on one figure for the PNG, so both show the same drawing.
 
 use std::fmt::Write as _;
 
@@ -10,6 +11,29 @@ const LEFT: f64 = 60.0;
 const RIGHT: f64 = 150.0;
 const TOP: f64 = 20.0;
 const BOTTOM: f64 = 40.0;
+/// Width of one character of the 12 px sans-serif text, for sizing columns and margins.
+const CHAR: f64 = 7.0;
+
+/// One chart: its `<svg>` element and its size in pixels.
+#[derive(Clone, Debug)]
+pub struct Chart {
+    pub svg: String,
+    pub width: f64,
+    pub height: f64,
+}
+
+fn text_width(s: &str) -> f64 {
+    s.chars().count() as f64 * CHAR
+}
+
+fn open(width: f64, height: f64, label: &str) -> String {
+    format!("<svg width=\"{width}\" height=\"{height}\" role=\"img\" aria-label=\"{}\">\n", escape(label))
+}
+
+fn close(mut svg: String, width: f64, height: f64) -> Chart {
+    svg.push_str("</svg>\n");
+    Chart { svg, width, height }
+}
 
 /// White (0) to blue (1).
 pub fn heat_colour(v: f64) -> (u8, u8, u8) {
@@ -18,18 +42,20 @@ pub fn heat_colour(v: f64) -> (u8, u8, u8) {
     (mix(255.0, 8.0), mix(255.0, 81.0), mix(255.0, 156.0))
 }
 
-pub fn heatmap(rows: &[String], cols: &[String], m: &[Vec<Option<f64>>]) -> String {
-    let cell = 80.0;
-    let (left, top) = (110.0, 30.0);
+/// A table of values in [0, 1] as coloured cells with the value written in each.
+pub fn heatmap(rows: &[String], cols: &[String], m: &[Vec<Option<f64>>]) -> Chart {
+    let cell = cols.iter().map(|c| text_width(c) + 16.0).fold(80.0, f64::max);
+    let left = rows.iter().map(|r| text_width(r) + 16.0).fold(110.0, f64::max);
+    let top = 30.0;
     let w = left + cell * cols.len() as f64 + 10.0;
-    let h = top + cell * 0.5 * rows.len() as f64 + 10.0;
-    let mut s = format!("<svg width=\"{w}\" height=\"{h}\" role=\"img\" aria-label=\"accuracy matrix\">\n");
+    let h = top + 40.0 * rows.len() as f64 + 10.0;
+    let mut s = open(w, h, "accuracy matrix");
     for (c, name) in cols.iter().enumerate() {
         let x = left + cell * (c as f64 + 0.5);
         let _ = writeln!(s, "<text x=\"{x}\" y=\"{}\" text-anchor=\"middle\">{}</text>", top - 10.0, escape(name));
     }
     for (r, name) in rows.iter().enumerate() {
-        let y = top + cell * 0.5 * r as f64;
+        let y = top + 40.0 * r as f64;
         let _ =
             writeln!(s, "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{}</text>", left - 8.0, y + 25.0, escape(name));
         for c in 0..cols.len() {
@@ -45,32 +71,29 @@ pub fn heatmap(rows: &[String], cols: &[String], m: &[Vec<Option<f64>>]) -> Stri
             let ink = if v.unwrap_or(0.0) > 0.55 { "#fff" } else { "#222" };
             let _ = writeln!(
                 s,
-                "<rect x=\"{x}\" y=\"{y}\" width=\"{cell}\" height=\"{}\" fill=\"{fill}\" stroke=\"#fff\"/><text x=\"{}\" y=\"{}\" text-anchor=\"middle\" fill=\"{ink}\">{label}</text>",
-                cell * 0.5,
+                "<rect x=\"{x}\" y=\"{y}\" width=\"{cell}\" height=\"40\" fill=\"{fill}\" stroke=\"#fff\"/><text x=\"{}\" y=\"{}\" text-anchor=\"middle\" fill=\"{ink}\">{label}</text>",
                 x + cell * 0.5,
                 y + 25.0
             );
         }
     }
-    s.push_str("</svg>\n");
-    s
+    close(s, w, h)
 }
 
-/// Polylines of `series` over `xs` (the x labels), with axes and a legend.
-pub fn lines(xs: &[String], series: &[(String, Vec<Option<f64>>)], ylabel: &str, range: Option<(f64, f64)>) -> String {
-    let values = series.iter().flat_map(|(_, v)| v.iter().flatten().copied());
-    let (lo, hi) = range.unwrap_or_else(|| {
-        let (a, b) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| (a.min(v), b.max(v)));
-        if a.is_finite() && b > a {
-            (0.0f64.min(a), b)
-        } else {
-            (0.0, 1.0)
-        }
-    });
-    let n = xs.len().max(2) - 1;
-    let px = |i: usize| LEFT + (W - LEFT - RIGHT) * i as f64 / n as f64;
-    let py = |v: f64| TOP + (H - TOP - BOTTOM) * (1.0 - (v - lo) / (hi - lo).max(1e-12));
-    let mut s = format!("<svg width=\"{W}\" height=\"{H}\" role=\"img\" aria-label=\"{}\">\n", escape(ylabel));
+/// The range of `values`, from zero when they are all positive; [0, 1] when empty or flat.
+fn span(values: impl Iterator<Item = f64>) -> (f64, f64) {
+    let (a, b) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| (a.min(v), b.max(v)));
+    if a.is_finite() && b > a {
+        (0.0f64.min(a), b)
+    } else if b.is_finite() && b > 0.0 {
+        (0.0, b)
+    } else {
+        (0.0, 1.0)
+    }
+}
+
+/// The two axes of a plot area, the y range written at its ends and the y label turned.
+fn axes(s: &mut String, (lo, hi): (f64, f64), py: impl Fn(f64) -> f64, ylabel: &str) {
     let _ = writeln!(
         s,
         "<line x1=\"{LEFT}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"#888\"/><line x1=\"{LEFT}\" y1=\"{TOP}\" x2=\"{LEFT}\" y2=\"{}\" stroke=\"#888\"/>",
@@ -79,17 +102,37 @@ pub fn lines(xs: &[String], series: &[(String, Vec<Option<f64>>)], ylabel: &str,
         H - BOTTOM,
         H - BOTTOM
     );
-    for (v, anchor) in [(lo, "end"), (hi, "end")] {
-        let _ = writeln!(s, "<text x=\"{}\" y=\"{}\" text-anchor=\"{anchor}\">{v:.2}</text>", LEFT - 6.0, py(v) + 4.0);
+    for v in [lo, hi] {
+        let _ = writeln!(s, "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{v:.2}</text>", LEFT - 6.0, py(v) + 4.0);
     }
     let _ = writeln!(
         s,
-        "<text x=\"12\" y=\"{}\" transform=\"rotate(-90 12 {})\">{}</text>",
-        H / 2.0,
-        H / 2.0,
+        "<text x=\"14\" y=\"{}\" text-anchor=\"middle\" transform=\"rotate(-90 14 {})\">{}</text>",
+        (H - BOTTOM + TOP) / 2.0,
+        (H - BOTTOM + TOP) / 2.0,
         escape(ylabel)
     );
-    for (i, x) in xs.iter().enumerate() {
+}
+
+/// The y axis of a line chart: its label and range (from the data when None).
+pub struct YAxis<'a> {
+    pub label: &'a str,
+    pub range: Option<(f64, f64)>,
+}
+
+/// Polylines of `series` over `xs` (the x labels), with axes and a legend; series k takes
+/// colour `first_colour + k`, so a task keeps its colour across charts.
+pub fn lines(xs: &[String], series: &[(String, Vec<Option<f64>>)], y: YAxis, first_colour: usize) -> Chart {
+    let YAxis { label: ylabel, range } = y;
+    let (lo, hi) = range.unwrap_or_else(|| span(series.iter().flat_map(|(_, v)| v.iter().flatten().copied())));
+    let n = xs.len().max(2) - 1;
+    let px = |i: usize| LEFT + (W - LEFT - RIGHT) * i as f64 / n as f64;
+    let py = |v: f64| TOP + (H - TOP - BOTTOM) * (1.0 - (v - lo) / (hi - lo).max(1e-12));
+    let mut s = open(W, H, ylabel);
+    axes(&mut s, (lo, hi), py, ylabel);
+    // Many x labels (epochs across a long sequence) are thinned to about a dozen.
+    let every = xs.len().div_ceil(12).max(1);
+    for (i, x) in xs.iter().enumerate().filter(|(i, _)| i % every == 0) {
         let _ = writeln!(
             s,
             "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{}</text>",
@@ -99,17 +142,16 @@ pub fn lines(xs: &[String], series: &[(String, Vec<Option<f64>>)], ylabel: &str,
         );
     }
     for (k, (name, v)) in series.iter().enumerate() {
-        let (r, g, b) = PALETTE[k % PALETTE.len()];
-        let points: Vec<String> =
-            v.iter().enumerate().filter_map(|(i, y)| y.map(|y| format!("{:.1},{:.1}", px(i), py(y)))).collect();
+        let (r, g, b) = PALETTE[(first_colour + k) % PALETTE.len()];
+        let points: Vec<(f64, f64)> = v.iter().enumerate().filter_map(|(i, y)| y.map(|y| (px(i), py(y)))).collect();
+        let joined: Vec<String> = points.iter().map(|(x, y)| format!("{x:.1},{y:.1}")).collect();
         let _ = writeln!(
             s,
             "<polyline fill=\"none\" stroke=\"rgb({r},{g},{b})\" stroke-width=\"2\" points=\"{}\"/>",
-            points.join(" ")
+            joined.join(" ")
         );
-        for p in &points {
-            let (x, y) = p.split_once(',').unwrap_or(("0", "0"));
-            let _ = writeln!(s, "<circle cx=\"{x}\" cy=\"{y}\" r=\"3\" fill=\"rgb({r},{g},{b})\"/>");
+        for (x, y) in &points {
+            let _ = writeln!(s, "<circle cx=\"{x:.1}\" cy=\"{y:.1}\" r=\"3\" fill=\"rgb({r},{g},{b})\"/>");
         }
         let ly = TOP + 18.0 * k as f64;
         let _ = writeln!(
@@ -122,12 +164,11 @@ pub fn lines(xs: &[String], series: &[(String, Vec<Option<f64>>)], ylabel: &str,
             escape(name)
         );
     }
-    s.push_str("</svg>\n");
-    s
+    close(s, W, H)
 }
 
 /// Every task's epoch losses on one axis, epochs counted across the sequence.
-pub fn loss_curves(tasks: &[(String, Vec<f64>)]) -> String {
+pub fn loss_curves(tasks: &[(String, Vec<f64>)], first_colour: usize) -> Chart {
     let total: usize = tasks.iter().map(|(_, v)| v.len()).sum();
     let xs: Vec<String> = (1..=total.max(1)).map(|e| e.to_string()).collect();
     let mut offset = 0;
@@ -144,5 +185,182 @@ pub fn loss_curves(tasks: &[(String, Vec<f64>)]) -> String {
             (name.clone(), row)
         })
         .collect();
-    lines(&xs, &series, "training loss", None)
+    lines(&xs, &series, YAxis { label: "training loss", range: None }, first_colour)
+}
+
+/// The range of `values` widened by a tenth on each side (at least 0.01), so no point
+/// sits on an axis.
+fn padded(values: impl Iterator<Item = f64>) -> (f64, f64) {
+    let (a, b) =
+        values.filter(|v| v.is_finite()).fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| (a.min(v), b.max(v)));
+    if !a.is_finite() {
+        return (0.0, 1.0);
+    }
+    let d = ((b - a) * 0.1).max(0.01);
+    (a - d, b + d)
+}
+
+/// Label positions next to their points, pushed down where they would overlap an earlier
+/// label (methods with equal results sit on the same point).
+fn place_labels(points: &[(f64, f64)], widths: &[f64]) -> Vec<(f64, f64)> {
+    let mut order: Vec<usize> = (0..points.len()).collect();
+    order.sort_by(|&a, &b| points[a].1.total_cmp(&points[b].1));
+    let mut placed: Vec<(f64, f64, f64)> = Vec::new();
+    let mut at = vec![(0.0, 0.0); points.len()];
+    for i in order {
+        let (x, mut y) = (points[i].0 + 8.0, points[i].1 + 4.0);
+        let w = widths.get(i).copied().unwrap_or(0.0);
+        while let Some(&(_, py, _)) =
+            placed.iter().find(|&&(px, py, pw)| (y - py).abs() < 14.0 && x < px + pw && px < x + w)
+        {
+            y = py + 14.0;
+        }
+        placed.push((x, y, w));
+        at[i] = (x, y);
+    }
+    at
+}
+
+/// One labelled point per (name, x, y), with both axes labelled and their ranges written.
+pub fn scatter(points: &[(String, f64, f64)], xlabel: &str, ylabel: &str) -> Chart {
+    let (xlo, xhi) = padded(points.iter().map(|p| p.1));
+    let (ylo, yhi) = padded(points.iter().map(|p| p.2));
+    let px = |v: f64| LEFT + (W - LEFT - RIGHT) * (v - xlo) / (xhi - xlo);
+    let py = |v: f64| TOP + (H - TOP - BOTTOM) * (1.0 - (v - ylo) / (yhi - ylo));
+    let mut s = open(W, H, &format!("{ylabel} against {xlabel}"));
+    axes(&mut s, (ylo, yhi), py, ylabel);
+    for v in [xlo, xhi] {
+        let _ = writeln!(s, "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{v:.2}</text>", px(v), H - BOTTOM + 18.0);
+    }
+    let _ = writeln!(
+        s,
+        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{}</text>",
+        (LEFT + W - RIGHT) / 2.0,
+        H - 6.0,
+        escape(xlabel)
+    );
+    let centres: Vec<(f64, f64)> = points.iter().map(|(_, x, y)| (px(*x), py(*y))).collect();
+    let widths: Vec<f64> = points.iter().map(|(name, _, _)| text_width(name)).collect();
+    let labels = place_labels(&centres, &widths);
+    for (k, (((name, _, _), (cx, cy)), (lx, ly))) in points.iter().zip(&centres).zip(&labels).enumerate() {
+        let (r, g, b) = PALETTE[k % PALETTE.len()];
+        let _ = writeln!(
+            s,
+            "<circle cx=\"{cx:.1}\" cy=\"{cy:.1}\" r=\"5\" fill=\"rgb({r},{g},{b})\"/><text x=\"{lx:.1}\" y=\"{ly:.1}\">{}</text>",
+            escape(name)
+        );
+    }
+    close(s, W, H)
+}
+
+/// Horizontal bars, one per label, each with its value written after it.
+pub fn bars(title: &str, labels: &[String], values: &[f64], decimals: usize) -> Chart {
+    let left = labels.iter().map(|l| text_width(l) + 14.0).fold(60.0, f64::max);
+    let (bar_w, row) = (200.0, 22.0);
+    let w = left + bar_w + 70.0;
+    let h = 26.0 + row * labels.len() as f64 + 6.0;
+    let max = values.iter().copied().filter(|v| v.is_finite()).fold(0.0, f64::max).max(1e-12);
+    let mut s = open(w, h, title);
+    let _ = writeln!(s, "<text x=\"{left}\" y=\"16\" font-weight=\"bold\">{}</text>", escape(title));
+    for (i, (label, v)) in labels.iter().zip(values).enumerate() {
+        let y = 26.0 + row * i as f64;
+        let len = if v.is_finite() { bar_w * (v / max).clamp(0.0, 1.0) } else { 0.0 };
+        let (r, g, b) = PALETTE[i % PALETTE.len()];
+        let _ = writeln!(
+            s,
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{}</text><rect x=\"{left}\" y=\"{}\" width=\"{len:.1}\" height=\"14\" fill=\"rgb({r},{g},{b})\"/><text x=\"{:.1}\" y=\"{}\">{v:.decimals$}</text>",
+            left - 6.0,
+            y + 12.0,
+            escape(label),
+            y + 1.0,
+            left + len + 5.0,
+            y + 12.0
+        );
+    }
+    close(s, w, h)
+}
+
+/// A table of text: the first column left-aligned, the others right-aligned, a rule under
+/// the header.
+pub fn table(header: &[String], rows: &[Vec<String>]) -> Chart {
+    let widths: Vec<f64> = (0..header.len())
+        .map(|c| {
+            let cells = std::iter::once(&header[c]).chain(rows.iter().filter_map(|r| r.get(c)));
+            cells.map(|t| text_width(t)).fold(0.0, f64::max) + 18.0
+        })
+        .collect();
+    let w: f64 = widths.iter().sum::<f64>() + 4.0;
+    let h = 22.0 * (rows.len() + 1) as f64 + 8.0;
+    let mut s = open(w, h, "table");
+    let all = std::iter::once(header).chain(rows.iter().map(Vec::as_slice));
+    for (r, cells) in all.enumerate() {
+        let y = 16.0 + 22.0 * r as f64;
+        let mut x = 2.0;
+        for (c, (cell, width)) in cells.iter().zip(&widths).enumerate() {
+            let (at, anchor) = if c == 0 { (x + 4.0, "start") } else { (x + width - 6.0, "end") };
+            let weight = if r == 0 { " font-weight=\"bold\"" } else { "" };
+            let _ = writeln!(s, "<text x=\"{at}\" y=\"{y}\" text-anchor=\"{anchor}\"{weight}>{}</text>", escape(cell));
+            x += width;
+        }
+        if r == 0 {
+            let _ = writeln!(
+                s,
+                "<line x1=\"2\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"#888\"/>",
+                y + 6.0,
+                w - 2.0,
+                y + 6.0
+            );
+        }
+    }
+    close(s, w, h)
+}
+
+/// Charts laid out in rows (side by side within a row, rows one under the other), each with a
+/// heading, under a title and lines of text: one self-contained SVG document.
+pub fn figure(title: &str, lines_of_text: &[String], rows: &[Vec<(&str, &Chart)>]) -> String {
+    let gap = 24.0;
+    let mut body = String::new();
+    let mut y = 34.0;
+    let mut width: f64 = text_width(title) * 1.4 + 2.0 * gap;
+    let _ =
+        writeln!(body, "<text x=\"{gap}\" y=\"{y}\" font-size=\"20\" font-weight=\"bold\">{}</text>", escape(title));
+    for line in lines_of_text {
+        y += 20.0;
+        width = width.max(text_width(line) + 2.0 * gap);
+        let _ = writeln!(body, "<text x=\"{gap}\" y=\"{y}\">{}</text>", escape(line));
+    }
+    y += 16.0;
+    for row in rows {
+        let mut x = gap;
+        let mut tallest: f64 = 0.0;
+        for (heading, chart) in row {
+            let _ = writeln!(
+                body,
+                "<text x=\"{x}\" y=\"{}\" font-size=\"15\" font-weight=\"bold\">{}</text>",
+                y + 16.0,
+                escape(heading)
+            );
+            let _ = writeln!(body, "<g transform=\"translate({x} {})\">\n{}</g>", y + 26.0, chart.svg);
+            x += chart.width.max(text_width(heading) * 1.3) + gap;
+            tallest = tallest.max(chart.height);
+        }
+        width = width.max(x);
+        y += 26.0 + tallest + gap;
+    }
+    format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{y}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"#fff\"/>\n{body}</svg>\n"
+    )
+}
+
+/// `svg` with every text element taken out: the drawing as a rasteriser without fonts would
+/// make it, to check that the labels and values reach the PNG.
+pub fn without_text(svg: &str) -> String {
+    let mut out = String::new();
+    let mut rest = svg;
+    while let Some(start) = rest.find("<text") {
+        out.push_str(rest.get(..start).unwrap_or_default());
+        let end = rest.get(start..).and_then(|r| r.find("</text>")).map_or(rest.len(), |e| start + e + "</text>".len());
+        rest = rest.get(end..).unwrap_or_default();
+    }
+    out + rest
 }

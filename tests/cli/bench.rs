@@ -49,6 +49,17 @@ fn bench_measures_each_method_and_reruns_to_the_same_accuracies() {
     for (a, b) in rows.iter().zip(again["methods"].as_array().unwrap()) {
         assert_eq!(a["final_accuracy"], b["final_accuracy"], "{}", a["method"]);
     }
+    // The comparison page and its picture, from the bench's own output directory.
+    let html = dir.path().join("compare.html");
+    mtpack(["report", p(&out), "-o", p(&html), "--quiet"]).expect(0);
+    let page = std::fs::read_to_string(&html).unwrap();
+    let figure = std::fs::read_to_string(html.with_extension("svg")).unwrap();
+    for needle in ["finetune", "joint", "packnet", "low", "high", "forgetting", "old data", "training speed"] {
+        assert!(page.contains(needle) && figure.contains(needle), "{needle} missing");
+    }
+    let acc = format!("{:.3}", rows[2]["final_accuracy"][2].as_f64().unwrap());
+    assert!(figure.contains(&format!(">{acc}</text>")), "packnet's accuracy {acc} is not drawn");
+    assert_text_drawn(&html.with_extension("png"), &figure);
     // Markdown without --json.
     let md = mtpack(["bench", "--plan", p(&plan), "--methods", "feature-extract", "-o", p(&out), "--quiet"]).expect(0);
     assert!(md.stdout.contains("| feature-extract |"), "{}", md.stdout);
@@ -70,8 +81,32 @@ fn report_renders_a_static_page_naming_every_task() {
     for banned in ["<script", "http:", "https:", "src=", "href="] {
         assert!(!page.contains(banned), "the page contains {banned}");
     }
-    let png = image::open(html.with_extension("png")).unwrap();
-    assert_eq!((png.width(), png.height()), (960, 400));
+    // The PNG is the page's drawing with its text: task names and the matrix's values.
+    let figure = std::fs::read_to_string(html.with_extension("svg")).unwrap();
+    let m = manifest(&pack);
+    let last = m["accuracy_matrix"].as_array().unwrap().last().unwrap().as_array().unwrap().clone();
+    for v in last {
+        let cell = format!(">{:.3}</text>", v.as_f64().unwrap());
+        assert!(figure.contains(&cell) && page.contains(&cell), "{cell} missing");
+    }
+    assert!(figure.contains(">alpha</text>") && figure.contains(">beta</text>"));
+    assert_text_drawn(&html.with_extension("png"), &figure);
     let r = mtpack(["report", p(&dir.path().join("nope")), "-o", p(&html)]).expect(2);
-    assert!(r.stderr.contains("nope"), "{}", r.stderr);
+    assert!(r.stderr.contains("nope") && r.stderr.contains("bench.json"), "{}", r.stderr);
+}
+
+/// The PNG written beside a page is `figure` drawn at twice its size, and it differs from the
+/// same drawing with the text removed by thousands of pixels.
+fn assert_text_drawn(png: &Path, figure: &str) {
+    let written = image::open(png).unwrap().to_rgb8();
+    let bare =
+        image::load_from_memory(&mtpack::report::render_png(&mtpack::report::svg::without_text(figure)).unwrap())
+            .unwrap()
+            .to_rgb8();
+    assert_eq!(written.dimensions(), bare.dimensions());
+    assert!(written.width() > 600 && written.height() > 400, "{:?}", written.dimensions());
+    let differ = written.pixels().zip(bare.pixels()).filter(|(a, b)| a != b).count();
+    assert!(differ > 5_000, "only {differ} pixels come from text");
+    let non_white = bare.pixels().filter(|p| p.0 != [255, 255, 255]).count();
+    assert!(non_white > 5_000, "the drawing is blank");
 }
