@@ -57,6 +57,7 @@ fn bench_measures_each_method_and_reruns_to_the_same_accuracies() {
     for needle in ["finetune", "joint", "packnet", "low", "high", "forgetting", "old data", "training speed"] {
         assert!(page.contains(needle) && figure.contains(needle), "{needle} missing");
     }
+    assert_static(&page);
     let acc = format!("{:.3}", rows[2]["final_accuracy"][2].as_f64().unwrap());
     assert!(figure.contains(&format!(">{acc}</text>")), "packnet's accuracy {acc} is not drawn");
     assert_text_drawn(&html.with_extension("png"), &figure);
@@ -77,10 +78,7 @@ fn report_renders_a_static_page_naming_every_task() {
     for needle in ["alpha", "beta", "backbone", "<svg", "Accuracy matrix", "Training loss"] {
         assert!(page.contains(needle), "the page lacks {needle}");
     }
-    // Nothing to fetch: no scripts, no external references.
-    for banned in ["<script", "http:", "https:", "src=", "href="] {
-        assert!(!page.contains(banned), "the page contains {banned}");
-    }
+    assert_static(&page);
     // The PNG is the page's drawing with its text: task names and the matrix's values.
     let figure = std::fs::read_to_string(html.with_extension("svg")).unwrap();
     let m = manifest(&pack);
@@ -93,6 +91,13 @@ fn report_renders_a_static_page_naming_every_task() {
     assert_text_drawn(&html.with_extension("png"), &figure);
     let r = mtpack(["report", p(&dir.path().join("nope")), "-o", p(&html)]).expect(2);
     assert!(r.stderr.contains("nope") && r.stderr.contains("bench.json"), "{}", r.stderr);
+}
+
+/// Nothing to fetch: no scripts, no external references.
+fn assert_static(page: &str) {
+    for banned in ["<script", "http:", "https:", "src=", "href="] {
+        assert!(!page.contains(banned), "the page contains {banned}");
+    }
 }
 
 /// The PNG written beside a page is `figure` drawn at twice its size, and it differs from the
