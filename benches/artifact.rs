@@ -15,19 +15,20 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use mtpack::adapt::plan::{Hyper, Plan, TaskPlan};
 use mtpack::adapt::Options;
 use mtpack::data::{Dataset, Preprocessing};
 use mtpack::methods::{MethodKind, MethodParams};
 use mtpack::pack::export::{export, ExportOptions};
 use mtpack::pack::lock::Wait;
 use mtpack::pack::specialize;
+use mtpack::plan::{Plan, TaskPlan};
 use mtpack::runtime::ort_rt::OrtSession;
 use mtpack::runtime::tract_rt::TractSession;
 use mtpack::runtime::Backend;
 use mtpack::runtime::Runtime;
 use mtpack::serve::Artifact;
 use mtpack::tensor::{max_abs_diff, Tensor};
+use mtpack::train::Hyper;
 
 const METHODS: [MethodKind; 7] = MethodKind::ALL;
 

@@ -16,9 +16,10 @@
 
 use std::path::PathBuf;
 
-use mtpack::adapt::plan::{BatchNormMode, Hyper, Plan, TaskPlan};
 use mtpack::adapt::{report, Options};
 use mtpack::methods::{MethodKind, MethodParams};
+use mtpack::plan::{BatchNormMode, Plan, TaskPlan};
+use mtpack::train::Hyper;
 
 fn main() -> anyhow::Result<()> {
     mtpack::alloc::tune_for_training();

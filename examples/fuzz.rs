@@ -9,11 +9,11 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use mtpack::adapt::plan::Plan;
 use mtpack::adapt::Options;
 use mtpack::fuzz::{self, mutate, Class};
 use mtpack::methods::MethodKind;
 use mtpack::pack::export::{export, sidecars, ExportOptions};
+use mtpack::plan::Plan;
 use mtpack::rng::Rng;
 
 type Reader<'a> = (&'a str, Vec<u8>, Box<dyn Fn(&[u8]) -> Class + 'a>);

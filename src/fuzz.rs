@@ -54,7 +54,7 @@ pub fn read_dataset(bytes: &[u8], scratch: &Path) -> Class {
 /// A TOML plan, parsed and validated.
 pub fn read_plan(bytes: &[u8]) -> Class {
     let text = String::from_utf8_lossy(bytes);
-    class(crate::adapt::plan::Plan::from_toml(&text).and_then(|p| p.validate()))
+    class(crate::plan::Plan::from_toml(&text).and_then(|p| p.validate()))
 }
 
 /// A pack's manifest written over `pack`'s, loaded and its file digests checked.

@@ -2,8 +2,7 @@
 //! directory that survives being killed at any point.
 
 pub mod checkpoint;
-pub mod data;
-pub mod plan;
+
 pub mod report;
 mod task;
 
@@ -17,7 +16,7 @@ use crate::methods::{self, MethodKind};
 use crate::onnx::{tensor_type, Dim, Model};
 use crate::pack::manifest::{BackboneRecord, CutRecord, OwnHead};
 use crate::pack::{Manifest, Metrics, Pack, PACK_SCHEMA};
-use plan::{Plan, TaskPlan};
+use crate::plan::{self, data, Plan};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdaptError {
@@ -59,30 +58,6 @@ pub struct Options {
     pub quiet: bool,
     /// Whether to wait for another process writing the same pack (else refuse at once).
     pub wait: crate::pack::lock::Wait,
-}
-
-/// The committed tiny backbone the main job uses when none is given.
-pub fn default_backbone() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/tiny/tiny_digits.onnx")
-}
-
-/// The built-in default sequence: the bundled UCI digits split into two tasks, 0-4 then 5-9
-/// (the "split digits" protocol of the continual-learning literature).
-pub fn default_tasks() -> Vec<TaskPlan> {
-    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/digits/digits.safetensors");
-    [("digits-0-4", [0, 1, 2, 3, 4]), ("digits-5-9", [5, 6, 7, 8, 9])]
-        .into_iter()
-        .map(|(name, classes)| TaskPlan {
-            name: name.into(),
-            dataset: data.clone(),
-            classes: Some(classes.to_vec()),
-            labels: None,
-            test_fraction: None,
-            train_per_class: None,
-            preprocessing: Default::default(),
-            hyper: Default::default(),
-        })
-        .collect()
 }
 
 /// What the runner knows about the backbone.
@@ -268,7 +243,7 @@ fn open_pack(
 /// Runs the plan into `opts.pack`; returns the final manifest.
 pub fn run(plan: &Plan, opts: &Options) -> Result<Manifest, AdaptError> {
     plan.validate().map_err(AdaptError::Plan)?;
-    let backbone_path = plan.backbone.clone().unwrap_or_else(default_backbone);
+    let backbone_path = plan.backbone.clone().unwrap_or_else(plan::default_backbone);
     let (model, backbone) = analyse_backbone(&backbone_path, plan)?;
     let plan = &plan.for_backbone(&model);
     let params = plan.params.for_backbone(plan.method, &model);

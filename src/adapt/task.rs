@@ -8,8 +8,6 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor as CTensor};
 
 use super::checkpoint::{self, Progress};
-use super::data::{head_rows, TaskData};
-use super::plan::Plan;
 use super::{AdaptError, Backbone};
 use crate::engine::{to_candle_on, Engine};
 use crate::graph::cut;
@@ -17,6 +15,8 @@ use crate::graph::heads::{add_heads, LinearHead};
 use crate::methods::{Method, MethodKind, TaskCtx};
 use crate::onnx::Model;
 use crate::pack::{Manifest, Metrics, Pack, TaskRecord};
+use crate::plan::data::{head_rows, TaskData};
+use crate::plan::Plan;
 use crate::tensor::Tensor;
 use crate::train::{
     candle, eval, prefix, train_epoch, train_epoch_mixed, EpochEnd, EpochRun, Optimizer, Task, TrainError,
@@ -184,7 +184,7 @@ impl Runner<'_> {
                 .collect()
         };
         method.begin_task(&ctx, &engine, &mut record, &state)?;
-        engine.set_training(self.plan.batchnorm_mode() == super::plan::BatchNormMode::Batch);
+        engine.set_training(self.plan.batchnorm_mode() == crate::plan::BatchNormMode::Batch);
         let epochs = hyper.epochs + method.extra_epochs(&ctx);
         for epoch in progress.epochs_done..epochs {
             let lr = hyper.schedule.lr_at(hyper.optim.lr, epoch) * method.lr_scale(epoch, &ctx);

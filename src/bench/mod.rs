@@ -8,13 +8,14 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use crate::adapt::plan::{Hyper, Plan, TaskPlan};
 use crate::data::Preprocessing;
 use crate::methods::MethodKind;
 use crate::pack::export::{export, ExportOptions};
+use crate::plan::{Plan, TaskPlan};
 use crate::runtime::ort_rt::OrtSession;
 use crate::runtime::Backend;
 use crate::tensor::Tensor;
+use crate::train::Hyper;
 
 pub const BENCH_SCHEMA: &str = "mtpack.bench/1";
 /// Timed ONNX Runtime runs per task (batch 1) for the latency column.
@@ -205,7 +206,7 @@ fn probe_shape(model: &Path) -> Result<Vec<usize>, BenchError> {
 /// Learns `plan`'s tasks with each of `methods` into `out/<method>`, exports and times each.
 pub fn run(plan: &Plan, methods: &[MethodKind], out: &Path, quiet: bool) -> Result<BenchReport, BenchError> {
     std::fs::create_dir_all(out).map_err(step(format!("creating {}", out.display())))?;
-    let backbone = plan.backbone.clone().unwrap_or_else(crate::adapt::default_backbone);
+    let backbone = plan.backbone.clone().unwrap_or_else(crate::plan::default_backbone);
     let backbone_bytes = std::fs::metadata(&backbone).map_err(step(format!("{}", backbone.display())))?.len();
     let mut rows = Vec::new();
     let mut columns = Vec::new();

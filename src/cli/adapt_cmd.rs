@@ -3,10 +3,11 @@ use std::path::PathBuf;
 use anyhow::Context;
 
 use super::{print_json, Outcome};
-use crate::adapt::plan::{self, BatchNormMode, Hyper, Plan, TaskPlan};
 use crate::adapt::{self, report, Options};
 use crate::methods::{MethodKind, MethodParams};
+use crate::plan::{self, BatchNormMode, Plan, TaskPlan};
 use crate::runtime::device::DeviceChoice;
+use crate::train::Hyper;
 
 /// Train tasks onto a backbone, one after another, into a pack directory.
 ///
@@ -95,7 +96,7 @@ pub struct Args {
 }
 
 fn plan_from_flags(a: &Args) -> Plan {
-    let tasks = if a.tasks.is_empty() && a.backbone.is_none() { adapt::default_tasks() } else { a.tasks.clone() };
+    let tasks = if a.tasks.is_empty() && a.backbone.is_none() { plan::default_tasks() } else { a.tasks.clone() };
     Plan {
         backbone: a.backbone.clone(),
         method: a.method.unwrap_or(MethodKind::Lwf),

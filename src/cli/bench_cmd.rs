@@ -3,9 +3,9 @@ use std::path::PathBuf;
 use anyhow::Context;
 
 use super::{print_json, Outcome};
-use crate::adapt::plan::Plan;
 use crate::bench;
 use crate::methods::MethodKind;
+use crate::plan::Plan;
 
 /// Learn one scenario with every method and print the comparison table.
 ///

@@ -2,9 +2,10 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 
-use super::run_cmd::{parse_hw, PreprocessArgs};
+use super::run_cmd::PreprocessArgs;
 use super::{print_json, Outcome};
 use crate::data::import::{self, LabelColumn};
+use crate::data::parse_hw;
 use crate::data::{Dataset, Split, Summary};
 use crate::tensor::Tensor;
 

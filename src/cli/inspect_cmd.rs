@@ -15,7 +15,7 @@ pub struct Args {
 
 pub fn run(a: Args) -> anyhow::Result<Outcome> {
     let m = load::model(&a.model)?;
-    let mut report = inspect(&m);
+    let mut report = inspect(&m, crate::engine::missing_ops(&m));
     // Shapes of the candidates from one run in ONNX Runtime; without it they stay unknown.
     let names: Vec<String> = report.candidates.iter().map(|c| c.tensor.clone()).collect();
     let folded = crate::graph::materialize::weights_from_nodes(&m).map(|(f, _)| f).unwrap_or(m);

@@ -12,8 +12,6 @@ mod run_cmd;
 
 use clap::{Parser, Subcommand};
 
-pub use run_cmd::parse_hw;
-
 /// What a command concluded, beyond "it ran".
 #[derive(Debug, PartialEq, Eq)]
 pub enum Outcome {

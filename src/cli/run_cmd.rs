@@ -4,7 +4,7 @@ use anyhow::{bail, Context};
 use serde::Serialize;
 
 use super::{load, print_json, Outcome};
-use crate::data::{Dataset, Preprocessing};
+use crate::data::{parse_hw, Dataset, Preprocessing};
 use crate::engine::CandleSession;
 use crate::onnx::{tensor_type, Dim, Model};
 use crate::pack::specialize;
@@ -57,12 +57,6 @@ impl PreprocessArgs {
             layout: self.layout,
         }
     }
-}
-
-pub fn parse_hw(s: &str) -> Result<[usize; 2], String> {
-    let (h, w) = s.split_once(['x', 'X']).ok_or_else(|| format!("'{s}' is not HxW (e.g. 64x64)"))?;
-    let p = |v: &str| v.trim().parse::<usize>().map_err(|_| format!("'{s}' is not HxW (e.g. 64x64)"));
-    Ok([p(h)?, p(w)?])
 }
 
 #[derive(clap::Args, Debug)]

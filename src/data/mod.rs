@@ -7,4 +7,4 @@ mod preprocess;
 
 pub use dataset::{Dataset, Split, Summary, FORMAT};
 pub use error::DataError;
-pub use preprocess::{resize_bilinear, Layout, Preprocessing};
+pub use preprocess::{parse_hw, resize_bilinear, Layout, Preprocessing};

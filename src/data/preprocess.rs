@@ -208,6 +208,12 @@ pub fn resize_bilinear(img: &Array4<f32>, oh: usize, ow: usize) -> Array4<f32> {
     out
 }
 
+pub fn parse_hw(s: &str) -> Result<[usize; 2], String> {
+    let (h, w) = s.split_once(['x', 'X']).ok_or_else(|| format!("'{s}' is not HxW (e.g. 64x64)"))?;
+    let p = |v: &str| v.trim().parse::<usize>().map_err(|_| format!("'{s}' is not HxW (e.g. 64x64)"));
+    Ok([p(h)?, p(w)?])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

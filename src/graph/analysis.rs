@@ -145,7 +145,9 @@ pub fn describe(v: &crate::onnx::pb::ValueInfoProto) -> ValueDesc {
     ValueDesc { name: v.name().to_string(), dtype, shape }
 }
 
-pub fn inspect(model: &Model) -> Report {
+/// `engine_missing_ops`: the ops the training engine lacks, which the caller asks the engine for
+/// (the graph layer sits below it).
+pub fn inspect(model: &Model, engine_missing_ops: Vec<String>) -> Report {
     let g = model.graph();
     let mut ops = BTreeMap::new();
     let mut custom = Vec::new();
@@ -185,7 +187,7 @@ pub fn inspect(model: &Model) -> Report {
         candidates,
         weights_from_nodes: folded,
         custom_ops: custom,
-        engine_missing_ops: crate::engine::missing_ops(model),
+        engine_missing_ops,
         unknown_field_bytes: model.unknown_bytes,
     }
 }

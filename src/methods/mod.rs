@@ -80,9 +80,9 @@ impl MethodKind {
 
     /// Training settings the method's paper uses where the plan sets none: Piggyback trains
     /// its masks and head with Adam.
-    pub fn hyper_defaults(self) -> crate::adapt::plan::Hyper {
+    pub fn hyper_defaults(self) -> crate::train::Hyper {
         match self {
-            MethodKind::Piggyback => crate::adapt::plan::Hyper {
+            MethodKind::Piggyback => crate::train::Hyper {
                 optimizer: Some("adamw".into()),
                 lr: Some(PIGGYBACK_HEAD_LR),
                 ..Default::default()

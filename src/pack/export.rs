@@ -13,11 +13,11 @@ use candle_core::{DType, Device};
 
 use super::artifact::{self, ArtifactManifest, ArtifactTask, MaskSummary, Probes, Verified, ARTIFACT_SCHEMA};
 use super::{Manifest, Pack, PackError};
-use crate::adapt::data::{self, TaskData};
 use crate::engine::{from_candle, to_candle, Engine};
 use crate::graph::{masks, preprocess, Patch};
 use crate::methods::{self, Method};
 use crate::onnx::Model;
+use crate::plan::data::{self, TaskData};
 use crate::runtime::ort_rt::OrtSession;
 use crate::runtime::tract_rt::TractSession;
 use crate::runtime::{compare, Backend, Named};

@@ -4,9 +4,10 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::adapt::plan::{Plan, Resolved};
 use crate::data::Preprocessing;
+use crate::plan::Plan;
 use crate::train::EpochStats;
+use crate::train::Resolved;
 
 pub const PACK_SCHEMA: &str = "mtpack.pack/1";
 

@@ -23,8 +23,6 @@ use std::path::{Path, PathBuf};
 
 pub use manifest::{Manifest, Metrics, TaskRecord, PACK_SCHEMA};
 
-use sha2::{Digest, Sha256};
-
 #[derive(Debug, thiserror::Error)]
 pub enum PackError {
     #[error("cannot read {path}")]
@@ -132,6 +130,5 @@ impl Pack {
 }
 
 pub fn file_sha256(path: &Path) -> Result<String, PackError> {
-    let bytes = std::fs::read(path).map_err(|source| PackError::Read { path: path.to_path_buf(), source })?;
-    Ok(format!("{:x}", Sha256::digest(&bytes)))
+    crate::fsutil::file_sha256(path).map_err(|source| PackError::Read { path: path.to_path_buf(), source })
 }

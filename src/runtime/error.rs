@@ -34,8 +34,9 @@ pub enum RuntimeError {
     Output { output: String, problem: String },
     #[error("output '{output}': {problem}")]
     Mismatch { output: String, problem: String },
+    /// The training engine run as a backend (it sits above this layer: its error is boxed).
     #[error("training engine")]
-    Engine(#[source] Box<crate::engine::EngineError>),
+    Engine(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("device '{device}' is not available: {why}")]
     Device { device: String, why: String },
 }

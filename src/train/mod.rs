@@ -4,6 +4,7 @@
 
 mod batches;
 pub mod eval;
+pub mod hyper;
 pub mod loss;
 mod mixed;
 pub mod optim;
@@ -11,6 +12,7 @@ pub mod prefix;
 mod trainer;
 
 pub use batches::epoch_batches;
+pub use hyper::{Hyper, Resolved};
 pub use mixed::train_epoch_mixed;
 pub use optim::{OptimConfig, OptimKind, Optimizer, StepLr};
 pub use trainer::{train_epoch, BatchCtx, EpochEnd, EpochPart, EpochRun, EpochStats, Hooks, NoHooks, Task};

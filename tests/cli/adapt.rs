@@ -95,8 +95,8 @@ fn lwf_records_the_old_models_outputs() {
     let old_model = std::fs::read(pack.join("model.onnx")).unwrap();
     mtpack(["adapt", "--resume", p(&pack), "--task", &t2, "--quiet"]).expect(0);
     // The targets are the model-after-task-1's outputs on task 2's training images.
-    let plan: mtpack::adapt::plan::TaskPlan = mtpack::adapt::plan::parse_task(&t2).unwrap();
-    let data = mtpack::adapt::data::prepare(&plan, None, 0).unwrap();
+    let plan: mtpack::plan::TaskPlan = mtpack::plan::parse_task(&t2).unwrap();
+    let data = mtpack::plan::data::prepare(&plan, None, 0).unwrap();
     let out = OrtSession::from_bytes(&old_model, "old").unwrap().run(&[("input".into(), data.train_x)]).unwrap();
     let (targets, _) = mtpack::store::load(&pack.join("state/lwf_targets_high.safetensors")).unwrap();
     for name in ["logits", "low/logits"] {

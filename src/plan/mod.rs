@@ -1,94 +1,42 @@
 //! The adaptation plan: the backbone, the method with its parameters, and the tasks in order
 //! with their data, preprocessing and hyper-parameters. Read from a TOML file or built from
-//! command-line flags; validated before any training starts.
+//! command-line flags; validated before any training starts. `data` prepares a task's data
+//! as the plan states it. The layer sits below `pack` (which records and re-reads plans) and
+//! `adapt` (which runs them).
 
-use std::path::PathBuf;
+pub mod data;
+
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use crate::data::Preprocessing;
 use crate::methods::{MethodKind, MethodParams};
 use crate::runtime::device::DeviceChoice;
-use crate::train::{OptimConfig, OptimKind, StepLr};
+use crate::train::Hyper;
 
-/// Training settings of one task (each field may be set per task or inherited).
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Hyper {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub epochs: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub batch: Option<usize>,
-    /// "sgd" or "adamw".
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub optimizer: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub lr: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub momentum: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub weight_decay: Option<f64>,
-    /// Multiply the learning rate by `lr_gamma` every `lr_step` epochs.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub lr_step: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub lr_gamma: Option<f64>,
+/// The committed tiny backbone the main job uses when none is given.
+pub fn default_backbone() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/tiny/tiny_digits.onnx")
 }
 
-/// Fully resolved training settings.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Resolved {
-    pub epochs: u64,
-    pub batch: usize,
-    pub optim: OptimConfig,
-    pub schedule: StepLr,
-}
-
-pub const DEFAULT_EPOCHS: u64 = 2;
-pub const DEFAULT_BATCH: usize = 32;
-pub const DEFAULT_LR: f64 = 0.01;
-pub const DEFAULT_MOMENTUM: f64 = 0.9;
-
-impl Hyper {
-    /// This task's settings over `defaults`.
-    pub fn over(&self, defaults: &Hyper) -> Hyper {
-        Hyper {
-            epochs: self.epochs.or(defaults.epochs),
-            batch: self.batch.or(defaults.batch),
-            optimizer: self.optimizer.clone().or_else(|| defaults.optimizer.clone()),
-            lr: self.lr.or(defaults.lr),
-            momentum: self.momentum.or(defaults.momentum),
-            weight_decay: self.weight_decay.or(defaults.weight_decay),
-            lr_step: self.lr_step.or(defaults.lr_step),
-            lr_gamma: self.lr_gamma.or(defaults.lr_gamma),
-        }
-    }
-
-    pub fn resolve(&self, task: &str) -> Result<Resolved, String> {
-        let lr = self.lr.unwrap_or(DEFAULT_LR);
-        let wd = self.weight_decay.unwrap_or(0.0);
-        let kind = match self.optimizer.as_deref().unwrap_or("sgd") {
-            "sgd" => OptimKind::Sgd { momentum: self.momentum.unwrap_or(DEFAULT_MOMENTUM), nesterov: false },
-            "adamw" | "adam" => OptimKind::Adamw { beta1: 0.9, beta2: 0.999, eps: 1e-8 },
-            other => return Err(format!("task '{task}': optimizer '{other}' is not sgd or adamw")),
-        };
-        let r = Resolved {
-            epochs: self.epochs.unwrap_or(DEFAULT_EPOCHS),
-            batch: self.batch.unwrap_or(DEFAULT_BATCH),
-            optim: OptimConfig { kind, lr, weight_decay: wd },
-            schedule: StepLr { step_epochs: self.lr_step.unwrap_or(0), gamma: self.lr_gamma.unwrap_or(1.0) },
-        };
-        if r.batch == 0 {
-            return Err(format!("task '{task}': batch must be at least 1"));
-        }
-        if !(lr.is_finite() && lr > 0.0) {
-            return Err(format!("task '{task}': lr must be a positive number, got {lr}"));
-        }
-        if !(wd.is_finite() && wd >= 0.0) {
-            return Err(format!("task '{task}': weight_decay must be >= 0, got {wd}"));
-        }
-        Ok(r)
-    }
+/// The built-in default sequence: the bundled UCI digits split into two tasks, 0-4 then 5-9
+/// (the "split digits" protocol of the continual-learning literature).
+pub fn default_tasks() -> Vec<TaskPlan> {
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/digits/digits.safetensors");
+    [("digits-0-4", [0, 1, 2, 3, 4]), ("digits-5-9", [5, 6, 7, 8, 9])]
+        .into_iter()
+        .map(|(name, classes)| TaskPlan {
+            name: name.into(),
+            dataset: data.clone(),
+            classes: Some(classes.to_vec()),
+            labels: None,
+            test_fraction: None,
+            train_per_class: None,
+            preprocessing: Default::default(),
+            hyper: Default::default(),
+        })
+        .collect()
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -315,7 +263,7 @@ fn set_option(t: &mut TaskPlan, k: &str, v: &str) -> Result<(), String> {
         "labels" => t.labels = Some(v.split(',').map(str::to_string).collect()),
         "test_fraction" => t.test_fraction = Some(one(v)?),
         "train_per_class" => t.train_per_class = Some(one(v)?),
-        "resize" => t.preprocessing.resize = Some(crate::cli::parse_hw(v)?),
+        "resize" => t.preprocessing.resize = Some(crate::data::parse_hw(v)?),
         "channels" => t.preprocessing.channels = Some(one(v)?),
         "mean" => t.preprocessing.mean = list(v)?,
         "std" => t.preprocessing.std = list(v)?,
@@ -373,7 +321,7 @@ mod tests {
 
     #[test]
     fn lwf_on_a_batchnorm_backbone_defaults_to_frozen_statistics_at_a_lower_lr() {
-        let bn = crate::onnx::Model::load(&crate::adapt::default_backbone()).unwrap();
+        let bn = crate::onnx::Model::load(&crate::plan::default_backbone()).unwrap();
         let plan = |method: MethodKind, mode: Option<BatchNormMode>, lr: Option<f64>| Plan {
             backbone: None,
             method,
@@ -385,7 +333,7 @@ mod tests {
             layout: None,
             defaults: Hyper { lr, ..Hyper::default() },
             params: Default::default(),
-            tasks: crate::adapt::default_tasks(),
+            tasks: crate::plan::default_tasks(),
         };
         let lwf = plan(MethodKind::Lwf, None, None).for_backbone(&bn);
         assert_eq!((lwf.batchnorm, lwf.defaults.lr), (Some(BatchNormMode::Frozen), Some(FROZEN_BN_LR)));

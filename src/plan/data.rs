@@ -1,9 +1,9 @@
 //! A task's data as training needs it: loaded, subset to its classes, preprocessed to the
 //! backbone's input, split, and checked against the backbone before anything trains.
 
-use crate::adapt::plan::TaskPlan;
 use crate::data::{Dataset, Split};
 use crate::onnx::Dim;
+use crate::plan::TaskPlan;
 use crate::tensor::Tensor;
 
 pub struct TaskData {
@@ -26,7 +26,7 @@ pub fn prepare(t: &TaskPlan, input_shape: Option<&[Dim]>, seed: u64) -> Result<T
         return Err(fail(format!("dataset {} does not exist", t.dataset.display())));
     }
     let mut d = Dataset::load(&t.dataset).map_err(|e| fail(format!("{e:#}")))?;
-    let sha = crate::pack::file_sha256(&t.dataset).map_err(|e| fail(format!("{e:#}")))?;
+    let sha = crate::fsutil::file_sha256(&t.dataset).map_err(|e| fail(format!("{}: {e}", t.dataset.display())))?;
     if let Some(classes) = &t.classes {
         subset_classes(&mut d, classes).map_err(fail)?;
     }
