@@ -29,7 +29,7 @@ fn main() -> anyhow::Result<()> {
     let mut lwf_lambda: Option<f64> = None;
     let mut frozen_bn_lr: Option<f64> = None;
     let mut lr: Option<f64> = None;
-    let mut optimizer: Option<String> = None;
+    let mut optimizer: Option<mtpack::train::OptimizerName> = None;
     let mut seed = 0u64;
     let mut own_defaults = false;
     let mut sets = serde_json::Map::new();
@@ -43,7 +43,7 @@ fn main() -> anyhow::Result<()> {
             "--frozen-bn-lr" => frozen_bn_lr = args.next().and_then(|v| v.parse().ok()),
             "--out" => out = args.next().map(PathBuf::from).unwrap_or(out),
             "--lr" => lr = args.next().and_then(|v| v.parse().ok()),
-            "--optimizer" => optimizer = args.next(),
+            "--optimizer" => optimizer = args.next().and_then(|v| v.parse().ok()),
             "--defaults" => own_defaults = true,
             "--seed" => seed = args.next().and_then(|v| v.parse().ok()).unwrap_or(0),
             "--set" => {
@@ -72,7 +72,7 @@ fn main() -> anyhow::Result<()> {
         let own = method.hyper_defaults();
         let (default_opt, default_lr) = match own.optimizer {
             Some(_) => (None, None),
-            None => (Some("sgd".to_string()), Some(0.01)),
+            None => (Some(mtpack::train::OptimizerName::Sgd), Some(0.01)),
         };
         let plan = Plan {
             backbone: Some(root.join(".cache/models/mobilenetv2_imagenet.onnx")),
@@ -90,7 +90,7 @@ fn main() -> anyhow::Result<()> {
             defaults: Hyper {
                 epochs: Some(2),
                 batch: Some(32),
-                optimizer: optimizer.clone().or(default_opt),
+                optimizer: optimizer.or(default_opt),
                 lr: lr.or(frozen_bn_lr).or(default_lr.filter(|_| !own_defaults)),
                 momentum: Some(0.9),
                 ..Hyper::default()
@@ -117,8 +117,8 @@ fn main() -> anyhow::Result<()> {
         if let Some(l) = lr {
             suffix = format!("{suffix}-lr{l}");
         }
-        if let Some(o) = &optimizer {
-            suffix = format!("{suffix}-{o}");
+        if let Some(o) = optimizer {
+            suffix = format!("{suffix}-{}", if o == mtpack::train::OptimizerName::Sgd { "sgd" } else { "adamw" });
         }
         if seed != 0 {
             suffix = format!("{suffix}-seed{seed}");

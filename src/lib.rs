@@ -5,6 +5,9 @@
 //! (ONNX Runtime and tract), [`data`] (task datasets), [`serve`] (one task of an exported
 //! artifact at the plain backbone's speed).
 
+// Nothing read from a file may panic: fallible paths return errors (tests may unwrap).
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod adapt;
 pub mod alloc;
 pub mod bench;

@@ -1,6 +1,9 @@
 //! The `mtpack` command: parse, run, map the outcome to an exit code
 //! (0 ok, 1 a check found something wanting, 2 error).
 
+// Nothing read from a file may panic: fallible paths return errors (tests may unwrap).
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 use std::process::ExitCode;
 
 fn main() -> ExitCode {

@@ -172,7 +172,7 @@ fn new_manifest(plan: &Plan, backbone: &Backbone, model: &Model) -> Manifest {
         schema: PACK_SCHEMA.into(),
         mtpack_version: env!("CARGO_PKG_VERSION").into(),
         backbone: backbone.record.clone(),
-        method: plan.method.name().into(),
+        method: plan.method,
         method_params: plan.params.for_backbone(plan.method, model).effective(plan.method),
         needs_old_data: plan.method.needs_old_data(),
         seed: plan.seed,

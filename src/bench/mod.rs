@@ -108,7 +108,7 @@ pub fn plan_for(plan: &Plan, method: MethodKind) -> Plan {
     let mut p = plan.clone();
     p.method = method;
     if method.hyper_defaults().optimizer.is_none() {
-        p.defaults.optimizer = p.defaults.optimizer.or(Some("sgd".into()));
+        p.defaults.optimizer = p.defaults.optimizer.or(Some(crate::train::OptimizerName::Sgd));
     }
     p
 }

@@ -43,9 +43,9 @@ pub struct Args {
     /// Mini-batch size [default: 32].
     #[arg(long)]
     pub batch: Option<usize>,
-    /// sgd or adamw [default: sgd; piggyback: adamw].
-    #[arg(long)]
-    pub optimizer: Option<String>,
+    /// Optimizer [default: sgd; piggyback: adamw].
+    #[arg(long, value_enum)]
+    pub optimizer: Option<crate::train::OptimizerName>,
     /// Learning rate [default: 0.01; 0.001 with frozen BatchNorm; piggyback: 0.01 with adamw
     /// for the head].
     #[arg(long)]
@@ -116,7 +116,7 @@ fn hyper(a: &Args) -> Hyper {
     Hyper {
         epochs: a.epochs,
         batch: a.batch,
-        optimizer: a.optimizer.clone(),
+        optimizer: a.optimizer,
         lr: a.lr,
         momentum: a.momentum,
         weight_decay: a.weight_decay,

@@ -45,6 +45,12 @@ pub enum MethodKind {
     Piggyback,
 }
 
+impl std::fmt::Display for MethodKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 impl MethodKind {
     /// Every method, in the order tables list them.
     pub const ALL: [MethodKind; 7] = [
@@ -83,7 +89,7 @@ impl MethodKind {
     pub fn hyper_defaults(self) -> crate::train::Hyper {
         match self {
             MethodKind::Piggyback => crate::train::Hyper {
-                optimizer: Some("adamw".into()),
+                optimizer: Some(crate::train::OptimizerName::Adamw),
                 lr: Some(PIGGYBACK_HEAD_LR),
                 ..Default::default()
             },

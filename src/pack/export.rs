@@ -371,7 +371,7 @@ pub fn export(pack_dir: &Path, out: &Path, opts: &ExportOptions) -> Result<Expor
         mtpack_version: env!("CARGO_PKG_VERSION").into(),
         backbone_source: m.backbone.source.clone(),
         backbone_sha256: m.backbone.sha256.clone(),
-        method: m.method.clone(),
+        method: m.method.to_string(),
         method_params: m.method_params.clone(),
         plan: serde_json::to_value(&m.plan).unwrap_or_default(),
         design: built.design.into(),

@@ -5,9 +5,9 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::data::Preprocessing;
+use crate::methods::MethodKind;
 use crate::plan::Plan;
-use crate::train::EpochStats;
-use crate::train::Resolved;
+use crate::train::{EpochStats, Resolved};
 
 pub const PACK_SCHEMA: &str = "mtpack.pack/1";
 
@@ -90,7 +90,7 @@ pub struct Manifest {
     pub schema: String,
     pub mtpack_version: String,
     pub backbone: BackboneRecord,
-    pub method: String,
+    pub method: MethodKind,
     pub method_params: serde_json::Value,
     pub needs_old_data: bool,
     pub seed: u64,

@@ -253,7 +253,7 @@ fn set_option(t: &mut TaskPlan, k: &str, v: &str) -> Result<(), String> {
     match k {
         "epochs" => t.hyper.epochs = Some(one(v)?),
         "batch" => t.hyper.batch = Some(one(v)?),
-        "optimizer" => t.hyper.optimizer = Some(v.to_string()),
+        "optimizer" => t.hyper.optimizer = Some(v.parse()?),
         "lr" => t.hyper.lr = Some(one(v)?),
         "momentum" => t.hyper.momentum = Some(one(v)?),
         "weight_decay" => t.hyper.weight_decay = Some(one(v)?),
@@ -289,6 +289,22 @@ mod tests {
         assert!(parse_task("fm").is_err());
         assert!(parse_task("fm=x:bogus=1").unwrap_err().contains("unknown option"));
         assert!(parse_task("fm=x:epochs=two").unwrap_err().contains("epochs"));
+    }
+
+    #[test]
+    fn an_optimizer_is_one_of_the_known_names() {
+        use crate::train::OptimizerName;
+        assert_eq!(parse_task("a=x:optimizer=adam").unwrap().hyper.optimizer, Some(OptimizerName::Adamw));
+        assert!(parse_task("a=x:optimizer=rmsprop").unwrap_err().contains("'rmsprop' is not sgd or adamw"));
+        let plan = |name: &str| {
+            Plan::from_toml(&format!(
+                "method = \"finetune\"\n[defaults]\noptimizer = \"{name}\"\n[[task]]\nname = \"a\"\ndataset = \"a\"\n"
+            ))
+        };
+        assert_eq!(plan("sgd").unwrap().defaults.optimizer, Some(OptimizerName::Sgd));
+        assert!(plan("rmsprop").unwrap_err().contains("rmsprop"));
+        // Written back under its own name.
+        assert!(toml::to_string(&plan("adam").unwrap()).unwrap().contains("optimizer = \"adamw\""));
     }
 
     #[test]

@@ -14,9 +14,8 @@ pub struct Hyper {
     pub epochs: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batch: Option<usize>,
-    /// "sgd" or "adamw".
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub optimizer: Option<String>,
+    pub optimizer: Option<OptimizerName>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lr: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -28,6 +27,26 @@ pub struct Hyper {
     pub lr_step: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lr_gamma: Option<f64>,
+}
+
+/// The optimizers a plan can name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerName {
+    /// SGD with momentum (the default).
+    Sgd,
+    /// AdamW (decoupled weight decay); "adam" names it too.
+    #[serde(alias = "adam")]
+    #[value(alias = "adam")]
+    Adamw,
+}
+
+impl std::str::FromStr for OptimizerName {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        <Self as clap::ValueEnum>::from_str(s, true).map_err(|_| format!("optimizer '{s}' is not sgd or adamw"))
+    }
 }
 
 /// Fully resolved training settings.
@@ -50,7 +69,7 @@ impl Hyper {
         Hyper {
             epochs: self.epochs.or(defaults.epochs),
             batch: self.batch.or(defaults.batch),
-            optimizer: self.optimizer.clone().or_else(|| defaults.optimizer.clone()),
+            optimizer: self.optimizer.or(defaults.optimizer),
             lr: self.lr.or(defaults.lr),
             momentum: self.momentum.or(defaults.momentum),
             weight_decay: self.weight_decay.or(defaults.weight_decay),
@@ -62,10 +81,11 @@ impl Hyper {
     pub fn resolve(&self, task: &str) -> Result<Resolved, String> {
         let lr = self.lr.unwrap_or(DEFAULT_LR);
         let wd = self.weight_decay.unwrap_or(0.0);
-        let kind = match self.optimizer.as_deref().unwrap_or("sgd") {
-            "sgd" => OptimKind::Sgd { momentum: self.momentum.unwrap_or(DEFAULT_MOMENTUM), nesterov: false },
-            "adamw" | "adam" => OptimKind::Adamw { beta1: 0.9, beta2: 0.999, eps: 1e-8 },
-            other => return Err(format!("task '{task}': optimizer '{other}' is not sgd or adamw")),
+        let kind = match self.optimizer.unwrap_or(OptimizerName::Sgd) {
+            OptimizerName::Sgd => {
+                OptimKind::Sgd { momentum: self.momentum.unwrap_or(DEFAULT_MOMENTUM), nesterov: false }
+            }
+            OptimizerName::Adamw => OptimKind::Adamw { beta1: 0.9, beta2: 0.999, eps: 1e-8 },
         };
         let r = Resolved {
             epochs: self.epochs.unwrap_or(DEFAULT_EPOCHS),

@@ -12,7 +12,7 @@ pub mod prefix;
 mod trainer;
 
 pub use batches::epoch_batches;
-pub use hyper::{Hyper, Resolved};
+pub use hyper::{Hyper, OptimizerName, Resolved};
 pub use mixed::train_epoch_mixed;
 pub use optim::{OptimConfig, OptimKind, Optimizer, StepLr};
 pub use trainer::{train_epoch, BatchCtx, EpochEnd, EpochPart, EpochRun, EpochStats, Hooks, NoHooks, Task};

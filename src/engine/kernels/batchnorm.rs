@@ -61,22 +61,25 @@ impl Normalise {
             ));
         }
         let clamp = self.clamp.map(|k| (T::real(k.lo), T::real(k.hi)));
-        let y = par_written(x.len(), inner, |p, yp| {
-            let xp = &x[p * inner..(p * inner + inner).min(x.len())];
-            let ch = p % c;
-            let k = scale[ch] * T::real(self.inv_std[ch]);
-            let b = bias[ch] - T::real(self.mean[ch]) * k;
-            simd(
-                #[inline(always)]
-                || match clamp {
-                    // The same max/min as the Clip kernel: folding the Clip in changes no value.
-                    Some((lo, hi)) => write_front(yp, xp.iter(), |&v| {
-                        num_traits::Float::min(num_traits::Float::max(v * k + b, lo), hi)
-                    }),
-                    None => write_front(yp, xp.iter(), |&v| v * k + b),
-                },
-            )
-        });
+        // SAFETY: the count returned is write_front's, which counts the elements it wrote.
+        let y = unsafe {
+            par_written(x.len(), inner, |p, yp| {
+                let xp = &x[p * inner..(p * inner + inner).min(x.len())];
+                let ch = p % c;
+                let k = scale[ch] * T::real(self.inv_std[ch]);
+                let b = bias[ch] - T::real(self.mean[ch]) * k;
+                simd(
+                    #[inline(always)]
+                    || match clamp {
+                        // The same max/min as the Clip kernel: folding the Clip in changes no value.
+                        Some((lo, hi)) => write_front(yp, xp.iter(), |&v| {
+                            num_traits::Float::min(num_traits::Float::max(v * k + b, lo), hi)
+                        }),
+                        None => write_front(yp, xp.iter(), |&v| v * k + b),
+                    },
+                )
+            })
+        };
         Ok(y)
     }
 }
@@ -292,23 +295,26 @@ impl GradPass for Combine {
     }
 
     fn pass<T: Real>(&self, [dy, x, y]: [&[T]; 3], (_, c, inner): (usize, usize, usize)) -> Vec<T> {
-        par_written(dy.len(), inner, |p, o| {
-            let span = p * inner..(p * inner + inner).min(dy.len());
-            let (dp, xp, yp) = (&dy[span.clone()], &x[span.clone()], &y[span]);
-            let ch = p % c;
-            let (a, b, c0) = (T::real(self.a[ch]), T::real(self.b[ch]), T::real(self.c0[ch]));
-            simd(
-                #[inline(always)]
-                || match self.mask {
-                    Some(k) => {
-                        let (lo, hi) = (T::real(k.lo), T::real(k.hi));
-                        let g = |d: T, v: T| if (v > lo) & (v < hi) { d } else { T::zero() };
-                        combine_plane(o, [dp, xp, yp], [a, b, c0], self.reads_x, g)
-                    }
-                    None => combine_plane(o, [dp, xp, yp], [a, b, c0], self.reads_x, |d, _| d),
-                },
-            )
-        })
+        // SAFETY: combine_plane returns write_front's count of the elements it wrote.
+        unsafe {
+            par_written(dy.len(), inner, |p, o| {
+                let span = p * inner..(p * inner + inner).min(dy.len());
+                let (dp, xp, yp) = (&dy[span.clone()], &x[span.clone()], &y[span]);
+                let ch = p % c;
+                let (a, b, c0) = (T::real(self.a[ch]), T::real(self.b[ch]), T::real(self.c0[ch]));
+                simd(
+                    #[inline(always)]
+                    || match self.mask {
+                        Some(k) => {
+                            let (lo, hi) = (T::real(k.lo), T::real(k.hi));
+                            let g = |d: T, v: T| if (v > lo) & (v < hi) { d } else { T::zero() };
+                            combine_plane(o, [dp, xp, yp], [a, b, c0], self.reads_x, g)
+                        }
+                        None => combine_plane(o, [dp, xp, yp], [a, b, c0], self.reads_x, |d, _| d),
+                    },
+                )
+            })
+        }
     }
 }
 

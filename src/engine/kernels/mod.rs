@@ -66,9 +66,12 @@ pub(crate) fn simd<R>(f: impl FnOnce() -> R) -> R {
 /// A vector of `n` elements written chunk by chunk in parallel, without the zeroing pass
 /// of `vec![0; n]` (memset was ~8% of a MobileNetV2 training step). `write(i, chunk)` fills
 /// the i-th chunk of `chunk` elements (the last may be shorter) from the front and returns
-/// how many it wrote; anything it left is set to zero here, so the result is always fully
-/// initialised.
-pub(crate) fn par_written<T: Real>(
+/// how many it wrote; anything it left is set to zero here.
+///
+/// # Safety
+/// `write` must initialise the first `k` elements of its chunk, `k` being the count it
+/// returns (a larger count than it wrote would make the vector expose uninitialised memory).
+pub(crate) unsafe fn par_written<T: Real>(
     n: usize,
     chunk: usize,
     write: impl Fn(usize, &mut [MaybeUninit<T>]) -> usize + Sync + Send,
@@ -88,21 +91,28 @@ pub(crate) fn par_written<T: Real>(
 
 /// [`par_written`] for chunk writers that fill their whole chunk or fail: the first error
 /// is returned (its chunk, and any other failed one, left zeroed and then dropped).
-pub(crate) fn par_filled<T: Real>(
+///
+/// # Safety
+/// When `fill` returns `Ok`, it must have initialised every element of its chunk.
+pub(crate) unsafe fn par_filled<T: Real>(
     n: usize,
     chunk: usize,
     fill: impl Fn(usize, &mut [MaybeUninit<T>]) -> candle_core::Result<()> + Sync + Send,
 ) -> candle_core::Result<Vec<T>> {
     let failed = std::sync::Mutex::new(None);
-    let v = par_written(n, chunk, |i, c| match fill(i, c) {
-        Ok(()) => c.len(),
-        Err(e) => {
-            if let Ok(mut f) = failed.lock() {
-                f.get_or_insert(e);
+    // SAFETY: a chunk counts as written only when `fill` succeeded, which by this function's
+    // contract means it initialised all of it; a failed one reports 0 and is zeroed.
+    let v = unsafe {
+        par_written(n, chunk, |i, c| match fill(i, c) {
+            Ok(()) => c.len(),
+            Err(e) => {
+                if let Ok(mut f) = failed.lock() {
+                    f.get_or_insert(e);
+                }
+                0
             }
-            0
-        }
-    });
+        })
+    };
     match failed.into_inner().ok().flatten() {
         Some(e) => Err(e),
         None => Ok(v),
