@@ -22,6 +22,10 @@ use crate::plan::{self, data, Plan};
 pub enum AdaptError {
     #[error("{0}")]
     Plan(String),
+    #[error(transparent)]
+    TaskData(Box<data::PrepareError>),
+    #[error("the plan cannot be recorded in the pack's manifest (a path that is not UTF-8?)")]
+    PlanRecord(#[source] serde_json::Error),
     #[error("{path}")]
     Backbone {
         path: PathBuf,
@@ -49,6 +53,12 @@ pub enum AdaptError {
         /// Steps of that epoch already done, for a mid-epoch stop.
         step: Option<usize>,
     },
+}
+
+impl From<data::PrepareError> for AdaptError {
+    fn from(e: data::PrepareError) -> Self {
+        AdaptError::TaskData(Box::new(e))
+    }
 }
 
 pub struct Options {
@@ -166,7 +176,7 @@ fn declared_rank(g: &crate::onnx::pb::GraphProto, tensor: &str) -> Option<usize>
     g.output.iter().find(|o| o.name() == tensor).and_then(tensor_type).and_then(|(_, s)| s).map(|s| s.len())
 }
 
-fn new_manifest(plan: &Plan, backbone: &Backbone, model: &Model) -> Manifest {
+fn new_manifest(plan: &Plan, plan_digest: String, backbone: &Backbone, model: &Model) -> Manifest {
     let own = backbone.record.own_head.is_some();
     Manifest {
         schema: PACK_SCHEMA.into(),
@@ -177,7 +187,7 @@ fn new_manifest(plan: &Plan, backbone: &Backbone, model: &Model) -> Manifest {
         needs_old_data: plan.method.needs_old_data(),
         seed: plan.seed,
         plan: plan.clone(),
-        plan_digest: plan.digest(),
+        plan_digest,
         tasks: Vec::new(),
         columns: own
             .then(|| "backbone".to_string())
@@ -199,9 +209,10 @@ fn open_pack(
     model: &Model,
     extend: bool,
 ) -> Result<Manifest, AdaptError> {
+    let digest = plan.digest().map_err(AdaptError::PlanRecord)?;
     if pack.exists() {
         let mut m = pack.load_manifest()?;
-        if m.plan_digest == plan.digest() {
+        if m.plan_digest == digest {
             return Ok(m);
         }
         let prefix_ok = plan.tasks.len() >= m.plan.tasks.len() && plan.tasks[..m.plan.tasks.len()] == m.plan.tasks[..];
@@ -221,13 +232,13 @@ fn open_pack(
             }
         }
         m.plan = plan.clone();
-        m.plan_digest = plan.digest();
+        m.plan_digest = digest;
         return Ok(m);
     }
     pack.create_dirs()?;
     model.save(&pack.backbone())?;
     model.save(&pack.model())?;
-    let mut m = new_manifest(plan, backbone, model);
+    let mut m = new_manifest(plan, digest, backbone, model);
     m.files.insert("backbone.onnx".into(), String::new());
     m.files.insert("model.onnx".into(), String::new());
     if m.backbone.own_head.is_some() {
@@ -251,7 +262,7 @@ pub fn run(plan: &Plan, opts: &Options) -> Result<Manifest, AdaptError> {
     // Every task's data is read and checked before anything trains.
     let mut prepared = Vec::with_capacity(plan.tasks.len());
     for t in &plan.tasks {
-        prepared.push(data::prepare(t, backbone.input_shape.as_deref(), plan.seed).map_err(AdaptError::Plan)?);
+        prepared.push(data::prepare(t, backbone.input_shape.as_deref(), plan.seed)?);
     }
     let device =
         crate::runtime::device::candle_device(plan.device).map_err(|e| AdaptError::Plan(format!("--device: {e}")))?;

@@ -124,11 +124,11 @@ impl Dataset {
         }
         let mut meta = HashMap::new();
         meta.insert(META_FORMAT.to_string(), FORMAT.to_string());
-        meta.insert(META_LABELS.to_string(), serde_json::to_string(&self.labels).unwrap_or_default());
+        meta.insert(META_LABELS.to_string(), serde_json::to_string(&self.labels).map_err(|e| invalid(path, e))?);
         meta.insert(META_SOURCE.to_string(), self.source.clone());
         meta.insert(META_PIXEL_MAX.to_string(), self.pixel_max.to_string());
         if let Some(p) = &self.preprocessing {
-            meta.insert(META_PREPROCESSING.to_string(), serde_json::to_string(p).unwrap_or_default());
+            meta.insert(META_PREPROCESSING.to_string(), serde_json::to_string(p).map_err(|e| invalid(path, e))?);
         }
         Ok(store::save(path, &tensors, meta)?)
     }

@@ -106,8 +106,7 @@ fn i64s(v: &[i64]) -> Tensor {
 
 /// The [256, 8] table of each byte's bits, low bit first.
 fn bit_table() -> Tensor {
-    let v: Vec<f32> = (0..256u32).flat_map(|b| (0..8).map(move |j| ((b >> j) & 1) as f32)).collect();
-    Tensor::F32(ArrayD::from_shape_vec(ndarray::IxDyn(&[256, 8]), v).unwrap_or_else(|_| ArrayD::zeros(vec![0])))
+    Tensor::F32(ndarray::Array2::from_shape_fn((256, 8), |(b, j)| ((b >> j) & 1) as f32).into_dyn())
 }
 
 /// `model` with a `task` input, the masks of `masks` applied in the graph to the weights they
@@ -148,13 +147,9 @@ pub fn embed(
         b.node("And", &["mask/owned", "mask/up_to"], "mask/visible", vec![]);
         b.cast("mask/visible", "mask/owner_table", DType::F32);
         // Two 4-bit owner ids a byte: each byte's pair of keep values, from the table above.
-        let nibbles: Vec<i64> = (0..256i64).flat_map(|v| [v & 15, v >> 4]).collect();
-        b.init(
-            "mask/nibbles",
-            Tensor::I64(
-                ArrayD::from_shape_vec(ndarray::IxDyn(&[256, 2]), nibbles).unwrap_or_else(|_| ArrayD::zeros(vec![0])),
-            ),
-        );
+        let nibbles =
+            ndarray::Array2::from_shape_fn((256, 2), |(v, k)| if k == 0 { v as i64 & 15 } else { v as i64 >> 4 });
+        b.init("mask/nibbles", Tensor::I64(nibbles.into_dyn()));
         b.node("Gather", &["mask/owner_table", "mask/nibbles"], "mask/pair_table", vec![attr::make_int("axis", 0)]);
     }
     if masks.values().any(|s| matches!(s, StoredMask::Bits { .. })) {

@@ -38,6 +38,8 @@ pub enum ExportError {
     Pack(#[from] PackError),
     #[error("{0}")]
     Invalid(String),
+    #[error(transparent)]
+    TaskData(#[from] data::PrepareError),
     /// Verification found the artifact wanting; nothing was written.
     #[error("verification failed, nothing written: {0}")]
     Check(String),
@@ -115,7 +117,7 @@ fn load(pack: &Pack) -> Result<(Manifest, Model, Vec<TaskData>), ExportError> {
     let model = Model::load(&pack.model()).map_err(step(format!("{}", pack.model().display())))?;
     let mut data = Vec::new();
     for (plan, rec) in m.plan.tasks.iter().zip(&m.tasks) {
-        let d = data::prepare(plan, None, m.seed).map_err(ExportError::Invalid)?;
+        let d = data::prepare(plan, None, m.seed)?;
         if d.dataset_sha256 != rec.dataset_sha256 {
             return Err(ExportError::Invalid(format!(
                 "task '{}': dataset {} changed since adapt (sha256 differs)",

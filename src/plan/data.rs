@@ -19,14 +19,41 @@ pub struct TaskData {
     pub test_raw: Tensor,
 }
 
+/// Why a task's data cannot be prepared; every variant names the task.
+#[derive(Debug, thiserror::Error)]
+pub enum PrepareError {
+    #[error("task '{task}': dataset {} does not exist", path.display())]
+    Missing { task: String, path: std::path::PathBuf },
+    #[error("task '{task}'")]
+    Data {
+        task: String,
+        #[source]
+        source: Box<crate::data::DataError>,
+    },
+    #[error("task '{task}': cannot read {}", path.display())]
+    Read {
+        task: String,
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("task '{task}': {problem}")]
+    Invalid { task: String, problem: String },
+}
+
 /// Loads and prepares one task; every error names the task and the field.
-pub fn prepare(t: &TaskPlan, input_shape: Option<&[Dim]>, seed: u64) -> Result<TaskData, String> {
-    let fail = |e: String| format!("task '{}': {e}", t.name);
+pub fn prepare(t: &TaskPlan, input_shape: Option<&[Dim]>, seed: u64) -> Result<TaskData, PrepareError> {
+    let task = || t.name.clone();
+    let fail = |problem: String| PrepareError::Invalid { task: task(), problem };
     if !t.dataset.is_file() {
-        return Err(fail(format!("dataset {} does not exist", t.dataset.display())));
+        return Err(PrepareError::Missing { task: task(), path: t.dataset.clone() });
     }
-    let mut d = Dataset::load(&t.dataset).map_err(|e| fail(format!("{e:#}")))?;
-    let sha = crate::fsutil::file_sha256(&t.dataset).map_err(|e| fail(format!("{}: {e}", t.dataset.display())))?;
+    let mut d = Dataset::load(&t.dataset).map_err(|e| PrepareError::Data { task: task(), source: Box::new(e) })?;
+    let sha = crate::fsutil::file_sha256(&t.dataset).map_err(|source| PrepareError::Read {
+        task: task(),
+        path: t.dataset.clone(),
+        source,
+    })?;
     if let Some(classes) = &t.classes {
         subset_classes(&mut d, classes).map_err(fail)?;
     }
@@ -50,8 +77,11 @@ pub fn prepare(t: &TaskPlan, input_shape: Option<&[Dim]>, seed: u64) -> Result<T
             test.len()
         )));
     }
-    let prep = |s: &Split| -> Result<Tensor, String> {
-        let x = t.preprocessing.apply(&s.x, d.pixel_max).map_err(|e| fail(format!("preprocessing: {e}")))?;
+    let prep = |s: &Split| -> Result<Tensor, PrepareError> {
+        let x = t
+            .preprocessing
+            .apply(&s.x, d.pixel_max)
+            .map_err(|e| PrepareError::Data { task: task(), source: Box::new(e) })?;
         Ok(Tensor::F32(x.into_dyn()))
     };
     let (train_x, test_x) = (prep(&d.train)?, prep(&test)?);

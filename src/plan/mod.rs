@@ -211,10 +211,12 @@ impl Plan {
 
     /// A digest of everything that determines the training result, to recognise a rerun of
     /// the same command.
-    pub fn digest(&self) -> String {
+    /// Fails only for a plan JSON cannot hold (a path that is not UTF-8): two such plans must
+    /// not share a digest, or a rerun would take one pack for the other's.
+    pub fn digest(&self) -> Result<String, serde_json::Error> {
         use sha2::{Digest, Sha256};
-        let text = serde_json::to_string(self).unwrap_or_default();
-        format!("{:x}", Sha256::digest(text.as_bytes()))
+        let text = serde_json::to_string(self)?;
+        Ok(format!("{:x}", Sha256::digest(text.as_bytes())))
     }
 }
 
@@ -289,6 +291,15 @@ mod tests {
         assert!(parse_task("fm").is_err());
         assert!(parse_task("fm=x:bogus=1").unwrap_err().contains("unknown option"));
         assert!(parse_task("fm=x:epochs=two").unwrap_err().contains("epochs"));
+    }
+
+    #[test]
+    fn a_plan_json_cannot_hold_has_no_digest_rather_than_a_shared_one() {
+        use std::os::unix::ffi::OsStrExt;
+        let mut p = Plan::from_toml("method = \"lwf\"\n[[task]]\nname = \"a\"\ndataset = \"a\"\n").unwrap();
+        assert_eq!(p.digest().unwrap().len(), 64);
+        p.tasks[0].dataset = PathBuf::from(std::ffi::OsStr::from_bytes(b"data/\xff.safetensors"));
+        assert!(p.digest().is_err());
     }
 
     #[test]
