@@ -25,6 +25,42 @@ use crate::train::{
 /// How many held-out images of the first task the backbone's own head is scored on.
 pub const AGREEMENT_IMAGES: usize = 500;
 
+/// The inputs of the tasks an epoch trains on, in order, with their heads' logits.
+struct TrainingInputs {
+    members: Vec<usize>,
+    xs: Vec<CTensor>,
+    logits: Vec<String>,
+}
+
+impl TrainingInputs {
+    /// The epoch's tasks; only the current task `t` asks for the method's extra outputs.
+    fn tasks<'a>(&'a self, input: &'a str, t: usize, extra: &'a [String], data: &'a [TaskData]) -> Vec<Task<'a>> {
+        self.members
+            .iter()
+            .zip(&self.xs)
+            .zip(&self.logits)
+            .map(|((&k, x), l)| Task {
+                input,
+                logits: l,
+                extra_outputs: if k == t { extra } else { &[] },
+                x,
+                y: &data[k].train_y,
+            })
+            .collect()
+    }
+}
+
+/// What one epoch runs with.
+struct EpochDriver {
+    epoch: u64,
+    batch: usize,
+    lr: f64,
+    /// Several tasks' data mixed into each batch (joint training).
+    joint: bool,
+    /// The progress bar's label: the task and the epoch.
+    label: String,
+}
+
 pub struct Runner<'a> {
     pub pack: &'a Pack,
     pub plan: &'a Plan,
@@ -128,14 +164,7 @@ impl Runner<'_> {
         let name = self.plan.tasks[t].name.clone();
         let model = self.model_with_head(t, manifest)?;
         let (logits, head_params) = head_names(&name);
-        let own = self.backbone.record.own_head.as_ref();
-        let mut old_logits: Vec<String> = own.map(|h| h.logits.clone()).into_iter().collect();
-        let mut old_head_params: BTreeSet<String> = own.map(|h| h.params.iter().cloned().collect()).unwrap_or_default();
-        for prev in &self.plan.tasks[..t] {
-            let (l, p) = head_names(&prev.name);
-            old_logits.push(l);
-            old_head_params.extend(p);
-        }
+        let (old_logits, old_head_params) = self.old_heads(t);
         let fe = method.kind() == MethodKind::FeatureExtract;
         let input = if fe { self.backbone.record.feature.clone() } else { self.backbone.record.input.clone() };
         let hyper = manifest.tasks[t].hyper.clone();
@@ -158,20 +187,9 @@ impl Runner<'_> {
             .map_err(TrainError::from)?;
         method.prepare_engine(&mut engine, &ctx)?;
         let mut opt = Optimizer::new(hyper.optim);
-        let ckpt = self.pack.checkpoint_dir();
-        let restored = checkpoint::restore(&ckpt, &name, &engine, &mut opt, method)?;
+        let restored = checkpoint::restore(&self.pack.checkpoint_dir(), &name, &engine, &mut opt, method)?;
         let mut progress = restored.unwrap_or_else(|| Progress { task: name.clone(), ..Default::default() });
-        // Inputs the engine trains on: images, or the frozen backbone's features.
-        let joint = method.kind() == MethodKind::Joint;
-        let members: Vec<usize> = if joint { (0..=t).collect() } else { vec![t] };
-        let mut xs = Vec::new();
-        for &k in &members {
-            let host = if fe { self.features(&model, k)? } else { self.data[k].train_x.clone() };
-            xs.push(to_candle_on(&host, DType::F32, self.device).map_err(candle("training inputs"))?);
-        }
-        let member_logits: Vec<String> = members.iter().map(|&k| head_names(&self.plan.tasks[k].name).0).collect();
-        let extra = method.extra_outputs(&ctx);
-        let state = self.pack.state_dir();
+        let inputs = self.training_inputs(&model, t, method.kind())?;
         let train_x = &self.data[t].train_x;
         let mut record = |names: &[String]| -> Result<Vec<CTensor>, TrainError> {
             names
@@ -183,75 +201,137 @@ impl Runner<'_> {
                 })
                 .collect()
         };
-        method.begin_task(&ctx, &engine, &mut record, &state)?;
+        method.begin_task(&ctx, &engine, &mut record, &self.pack.state_dir())?;
         engine.set_training(self.plan.batchnorm_mode() == crate::plan::BatchNormMode::Batch);
         let epochs = hyper.epochs + method.extra_epochs(&ctx);
+        let extra = method.extra_outputs(&ctx);
         for epoch in progress.epochs_done..epochs {
             let lr = hyper.schedule.lr_at(hyper.optim.lr, epoch) * method.lr_scale(epoch, &ctx);
-            let tasks: Vec<Task> = members
-                .iter()
-                .zip(&xs)
-                .zip(&member_logits)
-                .map(|((&k, x), l)| Task {
-                    input: &input,
-                    logits: l,
-                    extra_outputs: if k == t { &extra } else { &[] },
-                    x,
-                    y: &self.data[k].train_y,
-                })
-                .collect();
-            let steps: usize = if joint {
-                members.iter().map(|&k| self.data[k].train_y.len()).sum::<usize>().div_ceil(hyper.batch)
-            } else {
-                self.data[t].train_y.len().div_ceil(hyper.batch)
-            };
-            let bar = self.progress_bar(steps, format!("{name} epoch {}/{epochs}", epoch + 1));
+            let tasks = inputs.tasks(&input, t, &extra, self.data);
             let started = Instant::now();
             let hooks = method.hooks(epoch, lr, &engine, &ctx)?;
-            let done = progress.partial.take().unwrap_or_default();
-            bar.set_position(done.steps as u64);
-            let mut on_step = |s: usize, _: usize, l: f64| {
-                bar.set_position(s as u64);
-                bar.set_message(format!("loss {l:.4}"));
-                if crate::interrupt::requested() {
-                    ControlFlow::Break(())
-                } else {
-                    ControlFlow::Continue(())
-                }
-            };
-            let run = EpochRun { epoch, batch: hyper.batch, seed: self.plan.seed, lr, done, progress: &mut on_step };
-            // Joint training mixes every task into each batch (see train::mixed).
-            let train = if joint && members.len() > 1 { train_epoch_mixed } else { train_epoch };
-            let end = train(&engine, &tasks, run, &mut opt, hooks)?;
+            let label = format!("{name} epoch {}/{epochs}", epoch + 1);
+            let run = EpochDriver { epoch, batch: hyper.batch, lr, joint: inputs.members.len() > 1, label };
+            let end = self.run_epoch(&engine, &tasks, run, &mut opt, hooks, &mut progress)?;
             progress.train_seconds += started.elapsed().as_secs_f64();
             progress.steps = opt.steps;
-            let stats = match end {
-                EpochEnd::Complete(stats) => stats,
-                EpochEnd::Stopped(part) => {
-                    bar.abandon();
-                    let step = part.steps;
-                    progress.partial = Some(part);
-                    checkpoint::save(&ckpt, &progress, &engine, &opt, &method.checkpoint_state()?)?;
-                    return Err(self.interrupted(&name, epoch, Some(step)));
-                }
-            };
-            let summary = format!("loss {:.4}, {:.1} images/s", stats.loss, stats.images_per_second);
-            // Progress bars draw only on a terminal; logs get one line per epoch.
-            if !self.quiet && !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-                eprintln!("{name} epoch {}/{epochs}: {summary}", epoch + 1);
-            }
-            bar.finish_with_message(summary);
-            progress.epochs_done = epoch + 1;
-            progress.history.push(stats);
-            checkpoint::save(&ckpt, &progress, &engine, &opt, &method.checkpoint_state()?)?;
+            self.end_epoch(epoch, end, &mut progress, &engine, &opt, method)?;
             if crate::interrupt::requested() && epoch + 1 < epochs {
                 return Err(self.interrupted(&name, epoch + 1, None));
             }
         }
         engine.set_training(false);
-        let x_end = xs.last().cloned().ok_or_else(|| AdaptError::Plan("no training data".into()))?;
+        let x_end = inputs.xs.last().cloned().ok_or_else(|| AdaptError::Plan("no training data".into()))?;
         method.end_task(&ctx, &engine, &x_end, &self.data[t].train_y)?;
         self.finish(t, &model, &engine, method, progress, manifest)
+    }
+
+    /// The logits and parameters of every head before task `t`'s: the backbone's own, if
+    /// any, then the earlier tasks'.
+    fn old_heads(&self, t: usize) -> (Vec<String>, BTreeSet<String>) {
+        let own = self.backbone.record.own_head.as_ref();
+        let mut logits: Vec<String> = own.map(|h| h.logits.clone()).into_iter().collect();
+        let mut params: BTreeSet<String> = own.map(|h| h.params.iter().cloned().collect()).unwrap_or_default();
+        for prev in &self.plan.tasks[..t] {
+            let (l, p) = head_names(&prev.name);
+            logits.push(l);
+            params.extend(p);
+        }
+        (logits, params)
+    }
+
+    /// What the engine trains on for task `t`: its images, or the frozen backbone's features
+    /// (feature extraction); every task so far for joint training.
+    fn training_inputs(&self, model: &Model, t: usize, kind: MethodKind) -> Result<TrainingInputs, AdaptError> {
+        let members: Vec<usize> = if kind == MethodKind::Joint { (0..=t).collect() } else { vec![t] };
+        let mut xs = Vec::new();
+        for &k in &members {
+            let host = if kind == MethodKind::FeatureExtract {
+                self.features(model, k)?
+            } else {
+                self.data[k].train_x.clone()
+            };
+            xs.push(to_candle_on(&host, DType::F32, self.device).map_err(candle("training inputs"))?);
+        }
+        let logits = members.iter().map(|&k| head_names(&self.plan.tasks[k].name).0).collect();
+        Ok(TrainingInputs { members, xs, logits })
+    }
+
+    /// One epoch (or what is left of it after a resume) with a progress bar; Ctrl-C stops it
+    /// after the current step.
+    fn run_epoch(
+        &self,
+        engine: &Engine,
+        tasks: &[Task],
+        run: EpochDriver,
+        opt: &mut Optimizer,
+        hooks: &mut dyn crate::train::Hooks,
+        progress: &mut Progress,
+    ) -> Result<EpochEnd, AdaptError> {
+        let examples: usize = tasks.iter().map(|task| task.y.len()).sum();
+        let bar = self.progress_bar(examples.div_ceil(run.batch), run.label);
+        let done = progress.partial.take().unwrap_or_default();
+        bar.set_position(done.steps as u64);
+        let mut on_step = |s: usize, _: usize, l: f64| {
+            bar.set_position(s as u64);
+            bar.set_message(format!("loss {l:.4}"));
+            if crate::interrupt::requested() {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        };
+        let epoch_run = EpochRun {
+            epoch: run.epoch,
+            batch: run.batch,
+            seed: self.plan.seed,
+            lr: run.lr,
+            done,
+            progress: &mut on_step,
+        };
+        // Joint training mixes every task into each batch (see train::mixed).
+        let train = if run.joint { train_epoch_mixed } else { train_epoch };
+        let end = train(engine, tasks, epoch_run, opt, hooks)?;
+        match &end {
+            EpochEnd::Complete(stats) => {
+                let summary = format!("loss {:.4}, {:.1} images/s", stats.loss, stats.images_per_second);
+                // Progress bars draw only on a terminal; logs get one line per epoch.
+                if !self.quiet && !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+                    eprintln!("{}: {summary}", bar.prefix());
+                }
+                bar.finish_with_message(summary);
+            }
+            EpochEnd::Stopped(_) => bar.abandon(),
+        }
+        Ok(end)
+    }
+
+    /// Records a finished epoch and checkpoints it; a stopped one is checkpointed mid-epoch
+    /// and ends the run as interrupted.
+    fn end_epoch(
+        &self,
+        epoch: u64,
+        end: EpochEnd,
+        progress: &mut Progress,
+        engine: &Engine,
+        opt: &Optimizer,
+        method: &dyn Method,
+    ) -> Result<(), AdaptError> {
+        let ckpt = self.pack.checkpoint_dir();
+        match end {
+            EpochEnd::Complete(stats) => {
+                progress.epochs_done = epoch + 1;
+                progress.history.push(stats);
+                checkpoint::save(&ckpt, progress, engine, opt, &method.checkpoint_state()?)?;
+                Ok(())
+            }
+            EpochEnd::Stopped(part) => {
+                let step = part.steps;
+                progress.partial = Some(part);
+                checkpoint::save(&ckpt, progress, engine, opt, &method.checkpoint_state()?)?;
+                Err(self.interrupted(&progress.task, epoch, Some(step)))
+            }
+        }
     }
 
     /// The error that ends a run stopped by a signal, after its checkpoint is written.
