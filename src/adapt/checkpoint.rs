@@ -47,9 +47,7 @@ fn optim_file(dir: &Path, tag: &str) -> PathBuf {
     dir.join(format!("optimizer_{tag}.safetensors"))
 }
 
-fn invalid(e: impl std::fmt::Display) -> TrainError {
-    TrainError::Invalid(format!("{e:#}"))
-}
+use crate::train::invalid;
 
 fn write_error(path: PathBuf) -> impl FnOnce(std::io::Error) -> TrainError {
     move |source| TrainError::Write { path, source }

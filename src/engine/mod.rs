@@ -466,9 +466,7 @@ impl Engine {
                     context: t.name().to_string(),
                     source: Box::new(source),
                 })?;
-                let mut fresh = tensor_proto::from_tensor(t.name(), &host);
-                fresh.doc_string = t.doc_string.take();
-                *t = fresh;
+                tensor_proto::refill(t, &host);
             }
         }
         Ok(out)

@@ -40,9 +40,7 @@ pub fn apply(model: &Model, masks: &BTreeMap<String, Vec<bool>>) -> Result<Model
             )));
         }
         a.iter_mut().zip(mask).filter(|(_, &keep)| !keep).for_each(|(w, _)| *w = 0.0);
-        let mut fresh = tensor_proto::from_tensor(t.name(), &Tensor::F32(a));
-        fresh.doc_string = t.doc_string.take();
-        *t = fresh;
+        tensor_proto::refill(t, &Tensor::F32(a));
     }
     Ok(out)
 }
@@ -94,9 +92,7 @@ pub fn load_state(
     Ok(Some(t))
 }
 
-pub fn invalid(e: impl std::fmt::Display) -> TrainError {
-    TrainError::Invalid(format!("{e:#}"))
-}
+pub use crate::train::invalid;
 
 /// Shared parameters that every task of a mask method has its own copy of (biases,
 /// BatchNorm scale, shift and statistics): row 0 holds the backbone's values (its own head),
@@ -166,9 +162,7 @@ impl PerTask {
         let mut out = model.clone();
         for t in &mut out.graph_mut().initializer {
             if let Some(v) = row.get(t.name()) {
-                let mut fresh = tensor_proto::from_tensor(t.name(), v);
-                fresh.doc_string = t.doc_string.take();
-                *t = fresh;
+                tensor_proto::refill(t, v);
             }
         }
         Ok(out)

@@ -118,6 +118,14 @@ pub fn from_tensor(name: &str, t: &Tensor) -> TensorProto {
     }
 }
 
+/// Replaces `t`'s value with `value`, keeping its name and its doc string (where exporters
+/// and mtpack record what a weight is).
+pub fn refill(t: &mut TensorProto, value: &Tensor) {
+    let mut fresh = from_tensor(t.name(), value);
+    fresh.doc_string = t.doc_string.take();
+    *t = fresh;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -143,11 +143,13 @@ pub fn lines(xs: &[String], series: &[(String, Vec<Option<f64>>)], y: YAxis, fir
     }
     for (k, (name, v)) in series.iter().enumerate() {
         let (r, g, b) = PALETTE[(first_colour + k) % PALETTE.len()];
+        // Past the palette, colours repeat with a dashed line, so no two series look alike.
+        let dash = if first_colour + k >= PALETTE.len() { " stroke-dasharray=\"6 3\"" } else { "" };
         let points: Vec<(f64, f64)> = v.iter().enumerate().filter_map(|(i, y)| y.map(|y| (px(i), py(y)))).collect();
         let joined: Vec<String> = points.iter().map(|(x, y)| format!("{x:.1},{y:.1}")).collect();
         let _ = writeln!(
             s,
-            "<polyline fill=\"none\" stroke=\"rgb({r},{g},{b})\" stroke-width=\"2\" points=\"{}\"/>",
+            "<polyline fill=\"none\" stroke=\"rgb({r},{g},{b})\" stroke-width=\"2\"{dash} points=\"{}\"/>",
             joined.join(" ")
         );
         for (x, y) in &points {
@@ -156,10 +158,12 @@ pub fn lines(xs: &[String], series: &[(String, Vec<Option<f64>>)], y: YAxis, fir
         let ly = TOP + 18.0 * k as f64;
         let _ = writeln!(
             s,
-            "<rect x=\"{}\" y=\"{}\" width=\"12\" height=\"4\" fill=\"rgb({r},{g},{b})\"/><text x=\"{}\" y=\"{}\">{}</text>",
-            W - RIGHT + 12.0,
-            ly + 4.0,
-            W - RIGHT + 30.0,
+            "<line x1=\"{}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"rgb({r},{g},{b})\" stroke-width=\"4\"{dash}/><text x=\"{}\" y=\"{}\">{}</text>",
+            W - RIGHT + 14.0,
+            ly + 6.0,
+            W - RIGHT + 32.0,
+            ly + 6.0,
+            W - RIGHT + 38.0,
             ly + 9.0,
             escape(name)
         );
@@ -363,4 +367,35 @@ pub fn without_text(svg: &str) -> String {
         rest = rest.get(end..).unwrap_or_default();
     }
     out + rest
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn series_past_the_palette_are_dashed_so_none_look_alike() {
+        let xs: Vec<String> = ["a", "b"].map(String::from).to_vec();
+        let series: Vec<(String, Vec<Option<f64>>)> =
+            (0..PALETTE.len() + 2).map(|k| (format!("s{k}"), vec![Some(0.1), Some(k as f64 / 10.0)])).collect();
+        let chart = lines(&xs, &series, YAxis { label: "accuracy", range: Some((0.0, 1.0)) }, 0);
+        let styles: Vec<(&str, bool)> = chart
+            .svg
+            .lines()
+            .filter(|l| l.starts_with("<polyline"))
+            .map(|l| {
+                (
+                    l.split("stroke=\"").nth(1).unwrap_or_default().split('"').next().unwrap_or_default(),
+                    l.contains("dasharray"),
+                )
+            })
+            .collect();
+        assert_eq!(styles.len(), PALETTE.len() + 2);
+        for (i, a) in styles.iter().enumerate() {
+            for b in &styles[i + 1..] {
+                assert_ne!(a, b, "two series drawn alike");
+            }
+        }
+        assert!(styles[..PALETTE.len()].iter().all(|(_, dashed)| !dashed));
+    }
 }

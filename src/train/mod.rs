@@ -48,6 +48,11 @@ pub enum TrainError {
 }
 
 /// Wraps a candle error with what was being done.
+/// A stored state or setting that cannot be used, with its cause's whole chain as text.
+pub fn invalid(e: impl std::fmt::Display) -> TrainError {
+    TrainError::Invalid(format!("{e:#}"))
+}
+
 pub(crate) fn candle(context: impl Into<String>) -> impl FnOnce(candle_core::Error) -> TrainError {
     let context = context.into();
     move |source| TrainError::Candle { context, source: Box::new(source) }

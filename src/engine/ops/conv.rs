@@ -2,7 +2,7 @@
 
 use candle_core::Tensor;
 
-use super::{opt, req};
+use super::{invalid, opt, req};
 use crate::engine::kernels::conv2d::{conv2d, ConvParams};
 use crate::engine::kernels::pool2d::{pool2d, PoolKind, PoolParams};
 use crate::engine::registry::{BuildCtx, FnOp, Op, OpSpec, Registry};
@@ -28,10 +28,6 @@ struct Window {
     /// begin..., end... as in ONNX
     pads: Vec<usize>,
     auto_pad: String,
-}
-
-fn invalid(node: &NodeProto, problem: impl Into<String>) -> EngineError {
-    EngineError::Invalid { node: attr::node_label(node), op: node.op_type().into(), problem: problem.into() }
 }
 
 fn usizes(node: &NodeProto, name: &str) -> Result<Option<Vec<usize>>, EngineError> {

@@ -5,7 +5,7 @@
 use candle_core::{DType, Device, Tensor};
 
 use super::select::broadcast_all;
-use super::{axis, ints, opt, req, scalar};
+use super::{axis, ints, invalid, opt, req, scalar};
 use crate::engine::registry::{BuildCtx, FnOp, Op, OpSpec, Registry};
 use crate::engine::{to_candle, EngineError};
 use crate::onnx::pb::NodeProto;
@@ -20,10 +20,6 @@ pub fn register(r: &mut Registry) {
     r.insert("Tile", OpSpec::new(2, 2, |_, _| Ok(Box::new(FnOp(tile)))).since(6));
     r.insert("Split", OpSpec::new(1, 2, build_split).outputs(usize::MAX));
     r.insert("Pad", OpSpec::new(1, 4, build_pad).since(11));
-}
-
-fn invalid(node: &NodeProto, problem: impl Into<String>) -> EngineError {
-    EngineError::Invalid { node: attr::node_label(node), op: node.op_type().into(), problem: problem.into() }
 }
 
 fn msg(m: String) -> candle_core::Error {

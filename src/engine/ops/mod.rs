@@ -28,6 +28,15 @@ pub fn register_all(r: &mut Registry) {
 }
 
 /// The i-th input, which the op requires.
+/// The error of a node the engine cannot build or run as written, naming it and its op.
+pub(crate) fn invalid(node: &crate::onnx::pb::NodeProto, problem: impl Into<String>) -> super::EngineError {
+    super::EngineError::Invalid {
+        node: crate::onnx::attr::node_label(node),
+        op: node.op_type().into(),
+        problem: problem.into(),
+    }
+}
+
 pub(crate) fn req(x: &[Option<Tensor>], i: usize) -> candle_core::Result<&Tensor> {
     x.get(i).and_then(Option::as_ref).ok_or_else(|| candle_core::Error::Msg(format!("input {i} is required")))
 }

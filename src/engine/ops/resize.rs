@@ -5,7 +5,7 @@
 
 use candle_core::{DType, Tensor};
 
-use super::{ints, opt, req};
+use super::{ints, invalid, opt, req};
 use crate::engine::registry::{BuildCtx, FnOp, Op, OpSpec, Registry};
 use crate::engine::EngineError;
 use crate::onnx::attr;
@@ -36,10 +36,6 @@ enum Coords {
     PytorchHalfPixel,
     AlignCorners,
     Asymmetric,
-}
-
-fn invalid(node: &NodeProto, problem: impl Into<String>) -> EngineError {
-    EngineError::Invalid { node: attr::node_label(node), op: node.op_type().into(), problem: problem.into() }
 }
 
 fn parse(node: &NodeProto, opset: i64) -> Result<(Mode, Coords), EngineError> {

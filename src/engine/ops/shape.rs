@@ -3,7 +3,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use super::{axis, ints, opt, req};
+use super::{axis, ints, invalid, opt, req};
 use crate::engine::registry::{BuildCtx, FnOp, Op, OpSpec, Registry};
 use crate::engine::{to_candle, EngineError};
 use crate::onnx::pb::NodeProto;
@@ -26,10 +26,6 @@ pub fn register(r: &mut Registry) {
     // Inference semantics: the mask output is not produced.
     r.insert("Dropout", OpSpec::new(1, 3, |_, _| identity()));
     r.insert("Cast", OpSpec::new(1, 1, build_cast));
-}
-
-fn invalid(node: &NodeProto, problem: impl Into<String>) -> EngineError {
-    EngineError::Invalid { node: attr::node_label(node), op: node.op_type().into(), problem: problem.into() }
 }
 
 fn msg(m: String) -> candle_core::Error {
