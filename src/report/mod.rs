@@ -14,12 +14,14 @@ use crate::pack::Manifest;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReportError {
-    #[error("cannot draw the figure: {0}")]
+    #[error("cannot draw the figure")]
     Svg(#[source] resvg::usvg::Error),
     #[error("the figure's size {width}x{height} cannot be drawn")]
     Size { width: u32, height: u32 },
     #[error("cannot encode the PNG: {0}")]
     Encode(String),
+    #[error("{} would be overwritten by its own figure (.svg and .png are written beside the page): name the page .html", path.display())]
+    Output { path: PathBuf },
     #[error("cannot write {path}")]
     Write {
         path: PathBuf,
@@ -142,9 +144,12 @@ pub use raster::png as render_png;
 /// Writes `html` to `out`, and beside it `figure` as `<stem>.svg` (for documents that take
 /// vectors) and as `<stem>.png`, each through a temporary file; returns the PNG's path.
 fn write_pair(html: &str, figure: &str, out: &Path) -> Result<PathBuf, ReportError> {
-    let png = raster::png(figure)?;
     let png_path = out.with_extension("png");
     let svg_path = out.with_extension("svg");
+    if out == png_path || out == svg_path {
+        return Err(ReportError::Output { path: out.to_path_buf() });
+    }
+    let png = raster::png(figure)?;
     let files = [(out, html.as_bytes()), (svg_path.as_path(), figure.as_bytes()), (png_path.as_path(), &png)];
     for (path, bytes) in files {
         crate::fsutil::write_atomic(path, bytes)

@@ -89,6 +89,11 @@ fn report_renders_a_static_page_naming_every_task() {
     }
     assert!(figure.contains(">alpha</text>") && figure.contains(">beta</text>"));
     assert_text_drawn(&html.with_extension("png"), &figure);
+    // A page named like its figure would be overwritten by it: refused, nothing written.
+    let clash = dir.path().join("figure.png");
+    let r = mtpack(["report", p(&pack), "-o", p(&clash)]).expect(2);
+    assert!(r.stderr.contains("figure.png") && r.stderr.contains(".html"), "{}", r.stderr);
+    assert!(!clash.exists());
     let r = mtpack(["report", p(&dir.path().join("nope")), "-o", p(&html)]).expect(2);
     assert!(r.stderr.contains("nope") && r.stderr.contains("bench.json"), "{}", r.stderr);
 }
