@@ -44,7 +44,8 @@ pub enum Command {
     Verify(export_cmd::VerifyArgs),
     /// Learn one scenario with every method and print the measured comparison table.
     Bench(bench_cmd::Args),
-    /// Render a pack's results as a static HTML page (and PNG): heatmap, accuracy lines, losses.
+    /// Render a pack's results, or a bench run's comparison of methods, as a static HTML page
+    /// with its figure beside it as SVG and PNG (text included).
     Report(report_cmd::Args),
     /// Describe a model: inputs, outputs, ops, parameters, trainable layers, head and feature tensor.
     Inspect(inspect_cmd::Args),
