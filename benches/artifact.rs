@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use mtpack::adapt::Options;
 use mtpack::data::{Dataset, Preprocessing};
-use mtpack::methods::{MethodKind, MethodParams};
+use mtpack::methods::{packnet, MethodKind, MethodParams};
 use mtpack::pack::export::{export, ExportOptions};
 use mtpack::pack::lock::Wait;
 use mtpack::pack::specialize;
@@ -30,7 +30,7 @@ use mtpack::serve::Artifact;
 use mtpack::tensor::{max_abs_diff, Tensor};
 use mtpack::train::Hyper;
 
-const METHODS: [MethodKind; 7] = MethodKind::ALL;
+const METHODS: &[MethodKind] = MethodKind::ALL;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -146,7 +146,10 @@ impl Setup {
     fn plan(&self, method: MethodKind, count: usize) -> Plan {
         Plan {
             defaults: Hyper { epochs: Some(1), batch: Some(16), ..Hyper::default() },
-            params: MethodParams { packnet_retrain_epochs: Some(0), ..MethodParams::default() },
+            params: MethodParams {
+                packnet: packnet::Params { packnet_retrain_epochs: Some(0), ..Default::default() },
+                ..MethodParams::default()
+            },
             ..Plan::new(Some(self.backbone.clone()), method, tasks(&self.data, count, self.size))
         }
     }

@@ -10,6 +10,7 @@ use candle_core::DType;
 use serde::{Deserialize, Serialize};
 
 use crate::engine::{from_candle, to_candle_on, Engine};
+use crate::methods::Record;
 use crate::store;
 use crate::train::{candle, EpochPart, EpochStats, Optimizer, TrainError};
 
@@ -61,13 +62,13 @@ pub fn save(
     p: &Progress,
     engine: &Engine,
     opt: &Optimizer,
-    method_state: &[(String, crate::tensor::Tensor)],
+    method_state: &Record,
 ) -> Result<(), TrainError> {
     let mut weights = Vec::new();
     for (name, var) in engine.params() {
         weights.push((name.clone(), from_candle(var.as_tensor()).map_err(candle("checkpoint weights"))?));
     }
-    weights.extend(method_state.iter().map(|(n, t)| (format!("{METHOD}{n}"), t.clone())));
+    weights.extend(method_state.flatten().into_iter().map(|(n, t)| (format!("{METHOD}{n}"), t)));
     let refs: Vec<(&str, &crate::tensor::Tensor)> = weights.iter().map(|(n, t)| (n.as_str(), t)).collect();
     let tag = p.tag();
     store::save(&weights_file(dir, &tag), &refs, HashMap::new())?;
@@ -118,9 +119,9 @@ pub fn restore(
         var.set(&to_candle_on(t, engine.float(), &dev).map_err(candle("restoring weights"))?)
             .map_err(candle("restoring weights"))?;
     }
-    let method_state: HashMap<String, crate::tensor::Tensor> =
-        weights.iter().filter_map(|(k, t)| k.strip_prefix(METHOD).map(|n| (n.to_string(), t.clone()))).collect();
-    method.restore_checkpoint_state(&method_state)?;
+    let method_state = weights.iter().filter_map(|(k, t)| k.strip_prefix(METHOD).map(|n| (n.to_string(), t.clone())));
+    let weights_path = weights_file(dir, &tag);
+    method.restore(&Record::from_flat(method_state, &weights_path.display())?)?;
     let (state, meta) = store::load(&optim_file(dir, &tag))?;
     let steps = meta.get("steps").and_then(|s| s.parse().ok()).unwrap_or(0);
     let mut restored = Vec::new();

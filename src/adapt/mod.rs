@@ -12,7 +12,7 @@ use crate::graph::analysis::{find_feature, find_head, nearest_names, trainable_l
 use crate::graph::features::{attach, Pool, FEATURE};
 use crate::graph::index::validate;
 use crate::graph::materialize::weights_from_nodes;
-use crate::methods::{self, MethodKind};
+use crate::methods::{Inputs, Record};
 use crate::onnx::{tensor_type, Dim, Model};
 use crate::pack::manifest::{BackboneRecord, CutRecord, OwnHead};
 use crate::pack::{Manifest, Metrics, Pack, PACK_SCHEMA};
@@ -94,7 +94,7 @@ pub fn analyse_backbone(path: &Path, plan: &Plan) -> Result<(Model, Backbone), A
     let (model, head, feature, feature_dim, cut) = choose_feature(path, model, plan)?;
     let g = model.graph();
     let missing = crate::engine::missing_ops_with_nodes(&model);
-    if !missing.is_empty() && plan.method != MethodKind::FeatureExtract {
+    if !missing.is_empty() && plan.method.spec().data.inputs != Inputs::FrozenFeatures {
         return Err(AdaptError::Plan(format!(
             "{}: the training engine cannot execute {} (method feature-extract trains only the head; \
              --at TENSOR drops what follows it)",
@@ -258,7 +258,7 @@ pub fn run(plan: &Plan, opts: &Options) -> Result<Manifest, AdaptError> {
     let (model, backbone) = analyse_backbone(&backbone_path, plan)?;
     let plan = &plan.for_backbone(&model);
     let params = plan.params.for_backbone(plan.method, &model);
-    let mut method = methods::create(plan.method, &params).map_err(AdaptError::Plan)?;
+    let mut method = plan.method.create(&params).map_err(AdaptError::Plan)?;
     // Every task's data is read and checked before anything trains.
     let mut prepared = Vec::with_capacity(plan.tasks.len());
     for t in &plan.tasks {
@@ -272,7 +272,7 @@ pub fn run(plan: &Plan, opts: &Options) -> Result<Manifest, AdaptError> {
     let mut manifest = open_pack(&pack, plan, &backbone, &model, opts.extend)?;
     let done: Vec<String> = manifest.tasks.iter().filter(|t| t.done).map(|t| t.name.clone()).collect();
     if let Some(last) = done.last() {
-        method.load(&pack.state_dir().join(format!("after_{last}")))?;
+        method.restore(&Record::load(&pack.state_dir().join(format!("after_{last}")))?)?;
     }
     let runner = task::Runner {
         pack: &pack,

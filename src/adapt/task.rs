@@ -12,7 +12,7 @@ use super::{AdaptError, Backbone};
 use crate::engine::{to_candle_on, Engine};
 use crate::graph::cut;
 use crate::graph::heads::{add_heads, LinearHead};
-use crate::methods::{Method, MethodKind, TaskCtx};
+use crate::methods::{Inputs, Method, TaskCtx, Tasks, TrainingData};
 use crate::onnx::Model;
 use crate::pack::{Manifest, Metrics, Pack, TaskRecord};
 use crate::plan::data::{head_rows, TaskData};
@@ -55,8 +55,8 @@ struct EpochDriver {
     epoch: u64,
     batch: usize,
     lr: f64,
-    /// Several tasks' data mixed into each batch (joint training).
-    joint: bool,
+    /// Several tasks' data mixed into each batch (`Tasks::AllSoFar`).
+    mixed: bool,
     /// The progress bar's label: the task and the epoch.
     label: String,
 }
@@ -165,7 +165,8 @@ impl Runner<'_> {
         let model = self.model_with_head(t, manifest)?;
         let (logits, head_params) = head_names(&name);
         let (old_logits, old_head_params) = self.old_heads(t);
-        let fe = method.kind() == MethodKind::FeatureExtract;
+        let data = self.plan.method.spec().data;
+        let fe = data.inputs == Inputs::FrozenFeatures;
         let input = if fe { self.backbone.record.feature.clone() } else { self.backbone.record.input.clone() };
         let hyper = manifest.tasks[t].hyper.clone();
         let ctx = TaskCtx {
@@ -189,7 +190,7 @@ impl Runner<'_> {
         let mut opt = Optimizer::new(hyper.optim);
         let restored = checkpoint::restore(&self.pack.checkpoint_dir(), &name, &engine, &mut opt, method)?;
         let mut progress = restored.unwrap_or_else(|| Progress { task: name.clone(), ..Default::default() });
-        let inputs = self.training_inputs(&model, t, method.kind())?;
+        let inputs = self.training_inputs(&model, t, data)?;
         let train_x = &self.data[t].train_x;
         let mut record = |names: &[String]| -> Result<Vec<CTensor>, TrainError> {
             names
@@ -211,7 +212,7 @@ impl Runner<'_> {
             let started = Instant::now();
             let hooks = method.hooks(epoch, lr, &engine, &ctx)?;
             let label = format!("{name} epoch {}/{epochs}", epoch + 1);
-            let run = EpochDriver { epoch, batch: hyper.batch, lr, joint: inputs.members.len() > 1, label };
+            let run = EpochDriver { epoch, batch: hyper.batch, lr, mixed: inputs.members.len() > 1, label };
             let end = self.run_epoch(&engine, &tasks, run, &mut opt, hooks, &mut progress)?;
             progress.train_seconds += started.elapsed().as_secs_f64();
             progress.steps = opt.steps;
@@ -240,13 +241,16 @@ impl Runner<'_> {
         (logits, params)
     }
 
-    /// What the engine trains on for task `t`: its images, or the frozen backbone's features
-    /// (feature extraction); every task so far for joint training.
-    fn training_inputs(&self, model: &Model, t: usize, kind: MethodKind) -> Result<TrainingInputs, AdaptError> {
-        let members: Vec<usize> = if kind == MethodKind::Joint { (0..=t).collect() } else { vec![t] };
+    /// What the engine trains on for task `t`, as the method's `TrainingData` says: its
+    /// images or the frozen backbone's features, of the task or of every task so far.
+    fn training_inputs(&self, model: &Model, t: usize, data: TrainingData) -> Result<TrainingInputs, AdaptError> {
+        let members: Vec<usize> = match data.tasks {
+            Tasks::AllSoFar => (0..=t).collect(),
+            Tasks::Current => vec![t],
+        };
         let mut xs = Vec::new();
         for &k in &members {
-            let host = if kind == MethodKind::FeatureExtract {
+            let host = if data.inputs == Inputs::FrozenFeatures {
                 self.features(model, k)?
             } else {
                 self.data[k].train_x.clone()
@@ -289,8 +293,8 @@ impl Runner<'_> {
             done,
             progress: &mut on_step,
         };
-        // Joint training mixes every task into each batch (see train::mixed).
-        let train = if run.joint { train_epoch_mixed } else { train_epoch };
+        // Every task so far in each batch (see train::mixed).
+        let train = if run.mixed { train_epoch_mixed } else { train_epoch };
         let end = train(engine, tasks, epoch_run, opt, hooks)?;
         match &end {
             EpochEnd::Complete(stats) => {
@@ -322,13 +326,13 @@ impl Runner<'_> {
             EpochEnd::Complete(stats) => {
                 progress.epochs_done = epoch + 1;
                 progress.history.push(stats);
-                checkpoint::save(&ckpt, progress, engine, opt, &method.checkpoint_state()?)?;
+                checkpoint::save(&ckpt, progress, engine, opt, &method.record()?)?;
                 Ok(())
             }
             EpochEnd::Stopped(part) => {
                 let step = part.steps;
                 progress.partial = Some(part);
-                checkpoint::save(&ckpt, progress, engine, opt, &method.checkpoint_state()?)?;
+                checkpoint::save(&ckpt, progress, engine, opt, &method.record()?)?;
                 Err(self.interrupted(&progress.task, epoch, Some(step)))
             }
         }
@@ -367,7 +371,7 @@ impl Runner<'_> {
         let state_dir = self.pack.state_dir().join(format!("after_{name}"));
         std::fs::create_dir_all(&state_dir)
             .map_err(|source| crate::pack::PackError::Write { path: state_dir.clone(), source })?;
-        for f in method.save(&state_dir)? {
+        if let Some(f) = method.record()?.save(&state_dir)? {
             manifest.files.insert(format!("state/after_{name}/{f}"), String::new());
         }
         let row = self.evaluate(&trained, t, manifest, method)?;

@@ -10,12 +10,59 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
 use candle_core::{Tensor, D};
+use serde::{Deserialize, Serialize};
 
-use super::{freeze_all_but, Method, MethodKind, MethodParams, TaskCtx, LWF_LAMBDA, LWF_TEMPERATURE};
+use super::{freeze_all_but, non_negative, positive, Method, Spec, TaskCtx, TrainingData};
 use crate::engine::Engine;
 use crate::store;
 use crate::train::loss::log_softmax;
 use crate::train::{candle, BatchCtx, Hooks, TrainError};
+
+/// LwF's parameters (flags and `[params]` keys keep the method's prefix).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, clap::Args)]
+#[group(skip)]
+pub struct Params {
+    /// LwF: distillation temperature [default: 2, the paper's].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[arg(long)]
+    pub lwf_temperature: Option<f64>,
+    /// LwF: weight of the distillation terms [default: 1].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[arg(long)]
+    pub lwf_lambda: Option<f64>,
+    /// LwF: epochs training only the new head before everything trains (the paper's warm-up)
+    /// [default: 0].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[arg(long)]
+    pub lwf_warmup_epochs: Option<u64>,
+}
+
+pub const LWF_TEMPERATURE: f64 = 2.0;
+pub const LWF_LAMBDA: f64 = 1.0;
+
+impl Params {
+    pub fn validate(&self) -> Result<(), String> {
+        positive(self.lwf_temperature, "lwf_temperature")?;
+        non_negative(self.lwf_lambda, "lwf_lambda")
+    }
+}
+
+/// LwF keeps the recorded BatchNorm statistics by default on a backbone that has them:
+/// distillation cannot hold running averages, which with batch statistics follow the newest
+/// task, and LwF then forgot more than fine-tuning on the real sequence (README).
+pub const SPEC: Spec = Spec {
+    frozen_batchnorm: true,
+    effective: |p| {
+        let p = &p.lwf;
+        serde_json::json!({
+            "temperature": p.lwf_temperature.unwrap_or(LWF_TEMPERATURE),
+            "lambda": p.lwf_lambda.unwrap_or(LWF_LAMBDA),
+            "warmup_epochs": p.lwf_warmup_epochs.unwrap_or(0),
+            "distillation": "cross-entropy between softmax(old/T) recorded once per task through ONNX Runtime and softmax(new/T), no T^2 factor (paper)",
+        })
+    },
+    ..Spec::plain(TrainingData::IMAGES, |p| Box::new(Lwf::new(&p.lwf)))
+};
 
 pub struct Lwf {
     temperature: f64,
@@ -27,7 +74,7 @@ pub struct Lwf {
 }
 
 impl Lwf {
-    pub fn new(p: &MethodParams) -> Lwf {
+    pub fn new(p: &Params) -> Lwf {
         Lwf {
             temperature: p.lwf_temperature.unwrap_or(LWF_TEMPERATURE),
             lambda: p.lwf_lambda.unwrap_or(LWF_LAMBDA),
@@ -82,10 +129,6 @@ impl Hooks for Lwf {
 }
 
 impl Method for Lwf {
-    fn kind(&self) -> MethodKind {
-        MethodKind::Lwf
-    }
-
     fn trainable(&self, name: &str, ctx: &TaskCtx) -> bool {
         ctx.head_params.contains(name) || ctx.backbone_params.contains(name) || ctx.old_head_params.contains(name)
     }

@@ -72,26 +72,6 @@ pub fn mask_tensor(keep: &[bool], like: &candle_core::Tensor) -> candle_core::Re
     candle_core::Tensor::from_vec(v, like.dims(), like.device())?.to_dtype(like.dtype())
 }
 
-/// Writes a method's state file `name` into `dir`; returns the names written.
-pub fn save_state(dir: &std::path::Path, name: &str, host: &[(String, Tensor)]) -> Result<Vec<String>, TrainError> {
-    let refs: Vec<(&str, &Tensor)> = host.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    crate::store::save(&dir.join(name), &refs, Default::default())?;
-    Ok(vec![name.into()])
-}
-
-/// Reads a method's state file `name` from `dir`, if there is one.
-pub fn load_state(
-    dir: &std::path::Path,
-    name: &str,
-) -> Result<Option<std::collections::HashMap<String, Tensor>>, TrainError> {
-    let file = dir.join(name);
-    if !file.exists() {
-        return Ok(None);
-    }
-    let (t, _) = crate::store::load(&file)?;
-    Ok(Some(t))
-}
-
 pub use crate::train::invalid;
 
 /// Shared parameters that every task of a mask method has its own copy of (biases,
@@ -102,7 +82,8 @@ pub struct PerTask {
     rows: Vec<BTreeMap<String, Tensor>>,
 }
 
-pub const PER_TASK_FILE: &str = "per_task.safetensors";
+/// The record table of the per-task parameters.
+const PER_TASK: &str = "per_task";
 
 impl PerTask {
     pub fn is_empty(&self) -> bool {
@@ -198,20 +179,21 @@ impl PerTask {
         Ok(out)
     }
 
-    pub fn save(&self, dir: &std::path::Path) -> Result<Vec<String>, TrainError> {
-        if self.rows.is_empty() {
-            return Ok(Vec::new());
+    /// Adds the per-task parameters, stacked by row, to a method's record.
+    pub fn record_into(&self, record: &mut super::Record) -> Result<(), TrainError> {
+        for (name, stacked) in self.stacked()? {
+            record.insert(PER_TASK, &name, Tensor::F32(stacked));
         }
-        let host: Vec<(String, Tensor)> =
-            self.stacked()?.into_iter().map(|(k, v)| (format!("per_task/{k}"), Tensor::F32(v))).collect();
-        save_state(dir, PER_TASK_FILE, &host)
+        Ok(())
     }
 
-    pub fn load(&mut self, dir: &std::path::Path) -> Result<(), TrainError> {
-        let Some(t) = load_state(dir, PER_TASK_FILE)? else { return Ok(()) };
+    /// Takes the per-task parameters back from a record that has them.
+    pub fn restore(&mut self, record: &super::Record) -> Result<(), TrainError> {
+        if record.table(PER_TASK).next().is_none() {
+            return Ok(());
+        }
         self.rows.clear();
-        for (k, v) in t {
-            let Some(name) = k.strip_prefix("per_task/") else { continue };
+        for (name, v) in record.table(PER_TASK) {
             let Tensor::F32(a) = v else {
                 return Err(TrainError::Invalid(format!("per-task '{name}' is not float32")));
             };

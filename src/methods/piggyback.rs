@@ -7,23 +7,80 @@
 //! the task only the binary mask is kept, packed one bit per weight.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::{Tensor, Var};
+use serde::{Deserialize, Serialize};
 
 use super::masks;
-use super::{Method, MethodKind, MethodParams, SharedParams, TaskCtx};
-use super::{PIGGYBACK_INIT, PIGGYBACK_MASK_LR, PIGGYBACK_THRESHOLD};
+use super::{positive, Method, Record, SharedParams, Spec, TaskCtx, TrainingData};
 use crate::engine::Engine;
 use crate::graph::masks::StoredMask;
 use crate::onnx::Model;
 use crate::tensor::Tensor as Host;
 use crate::train::{candle, Hooks, TrainError};
 
-pub const STATE_FILE: &str = "piggyback.safetensors";
+/// Piggyback's parameters (flags and `[params]` keys keep the method's prefix).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, clap::Args)]
+#[group(skip)]
+pub struct Params {
+    /// Piggyback: biases and BatchNormalization stay the backbone's (frozen, the paper's) or
+    /// each task trains its own copy (per-task) [default: frozen].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[arg(long, value_enum)]
+    pub piggyback_shared: Option<SharedParams>,
+    /// Piggyback: initial value of the real-valued mask scores [default: 0.01, the paper's].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[arg(long)]
+    pub piggyback_init: Option<f64>,
+    /// Piggyback: scores above this threshold keep their weight [default: 0.005].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[arg(long)]
+    pub piggyback_threshold: Option<f64>,
+    /// Piggyback: learning rate of the mask scores; the task's lr trains its head
+    /// [default: 0.0001, the paper's].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[arg(long)]
+    pub piggyback_mask_lr: Option<f64>,
+}
 
-pub fn effective(p: &MethodParams) -> serde_json::Value {
+pub const PIGGYBACK_INIT: f64 = 1e-2;
+pub const PIGGYBACK_THRESHOLD: f64 = 5e-3;
+pub const PIGGYBACK_MASK_LR: f64 = 1e-4;
+pub const PIGGYBACK_HEAD_LR: f64 = 1e-2;
+
+impl Params {
+    pub fn validate(&self) -> Result<(), String> {
+        positive(self.piggyback_init, "piggyback_init")?;
+        if self.piggyback_shared == Some(SharedParams::FirstTask) {
+            return Err("piggyback_shared must be frozen or per-task: Piggyback never changes the backbone".into());
+        }
+        positive(self.piggyback_mask_lr, "piggyback_mask_lr")?;
+        if let Some(t) = self.piggyback_threshold.filter(|t| !t.is_finite()) {
+            return Err(format!("piggyback_threshold must be a finite number, got {t}"));
+        }
+        Ok(())
+    }
+}
+
+/// Piggyback trains its masks and head with Adam (the paper's); it keeps the paper's frozen
+/// BatchNorm, which measured better than per-task copies on the real sequence.
+pub const SPEC: Spec = Spec {
+    masked: true,
+    hyper_defaults: || crate::train::Hyper {
+        optimizer: Some(crate::train::OptimizerName::Adamw),
+        lr: Some(PIGGYBACK_HEAD_LR),
+        ..Default::default()
+    },
+    effective: |p| effective(&p.piggyback),
+    ..Spec::plain(TrainingData::IMAGES, |p| Box::new(Piggyback::new(&p.piggyback)))
+};
+
+/// The record tables: each task's packed mask bits per weight, and the weight's shape.
+const BITS: &str = "bits";
+const SHAPE: &str = "shape";
+
+fn effective(p: &Params) -> serde_json::Value {
     serde_json::json!({
         "init": p.piggyback_init.unwrap_or(PIGGYBACK_INIT),
         "threshold": p.piggyback_threshold.unwrap_or(PIGGYBACK_THRESHOLD),
@@ -63,7 +120,7 @@ pub struct Piggyback {
 }
 
 impl Piggyback {
-    pub fn new(p: &MethodParams) -> Piggyback {
+    pub fn new(p: &Params) -> Piggyback {
         Piggyback {
             init: p.piggyback_init.unwrap_or(PIGGYBACK_INIT),
             threshold: p.piggyback_threshold.unwrap_or(PIGGYBACK_THRESHOLD),
@@ -103,10 +160,6 @@ impl Hooks for Piggyback {
 }
 
 impl Method for Piggyback {
-    fn kind(&self) -> MethodKind {
-        MethodKind::Piggyback
-    }
-
     fn trainable(&self, name: &str, ctx: &TaskCtx) -> bool {
         let own_shared = self.shared == SharedParams::PerTask && !ctx.masked.contains(name);
         ctx.head_params.contains(name) || (own_shared && ctx.backbone_params.contains(name))
@@ -223,34 +276,37 @@ impl Method for Piggyback {
         self.per_task.apply(masked.as_ref().unwrap_or(model), column).map(Some)
     }
 
-    fn save(&self, dir: &Path) -> Result<Vec<String>, TrainError> {
-        let mut host = Vec::new();
-        for (name, stored) in self.stored_masks().unwrap_or_default() {
-            let (StoredMask::Bits { rows, .. }, Some(b)) = (stored, self.bits.get(&name)) else { continue };
-            host.push((format!("bits/{name}"), Host::U8(rows.into_dyn())));
+    fn record(&self) -> Result<Record, TrainError> {
+        let mut r = Record::default();
+        for (name, b) in &self.bits {
+            let width = b.shape.iter().product::<usize>().div_ceil(8);
+            let flat: Vec<u8> = b.rows.iter().flatten().copied().collect();
+            let rows = ndarray::Array2::from_shape_vec((b.rows.len(), width), flat).map_err(masks::invalid)?;
+            r.insert(BITS, name, Host::U8(rows.into_dyn()));
             let shape: Vec<i64> = b.shape.iter().map(|&d| d as i64).collect();
-            host.push((format!("shape/{name}"), Host::I64(ndarray::arr1(&shape).into_dyn())));
+            r.insert(SHAPE, name, Host::I64(ndarray::arr1(&shape).into_dyn()));
         }
-        let mut files = masks::save_state(dir, STATE_FILE, &host)?;
-        files.extend(self.per_task.save(dir)?);
-        Ok(files)
+        self.per_task.record_into(&mut r)?;
+        Ok(r)
     }
 
-    fn load(&mut self, dir: &Path) -> Result<(), TrainError> {
-        self.per_task.load(dir)?;
-        let Some(t) = masks::load_state(dir, STATE_FILE)? else { return Ok(()) };
-        let file = dir.join(STATE_FILE);
-        for (k, v) in &t {
-            let Some(name) = k.strip_prefix("bits/") else { continue };
-            let (Host::U8(bits), Some(Host::I64(shape))) = (v, t.get(&format!("shape/{name}"))) else {
-                return Err(TrainError::Invalid(format!("{}: masks of '{name}' are malformed", file.display())));
+    fn restore(&mut self, record: &Record) -> Result<(), TrainError> {
+        self.per_task.restore(record)?;
+        if record.table(BITS).next().is_some() {
+            self.bits.clear();
+        }
+        for (name, v) in record.table(BITS) {
+            let (Host::U8(bits), Some(Host::I64(shape))) = (v, record.get(SHAPE, name)) else {
+                return Err(TrainError::Invalid(format!("piggyback: masks of '{name}' are malformed")));
             };
-            let shape: Vec<usize> = shape.iter().map(|&d| usize::try_from(d).unwrap_or(0)).collect();
+            let shape = shape
+                .iter()
+                .map(|&d| usize::try_from(d).map_err(masks::invalid))
+                .collect::<Result<Vec<usize>, TrainError>>()?;
             let width = shape.iter().product::<usize>().div_ceil(8);
             if bits.ndim() != 2 || bits.shape().get(1) != Some(&width) {
                 return Err(TrainError::Invalid(format!(
-                    "{}: masks of '{name}' are {:?}, expected [tasks, {width}]",
-                    file.display(),
+                    "piggyback: masks of '{name}' are {:?}, expected [tasks, {width}]",
                     bits.shape()
                 )));
             }
@@ -306,7 +362,7 @@ mod tests {
             old_head_params: &empty,
             seed: 0,
         };
-        let mut pb = Piggyback::new(&MethodParams::default());
+        let mut pb = Piggyback::new(&Params::default());
         pb.prepare_engine(&mut engine, &ctx).unwrap();
         let scores = engine.params().get(&score_name("W")).unwrap().clone();
         // Two scores below the threshold drop their weights.

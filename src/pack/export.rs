@@ -15,7 +15,7 @@ use super::artifact::{self, ArtifactManifest, ArtifactTask, MaskSummary, Probes,
 use super::{Manifest, Pack, PackError};
 use crate::engine::{from_candle, to_candle, Engine};
 use crate::graph::{masks, preprocess, Patch};
-use crate::methods::{self, Method};
+use crate::methods::{Method, Record};
 use crate::onnx::Model;
 use crate::plan::data::{self, TaskData};
 use crate::runtime::ort_rt::OrtSession;
@@ -165,9 +165,11 @@ fn select(m: &Manifest, opts: &ExportOptions) -> Result<Vec<usize>, ExportError>
 fn load_method(pack: &Pack, m: &Manifest) -> Result<Box<dyn Method>, ExportError> {
     let backbone = Model::load(&pack.backbone()).map_err(step(format!("{}", pack.backbone().display())))?;
     let params = m.plan.params.for_backbone(m.plan.method, &backbone);
-    let mut method = methods::create(m.plan.method, &params).map_err(ExportError::Invalid)?;
+    let mut method = m.plan.method.create(&params).map_err(ExportError::Invalid)?;
     if let Some(last) = m.tasks.last() {
-        method.load(&pack.state_dir().join(format!("after_{}", last.name))).map_err(step("the method's state"))?;
+        let record =
+            Record::load(&pack.state_dir().join(format!("after_{}", last.name))).map_err(step("the method's state"))?;
+        method.restore(&record).map_err(step("the method's state"))?;
     }
     Ok(method)
 }

@@ -168,19 +168,17 @@ impl Plan {
             }
             t.preprocessing.validate().map_err(|e| format!("task '{}': {e}", t.name))?;
         }
-        self.params.validate(self.method)
+        self.params.validate()
     }
 
-    /// The plan with the defaults that depend on the backbone filled in. LwF on a backbone
-    /// with BatchNormalization keeps the recorded statistics (frozen): distillation cannot
-    /// hold running averages, which with batch statistics follow the newest task, and LwF
-    /// then forgot more than fine-tuning on the real sequence (README). Frozen statistics
-    /// bring the default learning rate down to `FROZEN_BN_LR` where the plan and the
-    /// method set none.
+    /// The plan with the defaults that depend on the backbone filled in. On a backbone with
+    /// BatchNormalization, the method may keep the recorded statistics by default
+    /// (`Spec::frozen_batchnorm`, LwF's); frozen statistics bring the default learning rate
+    /// down to `FROZEN_BN_LR` where the plan and the method set none.
     pub fn for_backbone(&self, model: &crate::onnx::Model) -> Plan {
         let bn = crate::methods::has_batchnorm(model);
         let mut p = self.clone();
-        let mode = p.batchnorm.unwrap_or(if bn && p.method == MethodKind::Lwf {
+        let mode = p.batchnorm.unwrap_or(if bn && p.method.spec().frozen_batchnorm {
             BatchNormMode::Frozen
         } else {
             BatchNormMode::Batch

@@ -162,8 +162,15 @@ fn ewc_per_task_batchnorm_keeps_each_tasks_copy_and_exports_with_a_task_input() 
     mtpack(["adapt", "--method", "ewc", "--task", &t1, "--task", &t2, "-o", p(&pack), "--quiet"]).expect(0);
     let m = manifest(&pack);
     assert_eq!(m["method_params"]["shared"], "per-task");
-    let rows =
-        |task: &str| mtpack::store::load(&pack.join(format!("state/after_{task}/per_task.safetensors"))).unwrap().0;
+    // The method's record after each task: per-task copies and Fisher sums in one file.
+    let record =
+        |task: &str| mtpack::store::load(&pack.join(format!("state/after_{task}/method.safetensors"))).unwrap().0;
+    let rows = |task: &str| {
+        record(task)
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("per_task/"))
+            .collect::<std::collections::HashMap<_, _>>()
+    };
     let (after_low, after_high) = (rows("low"), rows("high"));
     let stats: Vec<&String> = after_high.keys().filter(|k| k.ends_with("bn1.mean") || k.ends_with("bn1.var")).collect();
     assert_eq!(stats.len(), 2, "running statistics are kept per task: {:?}", after_high.keys());
@@ -175,12 +182,12 @@ fn ewc_per_task_batchnorm_keeps_each_tasks_copy_and_exports_with_a_task_input() 
     }
     assert!(stats.iter().any(|n| row(&after_high[*n], 1) != row(&after_high[*n], 2)));
     // The copies are not in the penalty: no Fisher for them.
-    let (fisher, _) = mtpack::store::load(&pack.join("state/after_high/ewc.safetensors")).unwrap();
+    let fisher = record("high");
     let own: Vec<&str> = after_high.keys().filter_map(|k| k.strip_prefix("per_task/")).collect();
     assert!(fisher.keys().all(|k| !own.contains(&k.trim_start_matches("F/").trim_start_matches("FT/"))));
     assert!(fisher.keys().any(|k| k.starts_with("F/")));
     // One task's Fisher: mean entry 1 plus the floor, no entry below the floor.
-    let (first, _) = mtpack::store::load(&pack.join("state/after_low/ewc.safetensors")).unwrap();
+    let first = record("low");
     let entries: Vec<f32> = first
         .iter()
         .filter(|(k, _)| k.starts_with("F/"))
@@ -216,7 +223,7 @@ fn ewc_per_task_killed_in_the_second_task_resumes_to_the_same_weights() {
     mtpack(args(&killed)).expect(0);
     mtpack(args(&whole)).expect(0);
     assert_eq!(weights(&killed.join("model.onnx")), weights(&whole.join("model.onnx")));
-    let state = |d: &Path| std::fs::read(d.join("state/after_high/per_task.safetensors")).unwrap();
+    let state = |d: &Path| std::fs::read(d.join("state/after_high/method.safetensors")).unwrap();
     assert_eq!(state(&killed), state(&whole));
     assert_eq!(manifest(&killed)["accuracy_matrix"], manifest(&whole)["accuracy_matrix"]);
 }

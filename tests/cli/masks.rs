@@ -114,7 +114,7 @@ fn piggyback_leaves_the_backbone_bit_for_bit() {
     let m = manifest(&pack);
     assert_eq!(m["accuracy_matrix"].as_array().unwrap().last().unwrap()[0], 1.0, "own head must agree fully");
     assert_eq!(m["method_params"]["shared"], "per-task");
-    let (per_task, _) = mtpack::store::load(&pack.join("state/after_t3/per_task.safetensors")).unwrap();
+    let (per_task, _) = mtpack::store::load(&pack.join("state/after_t3/method.safetensors")).unwrap();
     assert_eq!(per_task["per_task/bn1.scale"].shape(), [4, 8], "backbone + 3 tasks");
     // One bit per masked weight per task in the artifact.
     let art: serde_json::Value =
@@ -130,11 +130,12 @@ fn piggyback_leaves_the_backbone_bit_for_bit() {
 fn packnet_owns_each_weight_once_and_prunes_as_set() {
     let dir = tempfile::tempdir().unwrap();
     let (pack, _, _) = three_tasks(dir.path(), "packnet", &["--packnet-shared", "first-task"]);
-    let (owners, _) = mtpack::store::load(&pack.join("state/after_t3/packnet.safetensors")).unwrap();
+    let (record, _) = mtpack::store::load(&pack.join("state/after_t3/method.safetensors")).unwrap();
+    let owners: Vec<_> = record.iter().filter(|(k, _)| k.starts_with("owner/")).collect();
     let after_t1 = initializers(&dir.path().join("packnet_model_after_t1.onnx"));
     let now = initializers(&pack.join("model.onnx"));
     assert_eq!(owners.len(), 3, "conv1, conv2 and fc1 are masked; heads are not");
-    for (key, ids) in &owners {
+    for (key, ids) in owners {
         let name = key.strip_prefix("owner/").unwrap();
         let Tensor::U8(ids) = ids else { panic!("{key} is not uint8") };
         let n = ids.len() as f64;
@@ -199,7 +200,7 @@ fn packnet_killed_while_retraining_resumes_to_the_same_weights_and_owners() {
         initializers(&d.join("model.onnx")).into_iter().map(|(k, v)| (k, v.to_le_bytes())).collect::<Vec<_>>()
     };
     assert_eq!(bytes(&killed), bytes(&whole));
-    let owners = |d: &Path| std::fs::read(d.join("state/after_d/packnet.safetensors")).unwrap();
+    let owners = |d: &Path| std::fs::read(d.join("state/after_d/method.safetensors")).unwrap();
     assert_eq!(owners(&killed), owners(&whole));
     assert_eq!(manifest(&killed)["tasks"][0]["epochs_done"], 65);
 }

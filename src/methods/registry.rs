@@ -1,0 +1,180 @@
+//! The method registry. One line per method names its variant, the name plans, manifests and
+//! the CLI use, and the file that defines it; a method with parameters adds its `Params` to
+//! the `params` list. The rest is generated from these lines: the [`MethodKind`] enum (serde
+//! and clap), the lookup of each method's [`Spec`], and [`MethodParams`], the plan's
+//! `[params]` table and `adapt`'s flags, which is every method's `Params` side by side.
+//!
+//! Adding a method: write `src/methods/<name>.rs` with a `pub const SPEC: Spec` (and a
+//! `Params` struct if it has parameters), declare the module in `methods/mod.rs`, and add its
+//! line here. Nothing outside `methods` names a method.
+
+use std::collections::BTreeMap;
+
+use serde::de::IgnoredAny;
+use serde::{Deserialize, Serialize};
+
+use super::{ewc, feature_extract, finetune, joint, lwf, packnet, piggyback};
+use super::{Method, Spec};
+
+macro_rules! registry {
+    (
+        methods { $( $(#[doc = $doc:literal])* $variant:ident = $name:literal => $module:ident, )* }
+        params { $( $field:ident : $module_p:ident :: $pty:ident, )* }
+    ) => {
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
+        pub enum MethodKind {
+            $( $(#[doc = $doc])* #[serde(rename = $name)] #[value(name = $name)] $variant, )*
+        }
+
+        impl MethodKind {
+            /// Every method, in the order tables list them.
+            pub const ALL: &'static [MethodKind] = &[ $( MethodKind::$variant, )* ];
+
+            /// The name plans, manifests and the CLI use.
+            pub fn name(self) -> &'static str {
+                match self { $( MethodKind::$variant => $name, )* }
+            }
+
+            /// What the method is, as the runner, the plan and the pack need to know it.
+            pub fn spec(self) -> &'static Spec {
+                match self { $( MethodKind::$variant => &$module::SPEC, )* }
+            }
+        }
+
+        /// Method parameters; unset values take the defaults the help text states. The same
+        /// fields are the plan file's `[params]` table and `adapt`'s flags.
+        #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, clap::Args)]
+        #[serde(try_from = "RawParams")]
+        pub struct MethodParams {
+            $( #[serde(flatten)] #[command(flatten)] pub $field: $module_p::$pty, )*
+        }
+
+        /// `MethodParams` as read, with whatever no method claims: flattened structs cannot
+        /// deny unknown fields themselves, so the leftovers are refused in `try_from`.
+        #[derive(Deserialize)]
+        struct RawParams {
+            $( #[serde(flatten)] $field: $module_p::$pty, )*
+            #[serde(flatten)]
+            unknown: BTreeMap<String, IgnoredAny>,
+        }
+
+        impl TryFrom<RawParams> for MethodParams {
+            type Error = String;
+            fn try_from(raw: RawParams) -> Result<MethodParams, String> {
+                if let Some(name) = raw.unknown.keys().next() {
+                    return Err(format!(
+                        "unknown method parameter `{name}` (`mtpack adapt --help` lists them)"
+                    ));
+                }
+                Ok(MethodParams { $( $field: raw.$field, )* })
+            }
+        }
+
+        impl MethodParams {
+            /// Checks every method's parameters (a plan may set those of other methods too,
+            /// so that one file serves a comparison; they must still make sense).
+            pub fn validate(&self) -> Result<(), String> {
+                $( self.$field.validate()?; )*
+                Ok(())
+            }
+        }
+    };
+}
+
+registry! {
+    methods {
+        /// Everything trains (low lr) with the new head; the baseline that forgets.
+        Finetune = "finetune" => finetune,
+        /// Only the new head trains on a frozen backbone (features cached through ONNX Runtime).
+        FeatureExtract = "feature-extract" => feature_extract,
+        /// Everything trains on interleaved batches of all tasks so far (needs the old data).
+        Joint = "joint" => joint,
+        /// Learning without Forgetting: distil old heads' recorded outputs on the new inputs.
+        Lwf = "lwf" => lwf,
+        /// Elastic Weight Consolidation: a diagonal-Fisher penalty towards earlier weights.
+        Ewc = "ewc" => ewc,
+        /// PackNet: each task trains the weights still free, keeps the largest by magnitude and
+        /// frees the rest; earlier tasks' weights are used but frozen.
+        Packnet = "packnet" => packnet,
+        /// Piggyback: a learned binary mask per weight per task over a backbone that never changes.
+        Piggyback = "piggyback" => piggyback,
+    }
+    params {
+        lwf: lwf::Params,
+        ewc: ewc::Params,
+        packnet: packnet::Params,
+        piggyback: piggyback::Params,
+    }
+}
+
+impl std::fmt::Display for MethodKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl MethodKind {
+    /// Whether training needs the data of earlier tasks.
+    pub fn needs_old_data(self) -> bool {
+        self.spec().data.tasks == super::Tasks::AllSoFar
+    }
+
+    /// Whether tasks see the backbone through per-task weight masks.
+    pub fn masked(self) -> bool {
+        self.spec().masked
+    }
+
+    /// Training settings the method's paper uses where the plan sets none.
+    pub fn hyper_defaults(self) -> crate::train::Hyper {
+        (self.spec().hyper_defaults)()
+    }
+
+    /// The method for a plan, its parameters checked.
+    pub fn create(self, params: &MethodParams) -> Result<Box<dyn Method>, String> {
+        params.validate()?;
+        Ok((self.spec().create)(params))
+    }
+}
+
+impl MethodParams {
+    /// The parameters for `model`: defaults that depend on the backbone filled in by the
+    /// method (see each method's `for_backbone`).
+    pub fn for_backbone(&self, method: MethodKind, model: &crate::onnx::Model) -> MethodParams {
+        let mut p = self.clone();
+        (method.spec().for_backbone)(&mut p, super::has_batchnorm(model));
+        p
+    }
+
+    /// The values in effect for `method`, defaults filled in, for the manifest.
+    pub fn effective(&self, method: MethodKind) -> serde_json::Value {
+        (method.spec().effective)(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_through_serde_and_clap() {
+        for &m in MethodKind::ALL {
+            let json = serde_json::to_value(m).unwrap();
+            assert_eq!(json, m.name());
+            assert_eq!(serde_json::from_value::<MethodKind>(json).unwrap(), m);
+            assert_eq!(<MethodKind as clap::ValueEnum>::from_str(m.name(), false).unwrap(), m);
+        }
+    }
+
+    #[test]
+    fn params_refuse_unknown_keys_and_keep_their_flat_form() {
+        let err = serde_json::from_str::<MethodParams>(r#"{"lwf_lambda": 2, "lwf_lamda": 1}"#).unwrap_err();
+        assert!(err.to_string().contains("unknown method parameter `lwf_lamda`"), "{err}");
+        let p: MethodParams = serde_json::from_str(r#"{"lwf_lambda": 2, "packnet_prune": 0.5}"#).unwrap();
+        assert_eq!(p.lwf.lwf_lambda, Some(2.0));
+        assert_eq!(p.packnet.packnet_prune, Some(0.5));
+        let back = serde_json::to_value(&p).unwrap();
+        assert_eq!(back, serde_json::json!({"lwf_lambda": 2.0, "packnet_prune": 0.5}));
+        let toml: MethodParams = toml::from_str("ewc_lambda = 100\newc_fisher = \"empirical\"").unwrap();
+        assert_eq!(toml.ewc.ewc_lambda, Some(100.0));
+    }
+}
