@@ -79,7 +79,7 @@ pub fn save(
     let refs: Vec<(&str, &crate::tensor::Tensor)> = state.iter().map(|(n, t)| (n.as_str(), t)).collect();
     let meta = HashMap::from([("steps".to_string(), opt.steps.to_string())]);
     store::save(&optim_file(dir, &tag), &refs, meta)?;
-    let text = serde_json::to_vec_pretty(p).map_err(invalid)?;
+    let text = serde_json::to_vec_pretty(p).map_err(invalid("the checkpoint's progress record"))?;
     let progress = progress_file(dir);
     crate::fsutil::write_atomic(&progress, &text).map_err(write_error(progress))?;
     // Earlier checkpoints are no longer referenced.
@@ -106,8 +106,8 @@ pub fn restore(
     if !file.is_file() {
         return Ok(None);
     }
-    let text = std::fs::read(&file).map_err(invalid)?;
-    let p: Progress = serde_json::from_slice(&text).map_err(|e| invalid(format!("{}: {e}", file.display())))?;
+    let text = std::fs::read(&file).map_err(invalid(format!("reading {}", file.display())))?;
+    let p: Progress = serde_json::from_slice(&text).map_err(invalid(file.display().to_string()))?;
     if p.task != task {
         return Ok(None);
     }
@@ -115,7 +115,8 @@ pub fn restore(
     let (weights, _) = store::load(&weights_file(dir, &tag))?;
     let dev = engine.device().clone();
     for (name, var) in engine.params() {
-        let t = weights.get(name).ok_or_else(|| invalid(format!("checkpoint has no weights for '{name}'")))?;
+        let t =
+            weights.get(name).ok_or_else(|| TrainError::Invalid(format!("checkpoint has no weights for '{name}'")))?;
         var.set(&to_candle_on(t, engine.float(), &dev).map_err(candle("restoring weights"))?)
             .map_err(candle("restoring weights"))?;
     }
@@ -136,7 +137,7 @@ pub fn restore(
 pub fn clear(dir: &Path) -> Result<(), TrainError> {
     let Ok(rd) = std::fs::read_dir(dir) else { return Ok(()) };
     for e in rd.flatten() {
-        std::fs::remove_file(e.path()).map_err(invalid)?;
+        std::fs::remove_file(e.path()).map_err(invalid(format!("removing {}", e.path().display())))?;
     }
     Ok(())
 }

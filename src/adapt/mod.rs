@@ -20,8 +20,18 @@ use crate::plan::{self, data, Plan};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdaptError {
+    /// A plan this backbone or its data cannot serve, explained.
     #[error("{0}")]
     Plan(String),
+    #[error("--device")]
+    Device(#[source] crate::runtime::RuntimeError),
+    #[error("{}: finding the shape of '{tensor}'", path.display())]
+    Probe {
+        path: PathBuf,
+        tensor: String,
+        #[source]
+        source: crate::runtime::RuntimeError,
+    },
     #[error(transparent)]
     TaskData(Box<data::PrepareError>),
     #[error("the plan cannot be recorded in the pack's manifest (a path that is not UTF-8?)")]
@@ -158,9 +168,8 @@ fn choose_feature(path: &Path, model: Model, plan: &Plan) -> Result<FeatureChoic
             nearest_names(g, &at, 5).join(", ")
         )));
     }
-    let shapes = crate::runtime::probe::shapes(&model, std::slice::from_ref(&at)).map_err(|e| {
-        AdaptError::Plan(format!("{}: finding the shape of '{at}': {}", path.display(), crate::report_chain(&e)))
-    })?;
+    let shapes = crate::runtime::probe::shapes(&model, std::slice::from_ref(&at))
+        .map_err(|source| AdaptError::Probe { path: path.to_path_buf(), tensor: at.clone(), source })?;
     let dims = shapes.get(&at).cloned().unwrap_or_default();
     let pool = plan.pool.unwrap_or(Pool::Mean);
     let layout = plan.layout.unwrap_or_else(|| {
@@ -264,8 +273,7 @@ pub fn run(plan: &Plan, opts: &Options) -> Result<Manifest, AdaptError> {
     for t in &plan.tasks {
         prepared.push(data::prepare(t, backbone.input_shape.as_deref(), plan.seed)?);
     }
-    let device =
-        crate::runtime::device::candle_device(plan.device).map_err(|e| AdaptError::Plan(format!("--device: {e}")))?;
+    let device = crate::runtime::device::candle_device(plan.device).map_err(AdaptError::Device)?;
     let pack = Pack::new(&opts.pack);
     // Held until the run ends, however it ends: one writer per pack.
     let _writing = pack.lock_exclusive(opts.wait)?;

@@ -37,30 +37,8 @@ pub struct Args {
     /// Add the --task entries to this existing pack, keeping its method and settings.
     #[arg(long, conflicts_with_all = ["output", "plan", "backbone"])]
     pub resume: Option<PathBuf>,
-    /// Epochs per task [default: 2].
-    #[arg(long)]
-    pub epochs: Option<u64>,
-    /// Mini-batch size [default: 32].
-    #[arg(long)]
-    pub batch: Option<usize>,
-    /// Optimizer [default: sgd; piggyback: adamw].
-    #[arg(long, value_enum)]
-    pub optimizer: Option<crate::train::OptimizerName>,
-    /// Learning rate [default: 0.01; 0.001 with frozen BatchNorm; piggyback: 0.01 with adamw
-    /// for the head].
-    #[arg(long)]
-    pub lr: Option<f64>,
-    /// SGD momentum [default: 0.9].
-    #[arg(long)]
-    pub momentum: Option<f64>,
-    /// Weight decay (coupled for SGD, decoupled for AdamW) [default: 0].
-    #[arg(long)]
-    pub weight_decay: Option<f64>,
-    /// Multiply the learning rate by --lr-gamma every this many epochs [default: never].
-    #[arg(long)]
-    pub lr_step: Option<u64>,
-    #[arg(long)]
-    pub lr_gamma: Option<f64>,
+    #[command(flatten)]
+    pub hyper: Hyper,
     /// Seed of head initialisation, shuffling and splits.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -106,22 +84,9 @@ fn plan_from_flags(a: &Args) -> Plan {
         at: a.at.clone(),
         pool: a.pool,
         layout: a.layout,
-        defaults: hyper(a),
+        defaults: a.hyper.clone(),
         params: a.params.clone(),
         tasks,
-    }
-}
-
-fn hyper(a: &Args) -> Hyper {
-    Hyper {
-        epochs: a.epochs,
-        batch: a.batch,
-        optimizer: a.optimizer,
-        lr: a.lr,
-        momentum: a.momentum,
-        weight_decay: a.weight_decay,
-        lr_step: a.lr_step,
-        lr_gamma: a.lr_gamma,
     }
 }
 

@@ -54,16 +54,8 @@ pub fn suffix(model: &Model, tensor: &str) -> Result<Model, GraphError> {
         }
     }
     let vi = value_info_for(g, tensor);
-    let mut out = model.clone();
-    // The producer of the cut tensor is detached: its output is renamed to an unused
-    // name, so pruning drops everything before the cut.
-    let detached = format!("{tensor}::before_cut");
-    for n in &mut out.graph_mut().node {
-        for o in n.output.iter_mut().filter(|o| *o == tensor) {
-            *o = detached.clone();
-        }
-    }
-    Patch::new().set_inputs(vec![vi]).apply(&out)
+    // The cut tensor becomes the input; pruning drops everything before it.
+    Patch::new().remove_producer(tensor).set_inputs(vec![vi]).apply(model)
 }
 
 /// Both halves at once.

@@ -16,11 +16,12 @@
 //! `task = -1` selects the backbone's own head: PackNet's view after its first task,
 //! Piggyback's unmasked backbone, and the backbone's own per-task parameters (row 0).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use ndarray::{Array1, Array2, ArrayD};
 
 use super::{GraphError, Patch};
+use crate::onnx::pb::TensorProto;
 use crate::onnx::{attr, build, tensor_proto, Dim, Model};
 use crate::tensor::{DType, Tensor};
 
@@ -115,6 +116,7 @@ pub fn embed(
     model: &Model,
     masks: &BTreeMap<String, StoredMask>,
     gates: &[(String, i64)],
+    ranks: &HashMap<String, usize>,
 ) -> Result<Model, GraphError> {
     let opset = model.opset("").unwrap_or(0);
     if opset < 11 {
@@ -123,91 +125,114 @@ pub fn embed(
             problem: format!("masks in the graph need opset 11 or later, the model imports {opset}"),
         });
     }
-    let mut m = model.clone();
     let mut b = Builder { patch: Patch::new() };
     let mut masks = masks.clone();
     if masks.values().any(|s| matches!(s, StoredMask::PerTask(_))) {
         b.init("mask/one_row", i64s(&[1]));
         b.node("Add", &[TASK_INPUT, "mask/one_row"], "mask/per_task_row", vec![]);
-        fold_per_task_batchnorm(&mut m, &mut masks, &mut b)?;
+        fold_per_task_batchnorm(model, &mut masks, ranks, &mut b)?;
     }
-    let masks = &masks;
-    let shapes = move_masked_weights(&mut m, masks)?;
-    gate_outputs(&mut m, gates)?;
+    let shapes = move_masked_weights(model, &masks, &mut b.patch)?;
     b.patch.add_input(build::value_info(TASK_INPUT, DType::I64, Some(&[Dim::Fixed(1)])));
     b.init("mask/zero", i64s(&[0]));
     b.node("Max", &[TASK_INPUT, "mask/zero"], "mask/row", vec![]);
     if masks.values().any(|s| matches!(s, StoredMask::Owners(_))) {
-        b.init("mask/ids", i64s(&(0..256).collect::<Vec<i64>>()));
-        b.init("mask/one", i64s(&[1]));
-        b.node("Add", &["mask/row", "mask/one"], "mask/limit", vec![]);
-        b.node("Greater", &["mask/ids", "mask/limit"], "mask/later", vec![]);
-        b.node("Not", &["mask/later"], "mask/up_to", vec![]);
-        b.node("Greater", &["mask/ids", "mask/zero"], "mask/owned", vec![]);
-        b.node("And", &["mask/owned", "mask/up_to"], "mask/visible", vec![]);
-        b.cast("mask/visible", "mask/owner_table", DType::F32);
-        // Two 4-bit owner ids a byte: each byte's pair of keep values, from the table above.
-        let nibbles =
-            ndarray::Array2::from_shape_fn((256, 2), |(v, k)| if k == 0 { v as i64 & 15 } else { v as i64 >> 4 });
-        b.init("mask/nibbles", Tensor::I64(nibbles.into_dyn()));
-        b.node("Gather", &["mask/owner_table", "mask/nibbles"], "mask/pair_table", vec![attr::make_int("axis", 0)]);
+        owner_table(&mut b);
     }
     if masks.values().any(|s| matches!(s, StoredMask::Bits { .. })) {
-        b.init("mask/bit_table", bit_table());
-        b.node("Less", &[TASK_INPUT, "mask/zero"], "mask/own_head", vec![]);
-        b.cast("mask/own_head", "mask/all", DType::F32);
-        // For the backbone's own head every bit reads 1; folded into the small table once
-        // rather than applied to every weight.
-        b.node("Max", &["mask/bit_table", "mask/all"], "mask/task_bit_table", vec![]);
+        bit_tables(&mut b);
     }
     for (i, (name, stored)) in masks.iter().enumerate() {
-        let shape = shapes.get(name).cloned().unwrap_or_default();
-        let p = format!("mask/{i}");
-        let keep = format!("{p}/keep");
-        if let StoredMask::PerTask(rows) = stored {
-            b.init(&format!("{name}/per_task"), Tensor::F32(rows.clone()));
-            b.node(
-                "Gather",
-                &[&format!("{name}/per_task"), "mask/per_task_row"],
-                &format!("{p}/row"),
-                vec![attr::make_int("axis", 0)],
-            );
-            b.init(&format!("{p}/shape"), i64s(&shape));
-            b.node("Reshape", &[&format!("{p}/row"), &format!("{p}/shape")], name, vec![]);
-            continue;
+        mask_weight(&mut b, i, name, stored, &shapes)?;
+    }
+    gate_outputs(model, gates, &mut b)?;
+    b.patch.apply(model)
+}
+
+/// `mask/owner_table`: for each owner id, whether the task in `mask/row` sees its weights;
+/// `mask/pair_table`: the same for both 4-bit ids of a byte.
+fn owner_table(b: &mut Builder) {
+    b.init("mask/ids", i64s(&(0..256).collect::<Vec<i64>>()));
+    b.init("mask/one", i64s(&[1]));
+    b.node("Add", &["mask/row", "mask/one"], "mask/limit", vec![]);
+    b.node("Greater", &["mask/ids", "mask/limit"], "mask/later", vec![]);
+    b.node("Not", &["mask/later"], "mask/up_to", vec![]);
+    b.node("Greater", &["mask/ids", "mask/zero"], "mask/owned", vec![]);
+    b.node("And", &["mask/owned", "mask/up_to"], "mask/visible", vec![]);
+    b.cast("mask/visible", "mask/owner_table", DType::F32);
+    // Two 4-bit owner ids a byte: each byte's pair of keep values, from the table above.
+    let nibbles = ndarray::Array2::from_shape_fn((256, 2), |(v, k)| if k == 0 { v as i64 & 15 } else { v as i64 >> 4 });
+    b.init("mask/nibbles", Tensor::I64(nibbles.into_dyn()));
+    b.node("Gather", &["mask/owner_table", "mask/nibbles"], "mask/pair_table", vec![attr::make_int("axis", 0)]);
+}
+
+/// `mask/task_bit_table`: each byte's 8 keep values, all 1 for the backbone's own head.
+fn bit_tables(b: &mut Builder) {
+    b.init("mask/bit_table", bit_table());
+    b.node("Less", &[TASK_INPUT, "mask/zero"], "mask/own_head", vec![]);
+    b.cast("mask/own_head", "mask/all", DType::F32);
+    // For the backbone's own head every bit reads 1; folded into the small table once
+    // rather than applied to every weight.
+    b.node("Max", &["mask/bit_table", "mask/all"], "mask/task_bit_table", vec![]);
+}
+
+/// Weight `name` as the task in `mask/row` sees it: its stored weights times the unpacked
+/// mask, or its per-task row.
+fn mask_weight(
+    b: &mut Builder,
+    i: usize,
+    name: &str,
+    stored: &StoredMask,
+    shapes: &BTreeMap<String, Vec<i64>>,
+) -> Result<(), GraphError> {
+    let shape = shapes.get(name).ok_or_else(|| GraphError::NoSuchTensor { tensor: name.to_string() })?;
+    let p = format!("mask/{i}");
+    let keep = format!("{p}/keep");
+    if let StoredMask::PerTask(rows) = stored {
+        b.init(&format!("{name}/per_task"), Tensor::F32(rows.clone()));
+        b.node(
+            "Gather",
+            &[&format!("{name}/per_task"), "mask/per_task_row"],
+            &format!("{p}/row"),
+            vec![attr::make_int("axis", 0)],
+        );
+        b.init(&format!("{p}/shape"), i64s(shape));
+        b.node("Reshape", &[&format!("{p}/row"), &format!("{p}/shape")], name, vec![]);
+        return Ok(());
+    }
+    match stored {
+        StoredMask::PerTask(_) => return Ok(()),
+        StoredMask::Owners(ids) if owner_bits(ids) == 4 => {
+            b.init(&format!("{name}/owner"), Tensor::U8(ndarray::Array1::from(pack_nibbles(ids)).into_dyn()));
+            b.unpack(&p, &format!("{name}/owner"), ("mask/pair_table", 2), ids.len(), shape, &keep);
         }
-        match stored {
-            StoredMask::PerTask(_) => continue,
-            StoredMask::Owners(ids) if owner_bits(ids) == 4 => {
-                b.init(&format!("{name}/owner"), Tensor::U8(ndarray::Array1::from(pack_nibbles(ids)).into_dyn()));
-                b.unpack(&p, &format!("{name}/owner"), ("mask/pair_table", 2), ids.len(), &shape, &keep);
-            }
-            StoredMask::Owners(ids) => {
-                b.init(&format!("{name}/owner"), Tensor::U8(ids.clone()));
-                b.cast(&format!("{name}/owner"), &format!("{p}/ids"), DType::I32);
-                b.node("Gather", &["mask/owner_table", &format!("{p}/ids")], &keep, vec![attr::make_int("axis", 0)]);
-            }
-            StoredMask::Bits { rows, len: n } => {
-                b.init(&format!("{name}/bits"), Tensor::U8(rows.clone().into_dyn()));
-                let row = format!("{p}/row");
-                b.node("Gather", &[&format!("{name}/bits"), "mask/row"], &row, vec![attr::make_int("axis", 0)]);
-                b.unpack(&p, &row, ("mask/task_bit_table", 8), *n, &shape, &keep);
-            }
+        StoredMask::Owners(ids) => {
+            b.init(&format!("{name}/owner"), Tensor::U8(ids.clone()));
+            b.cast(&format!("{name}/owner"), &format!("{p}/ids"), DType::I32);
+            b.node("Gather", &["mask/owner_table", &format!("{p}/ids")], &keep, vec![attr::make_int("axis", 0)]);
         }
-        b.node("Mul", &[&format!("{name}/unmasked"), &keep], name, vec![]);
+        StoredMask::Bits { rows, len: n } => {
+            b.init(&format!("{name}/bits"), Tensor::U8(rows.clone().into_dyn()));
+            let row = format!("{p}/row");
+            b.node("Gather", &[&format!("{name}/bits"), "mask/row"], &row, vec![attr::make_int("axis", 0)]);
+            b.unpack(&p, &row, ("mask/task_bit_table", 8), *n, shape, &keep);
+        }
     }
-    for (i, (output, value)) in gates.iter().enumerate() {
-        let p = format!("gate/{i}");
-        b.init(&format!("{p}/task"), i64s(&[*value]));
-        b.node("Equal", &[TASK_INPUT, &format!("{p}/task")], &format!("{p}/is"), vec![]);
-        b.node("Where", &[&format!("{p}/is"), "gate/one", "gate/nan"], &format!("{p}/factor"), vec![]);
-        b.node("Mul", &[&ungated(output), &format!("{p}/factor")], output, vec![]);
-    }
-    if !gates.is_empty() {
-        b.init("gate/one", Tensor::F32(ndarray::arr0(1.0f32).into_dyn()));
-        b.init("gate/nan", Tensor::F32(ndarray::arr0(f32::NAN).into_dyn()));
-    }
-    b.patch.apply(&m)
+    b.node("Mul", &[&format!("{name}/unmasked"), &keep], name, vec![]);
+    Ok(())
+}
+
+/// The inputs of the BatchNormalization nodes whose scale is kept per task: `embed` needs
+/// their ranks, which the caller measures by running the model.
+pub fn per_task_batchnorm_inputs(model: &Model, masks: &BTreeMap<String, StoredMask>) -> Vec<String> {
+    let per_task = |s: &String| matches!(masks.get(s), Some(StoredMask::PerTask(_)));
+    model
+        .graph()
+        .node
+        .iter()
+        .filter(|n| n.op_type() == "BatchNormalization" && n.input.get(1).is_some_and(per_task))
+        .filter_map(|n| n.input.first().cloned())
+        .collect()
 }
 
 /// Replaces each BatchNormalization whose parameters are per task by `x * k + b`, with
@@ -215,13 +240,12 @@ pub fn embed(
 /// gathered by task in the graph (runtimes such as tract need BatchNormalization's
 /// parameters constant). Removes those parameters from `masks`.
 fn fold_per_task_batchnorm(
-    m: &mut Model,
+    m: &Model,
     masks: &mut BTreeMap<String, StoredMask>,
+    ranks: &HashMap<String, usize>,
     b: &mut Builder,
 ) -> Result<(), GraphError> {
-    let g = m.graph_mut();
-    let mut folded = Vec::new();
-    for (i, n) in g.node.iter().enumerate() {
+    for (i, n) in m.graph().node.iter().enumerate() {
         if n.op_type() != "BatchNormalization" || !n.input.get(1).is_some_and(|s| masks.contains_key(s)) {
             continue;
         }
@@ -242,12 +266,14 @@ fn fold_per_task_batchnorm(
             scale.iter().zip(var.iter()).map(|(&s, &v)| (f64::from(s) / (f64::from(v) + eps).sqrt()) as f32).collect();
         let shift: Vec<f32> = bias.iter().zip(mean.iter()).zip(&k).map(|((&bb, &mu), &kk)| bb - mu * kk).collect();
         let channels = scale.shape().get(1).copied().unwrap_or(0);
-        let rank = input_rank(g, n.input.first().map(String::as_str).unwrap_or_default()).unwrap_or(4);
+        let (Some(x), Some(y)) = (n.input.first().cloned(), n.output.first().cloned()) else {
+            return Err(problem("a BatchNormalization needs an input and an output"));
+        };
+        // [C, 1, ...]: broadcast along axis 1 of an input of any rank (NCHW 4, NC 2, NCL 3).
+        let rank = *ranks.get(&x).ok_or_else(|| problem(&format!("the rank of its input '{x}' was not measured")))?;
         let mut target = vec![channels as i64];
         target.extend(std::iter::repeat_n(1i64, rank.saturating_sub(2)));
         let p = format!("bn/{i}");
-        let x = n.input.first().cloned().unwrap_or_default();
-        let y = n.output.first().cloned().unwrap_or_default();
         b.init(&format!("{p}/shape"), i64s(&target));
         for (part, values) in [("k", k), ("b", shift)] {
             let stacked = ArrayD::from_shape_vec(scale.raw_dim(), values).map_err(|e| problem(&e.to_string()))?;
@@ -261,36 +287,25 @@ fn fold_per_task_batchnorm(
             b.node("Reshape", &[&format!("{p}/{part}_row"), &format!("{p}/shape")], &format!("{p}/{part}"), vec![]);
         }
         b.node("Mul", &[&x, &format!("{p}/k")], &format!("{p}/scaled"), vec![]);
+        b.patch.remove_producer(&y);
         b.node("Add", &[&format!("{p}/scaled"), &format!("{p}/b")], &y, vec![]);
-        folded.push(i);
         for name in n.input.iter().skip(1).take(4) {
             masks.remove(name);
         }
     }
-    for i in folded.into_iter().rev() {
-        g.node.remove(i);
-    }
     Ok(())
 }
 
-/// The rank of `tensor` when a Conv produces it (its weight's rank) or value_info says.
-fn input_rank(g: &crate::onnx::pb::GraphProto, tensor: &str) -> Option<usize> {
-    let producer = g.node.iter().find(|n| n.output.iter().any(|o| o == tensor))?;
-    if producer.op_type() == "Conv" {
-        let w = producer.input.get(1)?;
-        return g.initializer.iter().find(|t| t.name() == w).map(|t| t.dims.len());
-    }
-    None
-}
-
-/// Renames each masked initializer `W` to `W/unmasked` and returns the weights' shapes.
+/// Replaces each masked initializer `W` by `W/unmasked` (the graph computes `W` from it and
+/// the mask; per-task parameters are computed from their rows instead) and returns the
+/// weights' shapes.
 fn move_masked_weights(
-    m: &mut Model,
+    m: &Model,
     masks: &BTreeMap<String, StoredMask>,
+    patch: &mut Patch,
 ) -> Result<BTreeMap<String, Vec<i64>>, GraphError> {
     let mut shapes = BTreeMap::new();
-    let g = m.graph_mut();
-    for t in &mut g.initializer {
+    for t in &m.graph().initializer {
         let Some(stored) = masks.get(t.name()) else { continue };
         let shape: Vec<i64> = t.dims.clone();
         let n: usize = tensor_proto::declared_len(t)?;
@@ -308,13 +323,14 @@ fn move_masked_weights(
             });
         }
         shapes.insert(t.name().to_string(), shape);
-        let suffix = if matches!(stored, StoredMask::PerTask(_)) { "per_task_unused" } else { "unmasked" };
-        t.name = Some(format!("{}/{suffix}", t.name()));
+        patch.remove_initializer(t.name());
+        if !matches!(stored, StoredMask::PerTask(_)) {
+            patch.add_initializer(TensorProto { name: Some(format!("{}/unmasked", t.name())), ..t.clone() });
+        }
     }
     if let Some(missing) = masks.keys().find(|k| !shapes.contains_key(*k)) {
         return Err(GraphError::NoSuchTensor { tensor: missing.clone() });
     }
-    g.input.retain(|i| !masks.contains_key(i.name()));
     Ok(shapes)
 }
 
@@ -323,25 +339,26 @@ pub fn ungated(output: &str) -> String {
     format!("{output}/ungated")
 }
 
-/// Points every producer and reader of each gated output at `<output>/ungated`, leaving
-/// the graph output itself to the gate.
-fn gate_outputs(m: &mut Model, gates: &[(String, i64)]) -> Result<(), GraphError> {
-    let g = m.graph_mut();
-    for (output, _) in gates {
-        let ungated = ungated(output);
-        let mut produced = false;
-        for n in &mut g.node {
-            for o in n.output.iter_mut().filter(|o| *o == output) {
-                *o = ungated.clone();
-                produced = true;
-            }
-            for i in n.input.iter_mut().filter(|i| *i == output) {
-                *i = ungated.clone();
-            }
-        }
-        if !produced {
+/// Gates each `(output, task value)`: every producer and reader of the output now uses
+/// `<output>/ungated`, and the graph output is that times 1 when `task` holds the value, NaN
+/// otherwise.
+fn gate_outputs(model: &Model, gates: &[(String, i64)], b: &mut Builder) -> Result<(), GraphError> {
+    for (i, (output, value)) in gates.iter().enumerate() {
+        if !model.graph().node.iter().any(|n| n.output.contains(output)) {
             return Err(GraphError::MissingOutput { tensor: output.clone() });
         }
+        b.patch.rename_tensor(output, &ungated(output));
+        let p = format!("gate/{i}");
+        b.init(&format!("{p}/task"), i64s(&[*value]));
+        b.node("Equal", &[TASK_INPUT, &format!("{p}/task")], &format!("{p}/is"), vec![]);
+        b.node("Where", &[&format!("{p}/is"), "gate/one", "gate/nan"], &format!("{p}/factor"), vec![]);
+        b.node("Mul", &[&ungated(output), &format!("{p}/factor")], output, vec![]);
+    }
+    if !gates.is_empty() {
+        b.init("gate/one", Tensor::F32(ndarray::arr0(1.0f32).into_dyn()));
+        b.init("gate/nan", Tensor::F32(ndarray::arr0(f32::NAN).into_dyn()));
+        // The renames above reach the graph outputs too; the gates produce the originals.
+        b.patch.set_outputs(model.graph().output.clone());
     }
     Ok(())
 }
@@ -382,7 +399,7 @@ mod tests {
         for ids in [[1u8, 0, 2, 3, 1, 2, 0, 3, 1], [1, 0, 2, 20, 1, 2, 0, 3, 1]] {
             let owners = ArrayD::from_shape_vec(ndarray::IxDyn(&[3, 3]), ids.to_vec()).unwrap();
             let masks = BTreeMap::from([("W".to_string(), StoredMask::Owners(owners))]);
-            let m = embed(&matmul(&w), &masks, &[]).unwrap();
+            let m = embed(&matmul(&w), &masks, &[], &HashMap::new()).unwrap();
             for task in [0i64, 1, 2, 19] {
                 let keep: Vec<f32> = ids
                     .iter()
@@ -406,11 +423,48 @@ mod tests {
         )
         .unwrap();
         let masks = BTreeMap::from([("W".to_string(), StoredMask::Bits { rows, len: 9 })]);
-        let m = embed(&matmul(&w), &masks, &[]).unwrap();
+        let m = embed(&matmul(&w), &masks, &[], &HashMap::new()).unwrap();
         for (task, keep) in [(0i64, t0), (1, t1), (-1, [true; 9])] {
             let kept: Vec<f32> = keep.iter().zip(&w).map(|(&k, &v)| if k { v } else { 0.0 }).collect();
             let want: Vec<f32> = (0..3).map(|j| kept[j] + 10.0 * kept[3 + j] + 100.0 * kept[6 + j]).collect();
             assert_eq!(run(&m, task), want, "task {task}");
+        }
+    }
+
+    /// y = BatchNormalization(x) on a [batch, 3] input: rank 2, as after a Gemm.
+    fn batchnorm_rank2() -> Model {
+        let c = |name: &str, v: [f32; 3]| tensor_proto::from_tensor(name, &Tensor::F32(ndarray::arr1(&v).into_dyn()));
+        let graph = GraphProto {
+            node: vec![node("BatchNormalization", "bn", &["x", "s", "b", "m", "v"], &["y"], vec![])],
+            input: vec![value_info("x", DType::F32, None)],
+            output: vec![value_info("y", DType::F32, None)],
+            initializer: vec![c("s", [1.0; 3]), c("b", [0.0; 3]), c("m", [0.0; 3]), c("v", [1.0; 3])],
+            ..Default::default()
+        };
+        model(graph, 13)
+    }
+
+    #[test]
+    fn per_task_batchnorm_broadcasts_over_the_measured_rank_and_refuses_an_unmeasured_one() {
+        let rows =
+            |backbone: [f32; 3], task: [f32; 3]| StoredMask::PerTask(ndarray::arr2(&[backbone, task]).into_dyn());
+        let masks = BTreeMap::from([
+            ("s".to_string(), rows([1.0; 3], [2.0, 3.0, 4.0])),
+            ("b".to_string(), rows([0.0; 3], [1.0, 1.0, 1.0])),
+            ("m".to_string(), rows([0.0; 3], [0.0; 3])),
+            ("v".to_string(), rows([1.0; 3], [1.0; 3])),
+        ]);
+        let bn = batchnorm_rank2();
+        assert_eq!(per_task_batchnorm_inputs(&bn, &masks), ["x"]);
+        let err = embed(&bn, &masks, &[], &HashMap::new()).unwrap_err();
+        assert!(err.to_string().contains("the rank of its input 'x' was not measured"), "{err}");
+        let m = embed(&bn, &masks, &[], &HashMap::from([("x".to_string(), 2)])).unwrap();
+        let eps = (1.0f32 + 1e-5).sqrt();
+        let want: Vec<f32> = [(2.0, 1.0), (3.0, 10.0), (4.0, 100.0)].iter().map(|(k, x)| k * x / eps + 1.0).collect();
+        let got = run(&m, 0);
+        assert_eq!(got.len(), 3, "one row of 3 channels, not a broadcast over an assumed rank 4: {got:?}");
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() < 1e-4, "{got:?} vs {want:?}");
         }
     }
 }

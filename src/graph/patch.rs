@@ -25,6 +25,8 @@ pub struct Patch {
     unproduce: Vec<String>,
     /// Graph inputs that become these constants.
     fixed_inputs: Vec<TensorProto>,
+    /// Initializers removed (an added node or initializer may take the name).
+    remove_initializers: Vec<String>,
 }
 
 impl Patch {
@@ -77,6 +79,14 @@ impl Patch {
         self
     }
 
+    /// Removes the initializer `name`, and the graph input of that name that models before
+    /// IR 4 declare for every initializer.
+    pub fn remove_initializer(&mut self, name: &str) -> &mut Self {
+        self.remove_initializers.push(name.to_string());
+        self
+    }
+
+    /// Renames `old` in every reference: nodes, initializers, inputs, outputs, value_info.
     pub fn rename_tensor(&mut self, old: &str, new: &str) -> &mut Self {
         self.renames.push((old.to_string(), new.to_string()));
         self
@@ -92,6 +102,12 @@ impl Patch {
         let mut out = model.clone();
         for t in &self.fixed_inputs {
             fix_input(&mut out, t)?;
+        }
+        if !self.remove_initializers.is_empty() {
+            let gone: HashSet<&str> = self.remove_initializers.iter().map(String::as_str).collect();
+            let g = out.graph_mut();
+            g.initializer.retain(|t| !gone.contains(t.name()));
+            g.input.retain(|i| !gone.contains(i.name()));
         }
         if !self.unproduce.is_empty() {
             let gone: HashSet<&str> = self.unproduce.iter().map(String::as_str).collect();

@@ -27,7 +27,7 @@ pub fn apply(model: &Model, masks: &BTreeMap<String, Vec<bool>>) -> Result<Model
     let mut out = model.clone();
     for t in &mut out.graph_mut().initializer {
         let Some(mask) = masks.get(t.name()) else { continue };
-        let host = tensor_proto::to_tensor(t).map_err(|e| TrainError::Invalid(format!("{e:#}")))?;
+        let host = tensor_proto::to_tensor(t).map_err(invalid(format!("masked weight '{}'", t.name())))?;
         let Tensor::F32(mut a) = host else {
             return Err(TrainError::Invalid(format!("masked weight '{}' is not float32", t.name())));
         };
@@ -173,7 +173,8 @@ impl PerTask {
             let views: Vec<ndarray::ArrayViewD<f32>> =
                 self.rows.iter().filter_map(|r| r.get(&name).and_then(|t| t.as_f32()).map(|a| a.view())).collect();
             let views: Vec<_> = views.iter().map(|v| v.view().insert_axis(ndarray::Axis(0))).collect();
-            let stacked = ndarray::concatenate(ndarray::Axis(0), &views).map_err(invalid)?;
+            let stacked =
+                ndarray::concatenate(ndarray::Axis(0), &views).map_err(invalid(format!("per-task '{name}'")))?;
             out.insert(name, stacked);
         }
         Ok(out)

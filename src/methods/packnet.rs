@@ -371,7 +371,7 @@ impl Method for PackNet {
             return Ok(None);
         }
         // The backbone's own head sees what the first task left.
-        let id = u8::try_from(column.unwrap_or(0) + 1).map_err(invalid)?;
+        let id = u8::try_from(column.unwrap_or(0) + 1).map_err(invalid("packnet: a task past the 255 owner ids"))?;
         let m: BTreeMap<String, Vec<bool>> =
             self.owners.iter().map(|(k, o)| (k.clone(), o.ids.iter().map(|&v| v > 0 && v <= id).collect())).collect();
         let masked = masks::apply(model, &m)?;
@@ -384,7 +384,8 @@ impl Method for PackNet {
     fn record(&self) -> Result<Record, TrainError> {
         let mut r = Record::default();
         for (k, o) in &self.owners {
-            let a = ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&o.shape), o.ids.clone()).map_err(invalid)?;
+            let a = ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&o.shape), o.ids.clone())
+                .map_err(invalid(format!("packnet owner ids of '{k}'")))?;
             r.insert(OWNER, k, Host::U8(a));
         }
         r.insert(PACKNET, PRUNED, Host::U8(ndarray::arr1(&[u8::from(self.pruned)]).into_dyn()));

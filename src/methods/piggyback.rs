@@ -281,7 +281,8 @@ impl Method for Piggyback {
         for (name, b) in &self.bits {
             let width = b.shape.iter().product::<usize>().div_ceil(8);
             let flat: Vec<u8> = b.rows.iter().flatten().copied().collect();
-            let rows = ndarray::Array2::from_shape_vec((b.rows.len(), width), flat).map_err(masks::invalid)?;
+            let rows = ndarray::Array2::from_shape_vec((b.rows.len(), width), flat)
+                .map_err(masks::invalid(format!("piggyback masks of '{name}'")))?;
             r.insert(BITS, name, Host::U8(rows.into_dyn()));
             let shape: Vec<i64> = b.shape.iter().map(|&d| d as i64).collect();
             r.insert(SHAPE, name, Host::I64(ndarray::arr1(&shape).into_dyn()));
@@ -301,7 +302,7 @@ impl Method for Piggyback {
             };
             let shape = shape
                 .iter()
-                .map(|&d| usize::try_from(d).map_err(masks::invalid))
+                .map(|&d| usize::try_from(d).map_err(masks::invalid(format!("piggyback mask shape of '{name}'"))))
                 .collect::<Result<Vec<usize>, TrainError>>()?;
             let width = shape.iter().product::<usize>().div_ceil(8);
             if bits.ndim() != 2 || bits.shape().get(1) != Some(&width) {

@@ -8,11 +8,54 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::data::Preprocessing;
+use crate::methods::MethodKind;
 use crate::onnx::{tensor_proto, Model, OnnxError};
 use crate::pack::manifest::Metrics;
 
 pub const ARTIFACT_SCHEMA: &str = "mtpack.artifact/1";
 pub const METADATA_KEY: &str = "mtpack.manifest";
+
+/// How the artifact reaches its tasks. Written as the sentence that tells a reader how to
+/// use the graph (what the manifest has always held, so earlier artifacts still read).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Design {
+    #[serde(
+        rename = "one output per task (<task>/logits, plus the backbone's own output); one backbone pass feeds every head"
+    )]
+    SharedBackbone,
+    #[serde(
+        rename = "one output per task (<task>/logits) and an int64 input 'task' [1] selecting the per-task weight masks, unpacked in the graph; read a task's output with its task value (other outputs are NaN); task -1 gives the backbone's own output"
+    )]
+    TaskMasks,
+    #[serde(
+        rename = "one output per task (<task>/logits) and an int64 input 'task' [1] selecting each task's own biases and BatchNormalization, stacked and gathered in the graph; read a task's output with its task value (other outputs are NaN); task -1 gives the backbone's own output"
+    )]
+    TaskParameters,
+    #[serde(rename = "one task with its weight mask applied: a plain model, no task input")]
+    Standalone,
+}
+
+/// The element type of the artifact's input.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InputType {
+    /// Preprocessed images, as the backbone takes them.
+    Float32,
+    /// Raw pixels; the preprocessing is in the graph.
+    Uint8,
+}
+
+/// How the per-task masks are stored in the graph.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MaskKind {
+    /// One 4- or 8-bit owner id per weight for all tasks (PackNet).
+    PacknetOwnerIds,
+    /// One bit per weight per task (Piggyback).
+    PiggybackBits,
+    /// No weight masks, only per-task copies of biases and BatchNorm (EWC).
+    PerTaskParameters,
+}
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct ArtifactTask {
@@ -56,14 +99,12 @@ pub struct ArtifactManifest {
     pub mtpack_version: String,
     pub backbone_source: String,
     pub backbone_sha256: String,
-    pub method: String,
+    pub method: MethodKind,
     pub method_params: serde_json::Value,
     pub plan: serde_json::Value,
-    /// How tasks are reached: "one output per task; one backbone pass feeds every head".
-    pub design: String,
+    pub design: Design,
     pub input: String,
-    /// Element type of the input ("float32", or "uint8" with preprocessing in the graph).
-    pub input_type: String,
+    pub input_type: InputType,
     pub tasks: Vec<ArtifactTask>,
     /// The int64 [1] input selecting a task's masks (mask methods' multi-task artifacts).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -89,9 +130,7 @@ pub struct ArtifactManifest {
 /// The embedded masks: their kind, their tensors and what they cost.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct MaskSummary {
-    /// "packnet-owner-ids" (one 4- or 8-bit owner id per weight for all tasks), "piggyback-bits" (one bit
-    /// per weight per task) or "per-task-parameters" (no weight masks, only per-task copies: EWC).
-    pub kind: String,
+    pub kind: MaskKind,
     pub masked_params: usize,
     pub tasks: usize,
     /// Mask storage in bits per masked weight per task.
@@ -111,19 +150,19 @@ impl MaskSummary {
         let mut bytes = 0usize;
         let mut tensors = BTreeMap::new();
         let mut per_task = Vec::new();
-        let mut kind = "";
+        let mut kind = None;
         for (name, s) in stored {
             match s {
                 StoredMask::Owners(ids) => {
                     params += ids.len();
                     bytes += ids.len().div_ceil(8 / crate::graph::masks::owner_bits(ids) as usize);
-                    kind = "packnet-owner-ids";
+                    kind = Some(MaskKind::PacknetOwnerIds);
                     tensors.insert(name.clone(), format!("{name}/owner"));
                 }
                 StoredMask::Bits { rows, len } => {
                     params += len;
                     bytes += rows.len();
-                    kind = "piggyback-bits";
+                    kind = Some(MaskKind::PiggybackBits);
                     tensors.insert(name.clone(), format!("{name}/bits"));
                 }
                 StoredMask::PerTask(_) => {
@@ -131,11 +170,8 @@ impl MaskSummary {
                 }
             }
         }
-        if kind.is_empty() && !per_task.is_empty() {
-            kind = "per-task-parameters";
-        }
         MaskSummary {
-            kind: kind.into(),
+            kind: kind.unwrap_or(MaskKind::PerTaskParameters),
             masked_params: params,
             tasks,
             bits_per_weight_per_task: (bytes * 8) as f64 / (params.max(1) * tasks.max(1)) as f64,

@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 
-use super::artifact::{self, ArtifactManifest, ArtifactTask, MaskSummary, Probes, Verified, ARTIFACT_SCHEMA};
+use super::artifact::ARTIFACT_SCHEMA;
+use super::artifact::{self, ArtifactManifest, ArtifactTask, Design, InputType, MaskSummary, Probes, Verified};
 use super::{Manifest, Pack, PackError};
 use crate::engine::{from_candle, to_candle, Engine};
 use crate::graph::{masks, preprocess, Patch};
@@ -26,11 +27,6 @@ use crate::train::eval;
 
 pub const PROBES_PER_TASK: usize = 2;
 pub const TOLERANCE: f64 = 1e-4;
-pub const DESIGN: &str =
-    "one output per task (<task>/logits, plus the backbone's own output); one backbone pass feeds every head";
-pub const DESIGN_MASKED: &str = "one output per task (<task>/logits) and an int64 input 'task' [1] selecting the per-task weight masks, unpacked in the graph; read a task's output with its task value (other outputs are NaN); task -1 gives the backbone's own output";
-pub const DESIGN_PER_TASK: &str = "one output per task (<task>/logits) and an int64 input 'task' [1] selecting each task's own biases and BatchNormalization, stacked and gathered in the graph; read a task's output with its task value (other outputs are NaN); task -1 gives the backbone's own output";
-pub const DESIGN_STANDALONE: &str = "one task with its weight mask applied: a plain model, no task input";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
@@ -147,7 +143,7 @@ struct Built {
     /// The `task` input of mask methods' multi-task artifacts.
     task_input: Option<String>,
     queries: Vec<Query>,
-    design: &'static str,
+    design: Design,
     masks: Option<MaskSummary>,
 }
 
@@ -225,14 +221,14 @@ fn build(
             // Raw images are only fed with preprocessing in the graph; tasks may differ in size.
             let raw = if pre { stack(&selected.iter().map(|&i| rows(i).1).collect::<Vec<_>>())? } else { x.clone() };
             let q = Query::new(None, outputs, x, &raw, &plain, &input, pre)?;
-            (plain, None, vec![q], DESIGN, None)
+            (plain, None, vec![q], Design::SharedBackbone, None)
         }
         (Some(_), [only]) if opts.task.is_some() => {
             let view = method.view(model, Some(*only)).map_err(step("applying the task's masks"))?;
             let view = with_outputs(view.as_ref().unwrap_or(model), &[logits(*only)])?;
             let (x, raw) = rows(*only);
             let q = Query::new(None, vec![logits(*only)], x, &raw, &view, &input, pre)?;
-            (view, None, vec![q], DESIGN_STANDALONE, None)
+            (view, None, vec![q], Design::Standalone, None)
         }
         (Some(stored), _) => {
             let mut outputs: Vec<String> = own.map(|h| h.output.clone()).into_iter().collect();
@@ -267,9 +263,20 @@ fn build(
                     pre,
                 )?);
             }
-            let embedded = masks::embed(&base, stored, &gates).map_err(step("putting the masks into the graph"))?;
+            let bn_inputs = masks::per_task_batchnorm_inputs(&base, stored);
+            let ranks = if bn_inputs.is_empty() {
+                Default::default()
+            } else {
+                crate::runtime::probe::shapes(&base, &bn_inputs)
+                    .map_err(step("measuring the ranks of per-task BatchNormalization inputs"))?
+                    .into_iter()
+                    .map(|(k, s)| (k, s.len()))
+                    .collect()
+            };
+            let embedded =
+                masks::embed(&base, stored, &gates, &ranks).map_err(step("putting the masks into the graph"))?;
             let summary = MaskSummary::of(stored, m.tasks.len());
-            let design = if summary.masked_params > 0 { DESIGN_MASKED } else { DESIGN_PER_TASK };
+            let design = if summary.masked_params > 0 { Design::TaskMasks } else { Design::TaskParameters };
             (embedded, Some(masks::TASK_INPUT.to_string()), queries, design, Some(summary))
         }
     };
@@ -375,12 +382,12 @@ pub fn export(pack_dir: &Path, out: &Path, opts: &ExportOptions) -> Result<Expor
         mtpack_version: env!("CARGO_PKG_VERSION").into(),
         backbone_source: m.backbone.source.clone(),
         backbone_sha256: m.backbone.sha256.clone(),
-        method: m.method.to_string(),
+        method: m.method,
         method_params: m.method_params.clone(),
-        plan: serde_json::to_value(&m.plan).unwrap_or_default(),
-        design: built.design.into(),
+        plan: serde_json::to_value(&m.plan).map_err(step("the plan for the manifest"))?,
+        design: built.design,
         input: built.input.clone(),
-        input_type: if opts.with_preprocessing { "uint8".into() } else { "float32".into() },
+        input_type: if opts.with_preprocessing { InputType::Uint8 } else { InputType::Float32 },
         task_input: built.task_input.clone(),
         tasks,
         extra_outputs: own.map(|h| h.output.clone()).into_iter().collect(),

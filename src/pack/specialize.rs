@@ -100,7 +100,7 @@ mod tests {
         let json = serde_json::json!({
             "schema": artifact::ARTIFACT_SCHEMA, "mtpack_version": "test", "backbone_source": "b",
             "backbone_sha256": "0", "method": "packnet", "method_params": {}, "plan": {},
-            "design": "test", "input": "x", "input_type": "float32",
+            "design": artifact::Design::TaskMasks, "input": "x", "input_type": "float32",
             "tasks": [task_json("a", 0), task_json("b", 1)],
             "task_input": TASK_INPUT, "extra_outputs": [], "columns": [], "rows": [],
             "accuracy_matrix": [], "metrics": {"average_accuracy": 0.0, "bwt": 0.0, "forgetting": 0.0},

@@ -250,15 +250,10 @@ fn one<T: std::str::FromStr>(v: &str) -> Result<T, String> {
 }
 
 fn set_option(t: &mut TaskPlan, k: &str, v: &str) -> Result<(), String> {
+    if let Some(set) = t.hyper.set(k, v) {
+        return set;
+    }
     match k {
-        "epochs" => t.hyper.epochs = Some(one(v)?),
-        "batch" => t.hyper.batch = Some(one(v)?),
-        "optimizer" => t.hyper.optimizer = Some(v.parse()?),
-        "lr" => t.hyper.lr = Some(one(v)?),
-        "momentum" => t.hyper.momentum = Some(one(v)?),
-        "weight_decay" => t.hyper.weight_decay = Some(one(v)?),
-        "lr_step" => t.hyper.lr_step = Some(one(v)?),
-        "lr_gamma" => t.hyper.lr_gamma = Some(one(v)?),
         "classes" => t.classes = Some(list(v)?),
         "labels" => t.labels = Some(v.split(',').map(str::to_string).collect()),
         "test_fraction" => t.test_fraction = Some(one(v)?),
@@ -269,7 +264,18 @@ fn set_option(t: &mut TaskPlan, k: &str, v: &str) -> Result<(), String> {
         "std" => t.preprocessing.std = list(v)?,
         "layout" => t.preprocessing.layout = Some(v.parse()?),
         _ => {
-            return Err("unknown option (epochs, batch, optimizer, lr, momentum, weight_decay, lr_step, lr_gamma, classes, labels, test_fraction, train_per_class, resize, channels, mean, std, layout)".to_string())
+            let task = [
+                "classes",
+                "labels",
+                "test_fraction",
+                "train_per_class",
+                "resize",
+                "channels",
+                "mean",
+                "std",
+                "layout",
+            ];
+            return Err(format!("unknown option ({})", [Hyper::KEYS, &task].concat().join(", ")));
         }
     }
     Ok(())

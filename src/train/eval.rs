@@ -60,7 +60,7 @@ pub fn run_batched_with(
         }
     }
     let views: Vec<_> = parts.iter().map(|a| a.view()).collect();
-    let stacked = ndarray::concatenate(ndarray::Axis(0), &views).map_err(|e| TrainError::Invalid(e.to_string()))?;
+    let stacked = ndarray::concatenate(ndarray::Axis(0), &views).map_err(super::invalid("stacking the outputs"))?;
     Ok(Tensor::F32(stacked))
 }
 

@@ -6,27 +6,65 @@ use serde::{Deserialize, Serialize};
 
 use super::{OptimConfig, OptimKind, StepLr};
 
-/// Training settings of one task (each field may be set per task or inherited).
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Hyper {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub epochs: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub batch: Option<usize>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub optimizer: Option<OptimizerName>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub lr: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub momentum: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub weight_decay: Option<f64>,
-    /// Multiply the learning rate by `lr_gamma` every `lr_step` epochs.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub lr_step: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub lr_gamma: Option<f64>,
+/// Defines [`Hyper`] from one list of fields: the struct (the plan's keys and `adapt`'s flags,
+/// with the help text below), `over` (a task's settings over inherited ones) and `set` (a
+/// `--task` option), so a new setting is one line here plus its use in `resolve`.
+macro_rules! hyper_fields {
+    ($( $(#[doc = $doc:literal])* $field:ident : $ty:ty, )*) => {
+        /// Training settings of one task (each field may be set per task or inherited).
+        #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, clap::Args)]
+        #[serde(deny_unknown_fields)]
+        pub struct Hyper {
+            $(
+                $(#[doc = $doc])*
+                #[serde(default, skip_serializing_if = "Option::is_none")]
+                #[arg(long)]
+                pub $field: Option<$ty>,
+            )*
+        }
+
+        impl Hyper {
+            /// The keys a plan and `--task` options name.
+            pub const KEYS: &'static [&'static str] = &[$( stringify!($field), )*];
+
+            /// This task's settings over `defaults`.
+            pub fn over(&self, defaults: &Hyper) -> Hyper {
+                Hyper { $( $field: self.$field.clone().or_else(|| defaults.$field.clone()), )* }
+            }
+
+            /// Sets `key` from its text; `None` when `key` is not a training setting.
+            pub fn set(&mut self, key: &str, value: &str) -> Option<Result<(), String>> {
+                match key {
+                    $( stringify!($field) => Some(parse_value(value).map(|v| self.$field = Some(v))), )*
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+
+hyper_fields! {
+    /// Epochs per task [default: 2].
+    epochs: u64,
+    /// Mini-batch size [default: 32].
+    batch: usize,
+    /// Optimizer [default: sgd; piggyback: adamw].
+    optimizer: OptimizerName,
+    /// Learning rate [default: 0.01; 0.001 with frozen BatchNorm; piggyback: 0.01 with adamw
+    /// for the head].
+    lr: f64,
+    /// SGD momentum [default: 0.9].
+    momentum: f64,
+    /// Weight decay (coupled for SGD, decoupled for AdamW) [default: 0].
+    weight_decay: f64,
+    /// Multiply the learning rate by --lr-gamma every this many epochs [default: never].
+    lr_step: u64,
+    /// The factor --lr-step applies [default: 1].
+    lr_gamma: f64,
+}
+
+fn parse_value<T: std::str::FromStr<Err: std::fmt::Display>>(v: &str) -> Result<T, String> {
+    v.trim().parse::<T>().map_err(|e| format!("'{v}' is not a valid value ({e})"))
 }
 
 /// The optimizers a plan can name.
@@ -64,20 +102,6 @@ pub const DEFAULT_LR: f64 = 0.01;
 pub const DEFAULT_MOMENTUM: f64 = 0.9;
 
 impl Hyper {
-    /// This task's settings over `defaults`.
-    pub fn over(&self, defaults: &Hyper) -> Hyper {
-        Hyper {
-            epochs: self.epochs.or(defaults.epochs),
-            batch: self.batch.or(defaults.batch),
-            optimizer: self.optimizer.or(defaults.optimizer),
-            lr: self.lr.or(defaults.lr),
-            momentum: self.momentum.or(defaults.momentum),
-            weight_decay: self.weight_decay.or(defaults.weight_decay),
-            lr_step: self.lr_step.or(defaults.lr_step),
-            lr_gamma: self.lr_gamma.or(defaults.lr_gamma),
-        }
-    }
-
     pub fn resolve(&self, task: &str) -> Result<Resolved, String> {
         let lr = self.lr.unwrap_or(DEFAULT_LR);
         let wd = self.weight_decay.unwrap_or(0.0);

@@ -43,14 +43,25 @@ pub enum TrainError {
         #[source]
         source: std::io::Error,
     },
+    /// A state or setting that cannot be used, explained.
     #[error("{0}")]
     Invalid(String),
+    /// What was being done, and the error that stopped it.
+    #[error("{context}")]
+    Failed {
+        context: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 /// Wraps a candle error with what was being done.
-/// A stored state or setting that cannot be used, with its cause's whole chain as text.
-pub fn invalid(e: impl std::fmt::Display) -> TrainError {
-    TrainError::Invalid(format!("{e:#}"))
+/// Wraps an error with what was being done, keeping it as the source.
+pub fn invalid<E: std::error::Error + Send + Sync + 'static>(
+    context: impl Into<String>,
+) -> impl FnOnce(E) -> TrainError {
+    let context = context.into();
+    move |e| TrainError::Failed { context, source: Box::new(e) }
 }
 
 pub(crate) fn candle(context: impl Into<String>) -> impl FnOnce(candle_core::Error) -> TrainError {
