@@ -206,3 +206,26 @@ pub fn embed(m: &mut Model, json: &str) {
         .metadata_props
         .push(crate::onnx::pb::StringStringEntryProto { key: Some(METADATA_KEY.into()), value: Some(json.into()) });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The schema lists the values these enums write, so that a new variant fails here
+    /// until the schema knows it.
+    #[test]
+    fn the_schema_lists_every_design_input_type_and_mask_kind() {
+        let schema: serde_json::Value =
+            serde_json::from_str(include_str!("../../schemas/artifact.schema.json")).unwrap();
+        let props = &schema["properties"];
+        let listed = |v: &serde_json::Value| v["enum"].as_array().cloned().unwrap_or_default();
+        let designs = [Design::SharedBackbone, Design::TaskMasks, Design::TaskParameters, Design::Standalone];
+        let kinds = [MaskKind::PacknetOwnerIds, MaskKind::PiggybackBits, MaskKind::PerTaskParameters];
+        let written = |v: &[serde_json::Value]| v.to_vec();
+        assert_eq!(listed(&props["design"]), written(&designs.map(|d| serde_json::to_value(d).unwrap())));
+        let types = [InputType::Float32, InputType::Uint8].map(|d| serde_json::to_value(d).unwrap());
+        assert_eq!(listed(&props["input_type"]), written(&types));
+        let mask_kind = &props["masks"]["properties"]["kind"];
+        assert_eq!(listed(mask_kind), written(&kinds.map(|d| serde_json::to_value(d).unwrap())));
+    }
+}
