@@ -11,7 +11,7 @@ mod session;
 
 pub use session::CandleSession;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use candle_core::{DType, Device, Tensor, Var};
 
@@ -121,6 +121,97 @@ pub struct Engine {
 /// Outputs of static steps by tensor name, for one tuple of graph-input shapes.
 type StaticValues = HashMap<String, Tensor>;
 
+/// An engine's initializers: constants, and the parameters that train (or hold state).
+type Initializers = (HashMap<String, Tensor>, BTreeMap<String, Var>);
+
+/// The running statistics of each BatchNormalization whose scale trains: state that the
+/// training step updates.
+fn running_statistics(g: &crate::onnx::pb::GraphProto, trainable: &dyn Fn(&str) -> bool) -> HashSet<String> {
+    g.node
+        .iter()
+        .filter(|n| n.op_type() == "BatchNormalization" && n.input.get(1).is_some_and(|s| trainable(s)))
+        .flat_map(|n| n.input.iter().skip(3).take(2).cloned())
+        .collect()
+}
+
+/// One step per node, in graph order, with BatchNormalization + clamp pairs whose
+/// parameters are `fixed` fused into one step.
+fn build_steps(
+    g: &crate::onnx::pb::GraphProto,
+    ctx: &registry::BuildCtx,
+    fixed: &dyn Fn(&str) -> bool,
+) -> Result<Vec<Step>, EngineError> {
+    let folded = fuse::batch_norm_clamps(g, ctx.opset, fixed);
+    let folded_away: HashSet<usize> = folded.values().map(|f| f.clamp_node).collect();
+    let mut steps = Vec::with_capacity(g.node.len());
+    for (idx, n) in g.node.iter().enumerate() {
+        if folded_away.contains(&idx) {
+            continue;
+        }
+        let mut step = Step {
+            running: match (n.op_type(), n.input.get(3), n.input.get(4)) {
+                ("BatchNormalization", Some(m), Some(v)) if ctx.stateful.contains(m) => Some((m.clone(), v.clone())),
+                _ => None,
+            },
+            label: node_label(n),
+            op_type: n.op_type().to_string(),
+            inputs: n.input.iter().map(|i| (!i.is_empty()).then(|| i.clone())).collect(),
+            outputs: n.output.clone(),
+            op: registry::build(n, ctx)?,
+        };
+        if let Some((f, c)) = folded.get(&idx).and_then(|f| Some((f, g.node.get(f.clamp_node)?))) {
+            // The clamp node is still checked as if it ran on its own.
+            registry::build(c, ctx)?;
+            step.op = ops::build_batch_norm_clamped(n, ctx, Some(f.clamp))?;
+            step.label = format!("{}+{}", step.label, node_label(c));
+            step.op_type = format!("{}+{}", n.op_type(), c.op_type());
+            if let (Some(first), Some(out)) = (step.outputs.first_mut(), c.output.first()) {
+                first.clone_from(out);
+            }
+        }
+        steps.push(step);
+    }
+    Ok(steps)
+}
+
+/// The initializers on `device`: float ones that `trains` are parameters (candle `Var`s),
+/// the rest constants.
+fn load_initializers(
+    g: &crate::onnx::pb::GraphProto,
+    trains: &dyn Fn(&str) -> bool,
+    float: DType,
+    device: &Device,
+) -> Result<Initializers, EngineError> {
+    let (mut constants, mut params) = (HashMap::new(), BTreeMap::new());
+    for t in &g.initializer {
+        let host = tensor_proto::to_tensor(t)?;
+        let is_float = matches!(host.dtype(), crate::tensor::DType::F32 | crate::tensor::DType::F64);
+        let ct = to_candle_on(&host, float, device).map_err(|source| EngineError::Candle {
+            context: format!("initializer '{}'", t.name()),
+            source: Box::new(source),
+        })?;
+        if is_float && trains(t.name()) {
+            let var = Var::from_tensor(&ct)
+                .map_err(|source| EngineError::Candle { context: t.name().into(), source: Box::new(source) })?;
+            params.insert(t.name().to_string(), var);
+        } else {
+            constants.insert(t.name().to_string(), ct);
+        }
+    }
+    Ok((constants, params))
+}
+
+/// For each tensor, the last step that reads it (its value can be dropped after).
+fn last_uses(steps: &[Step]) -> HashMap<String, usize> {
+    let mut last_use = HashMap::new();
+    for (i, s) in steps.iter().enumerate() {
+        for name in s.inputs.iter().flatten() {
+            last_use.insert(name.clone(), i);
+        }
+    }
+    last_use
+}
+
 /// Which steps are static: Shape and Constant always; others when every input they read is a
 /// fixed, non-re-parameterised initializer or a static step's output.
 fn static_steps(steps: &[Step], fixed: &dyn Fn(&str) -> bool) -> Vec<bool> {
@@ -177,13 +268,7 @@ impl Engine {
         device: &Device,
     ) -> Result<Engine, EngineError> {
         let g = model.graph();
-        // BatchNormalization whose scale trains keeps its running statistics as state.
-        let stateful: std::collections::HashSet<String> = g
-            .node
-            .iter()
-            .filter(|n| n.op_type() == "BatchNormalization" && n.input.get(1).is_some_and(|s| trainable(s)))
-            .flat_map(|n| n.input.iter().skip(3).take(2).cloned())
-            .collect();
+        let stateful = running_statistics(g, trainable);
         let training = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let ctx = registry::BuildCtx {
             opset: model.opset("").unwrap_or(1),
@@ -191,70 +276,19 @@ impl Engine {
             training: training.clone(),
             stateful: stateful.clone(),
         };
-        let fixed = |name: &str| !(trainable(name) || stateful.contains(name));
-        let folded = fuse::batch_norm_clamps(g, ctx.opset, &fixed);
-        let folded_away: std::collections::HashSet<usize> = folded.values().map(|f| f.clamp_node).collect();
-        let mut steps = Vec::with_capacity(g.node.len());
-        for (idx, n) in g.node.iter().enumerate() {
-            if folded_away.contains(&idx) {
-                continue;
-            }
-            let mut step = Step {
-                running: match (n.op_type(), n.input.get(3), n.input.get(4)) {
-                    ("BatchNormalization", Some(m), Some(v)) if stateful.contains(m) => Some((m.clone(), v.clone())),
-                    _ => None,
-                },
-                label: node_label(n),
-                op_type: n.op_type().to_string(),
-                inputs: n.input.iter().map(|i| (!i.is_empty()).then(|| i.clone())).collect(),
-                outputs: n.output.clone(),
-                op: registry::build(n, &ctx)?,
-            };
-            if let Some(f) = folded.get(&idx) {
-                // The clamp node is still checked as if it ran on its own.
-                let c = &g.node[f.clamp_node];
-                registry::build(c, &ctx)?;
-                step.op = ops::build_batch_norm_clamped(n, &ctx, Some(f.clamp))?;
-                step.label = format!("{}+{}", step.label, node_label(c));
-                step.op_type = format!("{}+{}", n.op_type(), c.op_type());
-                if let (Some(first), Some(out)) = (step.outputs.first_mut(), c.output.first()) {
-                    first.clone_from(out);
-                }
-            }
-            steps.push(step);
-        }
-        let (mut constants, mut params) = (HashMap::new(), BTreeMap::new());
-        for t in &g.initializer {
-            let host = tensor_proto::to_tensor(t)?;
-            let is_float = matches!(host.dtype(), crate::tensor::DType::F32 | crate::tensor::DType::F64);
-            let ct = to_candle_on(&host, float, device).map_err(|source| EngineError::Candle {
-                context: format!("initializer '{}'", t.name()),
-                source: Box::new(source),
-            })?;
-            if is_float && (trainable(t.name()) || stateful.contains(t.name())) {
-                let var = Var::from_tensor(&ct)
-                    .map_err(|source| EngineError::Candle { context: t.name().into(), source: Box::new(source) })?;
-                params.insert(t.name().to_string(), var);
-            } else {
-                constants.insert(t.name().to_string(), ct);
-            }
-        }
-        let mut last_use = HashMap::new();
-        for (i, s) in steps.iter().enumerate() {
-            for name in s.inputs.iter().flatten() {
-                last_use.insert(name.clone(), i);
-            }
-        }
+        let steps = build_steps(g, &ctx, &|name| !(trainable(name) || stateful.contains(name)))?;
+        let (constants, params) =
+            load_initializers(g, &|name| trainable(name) || stateful.contains(name), float, device)?;
         let inits: std::collections::HashSet<&str> = g.initializer.iter().map(|t| t.name()).collect();
         let statics = static_steps(&steps, &|n| constants.contains_key(n));
         Ok(Engine {
+            last_use: last_uses(&steps),
             steps,
             inputs: g.input.iter().map(|i| i.name().to_string()).filter(|n| !inits.contains(n.as_str())).collect(),
             outputs: g.output.iter().map(|o| o.name().to_string()).collect(),
             constants,
             params,
             reparams: HashMap::new(),
-            last_use,
             float,
             device: device.clone(),
             training,
@@ -358,28 +392,10 @@ impl Engine {
         wanted: &[&str],
         mut times: Option<&mut HashMap<String, std::time::Duration>>,
     ) -> Result<Vec<Tensor>, EngineError> {
-        let mut env: HashMap<String, Tensor> = HashMap::new();
-        for name in &self.inputs {
-            let t = inputs
-                .iter()
-                .find(|(n, _)| n == name)
-                .map(|(_, t)| t.clone())
-                .ok_or_else(|| EngineError::Tensor { tensor: name.clone(), problem: "graph input not given".into() })?;
-            env.insert(name.clone(), t);
-        }
+        let mut env = self.bind_inputs(inputs)?;
         let key: Vec<Vec<usize>> = self.inputs.iter().filter_map(|n| env.get(n)).map(|t| t.dims().to_vec()).collect();
         let mut cached = self.static_cache.lock().map(|mut c| c.remove(&key).unwrap_or_default()).unwrap_or_default();
-        // Re-parameterised weights are computed once per pass, not once per reader.
-        let mut reparam_cache: HashMap<&str, Tensor> = HashMap::new();
-        for name in self.reparams.keys() {
-            if let Some(v) = self.effective(name) {
-                let v = v.map_err(|e| EngineError::Candle {
-                    context: format!("re-parameterised weight '{name}'"),
-                    source: Box::new(e),
-                })?;
-                reparam_cache.insert(name.as_str(), v);
-            }
-        }
+        let reparam_cache = self.reparam_values()?;
         let lookup = |env: &HashMap<String, Tensor>, name: &str| -> Option<Tensor> {
             env.get(name)
                 .or_else(|| reparam_cache.get(name))
@@ -402,32 +418,7 @@ impl Engine {
             }
             let args: Vec<Option<Tensor>> =
                 s.inputs.iter().map(|n| n.as_deref().and_then(|n| lookup(&env, n))).collect();
-            if let Some(missing) = s.inputs.iter().zip(&args).find(|(n, a)| n.is_some() && a.is_none()) {
-                return Err(EngineError::Tensor {
-                    tensor: missing.0.clone().unwrap_or_default(),
-                    problem: format!("read by node '{}' but not computed", s.label),
-                });
-            }
-            let started = std::time::Instant::now();
-            let outs = s.op.forward(&args).map_err(|source| EngineError::Exec {
-                node: s.label.clone(),
-                op: s.op_type.clone(),
-                source: Box::new(source),
-            })?;
-            if let Some(t) = times.as_deref_mut() {
-                *t.entry(s.op_type.clone()).or_default() += started.elapsed();
-            }
-            if let (Some((mean, var)), [_, new_mean, new_var, ..]) = (&s.running, outs.as_slice()) {
-                for (name, value) in [(mean, new_mean), (var, new_var)] {
-                    if let Some(v) = self.params.get(name) {
-                        v.set(&value.detach()).map_err(|e| EngineError::Exec {
-                            node: s.label.clone(),
-                            op: s.op_type.clone(),
-                            source: Box::new(e),
-                        })?;
-                    }
-                }
-            }
+            let outs = self.run_step(s, &args, times.as_deref_mut())?;
             for (name, t) in s.outputs.iter().zip(outs) {
                 if !name.is_empty() {
                     if is_static {
@@ -455,6 +446,69 @@ impl Engine {
                 })
             })
             .collect()
+    }
+
+    /// The graph inputs from `inputs`, each required.
+    fn bind_inputs(&self, inputs: &[(&str, Tensor)]) -> Result<HashMap<String, Tensor>, EngineError> {
+        let mut env = HashMap::new();
+        for name in &self.inputs {
+            let t = inputs
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, t)| t.clone())
+                .ok_or_else(|| EngineError::Tensor { tensor: name.clone(), problem: "graph input not given".into() })?;
+            env.insert(name.clone(), t);
+        }
+        Ok(env)
+    }
+
+    /// Re-parameterised weights, computed once per pass rather than once per reader.
+    fn reparam_values(&self) -> Result<HashMap<&str, Tensor>, EngineError> {
+        let mut out = HashMap::new();
+        for name in self.reparams.keys() {
+            if let Some(v) = self.effective(name) {
+                let v = v.map_err(|e| EngineError::Candle {
+                    context: format!("re-parameterised weight '{name}'"),
+                    source: Box::new(e),
+                })?;
+                out.insert(name.as_str(), v);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Runs one step on its arguments (timed when profiling) and writes a BatchNorm's updated
+    /// running statistics into their parameters.
+    fn run_step(
+        &self,
+        s: &Step,
+        args: &[Option<Tensor>],
+        times: Option<&mut HashMap<String, std::time::Duration>>,
+    ) -> Result<Vec<Tensor>, EngineError> {
+        if let Some(missing) = s.inputs.iter().zip(args).find(|(n, a)| n.is_some() && a.is_none()) {
+            return Err(EngineError::Tensor {
+                tensor: missing.0.clone().unwrap_or_default(),
+                problem: format!("read by node '{}' but not computed", s.label),
+            });
+        }
+        let exec = |e: candle_core::Error| EngineError::Exec {
+            node: s.label.clone(),
+            op: s.op_type.clone(),
+            source: Box::new(e),
+        };
+        let started = std::time::Instant::now();
+        let outs = s.op.forward(args).map_err(exec)?;
+        if let Some(t) = times {
+            *t.entry(s.op_type.clone()).or_default() += started.elapsed();
+        }
+        if let (Some((mean, var)), [_, new_mean, new_var, ..]) = (&s.running, outs.as_slice()) {
+            for (name, value) in [(mean, new_mean), (var, new_var)] {
+                if let Some(v) = self.params.get(name) {
+                    v.set(&value.detach()).map_err(exec)?;
+                }
+            }
+        }
+        Ok(outs)
     }
 
     /// The model with every trainable initializer replaced by the engine's current value.

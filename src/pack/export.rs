@@ -6,13 +6,14 @@
 //! add an int64 `task` input that selects the weight masks (see [`crate::graph::masks`]). No
 //! control flow, so ONNX Runtime and tract execute the same graph the same way.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 
 use super::artifact::ARTIFACT_SCHEMA;
 use super::artifact::{self, ArtifactManifest, ArtifactTask, Design, InputType, MaskSummary, Probes, Verified};
+use super::manifest::OwnHead;
 use super::{Manifest, Pack, PackError};
 use crate::engine::{from_candle, to_candle, Engine};
 use crate::graph::{masks, preprocess, Patch};
@@ -194,6 +195,124 @@ impl Query {
     }
 }
 
+/// What the graph and its probe queries are made from.
+struct Sources<'a> {
+    m: &'a Manifest,
+    model: &'a Model,
+    data: &'a [TaskData],
+    method: &'a dyn Method,
+    /// The backbone's image input.
+    input: &'a str,
+    with_pre: bool,
+}
+
+impl Sources<'_> {
+    fn logits(&self, i: usize) -> String {
+        self.m.tasks[i].logits.clone()
+    }
+
+    /// A probe query on task `rows_of`'s held-out images, expected to give what the training
+    /// engine computes for `outputs` on the model as `column` sees it.
+    fn query(
+        &self,
+        task: Option<i64>,
+        outputs: Vec<String>,
+        column: Option<usize>,
+        rows_of: usize,
+    ) -> Result<Query, ExportError> {
+        let view = self.method.view(self.model, column).map_err(step("applying the task's masks"))?;
+        let (x, raw) = self.rows(rows_of);
+        Query::new(task, outputs, x, &raw, view.as_ref().unwrap_or(self.model), self.input, self.with_pre)
+    }
+
+    /// Task `i`'s probe rows, as the engine and as the artifact take them.
+    fn rows(&self, i: usize) -> (Tensor, Tensor) {
+        let d = &self.data[i];
+        let raw = raw_images(&self.m.tasks[i], data::head_rows(&d.test_raw, PROBES_PER_TASK));
+        (data::head_rows(&d.test_x, PROBES_PER_TASK), raw)
+    }
+
+    /// No masks: one output per task on a shared backbone, one query over every task's rows.
+    fn shared(&self, selected: &[usize], own: Option<&OwnHead>) -> Result<Built, ExportError> {
+        let mut outputs: Vec<String> = own.map(|h| h.output.clone()).into_iter().collect();
+        outputs.extend(selected.iter().map(|&i| self.logits(i)));
+        let plain = with_outputs(self.model, &outputs)?;
+        let x = stack(&selected.iter().map(|&i| self.rows(i).0).collect::<Vec<_>>())?;
+        // Raw images are only fed with preprocessing in the graph; tasks may differ in size.
+        let raw = if self.with_pre {
+            stack(&selected.iter().map(|&i| self.rows(i).1).collect::<Vec<_>>())?
+        } else {
+            x.clone()
+        };
+        let q = Query::new(None, outputs, x, &raw, &plain, self.input, self.with_pre)?;
+        Ok(Built::new(plain, self.input, None, vec![q], Design::SharedBackbone, None))
+    }
+
+    /// One task of a mask method alone, its mask applied to the weights.
+    fn standalone(&self, only: usize) -> Result<Built, ExportError> {
+        let view = self.method.view(self.model, Some(only)).map_err(step("applying the task's masks"))?;
+        let view = with_outputs(view.as_ref().unwrap_or(self.model), &[self.logits(only)])?;
+        let (x, raw) = self.rows(only);
+        let q = Query::new(None, vec![self.logits(only)], x, &raw, &view, self.input, self.with_pre)?;
+        Ok(Built::new(view, self.input, None, vec![q], Design::Standalone, None))
+    }
+
+    /// Every task of a mask method: the masks in the graph, selected by the `task` input,
+    /// each output gated to its own task value; one query per task.
+    fn masked(
+        &self,
+        stored: &BTreeMap<String, masks::StoredMask>,
+        selected: &[usize],
+        own: Option<&OwnHead>,
+    ) -> Result<Built, ExportError> {
+        let mut outputs: Vec<String> = own.map(|h| h.output.clone()).into_iter().collect();
+        outputs.extend(selected.iter().map(|&i| self.logits(i)));
+        let base = with_outputs(self.model, &outputs)?;
+        let mut gates: Vec<(String, i64)> = selected.iter().map(|&i| (self.logits(i), i as i64)).collect();
+        let mut queries = Vec::new();
+        for &i in selected {
+            queries.push(self.query(Some(i as i64), vec![self.logits(i)], Some(i), i)?);
+        }
+        if let (Some(h), Some(&first)) = (own, selected.first()) {
+            gates.push((h.output.clone(), masks::OWN_HEAD_TASK));
+            queries.push(self.query(Some(masks::OWN_HEAD_TASK), vec![h.output.clone()], None, first)?);
+        }
+        let ranks = batchnorm_ranks(&base, stored)?;
+        let embedded = masks::embed(&base, stored, &gates, &ranks).map_err(step("putting the masks into the graph"))?;
+        let summary = MaskSummary::of(stored, self.m.tasks.len());
+        let design = if summary.masked_params > 0 { Design::TaskMasks } else { Design::TaskParameters };
+        let task_input = Some(masks::TASK_INPUT.to_string());
+        Ok(Built::new(embedded, self.input, task_input, queries, design, Some(summary)))
+    }
+}
+
+/// The ranks of the inputs of per-task BatchNormalization nodes, measured by running `model`.
+fn batchnorm_ranks(
+    model: &Model,
+    stored: &BTreeMap<String, masks::StoredMask>,
+) -> Result<HashMap<String, usize>, ExportError> {
+    let bn_inputs = masks::per_task_batchnorm_inputs(model, stored);
+    if bn_inputs.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let shapes = crate::runtime::probe::shapes(model, &bn_inputs)
+        .map_err(step("measuring the ranks of per-task BatchNormalization inputs"))?;
+    Ok(shapes.into_iter().map(|(k, s)| (k, s.len())).collect())
+}
+
+impl Built {
+    fn new(
+        model: Model,
+        input: &str,
+        task_input: Option<String>,
+        queries: Vec<Query>,
+        design: Design,
+        masks: Option<MaskSummary>,
+    ) -> Built {
+        Built { model, input: input.to_string(), task_input, queries, design, masks }
+    }
+}
+
 /// The graph to export and the probe queries that check it.
 fn build(
     m: &Manifest,
@@ -203,94 +322,37 @@ fn build(
     method: &dyn Method,
     opts: &ExportOptions,
 ) -> Result<Built, ExportError> {
-    let input = m.backbone.input.clone();
-    let pre = opts.with_preprocessing;
-    let rows = |i: usize| {
-        let raw = raw_images(&m.tasks[i], data::head_rows(&data[i].test_raw, PROBES_PER_TASK));
-        (data::head_rows(&data[i].test_x, PROBES_PER_TASK), raw)
-    };
+    let input = &m.backbone.input;
+    let src = Sources { m, model, data, method, input, with_pre: opts.with_preprocessing };
     let own = m.backbone.own_head.as_ref().filter(|_| opts.task.is_none());
-    let logits = |i: usize| m.tasks[i].logits.clone();
-    let stored = method.stored_masks();
-    let (model, task_input, queries, design, masks) = match (&stored, selected) {
-        (None, _) => {
-            let mut outputs: Vec<String> = own.map(|h| h.output.clone()).into_iter().collect();
-            outputs.extend(selected.iter().map(|&i| logits(i)));
-            let plain = with_outputs(model, &outputs)?;
-            let x = stack(&selected.iter().map(|&i| rows(i).0).collect::<Vec<_>>())?;
-            // Raw images are only fed with preprocessing in the graph; tasks may differ in size.
-            let raw = if pre { stack(&selected.iter().map(|&i| rows(i).1).collect::<Vec<_>>())? } else { x.clone() };
-            let q = Query::new(None, outputs, x, &raw, &plain, &input, pre)?;
-            (plain, None, vec![q], Design::SharedBackbone, None)
-        }
-        (Some(_), [only]) if opts.task.is_some() => {
-            let view = method.view(model, Some(*only)).map_err(step("applying the task's masks"))?;
-            let view = with_outputs(view.as_ref().unwrap_or(model), &[logits(*only)])?;
-            let (x, raw) = rows(*only);
-            let q = Query::new(None, vec![logits(*only)], x, &raw, &view, &input, pre)?;
-            (view, None, vec![q], Design::Standalone, None)
-        }
-        (Some(stored), _) => {
-            let mut outputs: Vec<String> = own.map(|h| h.output.clone()).into_iter().collect();
-            outputs.extend(selected.iter().map(|&i| logits(i)));
-            let base = with_outputs(model, &outputs)?;
-            let mut gates: Vec<(String, i64)> = selected.iter().map(|&i| (logits(i), i as i64)).collect();
-            let mut queries = Vec::new();
-            for &i in selected {
-                let view = method.view(model, Some(i)).map_err(step("applying the task's masks"))?;
-                let (x, raw) = rows(i);
-                queries.push(Query::new(
-                    Some(i as i64),
-                    vec![logits(i)],
-                    x,
-                    &raw,
-                    view.as_ref().unwrap_or(model),
-                    &input,
-                    pre,
-                )?);
-            }
-            if let (Some(h), Some(&first)) = (own, selected.first()) {
-                gates.push((h.output.clone(), masks::OWN_HEAD_TASK));
-                let view = method.view(model, None).map_err(step("applying the masks"))?;
-                let (x, raw) = rows(first);
-                queries.push(Query::new(
-                    Some(masks::OWN_HEAD_TASK),
-                    vec![h.output.clone()],
-                    x,
-                    &raw,
-                    view.as_ref().unwrap_or(model),
-                    &input,
-                    pre,
-                )?);
-            }
-            let bn_inputs = masks::per_task_batchnorm_inputs(&base, stored);
-            let ranks = if bn_inputs.is_empty() {
-                Default::default()
-            } else {
-                crate::runtime::probe::shapes(&base, &bn_inputs)
-                    .map_err(step("measuring the ranks of per-task BatchNormalization inputs"))?
-                    .into_iter()
-                    .map(|(k, s)| (k, s.len()))
-                    .collect()
-            };
-            let embedded =
-                masks::embed(&base, stored, &gates, &ranks).map_err(step("putting the masks into the graph"))?;
-            let summary = MaskSummary::of(stored, m.tasks.len());
-            let design = if summary.masked_params > 0 { Design::TaskMasks } else { Design::TaskParameters };
-            (embedded, Some(masks::TASK_INPUT.to_string()), queries, design, Some(summary))
-        }
+    let built = match (method.stored_masks(), selected) {
+        (None, _) => src.shared(selected, own)?,
+        (Some(_), [only]) if opts.task.is_some() => src.standalone(*only)?,
+        (Some(stored), _) => src.masked(&stored, selected, own)?,
     };
-    let (model, input) = if pre {
-        let first = selected[0];
-        let raw = data[first].test_raw.shape();
-        let raw3 = [raw[1], raw[2], raw[3]];
-        let g = preprocess::prepend(&model, &input, raw3, data[first].pixel_max, &m.tasks[first].preprocessing)
-            .map_err(step("adding preprocessing"))?;
-        (g, preprocess::RAW_INPUT.to_string())
+    if opts.with_preprocessing {
+        with_preprocessing(built, m, data, selected)
     } else {
-        (model, input)
+        Ok(built)
+    }
+}
+
+/// `built` taking raw images of the first selected task's size, its preprocessing in the graph.
+fn with_preprocessing(built: Built, m: &Manifest, data: &[TaskData], selected: &[usize]) -> Result<Built, ExportError> {
+    let first = selected.first().copied().ok_or_else(|| ExportError::Invalid("no task to export".into()))?;
+    let (Some(d), Some(task)) = (data.get(first), m.tasks.get(first)) else {
+        return Err(ExportError::Invalid(format!("task {first} has no data")));
     };
-    Ok(Built { model, input, task_input, queries, design, masks })
+    let &[_, c, h, w] = d.test_raw.shape() else {
+        return Err(ExportError::Invalid(format!(
+            "task '{}': raw images are {:?}, expected [N, C, H, W]",
+            task.name,
+            d.test_raw.shape()
+        )));
+    };
+    let model = preprocess::prepend(&built.model, &built.input, [c, h, w], d.pixel_max, &task.preprocessing)
+        .map_err(step("adding preprocessing"))?;
+    Ok(Built { model, input: preprocess::RAW_INPUT.to_string(), ..built })
 }
 
 /// Stored [N, C, H, W] images in the layout the artifact's raw image input takes (the
@@ -345,14 +407,7 @@ pub fn export(pack_dir: &Path, out: &Path, opts: &ExportOptions) -> Result<Expor
     let (m, model, data) = load(&pack)?;
     let selected = select(&m, opts)?;
     if opts.with_preprocessing {
-        let pre = &m.tasks[selected[0]].preprocessing;
-        if selected.iter().any(|&i| {
-            &m.tasks[i].preprocessing != pre || data[i].test_raw.shape() != data[selected[0]].test_raw.shape()
-        }) {
-            return Err(ExportError::Invalid(
-                "--with-preprocessing needs tasks with one preprocessing and image size; pick one with --task".into(),
-            ));
-        }
+        check_one_preprocessing(&m, &data, &selected)?;
     }
     let method = load_method(&pack, &m)?;
     let built = build(&m, &model, &data, &selected, method.as_ref(), opts)?;
@@ -363,21 +418,76 @@ pub fn export(pack_dir: &Path, out: &Path, opts: &ExportOptions) -> Result<Expor
         )));
     }
     let tasks = measure(&m, &data, &selected, &built, opts.with_preprocessing)?;
+    if !opts.with_preprocessing {
+        check_accuracy(&m, &tasks, &selected)?;
+    }
+    let (manifest_path, probes_path) = sidecars(out);
+    let probe_bytes = probes_file(&built)?;
+    let verified = Verified {
+        tract_max_abs_diff: tract_diff,
+        ort_max_abs_diff: ort_diff,
+        accuracy_matches_pack: !opts.with_preprocessing,
+    };
+    let probes = Probes {
+        file: probes_path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default(),
+        sha256: format!("{:x}", <sha2::Sha256 as sha2::Digest>::digest(&probe_bytes)),
+        count: built.queries.iter().map(|q| q.x.shape().first().copied().unwrap_or(0)).sum(),
+        tolerance: TOLERANCE,
+    };
+    let manifest = artifact_manifest(&m, &built, tasks, opts, probes, verified)?;
+    let json = serde_json::to_string_pretty(&manifest).map_err(step("manifest"))?;
+    let mut final_model = built.model;
+    // Compact in the model (it counts against the artifact's size), pretty beside it.
+    artifact::embed(&mut final_model, &serde_json::to_string(&manifest).map_err(step("manifest"))?);
+    let write =
+        |p: &Path, b: &[u8]| crate::fsutil::write_atomic(p, b).map_err(step(format!("writing {}", p.display())));
+    write(&probes_path, &probe_bytes)?;
+    write(&manifest_path, json.as_bytes())?;
+    final_model.save(out).map_err(step("writing the model"))?;
+    Ok(Exported { manifest, model_path: out.to_path_buf(), manifest_path, probes_path })
+}
+
+/// One graph takes one kind of raw image: the selected tasks must share preprocessing and
+/// image size.
+fn check_one_preprocessing(m: &Manifest, data: &[TaskData], selected: &[usize]) -> Result<(), ExportError> {
+    let key = |i: usize| (m.tasks.get(i).map(|t| &t.preprocessing), data.get(i).map(|d| d.test_raw.shape()));
+    let first = selected.first().map(|&i| key(i));
+    if selected.iter().any(|&i| Some(key(i)) != first) {
+        return Err(ExportError::Invalid(
+            "--with-preprocessing needs tasks with one preprocessing and image size; pick one with --task".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Each task's accuracy through the artifact equals the pack's last accuracy row.
+fn check_accuracy(m: &Manifest, tasks: &[ArtifactTask], selected: &[usize]) -> Result<(), ExportError> {
     let last = m.accuracy_matrix.last().cloned().unwrap_or_default();
     let offset = usize::from(m.backbone.own_head.is_some());
-    for (t, &i) in tasks.iter().zip(&selected) {
+    for (t, &i) in tasks.iter().zip(selected) {
         let recorded = last.get(offset + i).copied().flatten();
-        if t.accuracy != recorded && !opts.with_preprocessing {
+        if t.accuracy != recorded {
             return Err(ExportError::Check(format!(
                 "task '{}': accuracy through the artifact {:?} differs from the pack's {:?}",
                 t.name, t.accuracy, recorded
             )));
         }
     }
-    let (manifest_path, probes_path) = sidecars(out);
-    let probe_bytes = probes_file(&built)?;
+    Ok(())
+}
+
+/// The artifact's manifest: the pack's record, how the graph serves the tasks, its digests
+/// and what verified it.
+fn artifact_manifest(
+    m: &Manifest,
+    built: &Built,
+    tasks: Vec<ArtifactTask>,
+    opts: &ExportOptions,
+    probes: Probes,
+    verified: Verified,
+) -> Result<ArtifactManifest, ExportError> {
     let own = m.backbone.own_head.as_ref().filter(|_| opts.task.is_none());
-    let manifest = ArtifactManifest {
+    Ok(ArtifactManifest {
         schema: ARTIFACT_SCHEMA.into(),
         mtpack_version: env!("CARGO_PKG_VERSION").into(),
         backbone_source: m.backbone.source.clone(),
@@ -398,28 +508,9 @@ pub fn export(pack_dir: &Path, out: &Path, opts: &ExportOptions) -> Result<Expor
         accuracy_matrix: m.accuracy_matrix.clone(),
         metrics: m.metrics.clone(),
         tensors: artifact::tensor_digests(&built.model).map_err(step("digests"))?,
-        probes: Probes {
-            file: probes_path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default(),
-            sha256: format!("{:x}", <sha2::Sha256 as sha2::Digest>::digest(&probe_bytes)),
-            count: built.queries.iter().map(|q| q.x.shape()[0]).sum(),
-            tolerance: TOLERANCE,
-        },
-        verified: Verified {
-            tract_max_abs_diff: tract_diff,
-            ort_max_abs_diff: ort_diff,
-            accuracy_matches_pack: !opts.with_preprocessing,
-        },
-    };
-    let json = serde_json::to_string_pretty(&manifest).map_err(step("manifest"))?;
-    let mut final_model = built.model;
-    // Compact in the model (it counts against the artifact's size), pretty beside it.
-    artifact::embed(&mut final_model, &serde_json::to_string(&manifest).map_err(step("manifest"))?);
-    let write =
-        |p: &Path, b: &[u8]| crate::fsutil::write_atomic(p, b).map_err(step(format!("writing {}", p.display())));
-    write(&probes_path, &probe_bytes)?;
-    write(&manifest_path, json.as_bytes())?;
-    final_model.save(out).map_err(step("writing the model"))?;
-    Ok(Exported { manifest, model_path: out.to_path_buf(), manifest_path, probes_path })
+        probes,
+        verified,
+    })
 }
 
 /// The probes file: `input` (every query's rows), `task` (each row's task value, when the
