@@ -41,7 +41,7 @@ fn step<E: std::error::Error + Send + Sync + 'static>(context: impl Into<String>
 /// One method's row of the table.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct MethodRow {
-    pub method: String,
+    pub method: MethodKind,
     /// Held-out accuracy of each column after the last task (the accuracy matrix's last row).
     pub final_accuracy: Vec<Option<f64>>,
     pub average_accuracy: f64,
@@ -227,7 +227,7 @@ pub fn run(plan: &Plan, methods: &[MethodKind], out: &Path, quiet: bool) -> Resu
         let artifact_bytes = std::fs::metadata(&artifact).map_err(step("artifact size"))?.len();
         columns = manifest.columns.clone();
         rows.push(MethodRow {
-            method: method.name().into(),
+            method,
             final_accuracy: manifest.accuracy_matrix.last().cloned().unwrap_or_default(),
             average_accuracy: manifest.metrics.average_accuracy,
             bwt: manifest.metrics.bwt,
@@ -271,7 +271,7 @@ pub fn table(r: &BenchReport) -> (Vec<String>, Vec<Vec<String>>) {
         .methods
         .iter()
         .map(|m| {
-            let mut row = vec![m.method.clone()];
+            let mut row = vec![m.method.to_string()];
             row.extend(m.final_accuracy.iter().map(|a| a.map_or("-".to_string(), |v| format!("{v:.3}"))));
             row.extend([
                 format!("{:.3}", m.average_accuracy),

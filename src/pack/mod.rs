@@ -4,7 +4,9 @@
 //! PACK/manifest.json          what was done, with the sha256 of every file below
 //! PACK/backbone.onnx          the source backbone as given
 //! PACK/model.onnx             backbone + one head per task, latest weights
-//! PACK/state/                 method state (Fisher, anchors, recorded LwF targets)
+//! PACK/state/after_<task>/method.safetensors   the method's record after each task
+//!                             (methods::Record: Fisher sums, owner ids, mask bits, per-task
+//!                             copies); state/ also caches features and recorded LwF targets
 //! PACK/checkpoint/            the task in progress: weights and optimizer after each epoch
 //! PACK/.lock                  held by the one process writing the pack (see `lock`)
 //! ```

@@ -1,8 +1,9 @@
 //! The adaptation plan: the backbone, the method with its parameters, and the tasks in order
 //! with their data, preprocessing and hyper-parameters. Read from a TOML file or built from
 //! command-line flags; validated before any training starts. `data` prepares a task's data
-//! as the plan states it. The layer sits below `pack` (which records and re-reads plans) and
-//! `adapt` (which runs them).
+//! as the plan states it. The layer sits above `methods` (a plan names a registered method and
+//! its parameters; methods never read a plan, they get a task's context from the runner) and
+//! below `pack` (which records and re-reads plans) and `adapt` (which runs them).
 
 pub mod data;
 

@@ -51,7 +51,7 @@ pub fn choice_table(r: &BenchReport) -> (Vec<String>, Vec<Vec<String>>) {
             let old = task_acc.split_last().map(|(_, old)| mean(old.iter().flatten().copied())).unwrap_or_default();
             let newest_acc = task_acc.last().copied().flatten();
             vec![
-                m.method.clone(),
+                m.method.to_string(),
                 newest_acc.map_or("-".into(), |a| format!("{a:.3}")),
                 old.map_or("-".into(), |a| format!("{a:.3}")),
                 format!("{:.1} s ({:.1}x fastest)", m.adapt_seconds, m.adapt_seconds / fastest.max(1e-9)),
@@ -75,7 +75,7 @@ struct Charts {
 }
 
 fn charts(r: &BenchReport) -> Charts {
-    let names: Vec<String> = r.methods.iter().map(|m| m.method.clone()).collect();
+    let names: Vec<String> = r.methods.iter().map(|m| m.method.to_string()).collect();
     let mut cols = r.columns.clone();
     cols.push("average".into());
     let matrix: Vec<Vec<Option<f64>>> = r
@@ -84,7 +84,7 @@ fn charts(r: &BenchReport) -> Charts {
         .map(|m| m.final_accuracy.iter().copied().chain([Some(m.average_accuracy)]).collect())
         .collect();
     let points: Vec<(String, f64, f64)> =
-        r.methods.iter().map(|m| (m.method.clone(), m.forgetting, m.average_accuracy)).collect();
+        r.methods.iter().map(|m| (m.method.to_string(), m.forgetting, m.average_accuracy)).collect();
     let values = |f: fn(&bench::MethodRow) -> f64| r.methods.iter().map(f).collect::<Vec<f64>>();
     let (header, rows) = choice_table(r);
     Charts {
@@ -191,7 +191,7 @@ mod tests {
 
     fn row(method: &str, acc: [f64; 3], seconds: f64, old_data: bool) -> MethodRow {
         MethodRow {
-            method: method.into(),
+            method: serde_json::from_value(serde_json::json!(method)).unwrap(),
             final_accuracy: acc.iter().map(|&a| Some(a)).collect(),
             average_accuracy: (acc[1] + acc[2]) / 2.0,
             bwt: -0.125,
