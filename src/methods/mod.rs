@@ -3,30 +3,42 @@
 //! [`Hooks`](crate::train::Hooks), and keeps its own state between tasks.
 //!
 //! Each method is one file with a [`Spec`] (what it trains on, its defaults, how it is made)
-//! and, if it has any, its parameters; `registry.rs` lists them, one line each.
+//! and, if it has any, its parameters; the registry below lists them, one line each (see
+//! `registry.rs` for what the lines generate).
 
-pub mod ewc;
-pub mod feature_extract;
-pub mod finetune;
-pub mod joint;
-pub mod lwf;
 pub mod masks;
-pub mod packnet;
-pub mod piggyback;
 pub mod record;
 mod registry;
 mod simple;
+
+registry::registry! {
+    /// Everything trains (low lr) with the new head; the baseline that forgets.
+    Finetune = "finetune" => finetune,
+    /// Only the new head trains on a frozen backbone (features cached through ONNX Runtime).
+    FeatureExtract = "feature-extract" => feature_extract,
+    /// Everything trains on interleaved batches of all tasks so far (needs the old data).
+    Joint = "joint" => joint,
+    /// Learning without Forgetting: distil old heads' recorded outputs on the new inputs.
+    Lwf = "lwf" => lwf + params lwf,
+    /// Elastic Weight Consolidation: a diagonal-Fisher penalty towards earlier weights.
+    Ewc = "ewc" => ewc + params ewc,
+    /// PackNet: each task trains the weights still free, keeps the largest by magnitude and
+    /// frees the rest; earlier tasks' weights are used but frozen.
+    Packnet = "packnet" => packnet + params packnet,
+    /// Piggyback: a learned binary mask per weight per task over a backbone that never changes.
+    Piggyback = "piggyback" => piggyback + params piggyback,
+}
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 
 use candle_core::Tensor;
+
 pub use ewc::{Ewc, EwcShared, FisherKind};
 pub use lwf::Lwf;
 pub use packnet::{PackNet, SharedParams};
 pub use piggyback::Piggyback;
 pub use record::Record;
-pub use registry::{MethodKind, MethodParams};
 
 use crate::engine::Engine;
 use crate::onnx::Model;

@@ -1,27 +1,21 @@
-//! The method registry. One line per method names its variant, the name plans, manifests and
-//! the CLI use, and the file that defines it; a method with parameters adds its `Params` to
-//! the `params` list. The rest is generated from these lines: the [`MethodKind`] enum (serde
-//! and clap), the lookup of each method's [`Spec`], and [`MethodParams`], the plan's
-//! `[params]` table and `adapt`'s flags, which is every method's `Params` side by side.
+//! The method registry's macro. `methods/mod.rs` invokes it with one line per method: its
+//! variant, the name plans, manifests and the CLI use, its file, and `+ params FIELD` when the
+//! method has parameters (a `Params` struct in its file). From these lines it declares each
+//! method's module and generates the [`MethodKind`] enum (serde and clap), the lookup of each
+//! method's [`Spec`](super::Spec), and [`MethodParams`], the plan's `[params]` table and
+//! `adapt`'s flags: every method's `Params` side by side, flattened.
 //!
 //! Adding a method: write `src/methods/<name>.rs` with a `pub const SPEC: Spec` (and a
-//! `Params` struct if it has parameters), declare the module in `methods/mod.rs`, and add its
-//! line here. Nothing outside `methods` names a method.
+//! `Params` struct if it has parameters) and add its line to the list in `methods/mod.rs`.
+//! Nothing outside `methods` names a method.
 
-use std::collections::BTreeMap;
-
-use serde::de::IgnoredAny;
-use serde::{Deserialize, Serialize};
-
-use super::{ewc, feature_extract, finetune, joint, lwf, packnet, piggyback};
-use super::{Method, Spec};
+use super::{Method, MethodKind, MethodParams};
 
 macro_rules! registry {
-    (
-        methods { $( $(#[doc = $doc:literal])* $variant:ident = $name:literal => $module:ident, )* }
-        params { $( $field:ident : $module_p:ident :: $pty:ident, )* }
-    ) => {
-        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
+    ( $( $(#[doc = $doc:literal])* $variant:ident = $name:literal => $module:ident $(+ params $field:ident)?, )* ) => {
+        $( pub mod $module; )*
+
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, ::serde::Serialize, ::serde::Deserialize, ::clap::ValueEnum)]
         pub enum MethodKind {
             $( $(#[doc = $doc])* #[serde(rename = $name)] #[value(name = $name)] $variant, )*
         }
@@ -43,19 +37,19 @@ macro_rules! registry {
 
         /// Method parameters; unset values take the defaults the help text states. The same
         /// fields are the plan file's `[params]` table and `adapt`'s flags.
-        #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, clap::Args)]
+        #[derive(Clone, Debug, Default, PartialEq, ::serde::Serialize, ::serde::Deserialize, ::clap::Args)]
         #[serde(try_from = "RawParams")]
         pub struct MethodParams {
-            $( #[serde(flatten)] #[command(flatten)] pub $field: $module_p::$pty, )*
+            $( $( #[serde(flatten)] #[command(flatten)] pub $field: $module::Params, )? )*
         }
 
         /// `MethodParams` as read, with whatever no method claims: flattened structs cannot
         /// deny unknown fields themselves, so the leftovers are refused in `try_from`.
-        #[derive(Deserialize)]
+        #[derive(::serde::Deserialize)]
         struct RawParams {
-            $( #[serde(flatten)] $field: $module_p::$pty, )*
+            $( $( #[serde(flatten)] $field: $module::Params, )? )*
             #[serde(flatten)]
-            unknown: BTreeMap<String, IgnoredAny>,
+            unknown: std::collections::BTreeMap<String, ::serde::de::IgnoredAny>,
         }
 
         impl TryFrom<RawParams> for MethodParams {
@@ -66,7 +60,7 @@ macro_rules! registry {
                         "unknown method parameter `{name}` (`mtpack adapt --help` lists them)"
                     ));
                 }
-                Ok(MethodParams { $( $field: raw.$field, )* })
+                Ok(MethodParams { $( $( $field: raw.$field, )? )* })
             }
         }
 
@@ -74,38 +68,14 @@ macro_rules! registry {
             /// Checks every method's parameters (a plan may set those of other methods too,
             /// so that one file serves a comparison; they must still make sense).
             pub fn validate(&self) -> Result<(), String> {
-                $( self.$field.validate()?; )*
+                $( $( self.$field.validate()?; )? )*
                 Ok(())
             }
         }
     };
 }
 
-registry! {
-    methods {
-        /// Everything trains (low lr) with the new head; the baseline that forgets.
-        Finetune = "finetune" => finetune,
-        /// Only the new head trains on a frozen backbone (features cached through ONNX Runtime).
-        FeatureExtract = "feature-extract" => feature_extract,
-        /// Everything trains on interleaved batches of all tasks so far (needs the old data).
-        Joint = "joint" => joint,
-        /// Learning without Forgetting: distil old heads' recorded outputs on the new inputs.
-        Lwf = "lwf" => lwf,
-        /// Elastic Weight Consolidation: a diagonal-Fisher penalty towards earlier weights.
-        Ewc = "ewc" => ewc,
-        /// PackNet: each task trains the weights still free, keeps the largest by magnitude and
-        /// frees the rest; earlier tasks' weights are used but frozen.
-        Packnet = "packnet" => packnet,
-        /// Piggyback: a learned binary mask per weight per task over a backbone that never changes.
-        Piggyback = "piggyback" => piggyback,
-    }
-    params {
-        lwf: lwf::Params,
-        ewc: ewc::Params,
-        packnet: packnet::Params,
-        piggyback: piggyback::Params,
-    }
-}
+pub(crate) use registry;
 
 impl std::fmt::Display for MethodKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
