@@ -7,7 +7,7 @@
 //!
 //! Adding a method: write `src/methods/<name>.rs` with a `pub const SPEC: Spec` (and a
 //! `Params` struct if it has parameters) and add its line to the list in `methods/mod.rs`.
-//! Nothing outside `methods` names a method.
+//! No code outside `methods` branches on the method: it reads the `Spec` and calls the `Method`.
 
 use super::{Method, MethodKind, MethodParams};
 
