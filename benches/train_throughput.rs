@@ -39,13 +39,7 @@ fn images_at(n: usize, size: usize) -> (Tensor, Vec<i64>) {
     let s = import::idx(&dir.join("t10k-images-idx3-ubyte.gz"), &dir.join("t10k-labels-idx1-ubyte.gz"))
         .expect("Fashion-MNIST: run scripts/fetch.sh first");
     let s = s.select(&(0..n).collect::<Vec<_>>());
-    let pre = Preprocessing {
-        resize: Some([size, size]),
-        channels: Some(3),
-        mean: vec![0.485, 0.456, 0.406],
-        std: vec![0.229, 0.224, 0.225],
-        layout: None,
-    };
+    let pre = Preprocessing::imagenet(size);
     (Tensor::F32(pre.apply(&s.x, 255.0).expect("preprocessing").into_dyn()), s.y)
 }
 

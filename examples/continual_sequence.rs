@@ -87,6 +87,9 @@ fn main() -> anyhow::Result<()> {
             at: None,
             pool: None,
             layout: None,
+            // The comparison's settings do neither (the reference library does not).
+            bn_recalibrate: (!own_defaults).then_some(false),
+            linear_probe_epochs: (!own_defaults).then_some(0),
             defaults: Hyper {
                 epochs: Some(2),
                 batch: Some(32),

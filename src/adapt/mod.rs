@@ -3,6 +3,7 @@
 
 pub mod checkpoint;
 
+mod probe;
 pub mod report;
 mod task;
 
@@ -266,6 +267,8 @@ pub fn run(plan: &Plan, opts: &Options) -> Result<Manifest, AdaptError> {
     let backbone_path = plan.backbone.clone().unwrap_or_else(plan::default_backbone);
     let (model, backbone) = analyse_backbone(&backbone_path, plan)?;
     let plan = &plan.for_backbone(&model);
+    // Settings that conflict only with a default the backbone decided (LwF's frozen statistics).
+    plan.validate().map_err(AdaptError::Plan)?;
     let params = plan.params.for_backbone(plan.method, &model);
     let mut method = plan.method.create(&params).map_err(AdaptError::Plan)?;
     // Every task's data is read and checked before anything trains.

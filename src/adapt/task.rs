@@ -154,6 +154,8 @@ impl Runner<'_> {
             accuracy: None,
             train_seconds: 0.0,
             method_report: None,
+            linear_probe: None,
+            batchnorm_recalibrated: None,
         });
         self.pack.save_manifest(manifest)?;
         Ok(model)
@@ -189,6 +191,9 @@ impl Runner<'_> {
         method.prepare_engine(&mut engine, &ctx)?;
         let mut opt = Optimizer::new(hyper.optim);
         let restored = checkpoint::restore(&self.pack.checkpoint_dir(), &name, &engine, &mut opt, method)?;
+        if restored.is_none() && data.inputs == Inputs::Images {
+            self.start_from_probe(t, &model, &engine, manifest)?;
+        }
         let mut progress = restored.unwrap_or_else(|| Progress { task: name.clone(), ..Default::default() });
         let inputs = self.training_inputs(&model, t, data)?;
         let train_x = &self.data[t].train_x;
@@ -222,9 +227,42 @@ impl Runner<'_> {
             }
         }
         engine.set_training(false);
+        if self.plan.bn_recalibrate == Some(true) {
+            let layers = engine.recalibrate_batchnorm(&input, &inputs.xs, hyper.batch).map_err(TrainError::from)?;
+            manifest.tasks[t].batchnorm_recalibrated = Some(layers);
+        }
         let x_end = inputs.xs.last().cloned().ok_or_else(|| AdaptError::Plan("no training data".into()))?;
         method.end_task(&ctx, &engine, &x_end, &self.data[t].train_y)?;
         self.finish(t, &model, &engine, method, progress, manifest)
+    }
+
+    /// Fits task `t`'s new head alone on the frozen backbone (when the plan asks for a linear
+    /// probe) and starts the engine from it; the probe is recorded in the manifest.
+    fn start_from_probe(
+        &self,
+        t: usize,
+        model: &Model,
+        engine: &Engine,
+        manifest: &mut Manifest,
+    ) -> Result<(), AdaptError> {
+        let epochs = self.plan.linear_probe_epochs.unwrap_or(0);
+        if epochs == 0 {
+            return Ok(());
+        }
+        let name = &self.plan.tasks[t].name;
+        let (logits, head_params) = head_names(name);
+        let probe = self.linear_probe(model, t, &logits, &head_params, epochs)?;
+        super::probe::load_head(engine, &probe.head)?;
+        if !self.quiet {
+            let p = &probe.record;
+            eprintln!(
+                "{name}: linear probe on the frozen backbone, {epochs} epochs in {:.1}s: held-out accuracy {:.4}",
+                p.seconds, p.accuracy
+            );
+        }
+        manifest.tasks[t].linear_probe = Some(probe.record);
+        self.pack.save_manifest(manifest)?;
+        Ok(())
     }
 
     /// The logits and parameters of every head before task `t`'s: the backbone's own, if
@@ -383,6 +421,11 @@ impl Runner<'_> {
         }
         let rec = &mut manifest.tasks[t];
         rec.accuracy = row.get(manifest.columns.iter().position(|c| c == name).unwrap_or(0)).copied().flatten();
+        if let (Some(accuracy), Some(probe)) = (rec.accuracy, &rec.linear_probe) {
+            if let Some(warning) = super::probe::below_probe(name, accuracy, probe) {
+                eprintln!("{warning}");
+            }
+        }
         rec.epochs_done = progress.epochs_done;
         rec.history = progress.history;
         rec.train_seconds = progress.train_seconds;

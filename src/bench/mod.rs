@@ -77,13 +77,7 @@ pub struct BenchReport {
 /// training images per class of Fashion-MNIST and MNIST and all 1437 of the digits, so that
 /// all seven methods finish in well under 30 minutes on 2 cores. Held-out: 1000, 1000, 360.
 pub fn default_scenario(root: &Path) -> Plan {
-    let pre = Preprocessing {
-        resize: Some([64, 64]),
-        channels: Some(3),
-        mean: vec![0.485, 0.456, 0.406],
-        std: vec![0.229, 0.224, 0.225],
-        layout: None,
-    };
+    let pre = Preprocessing::imagenet(64);
     let task = |name: &str, per_class: Option<usize>| TaskPlan {
         name: name.into(),
         dataset: root.join(".cache/sequence").join(format!("{name}.safetensors")),
@@ -103,10 +97,14 @@ pub fn default_scenario(root: &Path) -> Plan {
 
 /// `plan` with `method`: SGD where the plan sets no optimizer, except for methods that
 /// train with their own (Piggyback); learning rate and BatchNorm as the plan sets them, else
-/// the method's defaults for the backbone (LwF: frozen BatchNorm at lr 0.001).
+/// the method's defaults for the backbone (LwF: frozen BatchNorm at lr 0.001). Neither the
+/// linear probe before a task nor BatchNorm recalibration after it, where the plan does not
+/// ask for them: the reference library does neither, and the bench compares like with like.
 pub fn plan_for(plan: &Plan, method: MethodKind) -> Plan {
     let mut p = plan.clone();
     p.method = method;
+    p.bn_recalibrate = p.bn_recalibrate.or(Some(false));
+    p.linear_probe_epochs = p.linear_probe_epochs.or(Some(0));
     if method.hyper_defaults().optimizer.is_none() {
         p.defaults.optimizer = p.defaults.optimizer.or(Some(crate::train::OptimizerName::Sgd));
     }

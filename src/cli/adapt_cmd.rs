@@ -50,6 +50,16 @@ pub struct Args {
     /// [default: frozen for lwf on a backbone with BatchNormalization, else batch].
     #[arg(long, value_enum)]
     pub batchnorm: Option<BatchNormMode>,
+    /// Recompute BatchNorm's running statistics after each task from the data it trained
+    /// on, with the final weights, as exact averages (precise BN) [default: on where
+    /// BatchNorm trains with batch statistics].
+    #[arg(long, value_name = "on|off", value_parser = plan::parse_switch)]
+    pub bn_recalibrate: Option<bool>,
+    /// Epochs fitting each new head alone on cached features of the frozen backbone before the
+    /// task trains (linear probe, then fine-tune); 0 turns it off [default: 10 for methods
+    /// that train on images].
+    #[arg(long, value_name = "EPOCHS")]
+    pub linear_probe_epochs: Option<u64>,
     /// Attach the new heads to this tensor of the backbone and drop everything after it
     /// (`mtpack inspect` lists candidates) [default: the input of the backbone's own
     /// classifier, else its graph output].
@@ -84,6 +94,8 @@ fn plan_from_flags(a: &Args) -> Plan {
         at: a.at.clone(),
         pool: a.pool,
         layout: a.layout,
+        bn_recalibrate: a.bn_recalibrate,
+        linear_probe_epochs: a.linear_probe_epochs,
         defaults: a.hyper.clone(),
         params: a.params.clone(),
         tasks,
@@ -123,6 +135,7 @@ pub fn run(a: Args, quiet: bool) -> anyhow::Result<Outcome> {
             "tasks": manifest.tasks.iter().map(|t| serde_json::json!({
                 "name": t.name, "accuracy": t.accuracy, "epochs": t.epochs_done,
                 "train_seconds": t.train_seconds, "history": t.history,
+                "linear_probe": t.linear_probe, "batchnorm_recalibrated": t.batchnorm_recalibrated,
             })).collect::<Vec<_>>(),
         }))?;
     } else {

@@ -69,6 +69,18 @@ impl Layout {
 }
 
 impl Preprocessing {
+    /// Resized to `size` x `size`, three channels, normalised with ImageNet's mean and std:
+    /// what torchvision-trained backbones expect.
+    pub fn imagenet(size: usize) -> Preprocessing {
+        Preprocessing {
+            resize: Some([size, size]),
+            channels: Some(3),
+            mean: vec![0.485, 0.456, 0.406],
+            std: vec![0.229, 0.224, 0.225],
+            layout: None,
+        }
+    }
+
     pub fn is_identity(&self) -> bool {
         *self == Preprocessing::default()
     }

@@ -1,6 +1,7 @@
 //! The trainable part: ONNX graphs executed as candle operations, with chosen initializers as
 //! `Var`s so that `backward()` gives their gradients.
 
+mod calibrate;
 mod fuse;
 #[cfg(test)]
 pub mod gradcheck;
@@ -110,6 +111,7 @@ pub struct Engine {
     float: DType,
     device: Device,
     training: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    calibrating: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// Steps whose outputs depend only on constants and on the shapes of the graph inputs
     /// (shape arithmetic, constants expanded to the batch, resized position embeddings).
     statics: Vec<bool>,
@@ -270,10 +272,12 @@ impl Engine {
         let g = model.graph();
         let stateful = running_statistics(g, trainable);
         let training = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let calibrating = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let ctx = registry::BuildCtx {
             opset: model.opset("").unwrap_or(1),
             float,
             training: training.clone(),
+            calibrating: calibrating.clone(),
             stateful: stateful.clone(),
         };
         let steps = build_steps(g, &ctx, &|name| !(trainable(name) || stateful.contains(name)))?;
@@ -292,6 +296,7 @@ impl Engine {
             float,
             device: device.clone(),
             training,
+            calibrating,
             statics,
             static_cache: Default::default(),
         })

@@ -37,6 +37,9 @@ pub struct BuildCtx {
     /// Set while training: ops with running state (BatchNormalization whose statistics are
     /// in `stateful`) then use batch statistics and return updated running values.
     pub training: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Set while the running statistics are recalibrated (`Engine::recalibrate_batchnorm`):
+    /// ops with running state then return the batch's own statistics as the running values.
+    pub calibrating: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// Initializers held as mutable state (BatchNormalization running statistics).
     pub stateful: std::collections::HashSet<String>,
 }

@@ -4,15 +4,16 @@
 //! recorded ONCE through ONNX Runtime (they are outputs of the frozen old model) and kept in
 //! the pack's state, so a resumed task distils towards the same targets. The loss is
 //! CE(new) + lambda * sum over old heads of CE(softmax(recorded/T), softmax(current/T)).
-//! Optional warm-up epochs train only the new head.
+//! The paper's warm-up (the new head alone first) is the runner's linear probe, which every
+//! method that trains the backbone gets (`--linear-probe-epochs`).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Tensor, D};
 use serde::{Deserialize, Serialize};
 
-use super::{freeze_all_but, non_negative, positive, Method, Spec, TaskCtx, TrainingData};
+use super::{non_negative, positive, Method, Spec, TaskCtx, TrainingData};
 use crate::engine::Engine;
 use crate::store;
 use crate::train::loss::log_softmax;
@@ -30,10 +31,9 @@ pub struct Params {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[arg(long)]
     pub lwf_lambda: Option<f64>,
-    /// LwF: epochs training only the new head before everything trains (the paper's warm-up)
-    /// [default: 0].
+    /// Replaced by --linear-probe-epochs; refused with a message saying so.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[arg(long)]
+    #[arg(long, hide = true)]
     pub lwf_warmup_epochs: Option<u64>,
 }
 
@@ -42,6 +42,11 @@ pub const LWF_LAMBDA: f64 = 1.0;
 
 impl Params {
     pub fn validate(&self) -> Result<(), String> {
+        if self.lwf_warmup_epochs.is_some() {
+            return Err("lwf_warmup_epochs is now the plan's linear_probe_epochs (--linear-probe-epochs): \
+                        the new head is fitted alone on cached features before any method trains the backbone"
+                .into());
+        }
         positive(self.lwf_temperature, "lwf_temperature")?;
         non_negative(self.lwf_lambda, "lwf_lambda")
     }
@@ -57,7 +62,6 @@ pub const SPEC: Spec = Spec {
         serde_json::json!({
             "temperature": p.lwf_temperature.unwrap_or(LWF_TEMPERATURE),
             "lambda": p.lwf_lambda.unwrap_or(LWF_LAMBDA),
-            "warmup_epochs": p.lwf_warmup_epochs.unwrap_or(0),
             "distillation": "cross-entropy between softmax(old/T) recorded once per task through ONNX Runtime and softmax(new/T), no T^2 factor (paper)",
         })
     },
@@ -67,9 +71,9 @@ pub const SPEC: Spec = Spec {
 pub struct Lwf {
     temperature: f64,
     lambda: f64,
-    warmup: u64,
     /// Recorded logits of each old head on the current task's training inputs.
     targets: HashMap<String, Tensor>,
+    /// Always empty: everything trains.
     masks: HashMap<String, Tensor>,
 }
 
@@ -78,7 +82,6 @@ impl Lwf {
         Lwf {
             temperature: p.lwf_temperature.unwrap_or(LWF_TEMPERATURE),
             lambda: p.lwf_lambda.unwrap_or(LWF_LAMBDA),
-            warmup: p.lwf_warmup_epochs.unwrap_or(0),
             targets: HashMap::new(),
             masks: HashMap::new(),
         }
@@ -172,13 +175,7 @@ impl Method for Lwf {
         Ok(())
     }
 
-    fn hooks(&mut self, epoch: u64, _lr: f64, engine: &Engine, ctx: &TaskCtx) -> Result<&mut dyn Hooks, TrainError> {
-        self.masks = if epoch < self.warmup {
-            let keep: BTreeSet<String> = ctx.head_params.clone();
-            freeze_all_but(engine, &keep).map_err(candle("LwF warm-up masks"))?
-        } else {
-            HashMap::new()
-        };
+    fn hooks(&mut self, _epoch: u64, _lr: f64, _engine: &Engine, _ctx: &TaskCtx) -> Result<&mut dyn Hooks, TrainError> {
         Ok(self)
     }
 }

@@ -29,7 +29,7 @@ registry::registry! {
     Piggyback = "piggyback" => piggyback + params piggyback,
 }
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::path::Path;
 
 use candle_core::Tensor;
@@ -241,14 +241,4 @@ pub trait Method {
     fn end_task(&mut self, _ctx: &TaskCtx, _engine: &Engine, _x: &Tensor, _y: &[i64]) -> Result<(), TrainError> {
         Ok(())
     }
-}
-
-/// Zero masks for every parameter of `engine` that is not in `keep`.
-pub(crate) fn freeze_all_but(engine: &Engine, keep: &BTreeSet<String>) -> candle_core::Result<HashMap<String, Tensor>> {
-    engine
-        .params()
-        .iter()
-        .filter(|(n, _)| !keep.contains(*n))
-        .map(|(n, v)| Ok((n.clone(), v.as_tensor().zeros_like()?)))
-        .collect()
 }

@@ -27,7 +27,22 @@ use crate::tensor::Tensor;
 use crate::train::eval;
 
 pub const PROBES_PER_TASK: usize = 2;
+/// The largest difference from the training engine an artifact may show, per unit of its
+/// largest expected output (at least 1): float32 sums differ in proportion to what they add
+/// up, and a fitted head's logits can reach tens.
 pub const TOLERANCE: f64 = 1e-4;
+
+/// `TOLERANCE` scaled to the largest magnitude among the expected outputs.
+fn tolerance_for(b: &Built) -> f64 {
+    let largest = b
+        .queries
+        .iter()
+        .flat_map(|q| q.expected.iter())
+        .flat_map(|(_, t)| t.to_f64_vec())
+        .filter(|v| v.is_finite())
+        .fold(1.0f64, |m, v| m.max(v.abs()));
+    TOLERANCE * largest
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
@@ -412,9 +427,11 @@ pub fn export(pack_dir: &Path, out: &Path, opts: &ExportOptions) -> Result<Expor
     let method = load_method(&pack, &m)?;
     let built = build(&m, &model, &data, &selected, method.as_ref(), opts)?;
     let (tract_diff, ort_diff) = check_runtimes(&built)?;
-    if tract_diff > TOLERANCE || ort_diff > TOLERANCE {
+    let tolerance = tolerance_for(&built);
+    if tract_diff > tolerance || ort_diff > tolerance {
         return Err(ExportError::Check(format!(
-            "largest difference from the training engine: tract {tract_diff:.3e}, ONNX Runtime {ort_diff:.3e} (tolerance {TOLERANCE:.0e})"
+            "largest difference from the training engine: tract {tract_diff:.3e}, ONNX Runtime {ort_diff:.3e} \
+             (tolerance {tolerance:.3e}: {TOLERANCE:.0e} per unit of the largest output)"
         )));
     }
     let tasks = measure(&m, &data, &selected, &built, opts.with_preprocessing)?;
@@ -432,7 +449,7 @@ pub fn export(pack_dir: &Path, out: &Path, opts: &ExportOptions) -> Result<Expor
         file: probes_path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default(),
         sha256: format!("{:x}", <sha2::Sha256 as sha2::Digest>::digest(&probe_bytes)),
         count: built.queries.iter().map(|q| q.x.shape().first().copied().unwrap_or(0)).sum(),
-        tolerance: TOLERANCE,
+        tolerance,
     };
     let manifest = artifact_manifest(&m, &built, tasks, opts, probes, verified)?;
     let json = serde_json::to_string_pretty(&manifest).map_err(step("manifest"))?;

@@ -72,6 +72,24 @@ pub struct TaskRecord {
     /// What the method reports about the task (mask methods: each layer's capacity).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub method_report: Option<serde_json::Value>,
+    /// The linear probe that fitted this task's head before it trained (LP-FT).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub linear_probe: Option<ProbeRecord>,
+    /// How many BatchNorm layers had their running statistics recomputed after training
+    /// (precise BN); absent when recalibration is off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batchnorm_recalibrated: Option<usize>,
+}
+
+/// A head fitted alone on features of the frozen backbone: where a task's training starts,
+/// and what the backbone gives without training (the bar `adapt` warns below).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ProbeRecord {
+    pub epochs: u64,
+    /// Held-out accuracy of the probed head on the frozen backbone.
+    pub accuracy: f64,
+    pub train_accuracy: f64,
+    pub seconds: f64,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]

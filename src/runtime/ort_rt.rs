@@ -171,9 +171,13 @@ impl Backend for OrtSession {
         for (name, t) in inputs {
             values.push((name.clone(), to_value(name, t)?));
         }
+        // Inputs are lent, not given: ONNX Runtime returns an output that is also a graph
+        // input (a feature both fed and listed as an output) as the input's own buffer, which
+        // must outlive the outputs' extraction below.
+        let feed: Vec<(&str, &DynValue)> = values.iter().map(|(n, v)| (n.as_str(), v)).collect();
         let outputs = self
             .session
-            .run(values)
+            .run(feed)
             .map_err(|source| RuntimeError::Ort { context: "running the model".into(), source })?;
         let mut out = Vec::with_capacity(self.outputs.len());
         for name in &self.outputs {

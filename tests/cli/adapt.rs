@@ -274,6 +274,28 @@ fn bad_plans_fail_before_training_naming_task_and_field() {
         (vec!["--task".into(), digits_task("a", ":classes=3,11")], "task 'a': classes: 11 is not a class"),
         (vec!["--task".into(), digits_task("a", ":lr=-1")], "task 'a': lr must be a positive number"),
         (vec!["--method".into(), "bogus".into(), "--task".into(), digits_task("a", "")], "invalid value 'bogus'"),
+        (
+            vec![
+                "--method".into(),
+                "lwf".into(),
+                "--bn-recalibrate".into(),
+                "on".into(),
+                "--task".into(),
+                digits_task("a", ""),
+            ],
+            "bn_recalibrate needs batchnorm = batch",
+        ),
+        (
+            vec![
+                "--method".into(),
+                "lwf".into(),
+                "--lwf-warmup-epochs".into(),
+                "2".into(),
+                "--task".into(),
+                digits_task("a", ""),
+            ],
+            "lwf_warmup_epochs is now the plan's linear_probe_epochs",
+        ),
     ];
     for (extra, want) in cases {
         let mut args: Vec<String> = vec!["adapt".into(), "-o".into(), p(&pack).into()];
@@ -284,4 +306,43 @@ fn bad_plans_fail_before_training_naming_task_and_field() {
     }
     let r = mtpack(["adapt", "-o", p(&pack), "--task", &format!("a={}", p(&nan))]).expect(2);
     assert!(r.stderr.contains("non-finite value"), "{}", r.stderr);
+}
+
+#[test]
+fn a_task_starts_from_a_linear_probe_and_ends_with_recalibrated_batchnorm() {
+    // The default backbone has BatchNormalization; fine-tuning trains it with batch statistics.
+    let dir = tempfile::tempdir().unwrap();
+    let (on, off, fe) = (dir.path().join("on"), dir.path().join("off"), dir.path().join("fe"));
+    let task = digits_task("d", ":classes=0,1,2,3,4:epochs=1");
+    let adapt = |out: &Path, extra: &[&str]| {
+        let mut args = vec!["adapt", "--task", &task, "-o", p(out), "--json", "--quiet"];
+        args.extend(extra);
+        mtpack(&args).expect(0).json()
+    };
+    let j = adapt(&on, &["--method", "finetune"]);
+    let probe = &j["tasks"][0]["linear_probe"];
+    assert_eq!(probe["epochs"], 10, "{probe}");
+    assert!(probe["accuracy"].as_f64().unwrap() > 0.5, "a head on the frozen backbone learns: {probe}");
+    assert!(j["tasks"][0]["batchnorm_recalibrated"].as_u64().unwrap() >= 1, "{j}");
+    let m = manifest(&on);
+    assert_eq!((&m["plan"]["bn_recalibrate"], &m["plan"]["linear_probe_epochs"]), (&true.into(), &10.into()));
+    assert_eq!(schema_violation(&schema("pack.schema.json"), &m, "$"), None);
+    // Off: the task starts from a random head and keeps the moving averages.
+    let j = adapt(&off, &["--method", "finetune", "--bn-recalibrate", "off", "--linear-probe-epochs", "0"]);
+    assert!(j["tasks"][0]["linear_probe"].is_null() && j["tasks"][0]["batchnorm_recalibrated"].is_null(), "{j}");
+    assert_ne!(weights(&on.join("model.onnx")), weights(&off.join("model.onnx")));
+    // Feature extraction is the probe itself: neither applies.
+    let j = adapt(&fe, &["--method", "feature-extract"]);
+    assert!(j["tasks"][0]["linear_probe"].is_null() && j["tasks"][0]["batchnorm_recalibrated"].is_null(), "{j}");
+}
+
+#[test]
+fn a_task_that_ends_below_its_linear_probe_is_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    // A learning rate that wrecks the backbone in a few steps.
+    let task = digits_task("d", ":classes=0,1,2,3,4:epochs=1:lr=5");
+    let r = mtpack(["adapt", "--method", "finetune", "--task", &task, "-o", p(&dir.path().join("p")), "--quiet"]);
+    let r = r.expect(0);
+    assert!(r.stderr.contains("warning: task 'd' ended at"), "{}", r.stderr);
+    assert!(r.stderr.contains("--method feature-extract"), "{}", r.stderr);
 }

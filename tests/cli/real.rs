@@ -45,13 +45,7 @@ fn images(b: &Backbone, n: usize) -> Tensor {
     let dir = fetched("data/fashion-mnist");
     let s = import::idx(&dir.join("t10k-images-idx3-ubyte.gz"), &dir.join("t10k-labels-idx1-ubyte.gz")).unwrap();
     let s = s.select(&(0..n).collect::<Vec<_>>());
-    let pre = Preprocessing {
-        resize: Some([b.size, b.size]),
-        channels: Some(3),
-        mean: vec![0.485, 0.456, 0.406],
-        std: vec![0.229, 0.224, 0.225],
-        layout: None,
-    };
+    let pre = Preprocessing::imagenet(b.size);
     Tensor::F32(pre.apply(&s.x, 255.0).unwrap().into_dyn())
 }
 

@@ -46,3 +46,27 @@ fn cuda_is_refused_loudly_without_a_cuda_build() {
         assert!(r.stderr.contains("device 'cuda' is not available"), "{}", r.stderr);
     }
 }
+
+#[test]
+fn an_output_that_is_also_an_input_comes_back_intact() {
+    // ONNX Runtime hands such an output back as the input's own buffer (a cut model whose
+    // feature is fed and listed as an output); the input must outlive the copy.
+    use mtpack::onnx::build::{model, node, value_info};
+    use mtpack::runtime::Backend;
+    use mtpack::tensor::{DType, Tensor};
+    let graph = mtpack::onnx::pb::GraphProto {
+        node: vec![node("Relu", "relu", &["x"], &["y"], vec![])],
+        input: vec![value_info("x", DType::F32, None)],
+        output: vec![value_info("x", DType::F32, None), value_info("y", DType::F32, None)],
+        ..Default::default()
+    };
+    let bytes = model(graph, 17).to_bytes();
+    let x: Vec<f32> = (0..4096).map(|i| i as f32 - 2000.0).collect();
+    let input = Tensor::F32(ndarray::ArrayD::from_shape_vec(vec![64, 64], x.clone()).unwrap());
+    let mut session = mtpack::runtime::ort_rt::OrtSession::from_bytes(&bytes, "alias").unwrap();
+    for _ in 0..3 {
+        let out = session.run(&[("x".into(), input.clone())]).unwrap();
+        let Tensor::F32(back) = &out[0].1 else { panic!("not f32") };
+        assert_eq!(back.iter().copied().collect::<Vec<f32>>(), x);
+    }
+}

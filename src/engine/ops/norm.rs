@@ -47,12 +47,13 @@ pub fn build_batch_norm_clamped(
     let momentum = attr::float_or(node, "momentum", 0.9)? as f64;
     let stateful = node.input.get(3).is_some_and(|m| ctx.stateful.contains(m))
         && node.input.get(4).is_some_and(|v| ctx.stateful.contains(v));
-    let training = ctx.training.clone();
+    let (training, calibrating) = (ctx.training.clone(), ctx.calibrating.clone());
     Ok(Box::new(FnOp(move |x: &[Option<Tensor>]| {
         let (input, scale, bias, mean, var) = (req(x, 0)?, req(x, 1)?, req(x, 2)?, req(x, 3)?, req(x, 4)?);
         let r = input.rank();
         if stateful && training.load(std::sync::atomic::Ordering::Relaxed) && input.device().is_cpu() && r >= 2 {
             let (y, bm, bv) = batchnorm::batch_norm_train(input, scale, bias, eps, clamp)?;
+            let momentum = if calibrating.load(std::sync::atomic::Ordering::Relaxed) { 0.0 } else { momentum };
             // Running variance takes the unbiased batch variance, as PyTorch does.
             let m = (input.elem_count() / bm.elem_count().max(1)) as f64;
             let unbiased = (bv * (m / (m - 1.0).max(1.0)))?;
