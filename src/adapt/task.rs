@@ -227,7 +227,7 @@ impl Runner<'_> {
             }
         }
         engine.set_training(false);
-        if self.plan.bn_recalibrate == Some(true) {
+        if self.plan.bn_recalibrate == Some(true) && data.inputs == Inputs::Images {
             let layers = engine.recalibrate_batchnorm(&input, &inputs.xs, hyper.batch).map_err(TrainError::from)?;
             manifest.tasks[t].batchnorm_recalibrated = Some(layers);
         }

@@ -51,13 +51,12 @@ pub struct Args {
     #[arg(long, value_enum)]
     pub batchnorm: Option<BatchNormMode>,
     /// Recompute BatchNorm's running statistics after each task from the data it trained
-    /// on, with the final weights, as exact averages (precise BN) [default: on where
-    /// BatchNorm trains with batch statistics].
+    /// on, with the final weights, as exact averages (precise BN) [default: off].
     #[arg(long, value_name = "on|off", value_parser = plan::parse_switch)]
     pub bn_recalibrate: Option<bool>,
     /// Epochs fitting each new head alone on cached features of the frozen backbone before the
-    /// task trains (linear probe, then fine-tune); 0 turns it off [default: 10 for methods
-    /// that train on images].
+    /// task trains (linear probe, then fine-tune), for methods that train on images; 10 is
+    /// what was measured [default: 0, off].
     #[arg(long, value_name = "EPOCHS")]
     pub linear_probe_epochs: Option<u64>,
     /// Attach the new heads to this tensor of the backbone and drop everything after it

@@ -117,13 +117,12 @@ pub struct Plan {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub layout: Option<crate::data::Layout>,
     /// Recompute BatchNorm's running statistics after each task from the data it trained on,
-    /// with the final weights (precise BN). None: on where BatchNorm trains with batch
-    /// statistics (see `Plan::for_backbone`).
+    /// with the final weights (precise BN). None: off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bn_recalibrate: Option<bool>,
     /// Epochs fitting a new head alone on cached features of the frozen backbone before the
-    /// task trains (LP-FT); 0 turns it off. None: `LINEAR_PROBE_EPOCHS` for methods that train
-    /// on images, 0 for those that train on features.
+    /// task trains (LP-FT), for methods that train on images; 0 turns it off. None: off
+    /// (`LINEAR_PROBE_EPOCHS` is what was measured).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub linear_probe_epochs: Option<u64>,
     /// Settings every task inherits.
@@ -221,9 +220,10 @@ impl Plan {
             let layout = t.preprocessing.layout.or(p.layout).unwrap_or(detected);
             t.preprocessing.layout = (layout == crate::data::Layout::Nhwc).then_some(layout);
         }
-        let images = p.method.spec().data.inputs == crate::methods::Inputs::Images;
-        p.bn_recalibrate = Some(p.bn_recalibrate.unwrap_or(bn && images && mode == BatchNormMode::Batch));
-        p.linear_probe_epochs = Some(p.linear_probe_epochs.unwrap_or(if images { LINEAR_PROBE_EPOCHS } else { 0 }));
+        // Both off unless asked for: on the real sequence, per-task BatchNorm (EWC) collapsed
+        // from a probe fitted on eval-mode features (README).
+        p.bn_recalibrate = Some(p.bn_recalibrate.unwrap_or(false));
+        p.linear_probe_epochs = Some(p.linear_probe_epochs.unwrap_or(0));
         if bn && mode == BatchNormMode::Frozen && p.method.hyper_defaults().lr.is_none() {
             let probed = p.linear_probe_epochs.is_some_and(|e| e > 0);
             p.defaults.lr = p.defaults.lr.or(Some(if probed { FROZEN_BN_PROBED_LR } else { FROZEN_BN_LR }));
@@ -412,9 +412,9 @@ mod tests {
             tasks: crate::plan::default_tasks(),
         };
         let lwf = plan(MethodKind::Lwf, None, None).for_backbone(&bn);
-        assert_eq!((lwf.batchnorm, lwf.defaults.lr), (Some(BatchNormMode::Frozen), Some(FROZEN_BN_PROBED_LR)));
-        let unprobed = Plan { linear_probe_epochs: Some(0), ..plan(MethodKind::Lwf, None, None) }.for_backbone(&bn);
-        assert_eq!(unprobed.defaults.lr, Some(FROZEN_BN_LR));
+        assert_eq!((lwf.batchnorm, lwf.defaults.lr), (Some(BatchNormMode::Frozen), Some(FROZEN_BN_LR)));
+        let probed = Plan { linear_probe_epochs: Some(10), ..plan(MethodKind::Lwf, None, None) }.for_backbone(&bn);
+        assert_eq!(probed.defaults.lr, Some(FROZEN_BN_PROBED_LR));
         // Set by the user: kept as given.
         let given = plan(MethodKind::Lwf, Some(BatchNormMode::Batch), None).for_backbone(&bn);
         assert_eq!((given.batchnorm, given.defaults.lr), (Some(BatchNormMode::Batch), None));
@@ -423,7 +423,7 @@ mod tests {
         let ft = plan(MethodKind::Finetune, None, None).for_backbone(&bn);
         assert_eq!((ft.batchnorm, ft.defaults.lr), (Some(BatchNormMode::Batch), None));
         let frozen_ft = plan(MethodKind::Finetune, Some(BatchNormMode::Frozen), None).for_backbone(&bn);
-        assert_eq!(frozen_ft.defaults.lr, Some(FROZEN_BN_PROBED_LR));
+        assert_eq!(frozen_ft.defaults.lr, Some(FROZEN_BN_LR));
         // Piggyback keeps its own learning rate.
         let pb = plan(MethodKind::Piggyback, Some(BatchNormMode::Frozen), None).for_backbone(&bn);
         assert_eq!(pb.defaults.lr, None);

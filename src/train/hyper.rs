@@ -50,8 +50,8 @@ hyper_fields! {
     batch: usize,
     /// Optimizer [default: sgd; piggyback: adamw].
     optimizer: OptimizerName,
-    /// Learning rate [default: 0.01; with frozen BatchNorm 0.0001 after the linear probe, else
-    /// 0.001; piggyback: 0.01 with adamw for the head].
+    /// Learning rate [default: 0.01; with frozen BatchNorm 0.001, or 0.0001 after a linear
+    /// probe; piggyback: 0.01 with adamw for the head].
     lr: f64,
     /// SGD momentum [default: 0.9].
     momentum: f64,

@@ -319,7 +319,7 @@ fn a_task_starts_from_a_linear_probe_and_ends_with_recalibrated_batchnorm() {
         args.extend(extra);
         mtpack(&args).expect(0).json()
     };
-    let j = adapt(&on, &["--method", "finetune"]);
+    let j = adapt(&on, &["--method", "finetune", "--linear-probe-epochs", "10", "--bn-recalibrate", "on"]);
     let probe = &j["tasks"][0]["linear_probe"];
     assert_eq!(probe["epochs"], 10, "{probe}");
     assert!(probe["accuracy"].as_f64().unwrap() > 0.5, "a head on the frozen backbone learns: {probe}");
@@ -327,12 +327,14 @@ fn a_task_starts_from_a_linear_probe_and_ends_with_recalibrated_batchnorm() {
     let m = manifest(&on);
     assert_eq!((&m["plan"]["bn_recalibrate"], &m["plan"]["linear_probe_epochs"]), (&true.into(), &10.into()));
     assert_eq!(schema_violation(&schema("pack.schema.json"), &m, "$"), None);
-    // Off: the task starts from a random head and keeps the moving averages.
-    let j = adapt(&off, &["--method", "finetune", "--bn-recalibrate", "off", "--linear-probe-epochs", "0"]);
+    // Off (the default): the task starts from a random head and keeps the moving averages.
+    let j = adapt(&off, &["--method", "finetune"]);
+    let m = manifest(&off);
+    assert_eq!((&m["plan"]["bn_recalibrate"], &m["plan"]["linear_probe_epochs"]), (&false.into(), &0.into()));
     assert!(j["tasks"][0]["linear_probe"].is_null() && j["tasks"][0]["batchnorm_recalibrated"].is_null(), "{j}");
     assert_ne!(weights(&on.join("model.onnx")), weights(&off.join("model.onnx")));
     // Feature extraction is the probe itself: neither applies.
-    let j = adapt(&fe, &["--method", "feature-extract"]);
+    let j = adapt(&fe, &["--method", "feature-extract", "--linear-probe-epochs", "10", "--bn-recalibrate", "on"]);
     assert!(j["tasks"][0]["linear_probe"].is_null() && j["tasks"][0]["batchnorm_recalibrated"].is_null(), "{j}");
 }
 
@@ -341,7 +343,19 @@ fn a_task_that_ends_below_its_linear_probe_is_warned_about() {
     let dir = tempfile::tempdir().unwrap();
     // A learning rate that wrecks the backbone in a few steps.
     let task = digits_task("d", ":classes=0,1,2,3,4:epochs=1:lr=5");
-    let r = mtpack(["adapt", "--method", "finetune", "--task", &task, "-o", p(&dir.path().join("p")), "--quiet"]);
+    let out = dir.path().join("p");
+    let r = mtpack([
+        "adapt",
+        "--method",
+        "finetune",
+        "--linear-probe-epochs",
+        "10",
+        "--task",
+        &task,
+        "-o",
+        p(&out),
+        "--quiet",
+    ]);
     let r = r.expect(0);
     assert!(r.stderr.contains("warning: task 'd' ended at"), "{}", r.stderr);
     assert!(r.stderr.contains("--method feature-extract"), "{}", r.stderr);
