@@ -29,7 +29,7 @@ pub struct Probe {
 
 impl Runner<'_> {
     /// Fits task `t`'s head (`head_params`, read at `logits`) on the frozen backbone of
-    /// `model` for `epochs` epochs, as feature-extract would train it.
+    /// `model` for `epochs` epochs of `batch`, as feature-extract would train it.
     pub(super) fn linear_probe(
         &self,
         model: &Model,
@@ -37,6 +37,7 @@ impl Runner<'_> {
         logits: &str,
         head_params: &BTreeSet<String>,
         epochs: u64,
+        batch: usize,
     ) -> Result<Probe, AdaptError> {
         let started = Instant::now();
         let (input, feature) = (&self.backbone.record.input, &self.backbone.record.feature);
@@ -56,7 +57,6 @@ impl Runner<'_> {
         };
         let mut opt = Optimizer::new(config);
         let name = &self.plan.tasks[t].name;
-        let batch = self.plan.hyper_of(&self.plan.tasks[t]).resolve(name).map_err(AdaptError::Plan)?.batch;
         let mut train_accuracy = 0.0;
         for epoch in 0..epochs {
             let mut stop = |_: usize, _: usize, _: f64| {

@@ -192,7 +192,7 @@ impl Runner<'_> {
         let mut opt = Optimizer::new(hyper.optim);
         let restored = checkpoint::restore(&self.pack.checkpoint_dir(), &name, &engine, &mut opt, method)?;
         if restored.is_none() && data.inputs == Inputs::Images {
-            self.start_from_probe(t, &model, &engine, manifest)?;
+            self.start_from_probe(t, &model, &engine, hyper.batch, manifest)?;
         }
         let mut progress = restored.unwrap_or_else(|| Progress { task: name.clone(), ..Default::default() });
         let inputs = self.training_inputs(&model, t, data)?;
@@ -243,6 +243,7 @@ impl Runner<'_> {
         t: usize,
         model: &Model,
         engine: &Engine,
+        batch: usize,
         manifest: &mut Manifest,
     ) -> Result<(), AdaptError> {
         let epochs = self.plan.linear_probe_epochs.unwrap_or(0);
@@ -251,7 +252,7 @@ impl Runner<'_> {
         }
         let name = &self.plan.tasks[t].name;
         let (logits, head_params) = head_names(name);
-        let probe = self.linear_probe(model, t, &logits, &head_params, epochs)?;
+        let probe = self.linear_probe(model, t, &logits, &head_params, epochs, batch)?;
         super::probe::load_head(engine, &probe.head)?;
         if !self.quiet {
             let p = &probe.record;
