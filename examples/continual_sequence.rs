@@ -8,6 +8,8 @@
 //! Run (after scripts/fetch.sh and scripts/prepare_sequence.sh):
 //!   cargo run --release --example continual_sequence -- [METHOD...] [--ewc-lambda L] [--lwf-lambda L]
 //!       [--frozen-bn-lr LR] [--lr LR] [--optimizer sgd|adamw] [--seed N] [--set PARAM=VALUE...] [--out DIR]
+//! `--linear-probe-epochs N` and `--bn-recalibrate on|off` set those two steps (default: the
+//! comparison's, both off; with `--defaults`, mtpack's).
 //! `--set` sets any method parameter of the plan file (e.g. `--set packnet_prune=0.5`).
 //! `--defaults` keeps mtpack's defaults for BatchNorm and learning rate (LwF: frozen
 //! BatchNorm at lr 0.001) instead of the comparison's batch statistics at lr 0.01.
@@ -32,6 +34,8 @@ fn main() -> anyhow::Result<()> {
     let mut optimizer: Option<mtpack::train::OptimizerName> = None;
     let mut seed = 0u64;
     let mut own_defaults = false;
+    let mut probe: Option<u64> = None;
+    let mut recalibrate: Option<bool> = None;
     let mut sets = serde_json::Map::new();
     let mut out = root.join(".cache/runs");
     let mut args = std::env::args().skip(1);
@@ -45,6 +49,8 @@ fn main() -> anyhow::Result<()> {
             "--lr" => lr = args.next().and_then(|v| v.parse().ok()),
             "--optimizer" => optimizer = args.next().and_then(|v| v.parse().ok()),
             "--defaults" => own_defaults = true,
+            "--linear-probe-epochs" => probe = args.next().and_then(|v| v.parse().ok()),
+            "--bn-recalibrate" => recalibrate = args.next().map(|v| v == "on"),
             "--seed" => seed = args.next().and_then(|v| v.parse().ok()).unwrap_or(0),
             "--set" => {
                 let kv = args.next().unwrap_or_default();
@@ -88,8 +94,9 @@ fn main() -> anyhow::Result<()> {
             pool: None,
             layout: None,
             // The comparison's settings do neither (the reference library does not).
-            bn_recalibrate: (!own_defaults).then_some(false),
-            linear_probe_epochs: (!own_defaults).then_some(0),
+            bn_recalibrate: recalibrate.or((!own_defaults).then_some(false)),
+            linear_probe_epochs: probe.or((!own_defaults).then_some(0)),
+            tune: None,
             defaults: Hyper {
                 epochs: Some(2),
                 batch: Some(32),
@@ -122,6 +129,12 @@ fn main() -> anyhow::Result<()> {
         }
         if let Some(o) = optimizer {
             suffix = format!("{suffix}-{}", if o == mtpack::train::OptimizerName::Sgd { "sgd" } else { "adamw" });
+        }
+        if let Some(e) = probe {
+            suffix = format!("{suffix}-probe{e}");
+        }
+        if let Some(on) = recalibrate {
+            suffix = format!("{suffix}-recal{}", if on { "on" } else { "off" });
         }
         if seed != 0 {
             suffix = format!("{suffix}-seed{seed}");

@@ -7,9 +7,10 @@
 //!
 //! Run (after scripts/fetch.sh and scripts/prepare_sequence.sh):
 //!   cargo run --release --example small_data -- [METHOD...] [--backbone mobilenetv2|pplcnet]...
-//!       [--seeds 0,1,2] [--off] [--out DIR]
-//! `--off` adds, for each method that trains the backbone, a row at mtpack's defaults (the
-//! linear probe and BatchNorm recalibration off).
+//!       [--seeds 0,1,2] [--off] [--tune] [--out DIR]
+//! `--off` adds, for each method that trains the backbone, a row with the linear probe and
+//! BatchNorm recalibration off; `--tune` a row at mtpack's defaults with `--tune` (each
+//! task's learning rate chosen on a validation split of its training data).
 //! Packs go to DIR (default .cache/small_data), one per run, reused when complete.
 
 use std::path::{Path, PathBuf};
@@ -47,6 +48,35 @@ fn backbone(name: &str) -> anyhow::Result<&'static str> {
     })
 }
 
+/// The settings a row runs with.
+#[derive(Clone, Copy, PartialEq)]
+enum Settings {
+    /// The linear probe, and recalibration where BatchNorm trains with batch statistics.
+    On,
+    /// Neither.
+    Off,
+    /// mtpack's defaults, with `--tune`.
+    Tune,
+}
+
+impl Settings {
+    fn label(self) -> &'static str {
+        match self {
+            Settings::On => "probe and recalibration on",
+            Settings::Off => "both off",
+            Settings::Tune => "defaults + --tune",
+        }
+    }
+
+    fn suffix(self) -> &'static str {
+        match self {
+            Settings::On => "",
+            Settings::Off => "-off",
+            Settings::Tune => "-tune",
+        }
+    }
+}
+
 struct Row {
     label: String,
     accuracies: Vec<f64>,
@@ -56,7 +86,8 @@ struct Row {
 fn main() -> anyhow::Result<()> {
     mtpack::alloc::tune_for_training();
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let (mut methods, mut backbones, mut seeds, mut off) = (Vec::new(), Vec::new(), vec![0u64], false);
+    let (mut methods, mut backbones, mut seeds) = (Vec::new(), Vec::new(), vec![0u64]);
+    let (mut off, mut tune) = (false, false);
     let mut out = root.join(".cache/small_data");
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -67,6 +98,7 @@ fn main() -> anyhow::Result<()> {
                 seeds = list.split(',').map(|s| s.trim().parse()).collect::<Result<_, _>>()?;
             }
             "--off" => off = true,
+            "--tune" => tune = true,
             "--out" => out = args.next().map(PathBuf::from).unwrap_or(out),
             m => methods.push(<MethodKind as clap::ValueEnum>::from_str(m, true).map_err(anyhow::Error::msg)?),
         }
@@ -83,16 +115,13 @@ fn main() -> anyhow::Result<()> {
         let file = backbone(b)?;
         for &method in &methods {
             let trains_backbone = method.spec().data.inputs == Inputs::Images;
-            for defaults in [true, false].into_iter().filter(|&d| d || (off && trains_backbone)) {
-                let label = format!(
-                    "| {b} | {} | {} |",
-                    method.name(),
-                    if defaults { "probe and recalibration on" } else { "defaults (both off)" }
-                );
+            let wanted = [(Settings::On, true), (Settings::Off, off && trains_backbone), (Settings::Tune, tune)];
+            for settings in wanted.into_iter().filter(|w| w.1).map(|w| w.0) {
+                let label = format!("| {b} | {} | {} |", method.name(), settings.label());
                 let mut row = Row { label, accuracies: Vec::new(), probe: None };
                 for &seed in &seeds {
-                    let plan = plan(&root, &data, file, method, seed, defaults);
-                    let suffix = format!("{b}-{}{}-seed{seed}", method.name(), if defaults { "" } else { "-off" });
+                    let plan = plan(&root, &data, file, method, seed, settings);
+                    let suffix = format!("{b}-{}{}-seed{seed}", method.name(), settings.suffix());
                     let started = std::time::Instant::now();
                     let opts = Options {
                         pack: out.join(&suffix),
@@ -126,9 +155,9 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The scenario's plan: 224x224 RGB with ImageNet normalisation, 1 epoch, the linear probe
-/// and recalibration on where they apply (`on`) or off, everything else at mtpack's defaults.
-fn plan(root: &Path, data: &Path, file: &str, method: MethodKind, seed: u64, on: bool) -> Plan {
+/// The scenario's plan: 224x224 RGB with ImageNet normalisation, 1 epoch, the two steps as
+/// `settings` says, everything else at mtpack's defaults.
+fn plan(root: &Path, data: &Path, file: &str, method: MethodKind, seed: u64, settings: Settings) -> Plan {
     let spec = method.spec();
     let images = spec.data.inputs == Inputs::Images;
     let pre = Preprocessing::imagenet(224);
@@ -142,11 +171,14 @@ fn plan(root: &Path, data: &Path, file: &str, method: MethodKind, seed: u64, on:
         preprocessing: pre,
         hyper: Hyper { epochs: Some(1), ..Hyper::default() },
     };
+    let on = settings == Settings::On;
+    let tuned = settings == Settings::Tune;
     Plan {
         seed,
         // Recalibration only where BatchNorm trains with batch statistics (not LwF's frozen).
-        bn_recalibrate: Some(on && images && !spec.frozen_batchnorm),
-        linear_probe_epochs: Some(if on && images { mtpack::plan::LINEAR_PROBE_EPOCHS } else { 0 }),
+        bn_recalibrate: (!tuned).then_some(on && images && !spec.frozen_batchnorm),
+        linear_probe_epochs: (!tuned).then_some(if on && images { mtpack::plan::LINEAR_PROBE_EPOCHS } else { 0 }),
+        tune: tuned.then_some(true),
         ..Plan::new(Some(root.join(".cache/models").join(file)), method, vec![task])
     }
 }

@@ -6,6 +6,7 @@ pub mod checkpoint;
 mod probe;
 pub mod report;
 mod task;
+mod tune;
 
 use std::path::{Path, PathBuf};
 
@@ -293,6 +294,7 @@ pub fn run(plan: &Plan, opts: &Options) -> Result<Manifest, AdaptError> {
         device: &device,
         quiet: opts.quiet,
         agreement: task::agreement_reference(&pack, &backbone, &prepared)?,
+        trial: false,
     };
     for t in 0..plan.tasks.len() {
         if manifest.tasks.get(t).is_some_and(|r| r.done) {
@@ -300,6 +302,16 @@ pub fn run(plan: &Plan, opts: &Options) -> Result<Manifest, AdaptError> {
         }
         if crate::interrupt::requested() {
             return Err(runner.interrupted(&plan.tasks[t].name, 0, None));
+        }
+        if plan.tune == Some(true) && manifest.tasks.len() <= t {
+            let last = manifest.tasks.iter().rev().find(|r| r.done).map(|r| r.name.clone());
+            let tuned = runner.tune(t, &params, &manifest, last.as_deref())?;
+            runner.model_with_head(t, &mut manifest)?;
+            if let Some(rec) = manifest.tasks.get_mut(t) {
+                rec.hyper.optim.lr = tuned.chosen_lr;
+                rec.tune = Some(tuned);
+            }
+            pack.save_manifest(&mut manifest)?;
         }
         runner.learn(t, method.as_mut(), &mut manifest)?;
     }

@@ -17,6 +17,7 @@ use crate::engine::{from_candle, to_candle_on, Engine};
 use crate::graph::cut;
 use crate::onnx::Model;
 use crate::pack::manifest::ProbeRecord;
+use crate::plan::BatchNormMode;
 use crate::tensor::Tensor;
 use crate::train::hyper::{DEFAULT_LR, DEFAULT_MOMENTUM};
 use crate::train::{candle, eval, prefix, train_epoch, EpochEnd, EpochRun, NoHooks, OptimConfig, OptimKind, Optimizer};
@@ -105,15 +106,30 @@ pub fn load_head(engine: &Engine, head: &[(String, Tensor)]) -> Result<(), Adapt
 }
 
 /// The warning for a task that ended below its linear probe: training the backbone made the
-/// task worse than not training it. `None` within a point of the probe.
-pub fn below_probe(task: &str, accuracy: f64, probe: &ProbeRecord) -> Option<String> {
+/// task worse than not training it. `None` within a point of the probe. The suggestions leave
+/// out what the run already does: BatchNorm frozen (`batchnorm`), or recalibrated.
+pub fn below_probe(
+    task: &str,
+    accuracy: f64,
+    probe: &ProbeRecord,
+    batchnorm: BatchNormMode,
+    recalibrated: bool,
+) -> Option<String> {
+    let mut tries = vec!["--method feature-extract"];
+    if batchnorm == BatchNormMode::Batch {
+        tries.push("--batchnorm frozen");
+        if !recalibrated {
+            tries.push("--bn-recalibrate on");
+        }
+    }
+    tries.push("a lower --lr or more epochs");
     (accuracy + 0.01 < probe.accuracy).then(|| {
         format!(
             "warning: task '{task}' ended at {accuracy:.3} held-out accuracy, below the {:.3} that its head \
              alone reaches on the frozen backbone (the linear probe). With little data or a backbone these \
-             defaults were not tuned on, try --method feature-extract, --batchnorm frozen, a lower --lr or \
-             more epochs",
-            probe.accuracy
+             defaults were not tuned on, try {}",
+            probe.accuracy,
+            tries.join(", ")
         )
     })
 }
@@ -123,12 +139,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_task_below_its_probe_is_warned_about_naming_the_flags() {
+    fn a_task_below_its_probe_is_warned_about_naming_the_flags_not_yet_set() {
         let probe = ProbeRecord { epochs: 10, accuracy: 0.65, train_accuracy: 0.9, seconds: 1.0 };
-        let w = below_probe("flowers", 0.36, &probe).unwrap();
+        let w = below_probe("flowers", 0.36, &probe, BatchNormMode::Batch, false).unwrap();
         assert!(w.contains("'flowers'") && w.contains("0.360") && w.contains("0.650"), "{w}");
         assert!(w.contains("--method feature-extract") && w.contains("--batchnorm frozen"), "{w}");
-        assert_eq!(below_probe("flowers", 0.645, &probe), None, "within a point of the probe");
-        assert_eq!(below_probe("flowers", 0.8, &probe), None);
+        assert!(w.contains("--bn-recalibrate on"), "{w}");
+        let w = below_probe("flowers", 0.36, &probe, BatchNormMode::Batch, true).unwrap();
+        assert!(!w.contains("--bn-recalibrate"), "{w}");
+        let w = below_probe("flowers", 0.36, &probe, BatchNormMode::Frozen, false).unwrap();
+        assert!(!w.contains("--batchnorm frozen") && !w.contains("--bn-recalibrate") && w.contains("--lr"), "{w}");
+        let at = |a| below_probe("flowers", a, &probe, BatchNormMode::Batch, false);
+        assert_eq!(at(0.645), None, "within a point of the probe");
+        assert_eq!(at(0.8), None);
     }
 }

@@ -57,6 +57,20 @@ pub fn table(m: &Manifest) -> String {
             last.map_or(f64::NAN, |h| h.loss),
             last.map_or(0.0, |h| h.images_per_second)
         );
+        if let Some(tune) = &t.tune {
+            let trials: Vec<String> = tune
+                .trials
+                .iter()
+                .map(|r| format!("{}: {}", r.lr, r.accuracy.map_or("diverged".into(), |a| format!("{a:.4}"))))
+                .collect();
+            let _ = writeln!(
+                s,
+                "  --tune chose lr {}; validation accuracy on {} training images held out: {}",
+                tune.chosen_lr,
+                tune.validation_size,
+                trials.join(", ")
+            );
+        }
     }
     s
 }

@@ -70,6 +70,9 @@ pub struct Runner<'a> {
     pub quiet: bool,
     /// The original backbone's predictions on the agreement images, when it has a head.
     pub agreement: Option<(Tensor, Vec<i64>)>,
+    /// A `--tune` trial: only the task being learnt is scored (on its validation split);
+    /// earlier tasks' data is not read.
+    pub trial: bool,
 }
 
 /// The original model's own-head predictions on the first task's held-out images.
@@ -118,7 +121,7 @@ impl Runner<'_> {
 
     /// The working model with this task's head, added (and saved) if it is new, and the
     /// task's record in the manifest.
-    fn model_with_head(&self, t: usize, manifest: &mut Manifest) -> Result<Model, AdaptError> {
+    pub(super) fn model_with_head(&self, t: usize, manifest: &mut Manifest) -> Result<Model, AdaptError> {
         let name = &self.plan.tasks[t].name;
         let mut model = Model::load(&self.pack.model())?;
         let (logits, params) = head_names(name);
@@ -156,6 +159,7 @@ impl Runner<'_> {
             method_report: None,
             linear_probe: None,
             batchnorm_recalibrated: None,
+            tune: None,
         });
         self.pack.save_manifest(manifest)?;
         Ok(model)
@@ -191,9 +195,7 @@ impl Runner<'_> {
         method.prepare_engine(&mut engine, &ctx)?;
         let mut opt = Optimizer::new(hyper.optim);
         let restored = checkpoint::restore(&self.pack.checkpoint_dir(), &name, &engine, &mut opt, method)?;
-        if restored.is_none() && data.inputs == Inputs::Images {
-            self.start_from_probe(t, &model, &engine, hyper.batch, manifest)?;
-        }
+        let fresh = restored.is_none();
         let mut progress = restored.unwrap_or_else(|| Progress { task: name.clone(), ..Default::default() });
         let inputs = self.training_inputs(&model, t, data)?;
         let train_x = &self.data[t].train_x;
@@ -208,6 +210,11 @@ impl Runner<'_> {
                 .collect()
         };
         method.begin_task(&ctx, &engine, &mut record, &self.pack.state_dir())?;
+        if fresh && data.inputs == Inputs::Images {
+            // After `begin_task`: the probe must see the network this task starts from
+            // (per-task parameters reset, masks in place), not the pack's stored one.
+            self.start_from_probe(t, &model, &engine, (&input, &inputs.xs), hyper.batch, manifest)?;
+        }
         engine.set_training(self.plan.batchnorm_mode() == crate::plan::BatchNormMode::Batch);
         let epochs = hyper.epochs + method.extra_epochs(&ctx);
         let extra = method.extra_outputs(&ctx);
@@ -238,11 +245,18 @@ impl Runner<'_> {
 
     /// Fits task `t`'s new head alone on the frozen backbone (when the plan asks for a linear
     /// probe) and starts the engine from it; the probe is recorded in the manifest.
+    ///
+    /// The probe runs the engine's starting network in evaluation mode, while training
+    /// normalises with each batch's statistics: so BatchNorm that trains that way is first
+    /// recalibrated on `train` (input name, tensors), or the head would be fitted to features
+    /// normalised with another dataset's (or, after per-task parameters are reset, another
+    /// network's) statistics.
     fn start_from_probe(
         &self,
         t: usize,
         model: &Model,
         engine: &Engine,
+        train: (&str, &[CTensor]),
         batch: usize,
         manifest: &mut Manifest,
     ) -> Result<(), AdaptError> {
@@ -250,9 +264,16 @@ impl Runner<'_> {
         if epochs == 0 {
             return Ok(());
         }
+        // Frozen statistics are the recorded ones in training too: nothing to match, and
+        // recalibrating would replace them (a BatchNorm whose scale trains keeps its running
+        // statistics as engine state in either mode).
+        if self.plan.batchnorm_mode() == crate::plan::BatchNormMode::Batch {
+            engine.recalibrate_batchnorm(train.0, train.1, batch).map_err(TrainError::from)?;
+        }
+        let start = engine.export(model).map_err(TrainError::from)?;
         let name = &self.plan.tasks[t].name;
         let (logits, head_params) = head_names(name);
-        let probe = self.linear_probe(model, t, &logits, &head_params, epochs, batch)?;
+        let probe = self.linear_probe(&start, t, &logits, &head_params, epochs, batch)?;
         super::probe::load_head(engine, &probe.head)?;
         if !self.quiet {
             let p = &probe.record;
@@ -422,8 +443,14 @@ impl Runner<'_> {
         }
         let rec = &mut manifest.tasks[t];
         rec.accuracy = row.get(manifest.columns.iter().position(|c| c == name).unwrap_or(0)).copied().flatten();
-        if let (Some(accuracy), Some(probe)) = (rec.accuracy, &rec.linear_probe) {
-            if let Some(warning) = super::probe::below_probe(name, accuracy, probe) {
+        if let (Some(accuracy), Some(probe), false) = (rec.accuracy, &rec.linear_probe, self.trial) {
+            if let Some(warning) = super::probe::below_probe(
+                name,
+                accuracy,
+                probe,
+                self.plan.batchnorm_mode(),
+                rec.batchnorm_recalibrated.is_some(),
+            ) {
                 eprintln!("{warning}");
             }
         }
@@ -449,14 +476,14 @@ impl Runner<'_> {
     ) -> Result<Vec<Option<f64>>, AdaptError> {
         let mut row = vec![None; manifest.columns.len()];
         let input = &self.backbone.record.input;
-        let mut col = 0;
+        let col = usize::from(self.backbone.record.own_head.is_some());
         if let (Some(own), Some((x, reference))) = (&self.backbone.record.own_head, &self.agreement) {
             let view = method.view(model, None)?;
             let out = eval::run_batched(view.as_ref().unwrap_or(model), input, &own.output, x, eval::eval_batch(x))?;
             row[0] = Some(eval::accuracy(&out, reference)?);
-            col = 1;
         }
-        for (k, task) in self.plan.tasks.iter().enumerate().take(t + 1) {
+        let first = if self.trial { t } else { 0 };
+        for (k, task) in self.plan.tasks.iter().enumerate().take(t + 1).skip(first) {
             let (logits, _) = head_names(&task.name);
             let view = method.view(model, Some(k))?;
             let out = eval::run_batched(

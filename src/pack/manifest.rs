@@ -79,6 +79,27 @@ pub struct TaskRecord {
     /// (precise BN); absent when recalibration is off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batchnorm_recalibrated: Option<usize>,
+    /// The learning rate chosen on a validation split of the task's training data (`--tune`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tune: Option<TuneRecord>,
+}
+
+/// The learning rate `--tune` chose for a task, and the trials it chose from.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TuneRecord {
+    /// Training images held out of each trial (a share of each class), scored by it.
+    pub validation_size: usize,
+    pub trials: Vec<TuneTrial>,
+    pub chosen_lr: f64,
+}
+
+/// One trial: the task trained from the same start on the rest of its training data.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TuneTrial {
+    pub lr: f64,
+    /// Validation accuracy; `None` when the loss diverged.
+    pub accuracy: Option<f64>,
+    pub seconds: f64,
 }
 
 /// A head fitted alone on features of the frozen backbone: where a task's training starts,

@@ -6,6 +6,7 @@ use crate::onnx::Dim;
 use crate::plan::TaskPlan;
 use crate::tensor::Tensor;
 
+#[derive(Clone)]
 pub struct TaskData {
     pub labels: Vec<String>,
     pub pixel_max: f32,

@@ -121,10 +121,15 @@ pub struct Plan {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bn_recalibrate: Option<bool>,
     /// Epochs fitting a new head alone on cached features of the frozen backbone before the
-    /// task trains (LP-FT), for methods that train on images; 0 turns it off. None: off
-    /// (`LINEAR_PROBE_EPOCHS` is what was measured).
+    /// task trains (LP-FT), for methods that train on images; 0 turns it off. None:
+    /// `LINEAR_PROBE_EPOCHS` where BatchNorm keeps its recorded statistics, else off (see
+    /// `Plan::for_backbone`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub linear_probe_epochs: Option<u64>,
+    /// Choose each task's learning rate on a validation split of its own training data
+    /// (`adapt::tune`) before training it on all of it. None: off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tune: Option<bool>,
     /// Settings every task inherits.
     #[serde(default)]
     pub defaults: Hyper,
@@ -148,6 +153,7 @@ impl Plan {
             layout: None,
             bn_recalibrate: None,
             linear_probe_epochs: None,
+            tune: None,
             defaults: Hyper::default(),
             params: MethodParams::default(),
             tasks,
@@ -220,10 +226,14 @@ impl Plan {
             let layout = t.preprocessing.layout.or(p.layout).unwrap_or(detected);
             t.preprocessing.layout = (layout == crate::data::Layout::Nhwc).then_some(layout);
         }
-        // Both off unless asked for: on the real sequence, per-task BatchNorm (EWC) collapsed
-        // from a probe fitted on eval-mode features (README).
+        // The probe is on by default only where the features it is fitted on are the ones
+        // training sees (BatchNorm on its recorded statistics) and the backbone then trains at
+        // `FROZEN_BN_PROBED_LR`. Where BatchNorm trains with batch statistics at 0.01, a
+        // probed head's larger gradients made things worse on the real sequence (README).
+        let images = p.method.spec().data.inputs == crate::methods::Inputs::Images;
+        let probe = if images && bn && mode == BatchNormMode::Frozen { LINEAR_PROBE_EPOCHS } else { 0 };
+        p.linear_probe_epochs = Some(p.linear_probe_epochs.unwrap_or(probe));
         p.bn_recalibrate = Some(p.bn_recalibrate.unwrap_or(false));
-        p.linear_probe_epochs = Some(p.linear_probe_epochs.unwrap_or(0));
         if bn && mode == BatchNormMode::Frozen && p.method.hyper_defaults().lr.is_none() {
             let probed = p.linear_probe_epochs.is_some_and(|e| e > 0);
             p.defaults.lr = p.defaults.lr.or(Some(if probed { FROZEN_BN_PROBED_LR } else { FROZEN_BN_LR }));
@@ -407,23 +417,31 @@ mod tests {
             layout: None,
             bn_recalibrate: None,
             linear_probe_epochs: None,
+            tune: None,
             defaults: Hyper { lr, ..Hyper::default() },
             params: Default::default(),
             tasks: crate::plan::default_tasks(),
         };
+        // Frozen statistics: the probe is on, and the backbone trains at the probed rate.
         let lwf = plan(MethodKind::Lwf, None, None).for_backbone(&bn);
-        assert_eq!((lwf.batchnorm, lwf.defaults.lr), (Some(BatchNormMode::Frozen), Some(FROZEN_BN_LR)));
-        let probed = Plan { linear_probe_epochs: Some(10), ..plan(MethodKind::Lwf, None, None) }.for_backbone(&bn);
-        assert_eq!(probed.defaults.lr, Some(FROZEN_BN_PROBED_LR));
+        assert_eq!((lwf.batchnorm, lwf.defaults.lr), (Some(BatchNormMode::Frozen), Some(FROZEN_BN_PROBED_LR)));
+        assert_eq!((lwf.linear_probe_epochs, lwf.bn_recalibrate), (Some(LINEAR_PROBE_EPOCHS), Some(false)));
+        let unprobed = Plan { linear_probe_epochs: Some(0), ..plan(MethodKind::Lwf, None, None) }.for_backbone(&bn);
+        assert_eq!(unprobed.defaults.lr, Some(FROZEN_BN_LR));
         // Set by the user: kept as given.
         let given = plan(MethodKind::Lwf, Some(BatchNormMode::Batch), None).for_backbone(&bn);
         assert_eq!((given.batchnorm, given.defaults.lr), (Some(BatchNormMode::Batch), None));
         let lr = plan(MethodKind::Lwf, None, Some(0.05)).for_backbone(&bn);
         assert_eq!(lr.defaults.lr, Some(0.05));
+        // Batch statistics: neither step unless asked for.
         let ft = plan(MethodKind::Finetune, None, None).for_backbone(&bn);
         assert_eq!((ft.batchnorm, ft.defaults.lr), (Some(BatchNormMode::Batch), None));
+        assert_eq!((ft.linear_probe_epochs, ft.bn_recalibrate), (Some(0), Some(false)));
         let frozen_ft = plan(MethodKind::Finetune, Some(BatchNormMode::Frozen), None).for_backbone(&bn);
-        assert_eq!(frozen_ft.defaults.lr, Some(FROZEN_BN_LR));
+        assert_eq!(frozen_ft.defaults.lr, Some(FROZEN_BN_PROBED_LR));
+        // Feature extraction trains no backbone: no probe.
+        let fe = plan(MethodKind::FeatureExtract, Some(BatchNormMode::Frozen), None).for_backbone(&bn);
+        assert_eq!(fe.linear_probe_epochs, Some(0));
         // Piggyback keeps its own learning rate.
         let pb = plan(MethodKind::Piggyback, Some(BatchNormMode::Frozen), None).for_backbone(&bn);
         assert_eq!(pb.defaults.lr, None);

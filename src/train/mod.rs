@@ -46,6 +46,9 @@ pub enum TrainError {
     /// A state or setting that cannot be used, explained.
     #[error("{0}")]
     Invalid(String),
+    /// The loss stopped being a number: the learning rate is too high for this network.
+    #[error("loss became {value} at epoch {epoch}, step {step}; lower the learning rate")]
+    Diverged { value: f64, epoch: u64, step: usize },
     /// What was being done, and the error that stopped it.
     #[error("{context}")]
     Failed {

@@ -218,9 +218,7 @@ pub(crate) fn optimise(
     let value: f64 =
         loss.to_dtype(candle_core::DType::F64).and_then(|l| l.to_scalar()).map_err(candle("reading the loss"))?;
     if !value.is_finite() {
-        return Err(TrainError::Invalid(format!(
-            "loss became {value} at epoch {epoch}, step {step}; lower the learning rate"
-        )));
+        return Err(TrainError::Diverged { value, epoch, step });
     }
     let grads = loss.backward().map_err(candle("backward pass"))?;
     opt.step_scaled(engine.params(), &grads, lr, hooks.grad_masks(), hooks.lr_scales())

@@ -339,6 +339,23 @@ fn a_task_starts_from_a_linear_probe_and_ends_with_recalibrated_batchnorm() {
 }
 
 #[test]
+fn a_later_tasks_probe_sees_the_network_that_task_starts_from() {
+    // EWC keeps BatchNorm per task: each task starts from the backbone's statistics and
+    // scales, under weights that the earlier tasks moved. The probe must fit its head to that
+    // network, normalised as training normalises (batch statistics), not to the stored one.
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("p");
+    let (a, b) = (digits_task("a", ":classes=0,1,2,3,4:lr=0.05"), digits_task("b", ":classes=5,6,7,8,9:lr=0.05"));
+    let args = ["adapt", "--method", "ewc", "--task", &a, "--task", &b, "--epochs", "2"];
+    let more = ["--linear-probe-epochs", "10", "--bn-recalibrate", "on", "-o", p(&out), "--json", "--quiet"];
+    let j = mtpack(args.iter().chain(&more)).expect(0).json();
+    for t in 0..2 {
+        let probe = j["tasks"][t]["linear_probe"]["accuracy"].as_f64().unwrap();
+        assert!(probe > 0.6, "task {t}: a head on the starting network separates the classes: {probe}");
+    }
+}
+
+#[test]
 fn a_task_that_ends_below_its_linear_probe_is_warned_about() {
     let dir = tempfile::tempdir().unwrap();
     // A learning rate that wrecks the backbone in a few steps.
@@ -359,4 +376,38 @@ fn a_task_that_ends_below_its_linear_probe_is_warned_about() {
     let r = r.expect(0);
     assert!(r.stderr.contains("warning: task 'd' ended at"), "{}", r.stderr);
     assert!(r.stderr.contains("--method feature-extract"), "{}", r.stderr);
+}
+
+#[test]
+fn tune_chooses_each_tasks_learning_rate_on_its_own_training_data_and_records_the_trials() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("p");
+    let (a, b) = (digits_task("a", ":classes=0,1,2:epochs=1"), digits_task("b", ":classes=3,4,5:epochs=1"));
+    let r = mtpack(["adapt", "--method", "ewc", "--task", &a, "--task", &b, "--tune", "-o", p(&out), "--json"]);
+    let r = r.expect(0);
+    assert!(r.stderr.contains("b: --tune lr 0.001: validation accuracy"), "{}", r.stderr);
+    let m = manifest(&out);
+    assert_eq!(schema_violation(&schema("pack.schema.json"), &m, "$"), None);
+    assert_eq!(m["plan"]["tune"], true);
+    for t in m["tasks"].as_array().unwrap() {
+        let tune = &t["tune"];
+        let trials = tune["trials"].as_array().unwrap();
+        let lrs: Vec<f64> = trials.iter().map(|r| r["lr"].as_f64().unwrap()).collect();
+        assert_eq!(lrs.len(), 3, "{tune}");
+        assert!((lrs[1] / lrs[0] - 0.1).abs() < 1e-9 && (lrs[2] / lrs[0] - 10.0).abs() < 1e-9, "{lrs:?}");
+        let score = |r: &serde_json::Value| r["accuracy"].as_f64().unwrap_or(-1.0);
+        let top = trials.iter().map(score).fold(f64::MIN, f64::max);
+        let chosen = tune["chosen_lr"].as_f64().unwrap();
+        let chosen_trial = trials.iter().find(|r| r["lr"].as_f64() == Some(chosen)).unwrap();
+        assert_eq!(score(chosen_trial), top, "the best trial is chosen: {tune}");
+        assert_eq!(t["hyper"]["optim"]["lr"].as_f64(), Some(chosen), "and the task trains at it: {t}");
+        // Each class of the task's 60%-of-digits training split gives a fifth.
+        let n = tune["validation_size"].as_u64().unwrap();
+        assert!(n > 0 && n < t["train_size"].as_u64().unwrap() / 3, "{tune}");
+    }
+    assert!(!out.join("state/tune").exists() || std::fs::read_dir(out.join("state/tune")).unwrap().next().is_none());
+    // The printed summary names the choice (the same command again: the pack is complete).
+    let text =
+        mtpack(["adapt", "--method", "ewc", "--task", &a, "--task", &b, "--tune", "-o", p(&out)]).expect(0).stdout;
+    assert!(text.contains("--tune chose lr"), "{text}");
 }
