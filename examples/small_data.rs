@@ -7,10 +7,11 @@
 //!
 //! Run (after scripts/fetch.sh and scripts/prepare_sequence.sh):
 //!   cargo run --release --example small_data -- [METHOD...] [--backbone mobilenetv2|pplcnet]...
-//!       [--seeds 0,1,2] [--off] [--tune] [--out DIR]
+//!       [--seeds 0,1,2] [--off] [--tune] [--defaults] [--out DIR]
 //! `--off` adds, for each method that trains the backbone, a row with the linear probe and
 //! BatchNorm recalibration off; `--tune` a row at mtpack's defaults with `--tune` (each
-//! task's learning rate chosen on a validation split of its training data).
+//! task's learning rate chosen on a validation split of its training data); `--defaults` a
+//! row at mtpack's defaults.
 //! Packs go to DIR (default .cache/small_data), one per run, reused when complete.
 
 use std::path::{Path, PathBuf};
@@ -57,6 +58,8 @@ enum Settings {
     Off,
     /// mtpack's defaults, with `--tune`.
     Tune,
+    /// mtpack's defaults.
+    Defaults,
 }
 
 impl Settings {
@@ -65,6 +68,7 @@ impl Settings {
             Settings::On => "probe and recalibration on",
             Settings::Off => "both off",
             Settings::Tune => "defaults + --tune",
+            Settings::Defaults => "defaults",
         }
     }
 
@@ -73,6 +77,7 @@ impl Settings {
             Settings::On => "",
             Settings::Off => "-off",
             Settings::Tune => "-tune",
+            Settings::Defaults => "-defaults",
         }
     }
 }
@@ -87,7 +92,7 @@ fn main() -> anyhow::Result<()> {
     mtpack::alloc::tune_for_training();
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let (mut methods, mut backbones, mut seeds) = (Vec::new(), Vec::new(), vec![0u64]);
-    let (mut off, mut tune) = (false, false);
+    let (mut off, mut tune, mut defaults) = (false, false, false);
     let mut out = root.join(".cache/small_data");
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -99,6 +104,7 @@ fn main() -> anyhow::Result<()> {
             }
             "--off" => off = true,
             "--tune" => tune = true,
+            "--defaults" => defaults = true,
             "--out" => out = args.next().map(PathBuf::from).unwrap_or(out),
             m => methods.push(<MethodKind as clap::ValueEnum>::from_str(m, true).map_err(anyhow::Error::msg)?),
         }
@@ -115,7 +121,12 @@ fn main() -> anyhow::Result<()> {
         let file = backbone(b)?;
         for &method in &methods {
             let trains_backbone = method.spec().data.inputs == Inputs::Images;
-            let wanted = [(Settings::On, true), (Settings::Off, off && trains_backbone), (Settings::Tune, tune)];
+            let wanted = [
+                (Settings::On, true),
+                (Settings::Off, off && trains_backbone),
+                (Settings::Tune, tune),
+                (Settings::Defaults, defaults),
+            ];
             for settings in wanted.into_iter().filter(|w| w.1).map(|w| w.0) {
                 let label = format!("| {b} | {} | {} |", method.name(), settings.label());
                 let mut row = Row { label, accuracies: Vec::new(), probe: None };
@@ -173,11 +184,12 @@ fn plan(root: &Path, data: &Path, file: &str, method: MethodKind, seed: u64, set
     };
     let on = settings == Settings::On;
     let tuned = settings == Settings::Tune;
+    let own = matches!(settings, Settings::Tune | Settings::Defaults);
     Plan {
         seed,
         // Recalibration only where BatchNorm trains with batch statistics (not LwF's frozen).
-        bn_recalibrate: (!tuned).then_some(on && images && !spec.frozen_batchnorm),
-        linear_probe_epochs: (!tuned).then_some(if on && images { mtpack::plan::LINEAR_PROBE_EPOCHS } else { 0 }),
+        bn_recalibrate: (!own).then_some(on && images && !spec.frozen_batchnorm),
+        linear_probe_epochs: (!own).then_some(if on && images { mtpack::plan::LINEAR_PROBE_EPOCHS } else { 0 }),
         tune: tuned.then_some(true),
         ..Plan::new(Some(root.join(".cache/models").join(file)), method, vec![task])
     }

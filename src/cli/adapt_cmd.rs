@@ -51,7 +51,8 @@ pub struct Args {
     #[arg(long, value_enum)]
     pub batchnorm: Option<BatchNormMode>,
     /// Recompute BatchNorm's running statistics after each task from the data it trained
-    /// on, with the final weights, as exact averages (precise BN) [default: off].
+    /// on, with the final weights, as exact averages (precise BN) [default: on where
+    /// BatchNorm trains with batch statistics].
     #[arg(long, value_name = "on|off", value_parser = plan::parse_switch)]
     pub bn_recalibrate: Option<bool>,
     /// Epochs fitting each new head alone on cached features of the frozen backbone before the

@@ -37,7 +37,7 @@ use candle_core::Tensor;
 pub use ewc::{Ewc, EwcShared, FisherKind};
 pub use lwf::Lwf;
 pub use packnet::{PackNet, SharedParams};
-pub use piggyback::Piggyback;
+pub use piggyback::{keeps_backbone_batchnorm, Piggyback};
 pub use record::Record;
 
 use crate::engine::Engine;

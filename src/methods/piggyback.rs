@@ -80,6 +80,12 @@ pub const SPEC: Spec = Spec {
 const BITS: &str = "bits";
 const SHAPE: &str = "shape";
 
+/// Whether Piggyback, with `p`, leaves the backbone's BatchNorm as recorded (the paper's
+/// default): then nothing in the network trains with batch statistics.
+pub fn keeps_backbone_batchnorm(p: &Params) -> bool {
+    p.piggyback_shared.unwrap_or(SharedParams::Frozen) == SharedParams::Frozen
+}
+
 fn effective(p: &Params) -> serde_json::Value {
     serde_json::json!({
         "init": p.piggyback_init.unwrap_or(PIGGYBACK_INIT),

@@ -117,7 +117,8 @@ pub struct Plan {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub layout: Option<crate::data::Layout>,
     /// Recompute BatchNorm's running statistics after each task from the data it trained on,
-    /// with the final weights (precise BN). None: off.
+    /// with the final weights (precise BN). None: on where BatchNorm trains with batch
+    /// statistics (see `Plan::for_backbone`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bn_recalibrate: Option<bool>,
     /// Epochs fitting a new head alone on cached features of the frozen backbone before the
@@ -227,13 +228,18 @@ impl Plan {
             t.preprocessing.layout = (layout == crate::data::Layout::Nhwc).then_some(layout);
         }
         // The probe is on by default only where the features it is fitted on are the ones
-        // training sees (BatchNorm on its recorded statistics) and the backbone then trains at
-        // `FROZEN_BN_PROBED_LR`. Where BatchNorm trains with batch statistics at 0.01, a
-        // probed head's larger gradients made things worse on the real sequence (README).
+        // training sees (BatchNorm on its recorded statistics: frozen, or Piggyback's, which
+        // never trains) and the backbone trains gently after it (`FROZEN_BN_PROBED_LR`, or
+        // Piggyback's masks). Where BatchNorm trains with batch statistics at 0.01, a probed
+        // head's larger gradients made things worse on the real sequence (README).
         let images = p.method.spec().data.inputs == crate::methods::Inputs::Images;
-        let probe = if images && bn && mode == BatchNormMode::Frozen { LINEAR_PROBE_EPOCHS } else { 0 };
+        let recorded = mode == BatchNormMode::Frozen
+            || (p.method == MethodKind::Piggyback && crate::methods::keeps_backbone_batchnorm(&p.params.piggyback));
+        let probe = if images && bn && recorded { LINEAR_PROBE_EPOCHS } else { 0 };
         p.linear_probe_epochs = Some(p.linear_probe_epochs.unwrap_or(probe));
-        p.bn_recalibrate = Some(p.bn_recalibrate.unwrap_or(false));
+        // Recalibration is on where BatchNorm trains with batch statistics: there the moving
+        // averages lag the weights (README: EWC 0.911 -> 0.919 on the real sequence).
+        p.bn_recalibrate = Some(p.bn_recalibrate.unwrap_or(images && bn && !recorded));
         if bn && mode == BatchNormMode::Frozen && p.method.hyper_defaults().lr.is_none() {
             let probed = p.linear_probe_epochs.is_some_and(|e| e > 0);
             p.defaults.lr = p.defaults.lr.or(Some(if probed { FROZEN_BN_PROBED_LR } else { FROZEN_BN_LR }));
@@ -433,18 +439,27 @@ mod tests {
         assert_eq!((given.batchnorm, given.defaults.lr), (Some(BatchNormMode::Batch), None));
         let lr = plan(MethodKind::Lwf, None, Some(0.05)).for_backbone(&bn);
         assert_eq!(lr.defaults.lr, Some(0.05));
-        // Batch statistics: neither step unless asked for.
+        // Batch statistics: recalibrated, no probe.
         let ft = plan(MethodKind::Finetune, None, None).for_backbone(&bn);
         assert_eq!((ft.batchnorm, ft.defaults.lr), (Some(BatchNormMode::Batch), None));
-        assert_eq!((ft.linear_probe_epochs, ft.bn_recalibrate), (Some(0), Some(false)));
+        assert_eq!((ft.linear_probe_epochs, ft.bn_recalibrate), (Some(0), Some(true)));
         let frozen_ft = plan(MethodKind::Finetune, Some(BatchNormMode::Frozen), None).for_backbone(&bn);
         assert_eq!(frozen_ft.defaults.lr, Some(FROZEN_BN_PROBED_LR));
         // Feature extraction trains no backbone: no probe.
         let fe = plan(MethodKind::FeatureExtract, Some(BatchNormMode::Frozen), None).for_backbone(&bn);
-        assert_eq!(fe.linear_probe_epochs, Some(0));
-        // Piggyback keeps its own learning rate.
+        assert_eq!((fe.linear_probe_epochs, fe.bn_recalibrate), (Some(0), Some(false)));
+        // No BatchNorm: nothing to recalibrate.
+        let plain = crate::onnx::build::model(Default::default(), 13);
+        assert_eq!(plan(MethodKind::Finetune, None, None).for_backbone(&plain).bn_recalibrate, Some(false));
+        // Piggyback keeps its own learning rate, and by default the backbone's BatchNorm.
         let pb = plan(MethodKind::Piggyback, Some(BatchNormMode::Frozen), None).for_backbone(&bn);
         assert_eq!(pb.defaults.lr, None);
+        let pb = plan(MethodKind::Piggyback, None, None).for_backbone(&bn);
+        assert_eq!((pb.linear_probe_epochs, pb.bn_recalibrate), (Some(LINEAR_PROBE_EPOCHS), Some(false)));
+        let mut own = plan(MethodKind::Piggyback, None, None);
+        own.params.piggyback.piggyback_shared = Some(crate::methods::SharedParams::PerTask);
+        let own = own.for_backbone(&bn);
+        assert_eq!((own.linear_probe_epochs, own.bn_recalibrate), (Some(0), Some(true)));
         // Resolving twice changes nothing (a resumed pack's plan is already resolved).
         assert_eq!(lwf.for_backbone(&bn), lwf);
     }

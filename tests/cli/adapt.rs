@@ -327,12 +327,15 @@ fn a_task_starts_from_a_linear_probe_and_ends_with_recalibrated_batchnorm() {
     let m = manifest(&on);
     assert_eq!((&m["plan"]["bn_recalibrate"], &m["plan"]["linear_probe_epochs"]), (&true.into(), &10.into()));
     assert_eq!(schema_violation(&schema("pack.schema.json"), &m, "$"), None);
-    // Off (the default): the task starts from a random head and keeps the moving averages.
-    let j = adapt(&off, &["--method", "finetune"]);
+    // Off: the task starts from a random head and keeps the moving averages.
+    let j = adapt(&off, &["--method", "finetune", "--bn-recalibrate", "off"]);
     let m = manifest(&off);
     assert_eq!((&m["plan"]["bn_recalibrate"], &m["plan"]["linear_probe_epochs"]), (&false.into(), &0.into()));
     assert!(j["tasks"][0]["linear_probe"].is_null() && j["tasks"][0]["batchnorm_recalibrated"].is_null(), "{j}");
     assert_ne!(weights(&on.join("model.onnx")), weights(&off.join("model.onnx")));
+    // The default where BatchNorm trains with batch statistics: recalibrated, no probe.
+    let j = adapt(&fe.with_extension("default"), &["--method", "finetune"]);
+    assert!(j["tasks"][0]["linear_probe"].is_null() && j["tasks"][0]["batchnorm_recalibrated"].as_u64() >= Some(1));
     // Feature extraction is the probe itself: neither applies.
     let j = adapt(&fe, &["--method", "feature-extract", "--linear-probe-epochs", "10", "--bn-recalibrate", "on"]);
     assert!(j["tasks"][0]["linear_probe"].is_null() && j["tasks"][0]["batchnorm_recalibrated"].is_null(), "{j}");
