@@ -71,7 +71,7 @@ pub struct Runner<'a> {
     /// The original backbone's predictions on the agreement images, when it has a head.
     pub agreement: Option<(Tensor, Vec<i64>)>,
     /// A `--tune` trial: only the task being learnt is scored (on its validation split);
-    /// earlier tasks' data is not read.
+    /// earlier tasks' held-out data is not read.
     pub trial: bool,
 }
 

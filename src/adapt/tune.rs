@@ -3,8 +3,9 @@
 //! task's training data is held out, the task is trained from the same start (the pack as it
 //! stands, the method's state after the previous task) at a few learning rates on the rest,
 //! each trial is scored on the held-out share, and the best rate then trains the task on all
-//! of its data. Earlier tasks' data is never read, so the choice costs no privacy the method
-//! did not already give up, and the held-out test split is never seen.
+//! of its data. Earlier tasks' data is never scored, and read only by a method that trains
+//! on it anyway (joint), so the choice costs no privacy the method did not already give up;
+//! the task's own held-out test split is never seen.
 
 use std::path::Path;
 use std::time::Instant;

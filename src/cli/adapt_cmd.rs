@@ -63,7 +63,7 @@ pub struct Args {
     pub linear_probe_epochs: Option<u64>,
     /// Choose each task's learning rate before training it: the task is trained from the same
     /// start at its learning rate, a tenth of it and ten times it, on 80% of its training
-    /// data, scored on the other 20% (old tasks' data is never used); the best is then trained
+    /// data, scored on the other 20% (old tasks' data is never scored; only joint, which trains on it, reads it); the best is then trained
     /// on all of it. Costs about 2.4 times the task's training.
     #[arg(long)]
     pub tune: bool,
