@@ -85,8 +85,9 @@ impl Runner<'_> {
         let task = &self.plan.tasks[t];
         let base = self.plan.hyper_of(task).resolve(&task.name).map_err(AdaptError::Plan)?.optim.lr;
         let (held, validation_size) = split(&self.data[t], self.plan.seed).map_err(AdaptError::Plan)?;
-        let mut data = self.data.to_vec();
-        data[t] = held;
+        // Tasks after `t` play no part in a trial; earlier ones only as the method reads them.
+        let mut data = self.data[..t].to_vec();
+        data.push(held);
         let mut trials = Vec::new();
         for lr in candidates(base) {
             let started = Instant::now();
