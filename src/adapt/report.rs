@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 
-use crate::pack::Manifest;
+use crate::pack::{Manifest, TaskRecord};
 
 pub fn table(m: &Manifest) -> String {
     let mut s = String::new();
@@ -22,6 +22,18 @@ pub fn table(m: &Manifest) -> String {
             ""
         }
     );
+    matrix(&mut s, m);
+    let x = &m.metrics;
+    let _ =
+        writeln!(s, "average accuracy {:.4}   BWT {:+.4}   forgetting {:.4}", x.average_accuracy, x.bwt, x.forgetting);
+    for t in &m.tasks {
+        task_lines(&mut s, t);
+    }
+    s
+}
+
+/// The accuracy matrix, a row per task learned, '-' where a column was not measured.
+fn matrix(s: &mut String, m: &Manifest) {
     let width = m.columns.iter().map(String::len).max().unwrap_or(8).max(8);
     let rw = m.rows.iter().map(String::len).max().unwrap_or(8).max(8);
     let _ = write!(s, "{:<rw$}", "after");
@@ -32,47 +44,41 @@ pub fn table(m: &Manifest) -> String {
     for (r, row) in m.rows.iter().zip(&m.accuracy_matrix) {
         let _ = write!(s, "{r:<rw$}");
         for v in row {
-            match v {
-                Some(v) => {
-                    let _ = write!(s, "  {v:>width$.4}");
-                }
-                None => {
-                    let _ = write!(s, "  {:>width$}", "-");
-                }
-            }
+            let _ = match v {
+                Some(v) => write!(s, "  {v:>width$.4}"),
+                None => write!(s, "  {:>width$}", "-"),
+            };
         }
         let _ = writeln!(s);
     }
-    let x = &m.metrics;
-    let _ =
-        writeln!(s, "average accuracy {:.4}   BWT {:+.4}   forgetting {:.4}", x.average_accuracy, x.bwt, x.forgetting);
-    for t in &m.tasks {
-        let last = t.history.last();
+}
+
+/// A task's training summary, and what --tune chose for it.
+fn task_lines(s: &mut String, t: &TaskRecord) {
+    let last = t.history.last();
+    let _ = writeln!(
+        s,
+        "task {:<16} {} epochs, {:.1}s, final loss {:.4}, {:.1} images/s",
+        t.name,
+        t.epochs_done,
+        t.train_seconds,
+        last.map_or(f64::NAN, |h| h.loss),
+        last.map_or(0.0, |h| h.images_per_second)
+    );
+    if let Some(tune) = &t.tune {
+        let trials: Vec<String> = tune
+            .trials
+            .iter()
+            .map(|r| format!("{}: {}", r.lr, r.accuracy.map_or("diverged".into(), |a| format!("{a:.4}"))))
+            .collect();
         let _ = writeln!(
             s,
-            "task {:<16} {} epochs, {:.1}s, final loss {:.4}, {:.1} images/s",
-            t.name,
-            t.epochs_done,
-            t.train_seconds,
-            last.map_or(f64::NAN, |h| h.loss),
-            last.map_or(0.0, |h| h.images_per_second)
+            "  --tune chose lr {}; validation accuracy on {} training images held out: {}",
+            tune.chosen_lr,
+            tune.validation_size,
+            trials.join(", ")
         );
-        if let Some(tune) = &t.tune {
-            let trials: Vec<String> = tune
-                .trials
-                .iter()
-                .map(|r| format!("{}: {}", r.lr, r.accuracy.map_or("diverged".into(), |a| format!("{a:.4}"))))
-                .collect();
-            let _ = writeln!(
-                s,
-                "  --tune chose lr {}; validation accuracy on {} training images held out: {}",
-                tune.chosen_lr,
-                tune.validation_size,
-                trials.join(", ")
-            );
-        }
     }
-    s
 }
 
 /// A mask method's per-layer report after task `task`, for stderr.

@@ -50,6 +50,25 @@ impl TrainingInputs {
     }
 }
 
+/// The names a task's context (`TaskCtx`) borrows.
+struct TaskNames {
+    name: String,
+    input: String,
+    logits: String,
+    head_params: BTreeSet<String>,
+    old_logits: Vec<String>,
+    old_head_params: BTreeSet<String>,
+}
+
+/// What a task's epochs train: the engine on the inputs, with the task's settings.
+#[derive(Clone, Copy)]
+struct Training<'a> {
+    ctx: &'a TaskCtx<'a>,
+    engine: &'a Engine,
+    inputs: &'a TrainingInputs,
+    hyper: &'a crate::train::Resolved,
+}
+
 /// What one epoch runs with.
 struct EpochDriver {
     epoch: u64,
@@ -167,80 +186,122 @@ impl Runner<'_> {
 
     /// Learns task `t` (resuming its checkpoint if there is one) and records the results.
     pub fn learn(&self, t: usize, method: &mut dyn Method, manifest: &mut Manifest) -> Result<(), AdaptError> {
-        let name = self.plan.tasks[t].name.clone();
         let model = self.model_with_head(t, manifest)?;
-        let (logits, head_params) = head_names(&name);
-        let (old_logits, old_head_params) = self.old_heads(t);
         let data = self.plan.method.spec().data;
-        let fe = data.inputs == Inputs::FrozenFeatures;
-        let input = if fe { self.backbone.record.feature.clone() } else { self.backbone.record.input.clone() };
+        let names = self.task_names(t, data);
         let hyper = manifest.tasks[t].hyper.clone();
-        let ctx = TaskCtx {
-            index: t,
-            input: &input,
-            name: &name,
-            logits: &logits,
-            head_params: &head_params,
-            backbone_params: &self.backbone.shared,
-            masked: &self.backbone.masked,
-            epochs: hyper.epochs,
-            last: t + 1 == self.plan.tasks.len(),
-            old_logits: &old_logits,
-            old_head_params: &old_head_params,
-            seed: self.plan.seed,
-        };
+        let ctx = self.ctx(t, &names, hyper.epochs);
+        let fe = data.inputs == Inputs::FrozenFeatures;
         let graph_model = if fe { cut::suffix(&model, &self.backbone.record.feature)? } else { model.clone() };
         let mut engine = Engine::new(&graph_model, &|n| method.trainable(n, &ctx), DType::F32, self.device)
             .map_err(TrainError::from)?;
         method.prepare_engine(&mut engine, &ctx)?;
         let mut opt = Optimizer::new(hyper.optim);
-        let restored = checkpoint::restore(&self.pack.checkpoint_dir(), &name, &engine, &mut opt, method)?;
+        let restored = checkpoint::restore(&self.pack.checkpoint_dir(), &names.name, &engine, &mut opt, method)?;
         let fresh = restored.is_none();
-        let mut progress = restored.unwrap_or_else(|| Progress { task: name.clone(), ..Default::default() });
+        let mut progress = restored.unwrap_or_else(|| Progress { task: names.name.clone(), ..Default::default() });
         let inputs = self.training_inputs(&model, t, data)?;
+        self.begin(t, &model, &ctx, &engine, method)?;
+        if fresh && data.inputs == Inputs::Images {
+            // After `begin_task`: the probe must see the network this task starts from
+            // (per-task parameters reset, masks in place), not the pack's stored one.
+            self.start_from_probe(t, &model, &engine, (&names.input, &inputs.xs), hyper.batch, manifest)?;
+        }
+        let training = Training { ctx: &ctx, engine: &engine, inputs: &inputs, hyper: &hyper };
+        self.train_epochs(&training, &mut opt, &mut progress, method)?;
+        if self.plan.bn_recalibrate == Some(true) && data.inputs == Inputs::Images {
+            let layers =
+                engine.recalibrate_batchnorm(&names.input, &inputs.xs, hyper.batch).map_err(TrainError::from)?;
+            manifest.tasks[t].batchnorm_recalibrated = Some(layers);
+        }
+        let x_end = inputs.xs.last().cloned().ok_or_else(|| AdaptError::Plan("no training data".into()))?;
+        method.end_task(&ctx, &engine, &x_end, &self.data[t].train_y)?;
+        self.finish(t, &model, &engine, method, progress, manifest)
+    }
+
+    /// The names task `t`'s context borrows: the graph input its training data feeds (the
+    /// feature tensor when the method trains on frozen features), its head and earlier ones.
+    fn task_names(&self, t: usize, data: TrainingData) -> TaskNames {
+        let name = self.plan.tasks[t].name.clone();
+        let (logits, head_params) = head_names(&name);
+        let (old_logits, old_head_params) = self.old_heads(t);
+        let record = &self.backbone.record;
+        let input = if data.inputs == Inputs::FrozenFeatures { &record.feature } else { &record.input };
+        TaskNames { name, input: input.clone(), logits, head_params, old_logits, old_head_params }
+    }
+
+    fn ctx<'n>(&'n self, t: usize, names: &'n TaskNames, epochs: u64) -> TaskCtx<'n> {
+        TaskCtx {
+            index: t,
+            input: &names.input,
+            name: &names.name,
+            logits: &names.logits,
+            head_params: &names.head_params,
+            backbone_params: &self.backbone.shared,
+            masked: &self.backbone.masked,
+            epochs,
+            last: t + 1 == self.plan.tasks.len(),
+            old_logits: &names.old_logits,
+            old_head_params: &names.old_head_params,
+            seed: self.plan.seed,
+        }
+    }
+
+    /// Lets the method start task `t`, with ONNX Runtime at hand to record the current
+    /// model's outputs on the task's training images (LwF's targets).
+    fn begin(
+        &self,
+        t: usize,
+        model: &Model,
+        ctx: &TaskCtx,
+        engine: &Engine,
+        method: &mut dyn Method,
+    ) -> Result<(), AdaptError> {
         let train_x = &self.data[t].train_x;
         let mut record = |names: &[String]| -> Result<Vec<CTensor>, TrainError> {
             names
                 .iter()
                 .map(|n| {
                     let out =
-                        eval::run_batched(&model, &self.backbone.record.input, n, train_x, eval::eval_batch(train_x))?;
+                        eval::run_batched(model, &self.backbone.record.input, n, train_x, eval::eval_batch(train_x))?;
                     to_candle_on(&out, DType::F32, self.device).map_err(candle("recorded outputs"))
                 })
                 .collect()
         };
-        method.begin_task(&ctx, &engine, &mut record, &self.pack.state_dir())?;
-        if fresh && data.inputs == Inputs::Images {
-            // After `begin_task`: the probe must see the network this task starts from
-            // (per-task parameters reset, masks in place), not the pack's stored one.
-            self.start_from_probe(t, &model, &engine, (&input, &inputs.xs), hyper.batch, manifest)?;
-        }
+        method.begin_task(ctx, engine, &mut record, &self.pack.state_dir())?;
+        Ok(())
+    }
+
+    /// The task's epochs from where `progress` stands (with BatchNorm in the plan's mode),
+    /// each checkpointed; a signal stops the run between epochs as well as within one.
+    fn train_epochs(
+        &self,
+        training: &Training,
+        opt: &mut Optimizer,
+        progress: &mut Progress,
+        method: &mut dyn Method,
+    ) -> Result<(), AdaptError> {
+        let Training { ctx, engine, inputs, hyper } = *training;
         engine.set_training(self.plan.batchnorm_mode() == crate::plan::BatchNormMode::Batch);
-        let epochs = hyper.epochs + method.extra_epochs(&ctx);
-        let extra = method.extra_outputs(&ctx);
+        let epochs = hyper.epochs + method.extra_epochs(ctx);
+        let extra = method.extra_outputs(ctx);
         for epoch in progress.epochs_done..epochs {
-            let lr = hyper.schedule.lr_at(hyper.optim.lr, epoch) * method.lr_scale(epoch, &ctx);
-            let tasks = inputs.tasks(&input, t, &extra, self.data);
+            let lr = hyper.schedule.lr_at(hyper.optim.lr, epoch) * method.lr_scale(epoch, ctx);
+            let tasks = inputs.tasks(ctx.input, ctx.index, &extra, self.data);
             let started = Instant::now();
-            let hooks = method.hooks(epoch, lr, &engine, &ctx)?;
-            let label = format!("{name} epoch {}/{epochs}", epoch + 1);
+            let hooks = method.hooks(epoch, lr, engine, ctx)?;
+            let label = format!("{} epoch {}/{epochs}", ctx.name, epoch + 1);
             let run = EpochDriver { epoch, batch: hyper.batch, lr, mixed: inputs.members.len() > 1, label };
-            let end = self.run_epoch(&engine, &tasks, run, &mut opt, hooks, &mut progress)?;
+            let end = self.run_epoch(engine, &tasks, run, opt, hooks, progress)?;
             progress.train_seconds += started.elapsed().as_secs_f64();
             progress.steps = opt.steps;
-            self.end_epoch(epoch, end, &mut progress, &engine, &opt, method)?;
+            self.end_epoch(epoch, end, progress, engine, opt, method)?;
             if crate::interrupt::requested() && epoch + 1 < epochs {
-                return Err(self.interrupted(&name, epoch + 1, None));
+                return Err(self.interrupted(ctx.name, epoch + 1, None));
             }
         }
         engine.set_training(false);
-        if self.plan.bn_recalibrate == Some(true) && data.inputs == Inputs::Images {
-            let layers = engine.recalibrate_batchnorm(&input, &inputs.xs, hyper.batch).map_err(TrainError::from)?;
-            manifest.tasks[t].batchnorm_recalibrated = Some(layers);
-        }
-        let x_end = inputs.xs.last().cloned().ok_or_else(|| AdaptError::Plan("no training data".into()))?;
-        method.end_task(&ctx, &engine, &x_end, &self.data[t].train_y)?;
-        self.finish(t, &model, &engine, method, progress, manifest)
+        Ok(())
     }
 
     /// Fits task `t`'s new head alone on the frozen backbone (when the plan asks for a linear

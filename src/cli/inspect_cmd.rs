@@ -57,33 +57,7 @@ pub fn text(r: &Report) -> String {
     let _ = writeln!(s, "parameters  {} ({:.2} MB in {} tensors)", p.count, p.bytes as f64 / 1e6, p.tensors);
     let hist: Vec<String> = r.ops.iter().map(|(k, v)| format!("{k} {v}")).collect();
     let _ = writeln!(s, "nodes       {}: {}", r.nodes, hist.join(", "));
-    match &r.head {
-        Some(h) => {
-            let _ = writeln!(
-                s,
-                "head        {} classes via {} (weight {}{}){}",
-                h.classes,
-                h.nodes.join(" -> "),
-                h.weight,
-                h.bias.as_ref().map(|b| format!(", bias {b}")).unwrap_or_default(),
-                h.normalised.as_ref().map(|n| format!(", ends in {n}")).unwrap_or_default()
-            );
-        }
-        None => {
-            let _ = writeln!(s, "head        none (headless backbone)");
-        }
-    }
-    if let Some(f) = &r.feature {
-        let dim = f.dim.map(|d| d.to_string()).unwrap_or_else(|| "?".into());
-        let _ = writeln!(s, "feature     {} (dim {dim}, {})", f.tensor, f.from);
-    }
-    if !r.candidates.is_empty() {
-        let _ = writeln!(s, "candidates  for --at (shape for one image):");
-        for c in &r.candidates {
-            let shape = c.shape.as_ref().map(|d| format!("{d:?}")).unwrap_or_else(|| "[?]".into());
-            let _ = writeln!(s, "  {:<18} {:<24} {}", shape, c.op, c.tensor);
-        }
-    }
+    head_and_feature(&mut s, r);
     let f = &r.weights_from_nodes;
     if f.total() > 0 {
         let _ = writeln!(
@@ -101,16 +75,40 @@ pub fn text(r: &Report) -> String {
     for l in &r.trainable {
         let _ = writeln!(s, "  {:<12} {:<40} {:?}", l.op, l.weight, l.shape);
     }
-    match r.engine_missing_ops.as_slice() {
-        [] => {
-            let _ = writeln!(s, "engine      every op can train");
-        }
-        missing => {
-            let _ = writeln!(s, "engine      cannot execute yet: {}", missing.join(", "));
-        }
-    }
+    let _ = match r.engine_missing_ops.as_slice() {
+        [] => writeln!(s, "engine      every op can train"),
+        missing => writeln!(s, "engine      cannot execute yet: {}", missing.join(", ")),
+    };
     if !r.custom_ops.is_empty() {
         let _ = writeln!(s, "custom ops  {}", r.custom_ops.join(", "));
     }
     s
+}
+
+/// The head found (or none), the feature tensor new heads read, and the other tensors
+/// `--at` could name.
+fn head_and_feature(s: &mut String, r: &Report) {
+    let _ = match &r.head {
+        Some(h) => writeln!(
+            s,
+            "head        {} classes via {} (weight {}{}){}",
+            h.classes,
+            h.nodes.join(" -> "),
+            h.weight,
+            h.bias.as_ref().map(|b| format!(", bias {b}")).unwrap_or_default(),
+            h.normalised.as_ref().map(|n| format!(", ends in {n}")).unwrap_or_default()
+        ),
+        None => writeln!(s, "head        none (headless backbone)"),
+    };
+    if let Some(f) = &r.feature {
+        let dim = f.dim.map(|d| d.to_string()).unwrap_or_else(|| "?".into());
+        let _ = writeln!(s, "feature     {} (dim {dim}, {})", f.tensor, f.from);
+    }
+    if !r.candidates.is_empty() {
+        let _ = writeln!(s, "candidates  for --at (shape for one image):");
+        for c in &r.candidates {
+            let shape = c.shape.as_ref().map(|d| format!("{d:?}")).unwrap_or_else(|| "[?]".into());
+            let _ = writeln!(s, "  {:<18} {:<24} {}", shape, c.op, c.tensor);
+        }
+    }
 }

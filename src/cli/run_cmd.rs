@@ -145,23 +145,9 @@ struct RunReport {
 pub fn run(a: Args) -> anyhow::Result<Outcome> {
     let (model, task) = served_model(load::model(&a.model)?, &a)?;
     let (inputs, labels) = read_inputs(&model, &a).with_context(|| a.input.display().to_string())?;
-    let bytes = model.to_bytes();
     let label = a.model.display().to_string();
-    let mut backends: Vec<Box<dyn Backend>> = Vec::new();
-    use RuntimeChoice::*;
-    if matches!(a.runtime, Ort | Both | All) {
-        backends.push(Box::new(OrtSession::on_device(&bytes, &label, a.device)?));
-    }
-    if matches!(a.runtime, Tract | Both | All) {
-        backends.push(Box::new(TractSession::from_bytes(&bytes, &label)?));
-    }
-    if matches!(a.runtime, Candle | All) {
-        let dev = candle_device(a.device)?;
-        let s = CandleSession::new(&model, &dev).with_context(|| format!("{label}: building the training engine"))?;
-        backends.push(Box::new(s));
-    }
     let mut results: Vec<(&'static str, Named)> = Vec::new();
-    for b in &mut backends {
+    for mut b in backends(&model, &a)? {
         let out = b.run(&inputs).with_context(|| format!("running {label} in {}", b.name()))?;
         results.push((b.name(), out));
     }
@@ -185,17 +171,7 @@ pub fn run(a: Args) -> anyhow::Result<Outcome> {
         model: label,
         input: a.input.display().to_string(),
         task,
-        outputs: results
-            .iter()
-            .flat_map(|(rt, outs)| {
-                outs.iter().map(move |(n, t)| OutputRecord {
-                    runtime: rt,
-                    name: n.clone(),
-                    shape: t.shape().to_vec(),
-                    values: t.to_f64_vec(),
-                })
-            })
-            .collect(),
+        outputs: output_records(&results),
         comparisons,
         tolerance: a.tolerance,
         accuracy,
@@ -207,6 +183,40 @@ pub fn run(a: Args) -> anyhow::Result<Outcome> {
         print_text(&report);
     }
     Ok(if agree { Outcome::Ok } else { Outcome::CheckFailed })
+}
+
+/// The runtimes `a.runtime` names, each with `model` loaded.
+fn backends(model: &Model, a: &Args) -> anyhow::Result<Vec<Box<dyn Backend>>> {
+    let bytes = model.to_bytes();
+    let label = a.model.display().to_string();
+    let mut backends: Vec<Box<dyn Backend>> = Vec::new();
+    use RuntimeChoice::*;
+    if matches!(a.runtime, Ort | Both | All) {
+        backends.push(Box::new(OrtSession::on_device(&bytes, &label, a.device)?));
+    }
+    if matches!(a.runtime, Tract | Both | All) {
+        backends.push(Box::new(TractSession::from_bytes(&bytes, &label)?));
+    }
+    if matches!(a.runtime, Candle | All) {
+        let dev = candle_device(a.device)?;
+        let s = CandleSession::new(model, &dev).with_context(|| format!("{label}: building the training engine"))?;
+        backends.push(Box::new(s));
+    }
+    Ok(backends)
+}
+
+fn output_records(results: &[(&'static str, Named)]) -> Vec<OutputRecord> {
+    results
+        .iter()
+        .flat_map(|(rt, outs)| {
+            outs.iter().map(move |(n, t)| OutputRecord {
+                runtime: rt,
+                name: n.clone(),
+                shape: t.shape().to_vec(),
+                values: t.to_f64_vec(),
+            })
+        })
+        .collect()
 }
 
 /// The model `a` asks for: the file itself, or one task of it.

@@ -37,7 +37,7 @@ use candle_core::Tensor;
 pub use ewc::{Ewc, EwcShared, FisherKind};
 pub use lwf::Lwf;
 pub use packnet::{PackNet, SharedParams};
-pub use piggyback::{keeps_backbone_batchnorm, Piggyback};
+pub use piggyback::Piggyback;
 pub use record::Record;
 
 use crate::engine::Engine;
@@ -85,6 +85,10 @@ pub struct Spec {
     /// Whether BatchNorm keeps its recorded statistics by default on a backbone that has it
     /// (the plan's `batchnorm`, see `Plan::for_backbone`).
     pub frozen_batchnorm: bool,
+    /// Whether, with these parameters, nothing in the network trains with batch statistics
+    /// even where the plan's BatchNorm mode is batch (Piggyback's frozen shared parameters):
+    /// then BatchNorm keeps the backbone's recorded statistics, as with `frozen`.
+    pub keeps_recorded_batchnorm: fn(&MethodParams) -> bool,
     /// Training settings the method's paper uses where the plan sets none.
     pub hyper_defaults: fn() -> crate::train::Hyper,
     /// Fills in parameter defaults that depend on whether the backbone has BatchNormalization.
@@ -102,6 +106,7 @@ impl Spec {
             data,
             masked: false,
             frozen_batchnorm: false,
+            keeps_recorded_batchnorm: |_| false,
             hyper_defaults: crate::train::Hyper::default,
             for_backbone: |_, _| {},
             effective: |_| serde_json::json!({}),

@@ -67,6 +67,7 @@ impl Params {
 /// BatchNorm, which measured better than per-task copies on the real sequence.
 pub const SPEC: Spec = Spec {
     masked: true,
+    keeps_recorded_batchnorm: |p| keeps_backbone_batchnorm(&p.piggyback),
     hyper_defaults: || crate::train::Hyper {
         optimizer: Some(crate::train::OptimizerName::Adamw),
         lr: Some(PIGGYBACK_HEAD_LR),
@@ -82,7 +83,7 @@ const SHAPE: &str = "shape";
 
 /// Whether Piggyback, with `p`, leaves the backbone's BatchNorm as recorded (the paper's
 /// default): then nothing in the network trains with batch statistics.
-pub fn keeps_backbone_batchnorm(p: &Params) -> bool {
+fn keeps_backbone_batchnorm(p: &Params) -> bool {
     p.piggyback_shared.unwrap_or(SharedParams::Frozen) == SharedParams::Frozen
 }
 

@@ -232,9 +232,9 @@ impl Plan {
         // never trains) and the backbone trains gently after it (`FROZEN_BN_PROBED_LR`, or
         // Piggyback's masks). Where BatchNorm trains with batch statistics at 0.01, a probed
         // head's larger gradients made things worse on the real sequence (README).
-        let images = p.method.spec().data.inputs == crate::methods::Inputs::Images;
-        let recorded = mode == BatchNormMode::Frozen
-            || (p.method == MethodKind::Piggyback && crate::methods::keeps_backbone_batchnorm(&p.params.piggyback));
+        let spec = p.method.spec();
+        let images = spec.data.inputs == crate::methods::Inputs::Images;
+        let recorded = mode == BatchNormMode::Frozen || (spec.keeps_recorded_batchnorm)(&p.params);
         let probe = if images && bn && recorded { LINEAR_PROBE_EPOCHS } else { 0 };
         p.linear_probe_epochs = Some(p.linear_probe_epochs.unwrap_or(probe));
         // Recalibration is on where BatchNorm trains with batch statistics: there the moving

@@ -89,7 +89,6 @@ impl Optimizer {
         scales: Option<&HashMap<String, f64>>,
     ) -> candle_core::Result<()> {
         self.steps += 1;
-        let wd = self.config.weight_decay;
         for (name, var) in params {
             // Detached: a gradient computed from a Var (a MatMul weight's) carries an op graph,
             // and a momentum buffer built from it would chain every step's buffers together
@@ -103,42 +102,8 @@ impl Optimizer {
             };
             let w = var.as_tensor();
             let update = match self.config.kind {
-                OptimKind::Sgd { momentum, nesterov } => {
-                    let d = if wd != 0.0 { (&g + w.affine(wd, 0.0)?)? } else { g };
-                    let d = if momentum != 0.0 {
-                        let buf = match self.m.get(name) {
-                            Some(b) => (b.affine(momentum, 0.0)? + &d)?,
-                            None => d.clone(),
-                        };
-                        self.m.insert(name.clone(), buf.detach());
-                        if nesterov {
-                            (d + buf.affine(momentum, 0.0)?)?
-                        } else {
-                            buf
-                        }
-                    } else {
-                        d
-                    };
-                    d.affine(lr, 0.0)?
-                }
-                OptimKind::Adamw { beta1, beta2, eps } => {
-                    let m = match self.m.get(name) {
-                        Some(m) => (m.affine(beta1, 0.0)? + g.affine(1.0 - beta1, 0.0)?)?,
-                        None => g.affine(1.0 - beta1, 0.0)?,
-                    };
-                    let v = match self.v.get(name) {
-                        Some(v) => (v.affine(beta2, 0.0)? + g.sqr()?.affine(1.0 - beta2, 0.0)?)?,
-                        None => g.sqr()?.affine(1.0 - beta2, 0.0)?,
-                    };
-                    self.m.insert(name.clone(), m.detach());
-                    self.v.insert(name.clone(), v.detach());
-                    let t = self.steps as i32;
-                    let mhat = m.affine(1.0 / (1.0 - beta1.powi(t)), 0.0)?;
-                    let vhat = v.affine(1.0 / (1.0 - beta2.powi(t)), 0.0)?;
-                    let adam = mhat.div(&(vhat.sqrt()? + eps)?)?;
-                    let adam = if wd != 0.0 { (adam + w.affine(wd, 0.0)?)? } else { adam };
-                    adam.affine(lr, 0.0)?
-                }
+                OptimKind::Sgd { momentum, nesterov } => self.sgd_update(name, g, w, (momentum, nesterov), lr)?,
+                OptimKind::Adamw { beta1, beta2, eps } => self.adamw_update(name, &g, w, (beta1, beta2, eps), lr)?,
             };
             let update = match mask {
                 Some(m) => update.mul(m)?,
@@ -147,6 +112,63 @@ impl Optimizer {
             var.set(&w.sub(&update)?)?;
         }
         Ok(())
+    }
+
+    /// SGD's step for one parameter: weight decay coupled into the gradient, then momentum
+    /// (PyTorch's form: the buffer accumulates gradients, the learning rate scales the result).
+    fn sgd_update(
+        &mut self,
+        name: &str,
+        g: Tensor,
+        w: &Tensor,
+        (momentum, nesterov): (f64, bool),
+        lr: f64,
+    ) -> candle_core::Result<Tensor> {
+        let wd = self.config.weight_decay;
+        let d = if wd != 0.0 { (&g + w.affine(wd, 0.0)?)? } else { g };
+        let d = if momentum != 0.0 {
+            let buf = match self.m.get(name) {
+                Some(b) => (b.affine(momentum, 0.0)? + &d)?,
+                None => d.clone(),
+            };
+            self.m.insert(name.to_string(), buf.detach());
+            if nesterov {
+                (d + buf.affine(momentum, 0.0)?)?
+            } else {
+                buf
+            }
+        } else {
+            d
+        };
+        d.affine(lr, 0.0)
+    }
+
+    /// AdamW's step for one parameter: bias-corrected moments, decoupled weight decay.
+    fn adamw_update(
+        &mut self,
+        name: &str,
+        g: &Tensor,
+        w: &Tensor,
+        (beta1, beta2, eps): (f64, f64, f64),
+        lr: f64,
+    ) -> candle_core::Result<Tensor> {
+        let m = match self.m.get(name) {
+            Some(m) => (m.affine(beta1, 0.0)? + g.affine(1.0 - beta1, 0.0)?)?,
+            None => g.affine(1.0 - beta1, 0.0)?,
+        };
+        let v = match self.v.get(name) {
+            Some(v) => (v.affine(beta2, 0.0)? + g.sqr()?.affine(1.0 - beta2, 0.0)?)?,
+            None => g.sqr()?.affine(1.0 - beta2, 0.0)?,
+        };
+        self.m.insert(name.to_string(), m.detach());
+        self.v.insert(name.to_string(), v.detach());
+        let t = self.steps as i32;
+        let mhat = m.affine(1.0 / (1.0 - beta1.powi(t)), 0.0)?;
+        let vhat = v.affine(1.0 / (1.0 - beta2.powi(t)), 0.0)?;
+        let adam = mhat.div(&(vhat.sqrt()? + eps)?)?;
+        let wd = self.config.weight_decay;
+        let adam = if wd != 0.0 { (adam + w.affine(wd, 0.0)?)? } else { adam };
+        adam.affine(lr, 0.0)
     }
 
     /// Optimizer state for checkpoints: "m/<param>", "v/<param>".
