@@ -518,16 +518,11 @@ impl Engine {
 
     /// The model with every trainable initializer replaced by the engine's current value.
     pub fn export(&self, model: &Model) -> Result<Model, EngineError> {
-        let mut out = model.clone();
-        for t in &mut out.graph_mut().initializer {
-            if let Some(v) = self.params.get(t.name()) {
-                let host = from_candle(v.as_tensor()).map_err(|source| EngineError::Candle {
-                    context: t.name().to_string(),
-                    source: Box::new(source),
-                })?;
-                tensor_proto::refill(t, &host);
-            }
-        }
-        Ok(out)
+        model.with_values(|t| {
+            let Some(v) = self.params.get(t.name()) else { return Ok(None) };
+            let host = from_candle(v.as_tensor())
+                .map_err(|source| EngineError::Candle { context: t.name().to_string(), source: Box::new(source) })?;
+            Ok(Some(host))
+        })
     }
 }

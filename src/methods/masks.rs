@@ -24,9 +24,8 @@ pub fn unpack_bits(bytes: &[u8], n: usize) -> Result<Vec<bool>, TrainError> {
 /// `model` with each named float initializer multiplied by its mask: kept weights are
 /// copied bit for bit, masked ones become +0.
 pub fn apply(model: &Model, masks: &BTreeMap<String, Vec<bool>>) -> Result<Model, TrainError> {
-    let mut out = model.clone();
-    for t in &mut out.graph_mut().initializer {
-        let Some(mask) = masks.get(t.name()) else { continue };
+    model.with_values(|t| {
+        let Some(mask) = masks.get(t.name()) else { return Ok(None) };
         let host = tensor_proto::to_tensor(t).map_err(invalid(format!("masked weight '{}'", t.name())))?;
         let Tensor::F32(mut a) = host else {
             return Err(TrainError::Invalid(format!("masked weight '{}' is not float32", t.name())));
@@ -40,9 +39,8 @@ pub fn apply(model: &Model, masks: &BTreeMap<String, Vec<bool>>) -> Result<Model
             )));
         }
         a.iter_mut().zip(mask).filter(|(_, &keep)| !keep).for_each(|(w, _)| *w = 0.0);
-        tensor_proto::refill(t, &Tensor::F32(a));
-    }
-    Ok(out)
+        Ok(Some(Tensor::F32(a)))
+    })
 }
 
 /// The engine parameters a mask method keeps per task: every shared parameter that is not a
@@ -140,13 +138,7 @@ impl PerTask {
         let Some(row) = self.rows.get(column.map_or(0, |k| k + 1)) else {
             return Err(TrainError::Invalid(format!("per-task parameters: none for task {:?}", column.map(|k| k + 1))));
         };
-        let mut out = model.clone();
-        for t in &mut out.graph_mut().initializer {
-            if let Some(v) = row.get(t.name()) {
-                tensor_proto::refill(t, v);
-            }
-        }
-        Ok(out)
+        model.with_values(|t| Ok(row.get(t.name()).cloned()))
     }
 
     /// `model` as the pack stores it: the backbone's values of the per-task parameters.

@@ -71,6 +71,22 @@ impl Model {
         self.proto.graph.get_or_insert_with(GraphProto::default)
     }
 
+    /// The model with new values for the initializers `value` returns one for (each keeps
+    /// its name and doc string, see `tensor_proto::refill`). Values only: the graph's
+    /// structure changes through `graph::Patch`.
+    pub fn with_values<E>(
+        &self,
+        mut value: impl FnMut(&TensorProto) -> Result<Option<crate::tensor::Tensor>, E>,
+    ) -> Result<Model, E> {
+        let mut out = self.clone();
+        for t in &mut out.graph_mut().initializer {
+            if let Some(v) = value(t)? {
+                super::tensor_proto::refill(t, &v);
+            }
+        }
+        Ok(out)
+    }
+
     pub fn to_bytes(&self) -> Vec<u8> {
         self.proto.encode_to_vec()
     }
