@@ -1,3 +1,5 @@
+//! `mtpack adapt`: the plan from flags or a file, learned into a pack.
+
 use std::path::PathBuf;
 
 use anyhow::Context;

@@ -1,3 +1,5 @@
+//! `mtpack bench`: one scenario learned by every method, the comparison table printed.
+
 use std::path::PathBuf;
 
 use anyhow::Context;

@@ -1,3 +1,5 @@
+//! `mtpack data`: importing datasets into mtpack's format and summarising them.
+
 use std::path::PathBuf;
 
 use anyhow::Context;

@@ -1,3 +1,5 @@
+//! `mtpack export` and `mtpack verify`: the multi-task artifact written and checked.
+
 use std::path::PathBuf;
 
 use super::{print_json, Outcome};

@@ -1,3 +1,5 @@
+//! `mtpack graph`: graph surgery from the command line (cut, heads, merge).
+
 use std::path::PathBuf;
 
 use anyhow::Context;

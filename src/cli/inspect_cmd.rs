@@ -1,3 +1,5 @@
+//! `mtpack inspect`: what a model is made of, and what mtpack would train in it.
+
 use std::fmt::Write as _;
 use std::path::PathBuf;
 

@@ -1,3 +1,5 @@
+//! `mtpack report`: a pack's results, or a bench run's comparison, as a static page and figure.
+
 use std::path::PathBuf;
 
 use anyhow::Context;

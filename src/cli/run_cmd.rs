@@ -1,3 +1,6 @@
+//! `mtpack run`: a model on inputs from a safetensors file, in one runtime or several,
+//! their outputs compared and, given labels, scored.
+
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};

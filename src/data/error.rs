@@ -1,3 +1,5 @@
+//! The data layer's error type: reading, importing and checking task datasets.
+
 use std::path::PathBuf;
 
 use crate::store::StoreError;

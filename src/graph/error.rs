@@ -1,3 +1,5 @@
+//! The graph layer's error type: checks and surgery on a model's graph.
+
 use crate::onnx::OnnxError;
 
 /// Failures of graph checks and surgery. Each names the node or tensor at fault.

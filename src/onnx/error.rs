@@ -1,3 +1,5 @@
+//! The ONNX layer's error type: reading, decoding and writing model files.
+
 use std::path::PathBuf;
 
 /// Failures reading, decoding or writing ONNX models. Each names the file or tensor involved.

@@ -1,3 +1,5 @@
+//! The runtime layer's error type: ONNX Runtime, tract and the engine run as a backend.
+
 use std::path::PathBuf;
 
 /// Failures of the runtimes. Messages name the model, the library or the tensor at fault.
