@@ -17,7 +17,6 @@ use crate::engine::{from_candle, to_candle_on, Engine};
 use crate::graph::cut;
 use crate::onnx::Model;
 use crate::pack::manifest::ProbeRecord;
-use crate::plan::BatchNormMode;
 use crate::tensor::Tensor;
 use crate::train::hyper::{DEFAULT_LR, DEFAULT_MOMENTUM};
 use crate::train::{candle, eval, prefix, train_epoch, EpochEnd, EpochRun, NoHooks, OptimConfig, OptimKind, Optimizer};
@@ -107,16 +106,17 @@ pub fn load_head(engine: &Engine, head: &[(String, Tensor)]) -> Result<(), Adapt
 
 /// The warning for a task that ended below its linear probe: training the backbone made the
 /// task worse than not training it. `None` within a point of the probe. The suggestions leave
-/// out what the run already does: BatchNorm frozen (`batchnorm`), or recalibrated.
+/// out what the run already does: BatchNorm on its recorded statistics (`batch_statistics`
+/// false: frozen, or a method that keeps them), or recalibrated.
 pub fn below_probe(
     task: &str,
     accuracy: f64,
     probe: &ProbeRecord,
-    batchnorm: BatchNormMode,
+    batch_statistics: bool,
     recalibrated: bool,
 ) -> Option<String> {
     let mut tries = vec!["--method feature-extract"];
-    if batchnorm == BatchNormMode::Batch {
+    if batch_statistics {
         tries.push("--batchnorm frozen");
         if !recalibrated {
             tries.push("--bn-recalibrate on");
@@ -141,15 +141,15 @@ mod tests {
     #[test]
     fn a_task_below_its_probe_is_warned_about_naming_the_flags_not_yet_set() {
         let probe = ProbeRecord { epochs: 10, accuracy: 0.65, train_accuracy: 0.9, seconds: 1.0 };
-        let w = below_probe("flowers", 0.36, &probe, BatchNormMode::Batch, false).unwrap();
+        let w = below_probe("flowers", 0.36, &probe, true, false).unwrap();
         assert!(w.contains("'flowers'") && w.contains("0.360") && w.contains("0.650"), "{w}");
         assert!(w.contains("--method feature-extract") && w.contains("--batchnorm frozen"), "{w}");
         assert!(w.contains("--bn-recalibrate on"), "{w}");
-        let w = below_probe("flowers", 0.36, &probe, BatchNormMode::Batch, true).unwrap();
+        let w = below_probe("flowers", 0.36, &probe, true, true).unwrap();
         assert!(!w.contains("--bn-recalibrate"), "{w}");
-        let w = below_probe("flowers", 0.36, &probe, BatchNormMode::Frozen, false).unwrap();
+        let w = below_probe("flowers", 0.36, &probe, false, false).unwrap();
         assert!(!w.contains("--batchnorm frozen") && !w.contains("--bn-recalibrate") && w.contains("--lr"), "{w}");
-        let at = |a| below_probe("flowers", a, &probe, BatchNormMode::Batch, false);
+        let at = |a| below_probe("flowers", a, &probe, true, false);
         assert_eq!(at(0.645), None, "within a point of the probe");
         assert_eq!(at(0.8), None);
     }

@@ -328,7 +328,7 @@ impl Runner<'_> {
         // Frozen statistics are the recorded ones in training too: nothing to match, and
         // recalibrating would replace them (a BatchNorm whose scale trains keeps its running
         // statistics as engine state in either mode).
-        if self.plan.batchnorm_mode() == crate::plan::BatchNormMode::Batch {
+        if self.plan.trains_batch_statistics() {
             engine.recalibrate_batchnorm(train.0, train.1, batch).map_err(TrainError::from)?;
         }
         let start = engine.export(model).map_err(TrainError::from)?;
@@ -509,7 +509,7 @@ impl Runner<'_> {
                 name,
                 accuracy,
                 probe,
-                self.plan.batchnorm_mode(),
+                self.plan.trains_batch_statistics(),
                 rec.batchnorm_recalibrated.is_some(),
             ) {
                 eprintln!("{warning}");

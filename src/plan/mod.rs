@@ -232,9 +232,8 @@ impl Plan {
         // never trains) and the backbone trains gently after it (`FROZEN_BN_PROBED_LR`, or
         // Piggyback's masks). Where BatchNorm trains with batch statistics at 0.01, a probed
         // head's larger gradients made things worse on the real sequence (README).
-        let spec = p.method.spec();
-        let images = spec.data.inputs == crate::methods::Inputs::Images;
-        let recorded = mode == BatchNormMode::Frozen || (spec.keeps_recorded_batchnorm)(&p.params);
+        let images = p.method.spec().data.inputs == crate::methods::Inputs::Images;
+        let recorded = !p.trains_batch_statistics();
         let probe = if images && bn && recorded { LINEAR_PROBE_EPOCHS } else { 0 };
         p.linear_probe_epochs = Some(p.linear_probe_epochs.unwrap_or(probe));
         // Recalibration is on where BatchNorm trains with batch statistics: there the moving
@@ -250,6 +249,12 @@ impl Plan {
     /// The BatchNorm mode in effect (batch where `for_backbone` has not decided).
     pub fn batchnorm_mode(&self) -> BatchNormMode {
         self.batchnorm.unwrap_or_default()
+    }
+
+    /// Whether BatchNorm trains with batch statistics: the mode is batch and the method does
+    /// not keep the recorded statistics anyway (Piggyback's frozen shared parameters).
+    pub fn trains_batch_statistics(&self) -> bool {
+        self.batchnorm_mode() == BatchNormMode::Batch && !(self.method.spec().keeps_recorded_batchnorm)(&self.params)
     }
 
     /// Task `t`'s settings: its own over the plan's defaults over the method's.
@@ -460,6 +465,11 @@ mod tests {
         own.params.piggyback.piggyback_shared = Some(crate::methods::SharedParams::PerTask);
         let own = own.for_backbone(&bn);
         assert_eq!((own.linear_probe_epochs, own.bn_recalibrate), (Some(0), Some(true)));
+        // Whether BatchNorm trains with batch statistics (what the below-probe warning and
+        // the probe's recalibration go by): not for Piggyback's default, despite mode batch.
+        assert_eq!(pb.batchnorm_mode(), BatchNormMode::Batch);
+        assert!(!pb.trains_batch_statistics() && own.trains_batch_statistics());
+        assert!(ft.trains_batch_statistics() && !frozen_ft.trains_batch_statistics() && !lwf.trains_batch_statistics());
         // Resolving twice changes nothing (a resumed pack's plan is already resolved).
         assert_eq!(lwf.for_backbone(&bn), lwf);
     }
