@@ -104,20 +104,7 @@ pub fn agreement_reference(
     let x = head_rows(&first.test_x, AGREEMENT_IMAGES);
     let original = Model::load(&pack.backbone())?;
     let out = eval::run_batched(&original, &b.record.input, &own.output, &x, eval::eval_batch(&x))?;
-    Ok(Some((x, argmax_rows(&out)?)))
-}
-
-fn argmax_rows(t: &Tensor) -> Result<Vec<i64>, TrainError> {
-    let Tensor::F32(a) = t else { return Err(TrainError::Invalid("logits must be float32".into())) };
-    let k = a.shape().get(1).copied().unwrap_or(1).max(1);
-    let flat: Vec<f32> = a.iter().copied().collect();
-    Ok(flat
-        .chunks(k)
-        .map(|r| {
-            r.iter().enumerate().fold((0usize, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0
-                as i64
-        })
-        .collect())
+    Ok(Some((x, eval::argmax_rows(&out)?)))
 }
 
 fn head_names(task: &str) -> (String, BTreeSet<String>) {

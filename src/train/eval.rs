@@ -75,19 +75,22 @@ fn rows(x: &Tensor, start: usize, end: usize) -> Result<Tensor, TrainError> {
 
 /// Fraction of rows of `logits` [N, K] whose argmax is the label.
 pub fn accuracy(logits: &Tensor, y: &[i64]) -> Result<f64, TrainError> {
+    let right = argmax_rows(logits)?.iter().zip(y).filter(|(p, l)| p == l).count();
+    Ok(right as f64 / y.len().max(1) as f64)
+}
+
+/// The argmax of each row of `logits` [N, K] (the first of equal maxima).
+pub fn argmax_rows(logits: &Tensor) -> Result<Vec<i64>, TrainError> {
     let Tensor::F32(a) = logits else { return Err(TrainError::Invalid("logits must be float32".into())) };
     let k = a.shape().get(1).copied().unwrap_or(0).max(1);
     let flat: Vec<f32> = a.iter().copied().collect();
-    let right = flat
+    Ok(flat
         .chunks(k)
-        .zip(y)
-        .filter(|(row, &l)| {
-            let best =
-                row.iter().enumerate().fold((0usize, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b });
-            best.0 as i64 == l
+        .map(|row| {
+            row.iter().enumerate().fold((0usize, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0
+                as i64
         })
-        .count();
-    Ok(right as f64 / y.len().max(1) as f64)
+        .collect())
 }
 
 /// Held-out accuracy of the engine's current weights, measured by ONNX Runtime on `model`
