@@ -6,7 +6,10 @@
 //! - inference in ONNX Runtime and in tract, images/s
 //! - head-only training on features cached from the frozen prefix, images/s
 //!
-//! Ratios are against ONNX Runtime inference measured in the same run. With
+//! Ratios are against ONNX Runtime inference measured in the same run. Each training row
+//! also gives its arithmetic rate: 3x the forward pass's Conv/MatMul/Gemm FLOPs (forward,
+//! input gradient, weight gradient) per image times images/s, as a share of this CPU's f32
+//! peak, itself measured in the run by register-only fused multiply-adds on every thread. With
 //! MTPACK_BENCH_PYTORCH naming a Python that has torch, the same model, batch and optimizer
 //! in PyTorch (scripts/pytorch_baseline.py; for the ViT scripts/pytorch_vit_baseline.py, which
 //! also needs transformers and onnx: the same Dinov2 architecture the ONNX file was exported
@@ -60,16 +63,35 @@ fn per_second(images: usize, f: impl FnMut()) -> f64 {
 
 fn main() {
     mtpack::alloc::tune_for_training();
+    let peak = peak::f32_gflops();
+    println!(
+        "f32 peak of this CPU, measured: {:.1} GFLOP/s ({} fused multiply-adds, {} threads)",
+        peak.gflops,
+        peak.isa,
+        rayon::current_num_threads()
+    );
+    println!();
     // PyTorch first, while this process has started no thread pools of its own: measured
     // after them, PyTorch ran ~40% slower here than on a quiet machine.
     let torch = pytorch();
     let torch_vit = pytorch_vit();
-    mobilenetv2(torch);
+    mobilenetv2(torch, peak.gflops);
     println!();
-    vit(torch_vit);
+    vit(torch_vit, peak.gflops);
 }
 
-fn mobilenetv2(torch: Option<(f64, f64, String)>) {
+/// "GFLOP/s (percent of peak)" of a training rate, counting 3x the forward FLOPs per image.
+fn arithmetic(images_per_second: f64, forward_flops_per_image: f64, peak: f64) -> String {
+    let gflops = images_per_second * 3.0 * forward_flops_per_image / 1e9;
+    format!("{gflops:.1} ({:.0}%)", 100.0 * gflops / peak)
+}
+
+/// Forward FLOPs per image of `model` on `input` (a batch), from ONNX Runtime's shapes.
+fn flops_per_image(model: &Model, input: &[(String, Tensor)], batch: usize) -> f64 {
+    mtpack::runtime::probe::forward_flops(model, input).expect("FLOP count") / batch as f64
+}
+
+fn mobilenetv2(torch: Option<(f64, f64, String)>, peak: f64) {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/models/mobilenetv2_imagenet.onnx");
     let backbone = Model::load(&path).expect("MobileNetV2: run scripts/fetch.sh first");
     let model =
@@ -109,22 +131,32 @@ fn mobilenetv2(torch: Option<(f64, f64, String)>) {
         hopt.step(head.params(), &g, 0.01, &Default::default()).expect("step");
     });
 
+    let flops = flops_per_image(&model, &input, BATCH);
     println!(
-        "MobileNetV2 (ImageNet), input 3x64x64, batch {BATCH}, {} threads, {} trainable tensors",
+        "MobileNetV2 (ImageNet), input 3x64x64, batch {BATCH}, {} threads, {} trainable tensors, {:.3} GFLOP per image forward",
         rayon::current_num_threads(),
-        trainable
+        trainable,
+        flops / 1e9
     );
     println!();
-    println!("| what | images/s | ratio to ONNX Runtime inference |");
-    println!("|---|---:|---:|");
-    println!("| ONNX Runtime inference (baseline) | {ort_ips:.1} | 1.000 |");
-    println!("| tract inference | {tract_ips:.1} | {:.3} |", tract_ips / ort_ips);
-    println!("| candle training step, all weights (fwd+bwd+SGD) | {train_ips:.1} | {:.3} |", train_ips / ort_ips);
-    println!("| ONNX Runtime frozen prefix (once per image) | {prefix_ips:.1} | {:.3} |", prefix_ips / ort_ips);
-    println!("| candle head-only training step on cached features | {head_ips:.1} | {:.3} |", head_ips / ort_ips);
+    println!("| what | images/s | ratio to ONNX Runtime inference | training GFLOP/s (share of peak) |");
+    println!("|---|---:|---:|---:|");
+    println!("| ONNX Runtime inference (baseline) | {ort_ips:.1} | 1.000 | |");
+    println!("| tract inference | {tract_ips:.1} | {:.3} | |", tract_ips / ort_ips);
+    println!(
+        "| candle training step, all weights (fwd+bwd+SGD) | {train_ips:.1} | {:.3} | {} |",
+        train_ips / ort_ips,
+        arithmetic(train_ips, flops, peak)
+    );
+    println!("| ONNX Runtime frozen prefix (once per image) | {prefix_ips:.1} | {:.3} | |", prefix_ips / ort_ips);
+    println!("| candle head-only training step on cached features | {head_ips:.1} | {:.3} | |", head_ips / ort_ips);
     if let Some((train, infer, version)) = torch {
-        println!("| PyTorch {version} training step, train() (fwd+bwd+SGD) | {train:.1} | {:.3} |", train / ort_ips);
-        println!("| PyTorch {version} inference, eval() | {infer:.1} | {:.3} |", infer / ort_ips);
+        println!(
+            "| PyTorch {version} training step, train() (fwd+bwd+SGD) | {train:.1} | {:.3} | {} |",
+            train / ort_ips,
+            arithmetic(train, flops, peak)
+        );
+        println!("| PyTorch {version} inference, eval() | {infer:.1} | {:.3} | |", infer / ort_ips);
         println!();
         println!("mtpack training / PyTorch training: {:.2}x", train_ips / train);
         println!("ONNX Runtime inference / PyTorch inference: {:.2}x", ort_ips / infer);
@@ -136,7 +168,7 @@ const VIT_AT: &str = "/backbone/layernorm/Add_1_output_0";
 
 /// The ViT-S/14 encoder as `mtpack adapt --at VIT_AT --pool cls` trains it: weights made by
 /// nodes folded, cut at the final LayerNorm, class token, a new 10-class head.
-fn vit(torch: Option<(f64, f64, String)>) {
+fn vit(torch: Option<(f64, f64, String)>, peak: f64) {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/models/vit_s14_focus.onnx");
     let loaded = Model::load(&path).expect("ViT-S/14: run scripts/fetch.sh first");
     let (folded, _) = mtpack::graph::materialize::weights_from_nodes(&loaded).expect("fold");
@@ -153,19 +185,29 @@ fn vit(torch: Option<(f64, f64, String)>) {
         ort.run(&input).expect("ort run");
     });
     let (train_ips, trainable) = training_rate(&model, "input_image", &x, &y, VIT_BATCH);
+    let flops = flops_per_image(&model, &input, VIT_BATCH);
     println!(
-        "ViT-S/14 encoder (cut at its final LayerNorm, class token), input 3x224x224, batch {VIT_BATCH}, {} threads, {} trainable tensors",
+        "ViT-S/14 encoder (cut at its final LayerNorm, class token), input 3x224x224, batch {VIT_BATCH}, {} threads, {} trainable tensors, {:.2} GFLOP per image forward",
         rayon::current_num_threads(),
-        trainable
+        trainable,
+        flops / 1e9
     );
     println!();
-    println!("| what | images/s | ratio to ONNX Runtime inference |");
-    println!("|---|---:|---:|");
-    println!("| ONNX Runtime inference (baseline) | {ort_ips:.2} | 1.000 |");
-    println!("| candle training step, all weights (fwd+bwd+SGD) | {train_ips:.2} | {:.3} |", train_ips / ort_ips);
+    println!("| what | images/s | ratio to ONNX Runtime inference | training GFLOP/s (share of peak) |");
+    println!("|---|---:|---:|---:|");
+    println!("| ONNX Runtime inference (baseline) | {ort_ips:.2} | 1.000 | |");
+    println!(
+        "| candle training step, all weights (fwd+bwd+SGD) | {train_ips:.2} | {:.3} | {} |",
+        train_ips / ort_ips,
+        arithmetic(train_ips, flops, peak)
+    );
     if let Some((train, infer, version)) = torch {
-        println!("| PyTorch {version} training step (fwd+bwd+SGD) | {train:.2} | {:.3} |", train / ort_ips);
-        println!("| PyTorch {version} inference, eval() | {infer:.2} | {:.3} |", infer / ort_ips);
+        println!(
+            "| PyTorch {version} training step (fwd+bwd+SGD) | {train:.2} | {:.3} | {} |",
+            train / ort_ips,
+            arithmetic(train, flops, peak)
+        );
+        println!("| PyTorch {version} inference, eval() | {infer:.2} | {:.3} | |", infer / ort_ips);
         println!();
         println!("mtpack training / PyTorch training (ViT): {:.2}x", train_ips / train);
     }
@@ -224,4 +266,97 @@ fn baseline(script: &str, model: &std::path::Path) -> Option<(f64, f64, String)>
         v["inference_images_per_second"].as_f64()?,
         v["torch"].as_str()?.to_string(),
     ))
+}
+
+/// The CPU's f32 arithmetic peak, measured rather than computed from a nominal clock (which
+/// a virtual machine does not report reliably).
+mod peak {
+    use std::time::Instant;
+
+    pub struct Peak {
+        pub gflops: f64,
+        pub isa: &'static str,
+    }
+
+    /// Independent accumulators per thread: enough to cover the FMA latency on two ports.
+    const ACCUMULATORS: usize = 12;
+    const ITERATIONS: u64 = 40_000_000;
+
+    /// Every pool thread at once runs ITERATIONS rounds of ACCUMULATORS vector FMAs.
+    pub fn f32_gflops() -> Peak {
+        let (isa, lanes) = widest();
+        let t = Instant::now();
+        let sums: Vec<f32> = rayon::broadcast(|_| run(isa));
+        std::hint::black_box(sums);
+        let flops = rayon::current_num_threads() as f64 * ITERATIONS as f64 * (ACCUMULATORS * lanes * 2) as f64;
+        Peak { gflops: flops / t.elapsed().as_secs_f64() / 1e9, isa }
+    }
+
+    fn widest() -> (&'static str, usize) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                return ("AVX-512", 16);
+            }
+            if std::arch::is_x86_feature_detected!("fma") {
+                return ("AVX2", 8);
+            }
+        }
+        ("scalar", 1)
+    }
+
+    fn run(isa: &str) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        {
+            // SAFETY: each is called only where `widest` found the CPU feature it enables.
+            match isa {
+                "AVX-512" => return unsafe { x86::avx512() },
+                "AVX2" => return unsafe { x86::avx2() },
+                _ => {}
+            }
+        }
+        let mut acc = [0f32; ACCUMULATORS];
+        for _ in 0..ITERATIONS {
+            for a in acc.iter_mut() {
+                *a = a.mul_add(0.999_999, 1e-7);
+            }
+        }
+        acc.iter().sum()
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    mod x86 {
+        use super::{ACCUMULATORS, ITERATIONS};
+        use std::arch::x86_64::*;
+
+        #[target_feature(enable = "avx512f")]
+        pub unsafe fn avx512() -> f32 {
+            let (a, b) = (_mm512_set1_ps(0.999_999), _mm512_set1_ps(1e-7));
+            let mut acc = [_mm512_setzero_ps(); ACCUMULATORS];
+            for _ in 0..ITERATIONS {
+                for r in acc.iter_mut() {
+                    *r = _mm512_fmadd_ps(*r, a, b);
+                }
+            }
+            let s = acc.iter().fold(_mm512_setzero_ps(), |s, &r| _mm512_add_ps(s, r));
+            let mut out = [0f32; 16];
+            _mm512_storeu_ps(out.as_mut_ptr(), s);
+            out.iter().sum()
+        }
+
+        #[target_feature(enable = "avx2,fma")]
+        pub unsafe fn avx2() -> f32 {
+            let (a, b) = (_mm256_set1_ps(0.999_999), _mm256_set1_ps(1e-7));
+            let mut acc = [_mm256_setzero_ps(); ACCUMULATORS];
+            for _ in 0..ITERATIONS {
+                for r in acc.iter_mut() {
+                    *r = _mm256_fmadd_ps(*r, a, b);
+                }
+            }
+            let s = acc.iter().fold(_mm256_setzero_ps(), |s, &r| _mm256_add_ps(s, r));
+            let mut out = [0f32; 8];
+            _mm256_storeu_ps(out.as_mut_ptr(), s);
+            out.iter().sum()
+        }
+    }
 }

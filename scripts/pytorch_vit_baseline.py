@@ -12,7 +12,8 @@ onnxruntime is installed (printed as "max_abs_diff_vs_onnx"), so the two sides r
 network.
 
 Prints one JSON line: {"train_images_per_second", "inference_images_per_second", "threads",
-"torch", "max_abs_diff_vs_onnx"}. Needs torch, transformers, onnx (and optionally onnxruntime).
+"torch", "max_abs_diff_vs_onnx"}. Needs torch, transformers 4.x (5.0 renamed the Dinov2 attention
+weights), onnx (and optionally onnxruntime).
 Usage: pytorch_vit_baseline.py ONNX STEPS THREADS
 """
 import json

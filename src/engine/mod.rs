@@ -137,17 +137,28 @@ fn running_statistics(g: &crate::onnx::pb::GraphProto, trainable: &dyn Fn(&str) 
 }
 
 /// One step per node, in graph order, with BatchNormalization + clamp pairs whose
-/// parameters are `fixed` fused into one step.
+/// parameters are `fixed` fused into one step, and written-out LayerNorm and GELU chains
+/// each fused into one step at their last node.
 fn build_steps(
     g: &crate::onnx::pb::GraphProto,
     ctx: &registry::BuildCtx,
     fixed: &dyn Fn(&str) -> bool,
 ) -> Result<Vec<Step>, EngineError> {
     let folded = fuse::batch_norm_clamps(g, ctx.opset, fixed);
-    let folded_away: HashSet<usize> = folded.values().map(|f| f.clamp_node).collect();
+    let chains = fuse::written_out(&fuse::View::new(g), ctx.opset, fixed);
+    let chain_at: HashMap<usize, &fuse::Chain> = chains.iter().map(|c| (c.last, c)).collect();
+    let folded_away: HashSet<usize> = folded
+        .values()
+        .map(|f| f.clamp_node)
+        .chain(chains.iter().flat_map(|c| c.nodes.iter().copied().filter(|&i| i != c.last)))
+        .collect();
     let mut steps = Vec::with_capacity(g.node.len());
     for (idx, n) in g.node.iter().enumerate() {
         if folded_away.contains(&idx) {
+            continue;
+        }
+        if let Some(chain) = chain_at.get(&idx) {
+            steps.push(chain_step(g, chain, n));
             continue;
         }
         let mut step = Step {
@@ -174,6 +185,23 @@ fn build_steps(
         steps.push(step);
     }
     Ok(steps)
+}
+
+/// The step of a fused chain, labelled by its first and last nodes, producing `last`'s outputs.
+fn chain_step(g: &crate::onnx::pb::GraphProto, chain: &fuse::Chain, last: &crate::onnx::pb::NodeProto) -> Step {
+    let first = chain.nodes.first().and_then(|&i| g.node.get(i)).map(node_label).unwrap_or_default();
+    let (op, op_type): (Box<dyn registry::Op>, &str) = match chain.kind {
+        fuse::Kind::LayerNorm { eps } => (ops::layer_norm_op(-1, eps), "LayerNorm (written out)"),
+        fuse::Kind::Gelu => (ops::gelu_op(false), "Gelu (written out)"),
+    };
+    Step {
+        running: None,
+        label: format!("{first}..{}", node_label(last)),
+        op_type: op_type.to_string(),
+        inputs: chain.inputs.iter().map(|i| Some(i.clone())).collect(),
+        outputs: last.output.clone(),
+        op,
+    }
 }
 
 /// The initializers on `device`: float ones that `trains` are parameters (candle `Var`s),

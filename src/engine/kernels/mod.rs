@@ -8,6 +8,7 @@ pub mod conv2d;
 mod depthwise;
 pub mod pointwise;
 pub mod pool2d;
+pub mod rows;
 
 use std::mem::MaybeUninit;
 
@@ -19,11 +20,19 @@ pub trait Real:
     num_traits::Float + std::iter::Sum + Send + Sync + Default + std::ops::AddAssign + 'static + std::fmt::Debug
 {
     fn real(v: f64) -> Self;
+    /// The error function: to full precision in f64 (gradient checks), by a rational
+    /// approximation within a few float32 ulps in f32 (GELU's hot loop).
+    fn erf(self) -> Self;
 }
 
 impl Real for f32 {
     fn real(v: f64) -> Self {
         v as f32
+    }
+
+    #[inline(always)]
+    fn erf(self) -> Self {
+        erf_f32(self)
     }
 }
 
@@ -31,6 +40,35 @@ impl Real for f64 {
     fn real(v: f64) -> Self {
         v
     }
+
+    fn erf(self) -> Self {
+        candle_core::cpu::erf::erf_f64(self)
+    }
+}
+
+/// erf(x) in float32 as the ratio of an odd degree-13 and an even degree-8 polynomial on
+/// [-4, 4] (beyond, erf is 1 to float32 precision): no branch and no library call, so the
+/// loop around it vectorises.
+#[inline(always)]
+#[allow(clippy::excessive_precision)]
+fn erf_f32(v: f32) -> f32 {
+    let x = v.clamp(-4.0, 4.0);
+    let x2 = x * x;
+    let mut p = x2 * -2.726_142_258_013_06e-10 + 2.770_681_428_959_02e-08;
+    for a in [
+        -2.101_024_020_825_08e-06,
+        -5.692_506_394_623_46e-05,
+        -7.349_906_303_268_55e-04,
+        -2.954_599_808_540_25e-03,
+        -1.609_603_332_624_15e-02,
+    ] {
+        p = p * x2 + a;
+    }
+    let mut q = x2 * -1.456_607_184_649_96e-05 + -2.133_740_552_789_05e-04;
+    for b in [-1.682_826_974_382_03e-03, -7.373_329_167_204_68e-03, -1.426_473_905_141_89e-02] {
+        q = q * x2 + b;
+    }
+    x * p / q
 }
 
 /// The contiguous slice of a storage for a layout; kernels require contiguous inputs.
@@ -269,6 +307,15 @@ unsafe fn gemm_raw<T: Real>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn float32_erf_is_within_a_few_ulps() {
+        let worst = (-6000..=6000)
+            .map(|i| i as f64 * 1e-3)
+            .map(|x| (erf_f32(x as f32) as f64 - candle_core::cpu::erf::erf_f64(x)).abs())
+            .fold(0.0, f64::max);
+        assert!(worst < 4e-7, "largest error {worst}");
+    }
 
     #[test]
     fn lane_sums_match_serial_sums() {

@@ -1,10 +1,11 @@
-//! Clip (ReLU6, HardSigmoid's clamp) as one pass each way; as a composite of candle's
-//! maximum/minimum it costs two passes and buffers forward and four backward.
+//! Element-wise activations as one pass each way: Clip (ReLU6, HardSigmoid's clamp), which
+//! as a composite of candle's maximum/minimum costs two passes and buffers forward and four
+//! backward, and GELU, which transformers export as five ops (Div, Erf, Add, Mul, Mul).
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{slice, Real};
+use super::{par_written, simd, slice, write_front, Real};
 
 /// Clamp to [lo, hi]; the gradient passes where lo < x < hi.
 #[derive(Clone, Copy, Debug)]
@@ -89,6 +90,105 @@ pub fn clamp(x: &Tensor, lo: f64, hi: f64) -> candle_core::Result<Tensor> {
     x.contiguous()?.apply_op1(Clamp { lo, hi })
 }
 
+/// GELU, x * Phi(x) with Phi the standard normal CDF, exactly (through erf) or by the tanh
+/// approximation.
+#[derive(Clone, Copy, Debug)]
+pub struct Gelu {
+    pub tanh: bool,
+}
+
+const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
+const TANH_CUBIC: f64 = 0.044_715;
+
+impl Gelu {
+    /// (gelu(x), d gelu / dx).
+    #[inline(always)]
+    fn eval<T: Real>(&self, x: T) -> (T, T) {
+        let half = T::real(0.5);
+        if self.tanh {
+            let (c, k) = (T::real(SQRT_2_OVER_PI), T::real(TANH_CUBIC));
+            let t = (c * x * (T::one() + k * x * x)).tanh();
+            let dt = (T::one() - t * t) * c * (T::one() + T::real(3.0) * k * x * x);
+            (half * x * (T::one() + t), half * (T::one() + t) + half * x * dt)
+        } else {
+            let cdf = half * (T::one() + (x * T::real(std::f64::consts::FRAC_1_SQRT_2)).erf());
+            let pdf = (-half * x * x).exp() * T::real(0.398_942_280_401_432_7);
+            (x * cdf, cdf + x * pdf)
+        }
+    }
+
+    fn forward<T: Real>(&self, x: &[T]) -> Vec<T> {
+        // SAFETY: each chunk writes one value per input element of its range.
+        unsafe {
+            par_written(x.len(), 4096, |i, out| simd(|| write_front(out, x[i * 4096..].iter(), |&v| self.eval(v).0)))
+        }
+    }
+}
+
+impl CustomOp1 for Gelu {
+    fn name(&self) -> &'static str {
+        "mtpack-gelu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let shape = l.shape().clone();
+        match s {
+            CpuStorage::F32(_) => Ok((CpuStorage::F32(self.forward(slice::<f32>(s, l)?)), shape)),
+            CpuStorage::F64(_) => Ok((CpuStorage::F64(self.forward(slice::<f64>(s, l)?)), shape)),
+            _ => Err(candle_core::Error::Msg("mtpack-gelu supports float32 and float64 only".into())),
+        }
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(x.apply_op2_no_bwd(&dy.contiguous()?, &GeluGrad(*self))?))
+    }
+}
+
+/// (x, dy) -> dy * gelu'(x).
+#[derive(Clone, Copy, Debug)]
+struct GeluGrad(Gelu);
+
+impl GeluGrad {
+    fn pass<T: Real>(&self, x: &[T], dy: &[T]) -> Vec<T> {
+        // SAFETY: each chunk writes one value per input element of its range.
+        unsafe {
+            par_written(x.len(), 4096, |i, out| {
+                let items = x[i * 4096..].iter().zip(&dy[i * 4096..]);
+                simd(|| write_front(out, items, |(&v, &d)| d * self.0.eval(v).1))
+            })
+        }
+    }
+}
+
+impl candle_core::CustomOp2 for GeluGrad {
+    fn name(&self) -> &'static str {
+        "mtpack-gelu-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let shape = l1.shape().clone();
+        if l2.shape() != l1.shape() {
+            return Err(candle_core::Error::Msg("mtpack-gelu-grad: x and dy shapes differ".into()));
+        }
+        match s1 {
+            CpuStorage::F32(_) => Ok((CpuStorage::F32(self.pass::<f32>(slice(s1, l1)?, slice(s2, l2)?)), shape)),
+            CpuStorage::F64(_) => Ok((CpuStorage::F64(self.pass::<f64>(slice(s1, l1)?, slice(s2, l2)?)), shape)),
+            _ => Err(candle_core::Error::Msg("mtpack-gelu supports float32 and float64 only".into())),
+        }
+    }
+}
+
+/// Differentiable GELU, one pass each way.
+pub fn gelu(x: &Tensor, tanh: bool) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op1(Gelu { tanh })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -99,5 +199,26 @@ mod tests {
     fn clamp_gradient() {
         let x = seeded(&[4, 7], 6, DType::F64);
         check_gradients(&[x], |v| clamp(&v[0], -0.4, 0.3), 1e-6).unwrap();
+    }
+
+    #[test]
+    fn gelu_values_and_gradients() {
+        let x = (seeded(&[5, 9], 7, DType::F64) * 3.0).unwrap();
+        for tanh in [false, true] {
+            let y: Vec<f64> = gelu(&x, tanh).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let want: Vec<f64> =
+                if tanh { x.gelu() } else { x.gelu_erf() }.unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            for (a, b) in y.iter().zip(&want) {
+                assert!((a - b).abs() < 1e-12, "{a} vs {b} (tanh {tanh})");
+            }
+            check_gradients(std::slice::from_ref(&x), |v| gelu(&v[0], tanh), 1e-6).unwrap();
+        }
+        // float32 through the rational erf stays within float32 rounding of the exact value.
+        let x32 = x.to_dtype(DType::F32).unwrap();
+        let y32: Vec<f32> = gelu(&x32, false).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let exact: Vec<f64> = x.gelu_erf().unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        for (a, b) in y32.iter().zip(&exact) {
+            assert!((*a as f64 - b).abs() < 2e-6 * (1.0 + b.abs()), "{a} vs {b}");
+        }
     }
 }

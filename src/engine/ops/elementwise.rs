@@ -3,6 +3,7 @@
 use candle_core::{DType, Tensor};
 
 use super::{axis, opt, req, scalar, unify};
+use crate::engine::kernels::rows::{row_broadcast, RowOp};
 use crate::engine::registry::{BuildCtx, FnOp, Op, OpSpec, Registry};
 use crate::engine::EngineError;
 use crate::onnx::attr;
@@ -11,9 +12,9 @@ use crate::onnx::pb::NodeProto;
 type Res = Result<Box<dyn Op>, EngineError>;
 
 pub fn register(r: &mut Registry) {
-    r.insert("Add", OpSpec::new(2, 2, |_, _| binary(|a, b| a.broadcast_add(b))));
+    r.insert("Add", OpSpec::new(2, 2, |_, _| binary(|a, b| row_or_broadcast(a, b, RowOp::Add))));
     r.insert("Sub", OpSpec::new(2, 2, |_, _| binary(|a, b| a.broadcast_sub(b))));
-    r.insert("Mul", OpSpec::new(2, 2, |_, _| binary(|a, b| a.broadcast_mul(b))));
+    r.insert("Mul", OpSpec::new(2, 2, |_, _| binary(|a, b| row_or_broadcast(a, b, RowOp::Mul))));
     r.insert("Div", OpSpec::new(2, 2, |_, _| binary(|a, b| a.broadcast_div(b))));
     r.insert("Relu", OpSpec::new(1, 1, |_, _| unary(|a| a.relu())));
     r.insert("Sigmoid", OpSpec::new(1, 1, |_, _| unary(sigmoid)));
@@ -40,6 +41,21 @@ fn binary(f: fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>) -> Res {
         let (a, b) = unify(req(x, 0)?, req(x, 1)?)?;
         Ok(vec![f(&a, &b)?])
     })))
+}
+
+/// A vector along the other operand's last axis (either side: exporters write both
+/// `Add(bias, MatMul)` and `Add(MatMul, bias)`) through the row kernel, else broadcasting.
+fn row_or_broadcast(a: &Tensor, b: &Tensor, op: RowOp) -> candle_core::Result<Tensor> {
+    if let Some(y) = row_broadcast(a, b, op)? {
+        return Ok(y);
+    }
+    if let Some(y) = row_broadcast(b, a, op)? {
+        return Ok(y);
+    }
+    match op {
+        RowOp::Add => a.broadcast_add(b),
+        RowOp::Mul => a.broadcast_mul(b),
+    }
 }
 
 fn unary(f: fn(&Tensor) -> candle_core::Result<Tensor>) -> Res {
@@ -123,16 +139,23 @@ fn build_hard_sigmoid(node: &NodeProto, _: &BuildCtx) -> Res {
 
 fn build_gelu(node: &NodeProto, _: &BuildCtx) -> Res {
     let tanh = attr::string(node, "approximate")?.is_some_and(|s| s == "tanh");
-    Ok(Box::new(FnOp(move |x: &[Option<Tensor>]| {
+    Ok(gelu_op(tanh))
+}
+
+/// GELU on its one input; also the step a written-out GELU is fused into.
+pub(crate) fn gelu_op(tanh: bool) -> Box<dyn Op> {
+    Box::new(FnOp(move |x: &[Option<Tensor>]| {
         let a = req(x, 0)?;
-        let y = if tanh {
+        let y = if a.device().is_cpu() && matches!(a.dtype(), DType::F32 | DType::F64) {
+            crate::engine::kernels::pointwise::gelu(a, tanh)?
+        } else if tanh {
             a.gelu()?
         } else {
             // x * 0.5 * (1 + erf(x / sqrt(2)))
             a.mul(&(a.affine(std::f64::consts::FRAC_1_SQRT_2, 0.0)?.erf()? + 1.0)?.affine(0.5, 0.0)?)?
         };
         Ok(vec![y])
-    })))
+    }))
 }
 
 fn build_softmax(node: &NodeProto, ctx: &BuildCtx, log: bool) -> Res {
@@ -148,6 +171,9 @@ fn build_softmax(node: &NodeProto, ctx: &BuildCtx, log: bool) -> Res {
             return Err(candle_core::Error::Msg("Softmax before opset 13 is supported on the last axis only".into()));
         }
         let a = if a.dtype() == DType::F16 { a.to_dtype(DType::F32)? } else { a.clone() };
+        if !log && d + 1 == a.rank() && a.device().is_cpu() && matches!(a.dtype(), DType::F32 | DType::F64) {
+            return Ok(vec![crate::engine::kernels::rows::softmax_last(&a)?]);
+        }
         let shifted = a.broadcast_sub(&a.max_keepdim(d)?.detach())?;
         let y = if log {
             shifted.broadcast_sub(&shifted.exp()?.sum_keepdim(d)?.log()?)?

@@ -10,7 +10,8 @@ mod resize;
 mod select;
 mod shape;
 
-pub(crate) use norm::build_batch_norm_clamped;
+pub(crate) use elementwise::gelu_op;
+pub(crate) use norm::{build_batch_norm_clamped, layer_norm_op};
 
 use candle_core::{DType, Tensor};
 

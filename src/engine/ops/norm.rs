@@ -79,19 +79,49 @@ pub fn build_batch_norm_clamped(
 fn build_layer_norm(node: &NodeProto, _: &BuildCtx) -> Result<Box<dyn Op>, EngineError> {
     let ax = attr::int_or(node, "axis", -1)?;
     let eps = attr::float_or(node, "epsilon", 1e-5)? as f64;
-    Ok(Box::new(FnOp(move |x: &[Option<Tensor>]| {
+    Ok(layer_norm_op(ax, eps))
+}
+
+/// LayerNormalization from `axis` on, inputs (x, scale, optional bias); also the step a
+/// written-out layer normalisation is fused into.
+pub(crate) fn layer_norm_op(ax: i64, eps: f64) -> Box<dyn Op> {
+    Box::new(FnOp(move |x: &[Option<Tensor>]| {
         let input = req(x, 0)?;
         let first = axis(ax, input.rank())?;
-        let dims: Vec<usize> = (first..input.rank()).collect();
-        let mean = input.mean_keepdim(dims.clone())?;
-        let centred = input.broadcast_sub(&mean)?;
-        let var = centred.sqr()?.mean_keepdim(dims)?;
-        let mut y = centred.broadcast_div(&(var + eps)?.sqrt()?)?.broadcast_mul(req(x, 1)?)?;
-        if let Some(b) = opt(x, 2) {
-            y = y.broadcast_add(b)?;
-        }
-        Ok(vec![y])
-    })))
+        Ok(vec![layer_norm(input, req(x, 1)?, opt(x, 2), first, eps)?])
+    }))
+}
+
+fn layer_norm(
+    input: &Tensor,
+    scale: &Tensor,
+    bias: Option<&Tensor>,
+    first: usize,
+    eps: f64,
+) -> candle_core::Result<Tensor> {
+    let last = input.rank().saturating_sub(1);
+    let d = input.dims().last().copied().unwrap_or(0);
+    let fits = |t: &Tensor| t.elem_count() == d && t.dtype() == input.dtype();
+    if first == last && input.device().is_cpu() && input.dtype().is_float() && fits(scale) && bias.is_none_or(fits) {
+        let zeros;
+        let bias = match bias {
+            Some(b) => b,
+            None => {
+                zeros = scale.zeros_like()?;
+                &zeros
+            }
+        };
+        return crate::engine::kernels::rows::layer_norm_last(input, scale, bias, eps);
+    }
+    let dims: Vec<usize> = (first..input.rank()).collect();
+    let mean = input.mean_keepdim(dims.clone())?;
+    let centred = input.broadcast_sub(&mean)?;
+    let var = centred.sqr()?.mean_keepdim(dims)?;
+    let mut y = centred.broadcast_div(&(var + eps)?.sqrt()?)?.broadcast_mul(scale)?;
+    if let Some(b) = bias {
+        y = y.broadcast_add(b)?;
+    }
+    Ok(y)
 }
 
 #[derive(Clone, Copy)]

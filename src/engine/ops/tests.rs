@@ -262,3 +262,28 @@ fn the_whole_transformer_has_exact_gradients() {
     };
     check_gradients(&[seeded(&[2, 1, 8, 8], 21, DType::F64)], f, 1e-5).unwrap();
 }
+
+#[test]
+fn written_out_layer_norm_and_gelu_run_fused_and_match_onnx_runtime() {
+    use crate::runtime::Backend;
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/tiny/tiny_vit.onnx");
+    let m = crate::onnx::Model::load(&path).unwrap();
+    let engine = Engine::new(&m, &|_| false, DType::F32, &Device::Cpu).unwrap();
+    let x = seeded(&[3, 1, 8, 8], 4, DType::F32);
+    let ops: Vec<String> =
+        engine.profile_forward(&[("pixels", x.clone())]).unwrap().into_iter().map(|(op, _)| op).collect();
+    for fused in ["LayerNorm (written out)", "Gelu (written out)", "Softmax"] {
+        assert!(ops.contains(&fused.to_string()), "{fused} missing from {ops:?}");
+    }
+    for gone in ["Erf", "Sqrt", "Pow", "ReduceMean"] {
+        assert!(!ops.contains(&gone.to_string()), "{gone} still runs: {ops:?}");
+    }
+    let ours = engine.forward(&[("pixels", x.clone())]).unwrap().remove(0);
+    let host = crate::engine::from_candle(&x).unwrap();
+    let mut ort = crate::runtime::ort_rt::OrtSession::from_bytes(&m.to_bytes(), "tiny_vit").unwrap();
+    let theirs = ort.run(&[("pixels".to_string(), host)]).unwrap().remove(0).1;
+    let (a, b) = (ours.flatten_all().unwrap().to_vec1::<f32>().unwrap(), theirs.as_f32().unwrap());
+    assert_eq!(a.len(), b.len());
+    let worst = a.iter().zip(b.iter()).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
+    assert!(worst < 1e-4, "largest difference from ONNX Runtime {worst}");
+}
