@@ -391,27 +391,25 @@ mod sequence {
         json: serde_json::Value,
     }
 
-    /// Runs `cmd` to completion: wall time, peak resident set (wait4's ru_maxrss) and the
-    /// last JSON line it printed.
+    /// Runs `cmd` to completion: wall time, peak resident memory (`mtpack::bench`'s wait4)
+    /// and the JSON it printed.
     fn measure(mut cmd: Command) -> Option<Run> {
         use std::io::Read;
         let t = Instant::now();
         let mut child = cmd.stdout(Stdio::piped()).spawn().ok()?;
         let mut out = String::new();
         child.stdout.take()?.read_to_string(&mut out).ok()?;
-        let (mut status, mut usage) = (0i32, unsafe { std::mem::zeroed::<libc::rusage>() });
-        // SAFETY: the pid is our own unreaped child; status and usage are valid for writes.
-        let pid = unsafe { libc::wait4(child.id() as libc::pid_t, &mut status, 0, &mut usage) };
+        let (ok, peak_kb) = mtpack::bench::wait_with_peak(child).ok()?;
         let wall_s = t.elapsed().as_secs_f64();
-        if pid <= 0 || !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
-            eprintln!("sequence: {cmd:?} failed (status {status})");
+        if !ok {
+            eprintln!("sequence: {cmd:?} failed");
             return None;
         }
         // mtpack prints one JSON document, the Python script one JSON line after its logs.
         let json = serde_json::from_str(&out).ok().or_else(|| {
             out.lines().rev().find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok().filter(|v| v.is_object()))
         })?;
-        Some(Run { wall_s, peak_mb: usage.ru_maxrss as f64 / 1024.0, json })
+        Some(Run { wall_s, peak_mb: peak_kb / 1024.0, json })
     }
 
     fn final_average(matrix: &serde_json::Value) -> Option<f64> {

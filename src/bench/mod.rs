@@ -136,8 +136,10 @@ fn adapt_child(plan: &Plan, pack: &Path, quiet: bool) -> Result<(f64, f64), Benc
     Ok((secs, peak_kb / 1024.0))
 }
 
-/// Waits for `child`; whether it succeeded and its own peak resident memory in KiB.
-fn wait_with_peak(child: std::process::Child) -> Result<(bool, f64), BenchError> {
+/// Waits for `child`; whether it succeeded and its peak resident memory in KiB (NaN where
+/// the platform does not say). The kernel counts the parent's resident memory at the fork
+/// into the child's peak, so spawn from a small process.
+pub fn wait_with_peak(child: std::process::Child) -> Result<(bool, f64), BenchError> {
     #[cfg(target_os = "linux")]
     {
         let pid = child.id() as libc::pid_t;
@@ -149,7 +151,10 @@ fn wait_with_peak(child: std::process::Child) -> Result<(bool, f64), BenchError>
             (libc::wait4(pid, &mut status, 0, &mut usage), usage)
         };
         if r != pid {
-            return Err(BenchError::Invalid(format!("waiting for mtpack adapt: {}", std::io::Error::last_os_error())));
+            return Err(BenchError::Invalid(format!(
+                "waiting for a child process: {}",
+                std::io::Error::last_os_error()
+            )));
         }
         drop(child);
         let ok = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
@@ -158,7 +163,7 @@ fn wait_with_peak(child: std::process::Child) -> Result<(bool, f64), BenchError>
     #[cfg(not(target_os = "linux"))]
     {
         let mut child = child;
-        let status = child.wait().map_err(step("waiting for mtpack adapt"))?;
+        let status = child.wait().map_err(step("waiting for a child process"))?;
         Ok((status.success(), f64::NAN))
     }
 }

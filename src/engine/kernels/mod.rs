@@ -1,7 +1,8 @@
 //! CPU kernels for the ops whose candle versions are too slow or too limited for training
-//! real CNNs: grouped/depthwise 2-D convolution with asymmetric padding and its gradients,
-//! and pooling with padding, ceil mode and any stride. They run as candle custom ops, so
-//! autograd sees them like any other op.
+//! real backbones: grouped/depthwise 2-D convolution with asymmetric padding and its
+//! gradients, pooling with padding, ceil mode and any stride, BatchNorm with its clamp, and
+//! a transformer's row-wise ops (softmax, layer normalisation, GELU, a bias or scale along
+//! the last axis). They run as candle custom ops, so autograd sees them like any other op.
 
 pub mod batchnorm;
 pub mod conv2d;
