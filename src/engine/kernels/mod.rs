@@ -4,6 +4,31 @@
 //! a transformer's row-wise ops (softmax, layer normalisation, GELU, a bias or scale along
 //! the last axis). They run as candle custom ops, so autograd sees them like any other op.
 
+/// The error of a kernel given storage other than float32 or float64.
+pub(crate) fn unsupported(op: &str) -> candle_core::Error {
+    candle_core::Error::Msg(format!("{op} supports float32 and float64 only"))
+}
+
+/// Dispatches a kernel body on the storage's float type (defined before the kernel modules,
+/// so they see it without an import): `on_float!(storage, name, |T|
+/// body)` runs `body` with `T` the element type and wraps its `Vec<T>` back into storage;
+/// other types return the [`unsupported`] error from the enclosing function.
+macro_rules! on_float {
+    ($s:expr, $name:expr, |$t:ident| $body:expr) => {
+        match $s {
+            candle_core::CpuStorage::F32(_) => {
+                type $t = f32;
+                candle_core::CpuStorage::F32($body)
+            }
+            candle_core::CpuStorage::F64(_) => {
+                type $t = f64;
+                candle_core::CpuStorage::F64($body)
+            }
+            _ => return Err($crate::engine::kernels::unsupported($name)),
+        }
+    };
+}
+
 pub mod batchnorm;
 pub mod conv2d;
 mod depthwise;

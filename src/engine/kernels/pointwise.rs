@@ -131,12 +131,7 @@ impl CustomOp1 for Gelu {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let shape = l.shape().clone();
-        match s {
-            CpuStorage::F32(_) => Ok((CpuStorage::F32(self.forward(slice::<f32>(s, l)?)), shape)),
-            CpuStorage::F64(_) => Ok((CpuStorage::F64(self.forward(slice::<f64>(s, l)?)), shape)),
-            _ => Err(candle_core::Error::Msg("mtpack-gelu supports float32 and float64 only".into())),
-        }
+        Ok((on_float!(s, "mtpack-gelu", |T| self.forward(slice::<T>(s, l)?)), l.shape().clone()))
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
@@ -172,15 +167,10 @@ impl candle_core::CustomOp2 for GeluGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let shape = l1.shape().clone();
         if l2.shape() != l1.shape() {
             return Err(candle_core::Error::Msg("mtpack-gelu-grad: x and dy shapes differ".into()));
         }
-        match s1 {
-            CpuStorage::F32(_) => Ok((CpuStorage::F32(self.pass::<f32>(slice(s1, l1)?, slice(s2, l2)?)), shape)),
-            CpuStorage::F64(_) => Ok((CpuStorage::F64(self.pass::<f64>(slice(s1, l1)?, slice(s2, l2)?)), shape)),
-            _ => Err(candle_core::Error::Msg("mtpack-gelu supports float32 and float64 only".into())),
-        }
+        Ok((on_float!(s1, "mtpack-gelu", |T| self.pass::<T>(slice(s1, l1)?, slice(s2, l2)?)), l1.shape().clone()))
     }
 }
 

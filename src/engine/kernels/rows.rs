@@ -23,10 +23,6 @@ fn row_len(l: &Layout) -> candle_core::Result<usize> {
     }
 }
 
-fn unsupported(op: &str) -> candle_core::Error {
-    candle_core::Error::Msg(format!("{op} supports float32 and float64 only"))
-}
-
 /// Fills a vector of x's size row by row: `f(i, row_out)` writes all of row i (length d).
 fn by_rows<T: Real>(n: usize, d: usize, f: impl Fn(usize, &mut [MaybeUninit<T>]) + Sync + Send) -> Vec<T> {
     let rows_per_block = (BLOCK / d).max(1);
@@ -39,23 +35,6 @@ fn by_rows<T: Real>(n: usize, d: usize, f: impl Fn(usize, &mut [MaybeUninit<T>])
             out.len()
         })
     }
-}
-
-/// Dispatches a kernel body on the storage's float type.
-macro_rules! on_float {
-    ($s:expr, $name:expr, |$t:ident| $body:expr) => {
-        match $s {
-            CpuStorage::F32(_) => {
-                type $t = f32;
-                CpuStorage::F32($body)
-            }
-            CpuStorage::F64(_) => {
-                type $t = f64;
-                CpuStorage::F64($body)
-            }
-            _ => return Err(unsupported($name)),
-        }
-    };
 }
 
 /// Softmax over the last axis.
