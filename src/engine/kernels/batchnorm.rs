@@ -197,18 +197,25 @@ fn channel_sums<'a, T: Real>(
     let (mut total_x, mut total_g) = (0.0f64, 0.0f64);
     for (x, dy, y) in planes {
         let (mut sx, mut sg) = ([T::zero(); 8], [T::zero(); 8]);
-        let (cx, cd, cy) = (x.chunks_exact(8), dy.chunks_exact(8), y.chunks_exact(8));
+        // Fixed-size chunks: with slices of unknown length the masked loop stayed scalar.
+        let ((cx, rx), (cd, rd), (cy, ry)) = (x.as_chunks::<8>(), dy.as_chunks::<8>(), y.as_chunks::<8>());
         let (mut tx, mut tg) = (T::zero(), T::zero());
-        for ((&a, &d), &v) in cx.remainder().iter().zip(cd.remainder()).zip(cy.remainder()) {
+        for ((&a, &d), &v) in rx.iter().zip(rd).zip(ry) {
             let g = mask(d, v);
             tx += g * a;
             tg += g;
         }
-        for ((xa, da), ya) in cx.zip(cd).zip(cy) {
+        // Two loops over the plane, not one: with both sums in one loop the compiler paired
+        // each lane's two sums in a vector instead of vectorising across lanes, and stayed
+        // scalar. The second loop reads the plane from cache.
+        for ((xa, da), ya) in cx.iter().zip(cd).zip(cy) {
             for i in 0..8 {
-                let g = mask(da[i], ya[i]);
-                sx[i] += g * xa[i];
-                sg[i] += g;
+                sx[i] += mask(da[i], ya[i]) * xa[i];
+            }
+        }
+        for (da, ya) in cd.iter().zip(cy) {
+            for i in 0..8 {
+                sg[i] += mask(da[i], ya[i]);
             }
         }
         total_x += (sx.iter().copied().sum::<T>() + tx).to_f64().unwrap_or(f64::NAN);

@@ -93,7 +93,12 @@ impl Plane {
         for (iy, row) in x.chunks_exact(self.w).enumerate() {
             for (first, at) in self.phase_runs(iy) {
                 let dst = &mut s.buf[at..];
-                row.iter().skip(first).step_by(sx).zip(dst.iter_mut()).for_each(|(&v, d)| *d = v);
+                if sx == 1 {
+                    // A plain copy: `step_by` kept this loop scalar.
+                    dst[..row.len()].copy_from_slice(row);
+                } else {
+                    row.iter().skip(first).step_by(sx).zip(dst.iter_mut()).for_each(|(&v, d)| *d = v);
+                }
             }
         }
     }
@@ -114,7 +119,11 @@ impl Plane {
         let sx = self.stride[1];
         for (iy, row) in dx.chunks_exact_mut(self.w).enumerate() {
             for (first, at) in self.phase_runs(iy) {
-                row.iter_mut().skip(first).step_by(sx).zip(&buf[at..]).for_each(|(d, &g)| *d += g);
+                if sx == 1 {
+                    row.iter_mut().zip(&buf[at..]).for_each(|(d, &g)| *d += g);
+                } else {
+                    row.iter_mut().skip(first).step_by(sx).zip(&buf[at..]).for_each(|(d, &g)| *d += g);
+                }
             }
         }
     }
