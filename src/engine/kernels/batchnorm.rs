@@ -4,7 +4,7 @@
 //! backward is one pass for the per-channel sums and one for the input gradient, where the
 //! composite candle expressions cost a pass and a buffer per elementary op.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use std::mem::MaybeUninit;
@@ -66,8 +66,7 @@ impl Normalise {
             par_written(x.len(), inner, |p, yp| {
                 let xp = &x[p * inner..(p * inner + inner).min(x.len())];
                 let ch = p % c;
-                let k = scale[ch] * T::real(self.inv_std[ch]);
-                let b = bias[ch] - T::real(self.mean[ch]) * k;
+                let (k, b) = affine(scale[ch], bias[ch], self.mean[ch], self.inv_std[ch]);
                 simd(
                     #[inline(always)]
                     || match clamp {
@@ -111,48 +110,97 @@ impl CustomOp3 for Normalise {
         &self,
         x: &Tensor,
         scale: &Tensor,
-        _bias: &Tensor,
-        y: &Tensor,
+        bias: &Tensor,
+        _y: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dy = dy.contiguous()?;
-        // The clamp passes the gradient where lo < y < hi (equivalently lo < z < hi); both
-        // passes below apply that mask as they read dy, so no masked copy is made.
-        let mask = self.clamp;
+        let scale = host(scale)?;
+        // Both passes below apply the clamp's mask as they read dy, so no masked copy is
+        // made, and recompute it from x, so y is not read.
+        let gate = match self.clamp {
+            Some(clamp) => Some(Gate {
+                clamp,
+                scale: scale.clone(),
+                bias: host(bias)?,
+                mean: self.mean.clone(),
+                inv_std: self.inv_std.clone(),
+            }),
+            None => None,
+        };
         // [2, C]: sum(dy * xhat) and sum(dy) per channel.
-        let sums =
-            x.apply_op3_no_bwd(&dy, y, &Sums { mean: self.mean.clone(), inv_std: self.inv_std.clone(), mask })?;
-        let host: Vec<f64> = sums.to_dtype(candle_core::DType::F64)?.flatten_all()?.to_vec1()?;
-        let scale: Vec<f64> = scale.to_dtype(candle_core::DType::F64)?.flatten_all()?.to_vec1()?;
+        let sums = x.apply_op2_no_bwd(
+            &dy,
+            &Sums { mean: self.mean.clone(), inv_std: self.inv_std.clone(), gate: gate.clone() },
+        )?;
+        let host_sums = host(&sums)?;
         let c = self.mean.len();
         let m = (x.elem_count() / c.max(1)).max(1) as f64;
         // dx = a * dy + b * x + c0 per channel. Recorded statistics: a = scale * inv_std.
         // Batch statistics add the paths through the mean and variance:
         // dx = k * (dy - sum(dy)/m - xhat * sum(dy * xhat)/m), xhat = (x - mean) * inv_std.
-        let mut coef = Combine { a: vec![0.0; c], b: vec![0.0; c], c0: vec![0.0; c], reads_x: self.batch, mask };
+        let mut coef = Combine { a: vec![0.0; c], b: vec![0.0; c], c0: vec![0.0; c], batch: self.batch, gate };
         for ch in 0..c {
             let (inv, k) = (self.inv_std[ch], scale.get(ch).copied().unwrap_or(0.0) * self.inv_std[ch]);
             coef.a[ch] = k;
             if self.batch {
-                let (dxhat, dsum) = (host.get(ch).copied().unwrap_or(0.0), host.get(c + ch).copied().unwrap_or(0.0));
+                let at = |i: usize| host_sums.get(i).copied().unwrap_or(0.0);
+                let (dxhat, dsum) = (at(ch), at(c + ch));
                 let slope = k * inv * dxhat / m;
                 coef.b[ch] = -slope;
                 coef.c0[ch] = -k * dsum / m + slope * self.mean[ch];
             }
         }
-        let dx = dy.apply_op3_no_bwd(x, y, &coef)?;
+        let dx = dy.apply_op2_no_bwd(x, &coef)?;
         Ok((Some(dx), Some(sums.get(0)?), Some(sums.get(1)?)))
     }
 }
 
-/// (x, dy, y) -> [2, C]: per channel sum(g * (x - mean) * inv_std) and sum(g), with g the
+/// The affine map of one channel as the forward pass computes it: z = x * k + b.
+#[inline(always)]
+fn affine<T: Real>(scale: T, bias: T, mean: f64, inv_std: f64) -> (T, T) {
+    let k = scale * T::real(inv_std);
+    (k, bias - T::real(mean) * k)
+}
+
+/// The folded clamp's gradient mask: dy passes where lo < z < hi, with z = x * k + b
+/// recomputed from x exactly as the forward pass computed it. That is the same test as
+/// lo < y < hi on the clamped output, without a pass over y.
+#[derive(Clone, Debug)]
+struct Gate {
+    clamp: Clamp,
+    scale: Vec<f64>,
+    bias: Vec<f64>,
+    mean: Vec<f64>,
+    inv_std: Vec<f64>,
+}
+
+impl Gate {
+    /// The mask of channel `ch`: (dy, x) -> dy where the clamp passes it, else 0.
+    #[inline(always)]
+    fn channel<T: Real>(&self, ch: usize) -> impl Fn(T, T) -> T {
+        let at = |v: &[f64]| v.get(ch).copied().unwrap_or(0.0);
+        let (k, b) = affine(T::real(at(&self.scale)), T::real(at(&self.bias)), at(&self.mean), at(&self.inv_std));
+        let (lo, hi) = (T::real(self.clamp.lo), T::real(self.clamp.hi));
+        move |d: T, v: T| {
+            let z = v * k + b;
+            // `&`, not `&&`: without a branch the loop vectorises.
+            if (z > lo) & (z < hi) {
+                d
+            } else {
+                T::zero()
+            }
+        }
+    }
+}
+
+/// (x, dy) -> [2, C]: per channel sum(g * (x - mean) * inv_std) and sum(g), with g the
 /// masked dy.
 #[derive(Clone, Debug)]
 struct Sums {
     mean: Vec<f64>,
     inv_std: Vec<f64>,
-    /// The folded clamp's gradient mask, read from the op's output y.
-    mask: Option<Clamp>,
+    gate: Option<Gate>,
 }
 
 impl GradPass for Sums {
@@ -160,22 +208,18 @@ impl GradPass for Sums {
         self.mean.len()
     }
 
-    fn pass<T: Real>(&self, [x, dy, y]: [&[T]; 3], (n, c, inner): (usize, usize, usize)) -> Vec<T> {
+    fn pass<T: Real>(&self, [x, dy]: [&[T]; 2], (n, c, inner): (usize, usize, usize)) -> Vec<T> {
         let per: Vec<(T, T)> = (0..c)
             .into_par_iter()
             .map(|ch| {
                 let planes = |b: usize| {
                     let at = (b * c + ch) * inner;
-                    (&x[at..at + inner], &dy[at..at + inner], &y[at..at + inner])
+                    (&x[at..at + inner], &dy[at..at + inner])
                 };
                 let (dx, dd) = simd(
                     #[inline(always)]
-                    || match self.mask {
-                        Some(k) => {
-                            // `&`, not `&&`: without a branch the loop vectorises.
-                            let (lo, hi) = (T::real(k.lo), T::real(k.hi));
-                            channel_sums((0..n).map(planes), |d, v| if (v > lo) & (v < hi) { d } else { T::zero() })
-                        }
+                    || match &self.gate {
+                        Some(g) => channel_sums((0..n).map(planes), g.channel(ch)),
                         None => channel_sums((0..n).map(planes), |d, _| d),
                     },
                 );
@@ -187,35 +231,32 @@ impl GradPass for Sums {
     }
 }
 
-/// sum(g * x) and sum(g) over a channel's planes (x, dy, y), with g = mask(dy, y): in eight
+/// sum(g * x) and sum(g) over a channel's planes (x, dy), with g = mask(dy, x): in eight
 /// lanes of T within a plane, accumulated across planes in f64.
 #[inline(always)]
-fn channel_sums<'a, T: Real>(
-    planes: impl Iterator<Item = (&'a [T], &'a [T], &'a [T])>,
-    mask: impl Fn(T, T) -> T,
-) -> (f64, f64) {
+fn channel_sums<'a, T: Real>(planes: impl Iterator<Item = (&'a [T], &'a [T])>, mask: impl Fn(T, T) -> T) -> (f64, f64) {
     let (mut total_x, mut total_g) = (0.0f64, 0.0f64);
-    for (x, dy, y) in planes {
+    for (x, dy) in planes {
         let (mut sx, mut sg) = ([T::zero(); 8], [T::zero(); 8]);
         // Fixed-size chunks: with slices of unknown length the masked loop stayed scalar.
-        let ((cx, rx), (cd, rd), (cy, ry)) = (x.as_chunks::<8>(), dy.as_chunks::<8>(), y.as_chunks::<8>());
+        let ((cx, rx), (cd, rd)) = (x.as_chunks::<8>(), dy.as_chunks::<8>());
         let (mut tx, mut tg) = (T::zero(), T::zero());
-        for ((&a, &d), &v) in rx.iter().zip(rd).zip(ry) {
-            let g = mask(d, v);
+        for (&a, &d) in rx.iter().zip(rd) {
+            let g = mask(d, a);
             tx += g * a;
             tg += g;
         }
         // Two loops over the plane, not one: with both sums in one loop the compiler paired
         // each lane's two sums in a vector instead of vectorising across lanes, and stayed
         // scalar. The second loop reads the plane from cache.
-        for ((xa, da), ya) in cx.iter().zip(cd).zip(cy) {
+        for (xa, da) in cx.iter().zip(cd) {
             for i in 0..8 {
-                sx[i] += mask(da[i], ya[i]) * xa[i];
+                sx[i] += mask(da[i], xa[i]) * xa[i];
             }
         }
-        for (da, ya) in cd.iter().zip(cy) {
+        for (xa, da) in cx.iter().zip(cd) {
             for i in 0..8 {
-                sg[i] += mask(da[i], ya[i]);
+                sg[i] += mask(da[i], xa[i]);
             }
         }
         total_x += (sx.iter().copied().sum::<T>() + tx).to_f64().unwrap_or(f64::NAN);
@@ -224,48 +265,49 @@ fn channel_sums<'a, T: Real>(
     (total_x, total_g)
 }
 
-/// o = a * g + b * x + c0 over one plane, g = mask(dy, y); x is not read unless `reads_x`.
+/// o = a * g + b * x + c0 over one plane with batch statistics, else o = a * g; g =
+/// mask(dy, x). A mask that ignores x leaves x unread without batch statistics.
 #[inline(always)]
 fn combine_plane<T: Real>(
     o: &mut [MaybeUninit<T>],
-    [dy, x, y]: [&[T]; 3],
+    [dy, x]: [&[T]; 2],
     [a, b, c0]: [T; 3],
-    reads_x: bool,
+    batch: bool,
     mask: impl Fn(T, T) -> T,
 ) -> usize {
-    if reads_x {
-        write_front(o, dy.iter().zip(x).zip(y), |((&d, &v), &w)| a * mask(d, w) + b * v + c0)
+    if batch {
+        write_front(o, dy.iter().zip(x), |(&d, &v)| a * mask(d, v) + b * v + c0)
     } else {
-        write_front(o, dy.iter().zip(y), |(&d, &w)| a * mask(d, w))
+        write_front(o, dy.iter().zip(x), |(&d, &v)| a * mask(d, v))
     }
 }
 
-/// The three equally shaped contiguous inputs of a gradient pass.
-fn three<'a, T: candle_core::WithDType>(s: [&'a CpuStorage; 3], l: [&Layout; 3]) -> candle_core::Result<[&'a [T]; 3]> {
-    if l[1].shape() != l[0].shape() || l[2].shape() != l[0].shape() {
+/// The two equally shaped contiguous inputs of a gradient pass.
+fn two<'a, T: candle_core::WithDType>(s: [&'a CpuStorage; 2], l: [&Layout; 2]) -> candle_core::Result<[&'a [T]; 2]> {
+    if l[1].shape() != l[0].shape() {
         return Err(candle_core::Error::Msg("batchnorm gradient: shapes differ".into()));
     }
-    Ok([slice(s[0], l[0])?, slice(s[1], l[1])?, slice(s[2], l[2])?])
+    Ok([slice(s[0], l[0])?, slice(s[1], l[1])?])
 }
 
-/// A backward pass over three equally shaped tensors (x, dy, y in some order), per element
+/// A backward pass over two equally shaped tensors (x and dy in some order), per element
 /// type; `channels` is the channel count it was built for.
 trait GradPass: Sync {
     fn channels(&self) -> usize;
-    fn pass<T: Real>(&self, inputs: [&[T]; 3], dims: (usize, usize, usize)) -> Vec<T>;
+    fn pass<T: Real>(&self, inputs: [&[T]; 2], dims: (usize, usize, usize)) -> Vec<T>;
 
     /// `cpu_fwd` of the pass as a candle op: checks the layouts, runs it on f32 or f64.
-    fn cpu(&self, name: &str, s: [&CpuStorage; 3], l: [&Layout; 3]) -> candle_core::Result<CpuStorage> {
+    fn cpu(&self, name: &str, s: [&CpuStorage; 2], l: [&Layout; 2]) -> candle_core::Result<CpuStorage> {
         let dims = planes(l[0], self.channels())?;
         match s[0] {
-            CpuStorage::F32(_) => Ok(CpuStorage::F32(self.pass(three(s, l)?, dims))),
-            CpuStorage::F64(_) => Ok(CpuStorage::F64(self.pass(three(s, l)?, dims))),
+            CpuStorage::F32(_) => Ok(CpuStorage::F32(self.pass(two(s, l)?, dims))),
+            CpuStorage::F64(_) => Ok(CpuStorage::F64(self.pass(two(s, l)?, dims))),
             _ => Err(unsupported(name)),
         }
     }
 }
 
-impl CustomOp3 for Sums {
+impl CustomOp2 for Sums {
     fn name(&self) -> &'static str {
         "mtpack-batchnorm-sums"
     }
@@ -276,24 +318,21 @@ impl CustomOp3 for Sums {
         l1: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let storage = self.cpu(self.name(), [s1, s2, s3], [l1, l2, l3])?;
+        let storage = self.cpu(self.name(), [s1, s2], [l1, l2])?;
         Ok((storage, Shape::from((2, self.mean.len()))))
     }
 }
 
-/// (dy, x, y) -> a[c] * g + b[c] * x + c0[c] over channel planes, with g the masked dy;
-/// x is not read unless `reads_x`.
+/// (dy, x) -> a[c] * g + b[c] * x + c0[c] over channel planes, with g the masked dy; x is
+/// read only with batch statistics or a clamp.
 #[derive(Clone, Debug)]
 struct Combine {
     a: Vec<f64>,
     b: Vec<f64>,
     c0: Vec<f64>,
-    reads_x: bool,
-    /// The folded clamp's gradient mask, read from the op's output y.
-    mask: Option<Clamp>,
+    batch: bool,
+    gate: Option<Gate>,
 }
 
 impl GradPass for Combine {
@@ -301,23 +340,19 @@ impl GradPass for Combine {
         self.a.len()
     }
 
-    fn pass<T: Real>(&self, [dy, x, y]: [&[T]; 3], (_, c, inner): (usize, usize, usize)) -> Vec<T> {
+    fn pass<T: Real>(&self, [dy, x]: [&[T]; 2], (_, c, inner): (usize, usize, usize)) -> Vec<T> {
         // SAFETY: combine_plane returns write_front's count of the elements it wrote.
         unsafe {
             par_written(dy.len(), inner, |p, o| {
                 let span = p * inner..(p * inner + inner).min(dy.len());
-                let (dp, xp, yp) = (&dy[span.clone()], &x[span.clone()], &y[span]);
+                let (dp, xp) = (&dy[span.clone()], &x[span]);
                 let ch = p % c;
                 let (a, b, c0) = (T::real(self.a[ch]), T::real(self.b[ch]), T::real(self.c0[ch]));
                 simd(
                     #[inline(always)]
-                    || match self.mask {
-                        Some(k) => {
-                            let (lo, hi) = (T::real(k.lo), T::real(k.hi));
-                            let g = |d: T, v: T| if (v > lo) & (v < hi) { d } else { T::zero() };
-                            combine_plane(o, [dp, xp, yp], [a, b, c0], self.reads_x, g)
-                        }
-                        None => combine_plane(o, [dp, xp, yp], [a, b, c0], self.reads_x, |d, _| d),
+                    || match &self.gate {
+                        Some(g) => combine_plane(o, [dp, xp], [a, b, c0], self.batch, g.channel(ch)),
+                        None => combine_plane(o, [dp, xp], [a, b, c0], self.batch, |d, _| d),
                     },
                 )
             })
@@ -325,7 +360,7 @@ impl GradPass for Combine {
     }
 }
 
-impl CustomOp3 for Combine {
+impl CustomOp2 for Combine {
     fn name(&self) -> &'static str {
         "mtpack-batchnorm-grad"
     }
@@ -336,10 +371,8 @@ impl CustomOp3 for Combine {
         l1: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        Ok((self.cpu(self.name(), [s1, s2, s3], [l1, l2, l3])?, l1.shape().clone()))
+        Ok((self.cpu(self.name(), [s1, s2], [l1, l2])?, l1.shape().clone()))
     }
 }
 
