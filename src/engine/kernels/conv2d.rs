@@ -67,6 +67,18 @@ impl Geometry {
         Ok(Geometry { n, cin, h, w, cout, kh, kw, oh, ow, cin_g, cout_g: cout / p.groups, p })
     }
 
+    /// An output gradient must have the output's shape: the kernels slice it by image.
+    fn check_output(&self, dy: &Layout) -> candle_core::Result<()> {
+        let want = [self.n, self.cout, self.oh, self.ow];
+        match dims4(dy)? == want {
+            true => Ok(()),
+            false => Err(candle_core::Error::Msg(format!(
+                "conv2d gradient: output gradient {:?}, expected {want:?}",
+                dy.dims()
+            ))),
+        }
+    }
+
     fn depthwise(&self) -> bool {
         self.cin_g == 1 && self.p.groups > 1
     }
@@ -295,19 +307,24 @@ fn forward_unit<T: Real>(
 
 fn backward_input<T: Real>(w: &[T], dy: &[T], g: &Geometry) -> candle_core::Result<Vec<T>> {
     let (in_item, out_item) = (g.cin * g.h * g.w, g.cout * g.ohw());
-    let mut dx = vec![T::zero(); g.n * in_item];
     if g.depthwise() {
-        dx.par_chunks_mut(in_item.max(1)).zip(dy.par_chunks(out_item.max(1))).for_each(|(dxi, dyi)| {
-            g.depthwise_each(
-                #[inline(always)]
-                |pl, s, [xr, wr, yr]| pl.backward_input(s, &dyi[yr], &w[wr], &mut dxi[xr]),
-            );
+        // SAFETY: the depthwise kernel writes every element of the input planes it is given
+        // (tested: fill then unfill is the identity), and the channels make up the image.
+        return Ok(unsafe {
+            par_written(g.n * in_item, in_item.max(1), |i, dxi| {
+                let dyi = &dy[i * out_item..][..out_item];
+                g.depthwise_each(
+                    #[inline(always)]
+                    |pl, s, [xr, wr, yr]| pl.backward_input(s, &dyi[yr], &w[wr], &mut dxi[xr]),
+                );
+                dxi.len()
+            })
         });
-        return Ok(dx);
     }
     if g.pointwise() {
         return pointwise_backward_input(w, dy, g);
     }
+    let mut dx = vec![T::zero(); g.n * in_item];
     let unit = g.unit();
     dx.par_chunks_mut((unit * in_item).max(1)).zip(dy.par_chunks((unit * out_item).max(1))).try_for_each(
         |(dxu, dyu)| -> candle_core::Result<()> {
@@ -433,10 +450,12 @@ impl Conv2d {
             }
             Pass::GradInput(xs) => {
                 let g = Geometry::new(&xs, &dims4(l1)?, self.p)?;
+                g.check_output(l2)?;
                 Ok((backward_input(a, b, &g)?, Shape::from(xs.to_vec())))
             }
             Pass::GradWeight(ws) => {
                 let g = Geometry::new(&dims4(l1)?, &ws, self.p)?;
+                g.check_output(l2)?;
                 Ok((backward_weight(a, b, &g)?, Shape::from(ws.to_vec())))
             }
         }
@@ -587,5 +606,19 @@ mod tests {
         assert!(conv2d(&x, &w, p).is_err());
         let w = Tensor::zeros((2, 3, 5, 5), DType::F32, &dev).unwrap();
         assert!(conv2d(&x, &w, p).is_err());
+        // A gradient pass given an output gradient of the wrong shape refuses it, depthwise
+        // (sliced by image) or not.
+        for (w, groups) in [((3, 1, 3, 3), 3), ((2, 3, 3, 3), 1)] {
+            let w = Tensor::zeros(w, DType::F32, &dev).unwrap();
+            let p = ConvParams { groups, ..p };
+            let dy = Tensor::zeros((1, w.dims()[0], 1, 1), DType::F32, &dev).unwrap();
+            for pass in [Pass::GradInput([1, 3, 4, 4]), Pass::GradWeight([w.dims()[0], 3 / groups, 3, 3])] {
+                let (a, b) = match pass {
+                    Pass::GradInput(_) => (&w, &dy),
+                    _ => (&x, &dy),
+                };
+                assert!(a.apply_op2_no_bwd(b, &Conv2d { p, pass }).is_err(), "{pass:?} groups {groups}");
+            }
+        }
     }
 }

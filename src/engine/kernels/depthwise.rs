@@ -113,16 +113,22 @@ impl Plane {
         (0..sx.min(self.w)).map(move |first| (first, self.at(iy + top, first + left)))
     }
 
-    /// Adds the buffer-shaped gradient `buf` back into the input plane gradient `dx`.
+    /// Writes the buffer-shaped gradient `buf` into the input plane gradient `dx`, every
+    /// element (each input position has exactly one place in the buffer). Written as
+    /// `0 + g`, the value an addition into a zeroed plane gave (a -0 becomes +0), without
+    /// the zeroing pass.
     #[inline(always)]
-    fn unfill<T: Real>(&self, buf: &[T], dx: &mut [T]) {
+    fn unfill<T: Real>(&self, buf: &[T], dx: &mut [MaybeUninit<T>]) {
         let sx = self.stride[1];
+        let put = |d: &mut MaybeUninit<T>, &g: &T| {
+            d.write(T::zero() + g);
+        };
         for (iy, row) in dx.chunks_exact_mut(self.w).enumerate() {
             for (first, at) in self.phase_runs(iy) {
                 if sx == 1 {
-                    row.iter_mut().zip(&buf[at..]).for_each(|(d, &g)| *d += g);
+                    row.iter_mut().zip(&buf[at..]).for_each(|(d, g)| put(d, g));
                 } else {
-                    row.iter_mut().skip(first).step_by(sx).zip(&buf[at..]).for_each(|(d, &g)| *d += g);
+                    row.iter_mut().skip(first).step_by(sx).zip(&buf[at..]).for_each(|(d, g)| put(d, g));
                 }
             }
         }
@@ -162,10 +168,10 @@ impl Plane {
         }
     }
 
-    /// Adds to `dx` [h*w] the gradient of one input channel from the output gradients `dy`
-    /// [multiplier, oh*ow] through filters `w`.
+    /// Writes into `dx` [h*w] (every element) the gradient of one input channel from the
+    /// output gradients `dy` [multiplier, oh*ow] through filters `w`.
     #[inline(always)]
-    pub fn backward_input<T: Real>(&self, s: &mut Scratch<T>, dy: &[T], w: &[T], dx: &mut [T]) {
+    pub fn backward_input<T: Real>(&self, s: &mut Scratch<T>, dy: &[T], w: &[T], dx: &mut [MaybeUninit<T>]) {
         let (ohw, len) = (self.oh * self.ow, self.extended_len());
         s.buf.iter_mut().for_each(|v| *v = T::zero());
         s.dirty = true;
@@ -227,9 +233,11 @@ mod tests {
             let mut s = p.scratch::<f64>();
             p.fill(&x, &mut s);
             assert_eq!(s.buf.iter().sum::<f64>(), x.iter().sum::<f64>(), "stride {stride}: padding stays zero");
-            let mut back = vec![0.0; 35];
+            let mut back = vec![MaybeUninit::new(f64::NAN); 35];
             p.unfill(&s.buf, &mut back);
-            assert_eq!(back, x, "stride {stride} pads {pads:?}");
+            // SAFETY: initialised above (NaN where unfill would have missed an element).
+            let back: Vec<f64> = back.iter().map(|v| unsafe { v.assume_init() }).collect();
+            assert_eq!(back, x, "stride {stride} pads {pads:?}: every element written, once");
         }
     }
 }
