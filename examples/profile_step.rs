@@ -1,6 +1,8 @@
 //! Where a training step's time goes on MobileNetV2 (3x64x64, batch 32), or with
 //! MTPACK_PROFILE_MODEL=vit on the ViT-S/14 encoder (3x224x224, batch 8, cut at its final
-//! LayerNorm, class token): forward and backward wall time, then forward time per op type.
+//! LayerNorm, class token): forward and backward wall time, the time of the convolution and
+//! BatchNorm kernels in one step (forward and backward passes; per shape with
+//! MTPACK_PROFILE_SHAPES=1), then forward time per op type.
 //! For finding the next bottleneck; the throughput figures themselves come from
 //! `cargo bench --bench train_throughput`.
 //!
@@ -35,10 +37,35 @@ fn main() -> anyhow::Result<()> {
         let _grads = l.backward()?;
         eprintln!("round {round}: forward {forward:?}, backward {:?}", t.elapsed());
     }
+    // One more step with the kernels timed: the backward pass's share per kernel, which the
+    // per-node forward profile below cannot show.
+    mtpack::engine::kernels::timing::enable(true);
+    let out = engine.forward_to(&[(input, x.clone())], &["task/logits"])?;
+    loss::cross_entropy(&out[0], &y)?.backward()?;
+    mtpack::engine::kernels::timing::enable(false);
+    print_kernel_times(mtpack::engine::kernels::timing::take());
     for (op, d) in engine.profile_forward(&[(input, x)])? {
         eprintln!("{op:<20} {d:?}");
     }
     Ok(())
+}
+
+/// Kernel time of one step by kernel and pass (the shape dropped), or by shape too with
+/// MTPACK_PROFILE_SHAPES=1.
+fn print_kernel_times(times: Vec<(String, std::time::Duration, usize)>) {
+    let by_shape = std::env::var("MTPACK_PROFILE_SHAPES").is_ok_and(|v| v == "1");
+    let mut total: std::collections::BTreeMap<String, (std::time::Duration, usize)> = Default::default();
+    for (key, d, n) in times {
+        let key = if by_shape { key } else { key.split(" [").next().unwrap_or(&key).to_string() };
+        let e = total.entry(key).or_default();
+        e.0 += d;
+        e.1 += n;
+    }
+    let sum: std::time::Duration = total.values().map(|e| e.0).sum();
+    eprintln!("kernel time of one step (forward and backward): {sum:?}");
+    for (key, (d, n)) in total {
+        eprintln!("  {key:<48} {n:>4} calls {d:>12.3?}");
+    }
 }
 
 type Setup = (Model, &'static str, (usize, usize, usize, usize));

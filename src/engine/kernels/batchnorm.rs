@@ -98,11 +98,14 @@ impl CustomOp3 for Normalise {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (s, l) = ([s1, s2, s3], [l1, l2, l3]);
-        let storage = match s1 {
-            CpuStorage::F32(_) => CpuStorage::F32(self.run::<f32>(s, l)?),
-            CpuStorage::F64(_) => CpuStorage::F64(self.run::<f64>(s, l)?),
-            _ => return Err(unsupported(self.name())),
-        };
+        let storage = super::timing::timed(
+            || format!("{} {:?}", self.name(), l1.dims()),
+            || match s1 {
+                CpuStorage::F32(_) => Ok(CpuStorage::F32(self.run::<f32>(s, l)?)),
+                CpuStorage::F64(_) => Ok(CpuStorage::F64(self.run::<f64>(s, l)?)),
+                _ => Err(unsupported(self.name())),
+            },
+        )?;
         Ok((storage, l1.shape().clone()))
     }
 
@@ -209,60 +212,76 @@ impl GradPass for Sums {
     }
 
     fn pass<T: Real>(&self, [x, dy]: [&[T]; 2], (n, c, inner): (usize, usize, usize)) -> Vec<T> {
-        let per: Vec<(T, T)> = (0..c)
-            .into_par_iter()
-            .map(|ch| {
-                let planes = |b: usize| {
-                    let at = (b * c + ch) * inner;
-                    (&x[at..at + inner], &dy[at..at + inner])
-                };
-                let (dx, dd) = simd(
-                    #[inline(always)]
-                    || match &self.gate {
-                        Some(g) => channel_sums((0..n).map(planes), g.channel(ch)),
-                        None => channel_sums((0..n).map(planes), |d, _| d),
-                    },
-                );
-                let xhat = (dx - self.mean[ch] * dd) * self.inv_std[ch];
-                (T::real(xhat), T::real(dd))
-            })
+        let totals = channel_totals(n, c, |p| {
+            let span = p * inner..(p + 1) * inner;
+            let planes = (&x[span.clone()], &dy[span]);
+            simd(
+                #[inline(always)]
+                || match &self.gate {
+                    Some(g) => plane_sums(planes, g.channel(p % c)),
+                    None => plane_sums(planes, |d, _| d),
+                },
+            )
+        });
+        let per: Vec<(T, T)> = totals
+            .iter()
+            .enumerate()
+            .map(|(ch, &[dx, dd])| (T::real((dx - self.mean[ch] * dd) * self.inv_std[ch]), T::real(dd)))
             .collect();
         per.iter().map(|p| p.0).chain(per.iter().map(|p| p.1)).collect()
     }
 }
 
-/// sum(g * x) and sum(g) over a channel's planes (x, dy), with g = mask(dy, x): in eight
-/// lanes of T within a plane, accumulated across planes in f64.
-#[inline(always)]
-fn channel_sums<'a, T: Real>(planes: impl Iterator<Item = (&'a [T], &'a [T])>, mask: impl Fn(T, T) -> T) -> (f64, f64) {
-    let (mut total_x, mut total_g) = (0.0f64, 0.0f64);
-    for (x, dy) in planes {
-        let (mut sx, mut sg) = ([T::zero(); 8], [T::zero(); 8]);
-        // Fixed-size chunks: with slices of unknown length the masked loop stayed scalar.
-        let ((cx, rx), (cd, rd)) = (x.as_chunks::<8>(), dy.as_chunks::<8>());
-        let (mut tx, mut tg) = (T::zero(), T::zero());
-        for (&a, &d) in rx.iter().zip(rd) {
-            let g = mask(d, a);
-            tx += g * a;
-            tg += g;
-        }
-        // Two loops over the plane, not one: with both sums in one loop the compiler paired
-        // each lane's two sums in a vector instead of vectorising across lanes, and stayed
-        // scalar. The second loop reads the plane from cache.
-        for (xa, da) in cx.iter().zip(cd) {
-            for i in 0..8 {
-                sx[i] += mask(da[i], xa[i]) * xa[i];
+/// Per-channel totals of per-plane values over [N, C, inner]: `plane(p)` for every plane p
+/// in storage order (in parallel), then each channel's values added in image order from
+/// 0.0. The same sums in the same order as walking each channel's planes, but read as
+/// stored: a channel's planes lie an image apart, a page or more for small planes, where
+/// the hardware prefetcher does not follow and every plane was a cache miss.
+fn channel_totals<const K: usize>(
+    n: usize,
+    c: usize,
+    plane: impl Fn(usize) -> [f64; K] + Sync + Send,
+) -> Vec<[f64; K]> {
+    let partial: Vec<[f64; K]> = (0..n * c).into_par_iter().with_min_len(16).map(plane).collect();
+    let mut totals = vec![[0.0f64; K]; c];
+    for image in partial.chunks(c.max(1)) {
+        for (t, v) in totals.iter_mut().zip(image) {
+            for k in 0..K {
+                t[k] += v[k];
             }
         }
-        for (xa, da) in cx.iter().zip(cd) {
-            for i in 0..8 {
-                sg[i] += mask(da[i], xa[i]);
-            }
-        }
-        total_x += (sx.iter().copied().sum::<T>() + tx).to_f64().unwrap_or(f64::NAN);
-        total_g += (sg.iter().copied().sum::<T>() + tg).to_f64().unwrap_or(f64::NAN);
     }
-    (total_x, total_g)
+    totals
+}
+
+/// sum(g * x) and sum(g) over one plane (x, dy), with g = mask(dy, x), in eight lanes of T
+/// and then in f64.
+#[inline(always)]
+fn plane_sums<T: Real>((x, dy): (&[T], &[T]), mask: impl Fn(T, T) -> T) -> [f64; 2] {
+    let (mut sx, mut sg) = ([T::zero(); 8], [T::zero(); 8]);
+    // Fixed-size chunks: with slices of unknown length the masked loop stayed scalar.
+    let ((cx, rx), (cd, rd)) = (x.as_chunks::<8>(), dy.as_chunks::<8>());
+    let (mut tx, mut tg) = (T::zero(), T::zero());
+    for (&a, &d) in rx.iter().zip(rd) {
+        let g = mask(d, a);
+        tx += g * a;
+        tg += g;
+    }
+    // Two loops over the plane, not one: with both sums in one loop the compiler paired
+    // each lane's two sums in a vector instead of vectorising across lanes, and stayed
+    // scalar. The second loop reads the plane from cache.
+    for (xa, da) in cx.iter().zip(cd) {
+        for i in 0..8 {
+            sx[i] += mask(da[i], xa[i]) * xa[i];
+        }
+    }
+    for (xa, da) in cx.iter().zip(cd) {
+        for i in 0..8 {
+            sg[i] += mask(da[i], xa[i]);
+        }
+    }
+    let f = |v: T| v.to_f64().unwrap_or(f64::NAN);
+    [f(sx.iter().copied().sum::<T>() + tx), f(sg.iter().copied().sum::<T>() + tg)]
 }
 
 /// o = a * g + b * x + c0 over one plane with batch statistics, else o = a * g; g =
@@ -299,11 +318,14 @@ trait GradPass: Sync {
     /// `cpu_fwd` of the pass as a candle op: checks the layouts, runs it on f32 or f64.
     fn cpu(&self, name: &str, s: [&CpuStorage; 2], l: [&Layout; 2]) -> candle_core::Result<CpuStorage> {
         let dims = planes(l[0], self.channels())?;
-        match s[0] {
-            CpuStorage::F32(_) => Ok(CpuStorage::F32(self.pass(two(s, l)?, dims))),
-            CpuStorage::F64(_) => Ok(CpuStorage::F64(self.pass(two(s, l)?, dims))),
-            _ => Err(unsupported(name)),
-        }
+        super::timing::timed(
+            || format!("{name} {:?}", l[0].dims()),
+            || match s[0] {
+                CpuStorage::F32(_) => Ok(CpuStorage::F32(self.pass(two(s, l)?, dims))),
+                CpuStorage::F64(_) => Ok(CpuStorage::F64(self.pass(two(s, l)?, dims))),
+                _ => Err(unsupported(name)),
+            },
+        )
     }
 }
 
@@ -413,11 +435,15 @@ impl CustomOp1 for ChannelStats {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let dims = planes(l, l.shape().dims().get(1).copied().unwrap_or(0))?;
         let shape = Shape::from((2, dims.1));
-        match s {
-            CpuStorage::F32(_) => Ok((CpuStorage::F32(Self::run(slice::<f32>(s, l)?, dims)), shape)),
-            CpuStorage::F64(_) => Ok((CpuStorage::F64(Self::run(slice::<f64>(s, l)?, dims)), shape)),
-            _ => Err(unsupported(self.name())),
-        }
+        let storage = super::timing::timed(
+            || format!("{} {:?}", self.name(), l.dims()),
+            || match s {
+                CpuStorage::F32(_) => Ok(CpuStorage::F32(Self::run(slice::<f32>(s, l)?, dims))),
+                CpuStorage::F64(_) => Ok(CpuStorage::F64(Self::run(slice::<f64>(s, l)?, dims))),
+                _ => Err(unsupported(self.name())),
+            },
+        )?;
+        Ok((storage, shape))
     }
 }
 

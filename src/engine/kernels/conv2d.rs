@@ -443,6 +443,25 @@ impl Conv2d {
         l2: &Layout,
     ) -> candle_core::Result<(Vec<T>, Shape)> {
         let (a, b) = (slice::<T>(s1, l1)?, slice::<T>(s2, l2)?);
+        super::timing::timed(|| self.label(l1, l2), || self.pass_on(a, b, l1, l2))
+    }
+
+    /// "conv2d <pass> <kind> <input shape>", for [`super::timing`].
+    fn label(&self, l1: &Layout, l2: &Layout) -> String {
+        let (pass, x, w) = match &self.pass {
+            Pass::Forward => ("forward", l1.dims(), l2.dims()),
+            Pass::GradInput(xs) => ("grad-input", &xs[..], l1.dims()),
+            Pass::GradWeight(ws) => ("grad-weight", l1.dims(), &ws[..]),
+        };
+        let kind = match (self.p.groups, w) {
+            (g, _) if g > 1 && x.get(1) == Some(&g) => "depthwise",
+            (1, [.., 1, 1]) if self.p.stride == [1, 1] => "pointwise",
+            _ => "dense",
+        };
+        format!("conv2d {pass} {kind} {x:?}")
+    }
+
+    fn pass_on<T: Real>(&self, a: &[T], b: &[T], l1: &Layout, l2: &Layout) -> candle_core::Result<(Vec<T>, Shape)> {
         match self.pass {
             Pass::Forward => {
                 let g = Geometry::new(&dims4(l1)?, &dims4(l2)?, self.p)?;

@@ -35,6 +35,7 @@ mod depthwise;
 pub mod pointwise;
 pub mod pool2d;
 pub mod rows;
+pub mod timing;
 
 use std::mem::MaybeUninit;
 
