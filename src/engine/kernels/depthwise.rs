@@ -76,8 +76,14 @@ impl Plane {
             buf: vec![T::zero(); self.buffer_len()],
             ext: vec![T::zero(); self.extended_len()],
             taps: self.taps(),
+            runs: (0..self.h).flat_map(|iy| self.phase_runs(iy)).collect(),
             dirty: false,
         }
+    }
+
+    /// Column phases per input row: the runs of `Scratch::runs` that each row has.
+    fn runs_per_row(&self) -> usize {
+        self.stride[1].min(self.w).max(1)
     }
 
     /// Writes input plane `x` [h*w] into the scratch buffer. Only positions of the input
@@ -90,8 +96,8 @@ impl Plane {
             s.dirty = false;
         }
         let sx = self.stride[1];
-        for (iy, row) in x.chunks_exact(self.w).enumerate() {
-            for (first, at) in self.phase_runs(iy) {
+        for (row, runs) in x.chunks_exact(self.w).zip(s.runs.chunks_exact(self.runs_per_row())) {
+            for &(first, at) in runs {
                 let dst = &mut s.buf[at..];
                 if sx == 1 {
                     // A plain copy: `step_by` kept this loop scalar.
@@ -105,8 +111,8 @@ impl Plane {
 
     /// For input row `iy`: per column phase, the first input column in that phase and the
     /// buffer offset where that phase's run of the row starts. Input columns `first`,
-    /// `first + stride`, ... land at consecutive buffer positions from there.
-    #[inline(always)]
+    /// `first + stride`, ... land at consecutive buffer positions from there. Computed once
+    /// per layer into `Scratch::runs`: its divisions cost more than copying a small plane.
     fn phase_runs(&self, iy: usize) -> impl Iterator<Item = (usize, usize)> + '_ {
         let [top, left, ..] = self.pads;
         let sx = self.stride[1];
@@ -118,13 +124,13 @@ impl Plane {
     /// `0 + g`, the value an addition into a zeroed plane gave (a -0 becomes +0), without
     /// the zeroing pass.
     #[inline(always)]
-    fn unfill<T: Real>(&self, buf: &[T], dx: &mut [MaybeUninit<T>]) {
+    fn unfill<T: Real>(&self, buf: &[T], runs: &[(usize, usize)], dx: &mut [MaybeUninit<T>]) {
         let sx = self.stride[1];
         let put = |d: &mut MaybeUninit<T>, &g: &T| {
             d.write(T::zero() + g);
         };
-        for (iy, row) in dx.chunks_exact_mut(self.w).enumerate() {
-            for (first, at) in self.phase_runs(iy) {
+        for (row, runs) in dx.chunks_exact_mut(self.w).zip(runs.chunks_exact(self.runs_per_row())) {
+            for &(first, at) in runs {
                 if sx == 1 {
                     row.iter_mut().zip(&buf[at..]).for_each(|(d, g)| put(d, g));
                 } else {
@@ -175,14 +181,14 @@ impl Plane {
         let (ohw, len) = (self.oh * self.ow, self.extended_len());
         s.buf.iter_mut().for_each(|v| *v = T::zero());
         s.dirty = true;
-        let Scratch { buf, ext, taps, .. } = s;
+        let Scratch { buf, ext, taps, runs, .. } = s;
         for (dym, wm) in dy.chunks_exact(ohw).zip(w.chunks_exact(taps.len())).take(self.multiplier) {
             self.extend(dym, ext);
             for (&at, &wv) in taps.iter().zip(wm) {
                 buf[at..at + len].iter_mut().zip(ext.iter()).for_each(|(d, &g)| *d += wv * g);
             }
         }
-        self.unfill(buf, dx);
+        self.unfill(buf, runs, dx);
     }
 
     /// Adds to `dw` [multiplier, kh*kw] the filter gradient of one input channel, filled
@@ -206,6 +212,8 @@ pub(super) struct Scratch<T> {
     buf: Vec<T>,
     ext: Vec<T>,
     taps: Vec<usize>,
+    /// Per input row, `Plane::runs_per_row` entries of (first column, buffer offset).
+    runs: Vec<(usize, usize)>,
     /// The buffer holds gradients, not zero padding.
     dirty: bool,
 }
@@ -234,7 +242,7 @@ mod tests {
             p.fill(&x, &mut s);
             assert_eq!(s.buf.iter().sum::<f64>(), x.iter().sum::<f64>(), "stride {stride}: padding stays zero");
             let mut back = vec![MaybeUninit::new(f64::NAN); 35];
-            p.unfill(&s.buf, &mut back);
+            p.unfill(&s.buf, &s.runs, &mut back);
             // SAFETY: initialised above (NaN where unfill would have missed an element).
             let back: Vec<f64> = back.iter().map(|v| unsafe { v.assume_init() }).collect();
             assert_eq!(back, x, "stride {stride} pads {pads:?}: every element written, once");
