@@ -9,7 +9,7 @@ use rayon::prelude::*;
 
 use std::mem::MaybeUninit;
 
-use super::{lanes_sum, par_written, simd, slice, write_front, Real};
+use super::{lanes_sum, par_planes, simd, slice, write_front, Real};
 
 /// Clamp applied to the normalised output: y = min(max(z, lo), hi).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -63,21 +63,23 @@ impl Normalise {
         let clamp = self.clamp.map(|k| (T::real(k.lo), T::real(k.hi)));
         // SAFETY: the count returned is write_front's, which counts the elements it wrote.
         let y = unsafe {
-            par_written(x.len(), inner, |p, yp| {
-                let xp = &x[p * inner..(p * inner + inner).min(x.len())];
-                let ch = p % c;
-                let (k, b) = affine(scale[ch], bias[ch], self.mean[ch], self.inv_std[ch]);
-                simd(
-                    #[inline(always)]
-                    || match clamp {
+            par_planes(
+                x.len(),
+                inner,
+                #[inline(always)]
+                |p, yp| {
+                    let xp = &x[p * inner..(p * inner + inner).min(x.len())];
+                    let ch = p % c;
+                    let (k, b) = affine(scale[ch], bias[ch], self.mean[ch], self.inv_std[ch]);
+                    match clamp {
                         // The same max/min as the Clip kernel: folding the Clip in changes no value.
                         Some((lo, hi)) => write_front(yp, xp.iter(), |&v| {
                             num_traits::Float::min(num_traits::Float::max(v * k + b, lo), hi)
                         }),
                         None => write_front(yp, xp.iter(), |&v| v * k + b),
-                    },
-                )
-            })
+                    }
+                },
+            )
         };
         Ok(y)
     }
@@ -365,19 +367,21 @@ impl GradPass for Combine {
     fn pass<T: Real>(&self, [dy, x]: [&[T]; 2], (_, c, inner): (usize, usize, usize)) -> Vec<T> {
         // SAFETY: combine_plane returns write_front's count of the elements it wrote.
         unsafe {
-            par_written(dy.len(), inner, |p, o| {
-                let span = p * inner..(p * inner + inner).min(dy.len());
-                let (dp, xp) = (&dy[span.clone()], &x[span]);
-                let ch = p % c;
-                let (a, b, c0) = (T::real(self.a[ch]), T::real(self.b[ch]), T::real(self.c0[ch]));
-                simd(
-                    #[inline(always)]
-                    || match &self.gate {
+            par_planes(
+                dy.len(),
+                inner,
+                #[inline(always)]
+                |p, o| {
+                    let span = p * inner..(p * inner + inner).min(dy.len());
+                    let (dp, xp) = (&dy[span.clone()], &x[span]);
+                    let ch = p % c;
+                    let (a, b, c0) = (T::real(self.a[ch]), T::real(self.b[ch]), T::real(self.c0[ch]));
+                    match &self.gate {
                         Some(g) => combine_plane(o, [dp, xp], [a, b, c0], self.batch, g.channel(ch)),
                         None => combine_plane(o, [dp, xp], [a, b, c0], self.batch, |d, _| d),
-                    },
-                )
-            })
+                    }
+                },
+            )
         }
     }
 }

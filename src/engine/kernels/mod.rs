@@ -154,6 +154,47 @@ pub(crate) unsafe fn par_written<T: Real>(
     v
 }
 
+/// [`par_written`] over planes of `inner` elements: `write(p, plane)` writes plane `p` from
+/// the front and returns how many it wrote. Small planes are grouped, so that a task and a
+/// call into the wide code (see [`simd`]) cover at least [`PLANE_GROUP`] elements: one
+/// per 2x2 plane cost several times the plane's own arithmetic. `write` must be
+/// `#[inline(always)]` for the wide code to reach it.
+///
+/// # Safety
+/// As [`par_written`]: `write` must initialise the first `k` elements of its plane, `k`
+/// being the count it returns.
+pub(crate) unsafe fn par_planes<T: Real>(
+    n: usize,
+    inner: usize,
+    write: impl Fn(usize, &mut [MaybeUninit<T>]) -> usize + Sync + Send,
+) -> Vec<T> {
+    let inner = inner.max(1);
+    let per = (PLANE_GROUP / inner).max(1);
+    // SAFETY: each group's count is the sum of its planes' counts up to the first plane left
+    // short, so it covers exactly the group's written front.
+    unsafe {
+        par_written(n, per * inner, |i, group| {
+            simd(
+                #[inline(always)]
+                || {
+                    let mut done = 0;
+                    for (j, plane) in group.chunks_mut(inner).enumerate() {
+                        let wrote = write(i * per + j, plane).min(plane.len());
+                        done += wrote;
+                        if wrote < plane.len() {
+                            break;
+                        }
+                    }
+                    done
+                },
+            )
+        })
+    }
+}
+
+/// Elements per task of [`par_planes`] at least (one plane when planes are larger).
+const PLANE_GROUP: usize = 2048;
+
 /// [`par_written`] for chunk writers that fill their whole chunk or fail: the first error
 /// is returned (its chunk, and any other failed one, left zeroed and then dropped).
 ///
