@@ -386,6 +386,30 @@ mod tests {
     }
 
     #[test]
+    fn plane_groups_write_every_plane_and_zero_what_a_plane_left() {
+        for (planes, inner) in [(3000, 1), (700, 3), (5, 4096), (0, 4)] {
+            // SAFETY: the writer initialises the front of each plane it reports.
+            let v: Vec<f64> = unsafe {
+                par_planes(planes * inner, inner, |p, out| write_front(out, 0..inner, |i| (p * inner + i) as f64))
+            };
+            assert_eq!(v, (0..planes * inner).map(|i| i as f64).collect::<Vec<_>>(), "{planes} x {inner}");
+        }
+        // A plane written short ends its group there: the rest of that group is zeroed, never
+        // left uninitialised, and other groups are untouched.
+        let inner = 4;
+        let per = PLANE_GROUP / inner;
+        let v: Vec<f64> = unsafe {
+            par_planes(3 * per * inner, inner, |p, out| {
+                let n = if p == 1 { 2 } else { inner };
+                write_front(&mut out[..n], 0..n, |_| 1.0)
+            })
+        };
+        assert_eq!(&v[..6], &[1.0, 1.0, 1.0, 1.0, 1.0, 1.0]);
+        assert!(v[6..per * inner].iter().all(|&x| x == 0.0));
+        assert!(v[per * inner..].iter().all(|&x| x == 1.0));
+    }
+
+    #[test]
     fn lane_sums_match_serial_sums() {
         let a: Vec<f64> = (0..21).map(|i| i as f64 * 0.25).collect();
         let b: Vec<f64> = (0..21).map(|i| 1.0 - i as f64).collect();
