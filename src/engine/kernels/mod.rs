@@ -29,6 +29,17 @@ macro_rules! on_float {
     };
 }
 
+/// [`on_float!`] with the kernel's wall time recorded under "<name> <dims of layout>" while
+/// [`timing`] is on: `timed_on_float!(storage, name, layout, |T| body)`.
+macro_rules! timed_on_float {
+    ($s:expr, $name:expr, $l:expr, |$t:ident| $body:expr) => {
+        $crate::engine::kernels::timing::timed(
+            || format!("{} {:?}", $name, $l.dims()),
+            || -> candle_core::Result<candle_core::CpuStorage> { Ok(on_float!($s, $name, |$t| $body)) },
+        )?
+    };
+}
+
 pub mod batchnorm;
 pub mod conv2d;
 mod depthwise;

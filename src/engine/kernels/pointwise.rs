@@ -131,7 +131,7 @@ impl CustomOp1 for Gelu {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        Ok((on_float!(s, "mtpack-gelu", |T| self.forward(slice::<T>(s, l)?)), l.shape().clone()))
+        Ok((timed_on_float!(s, self.name(), l, |T| self.forward(slice::<T>(s, l)?)), l.shape().clone()))
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
@@ -170,7 +170,10 @@ impl candle_core::CustomOp2 for GeluGrad {
         if l2.shape() != l1.shape() {
             return Err(candle_core::Error::Msg("mtpack-gelu-grad: x and dy shapes differ".into()));
         }
-        Ok((on_float!(s1, "mtpack-gelu", |T| self.pass::<T>(slice(s1, l1)?, slice(s2, l2)?)), l1.shape().clone()))
+        Ok((
+            timed_on_float!(s1, self.name(), l1, |T| self.pass::<T>(slice(s1, l1)?, slice(s2, l2)?)),
+            l1.shape().clone(),
+        ))
     }
 }
 

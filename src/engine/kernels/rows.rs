@@ -62,7 +62,7 @@ impl CustomOp1 for Softmax {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let d = row_len(l)?;
-        Ok((on_float!(s, "softmax", |T| softmax_rows::<T>(slice(s, l)?, d)), l.shape().clone()))
+        Ok((timed_on_float!(s, self.name(), l, |T| softmax_rows::<T>(slice(s, l)?, d)), l.shape().clone()))
     }
 
     fn bwd(&self, _x: &Tensor, y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
@@ -100,7 +100,7 @@ impl CustomOp2 for SoftmaxGrad {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let d = row_len(l1)?;
         same_size(l1, l2)?;
-        let out = on_float!(s1, "softmax", |T| softmax_grad_rows::<T>(slice(s1, l1)?, slice(s2, l2)?, d));
+        let out = timed_on_float!(s1, self.name(), l1, |T| softmax_grad_rows::<T>(slice(s1, l1)?, slice(s2, l2)?, d));
         Ok((out, l1.shape().clone()))
     }
 }
@@ -176,7 +176,7 @@ impl CustomOp3 for LayerNorm {
         let d = row_len(l1)?;
         params_len(l2, d, "scale")?;
         params_len(l3, d, "bias")?;
-        let out = on_float!(s1, "layer normalisation", |T| layer_norm_rows::<T>(
+        let out = timed_on_float!(s1, self.name(), l1, |T| layer_norm_rows::<T>(
             slice(s1, l1)?,
             slice(s2, l2)?,
             slice(s3, l3)?,
@@ -240,7 +240,7 @@ impl CustomOp3 for LayerNormGradX {
         let d = row_len(l1)?;
         same_size(l1, l2)?;
         params_len(l3, d, "scale")?;
-        let out = on_float!(s1, "layer normalisation", |T| layer_norm_dx_rows::<T>(
+        let out = timed_on_float!(s1, self.name(), l1, |T| layer_norm_dx_rows::<T>(
             slice(s1, l1)?,
             slice(s2, l2)?,
             slice(s3, l3)?,
@@ -309,7 +309,7 @@ impl CustomOp2 for LayerNormGradParams {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let d = row_len(l1)?;
         same_size(l1, l2)?;
-        let out = on_float!(s1, "layer normalisation", |T| layer_norm_dparams::<T>(
+        let out = timed_on_float!(s1, self.name(), l1, |T| layer_norm_dparams::<T>(
             slice(s1, l1)?,
             slice(s2, l2)?,
             d,
@@ -369,7 +369,8 @@ impl CustomOp2 for RowOp {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let d = row_len(l1)?;
         params_len(l2, d, "the broadcast vector")?;
-        let out = on_float!(s1, "row broadcast", |T| row_broadcast_rows::<T>(slice(s1, l1)?, slice(s2, l2)?, *self));
+        let out =
+            timed_on_float!(s1, self.name(), l1, |T| row_broadcast_rows::<T>(slice(s1, l1)?, slice(s2, l2)?, *self));
         Ok((out, l1.shape().clone()))
     }
 
@@ -422,7 +423,7 @@ impl CustomOp2 for ColumnSums {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let d = row_len(l1)?;
         same_size(l1, l2)?;
-        let out = on_float!(s1, "row broadcast", |T| column_sums_of::<T>(
+        let out = timed_on_float!(s1, self.name(), l1, |T| column_sums_of::<T>(
             slice(s1, l1)?,
             slice(s2, l2)?,
             d,
