@@ -1,8 +1,8 @@
 //! Where a training step's time goes on MobileNetV2 (3x64x64, batch 32), or with
 //! MTPACK_PROFILE_MODEL=vit on the ViT-S/14 encoder (3x224x224, batch 8, cut at its final
-//! LayerNorm, class token): forward and backward wall time, the time of the convolution and
-//! BatchNorm kernels in one step (forward and backward passes; per shape with
-//! MTPACK_PROFILE_SHAPES=1), then forward time per op type.
+//! LayerNorm, class token): forward and backward wall time, the time of mtpack's kernels
+//! (convolution, BatchNorm, the transformer's row-wise ops) in one step, forward and
+//! backward passes (per shape with MTPACK_PROFILE_SHAPES=1), then forward time per op type.
 //! For finding the next bottleneck; the throughput figures themselves come from
 //! `cargo bench --bench train_throughput`.
 //!
