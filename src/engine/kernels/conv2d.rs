@@ -446,16 +446,18 @@ impl Conv2d {
         super::timing::timed(|| self.label(l1, l2), || self.pass_on(a, b, l1, l2))
     }
 
-    /// "conv2d <pass> <kind> <input shape>", for [`super::timing`].
+    /// "conv2d <pass> <kind> <input shape>", for [`super::timing`]; the kind is the one the
+    /// kernels dispatch on.
     fn label(&self, l1: &Layout, l2: &Layout) -> String {
-        let (pass, x, w) = match &self.pass {
-            Pass::Forward => ("forward", l1.dims(), l2.dims()),
-            Pass::GradInput(xs) => ("grad-input", &xs[..], l1.dims()),
-            Pass::GradWeight(ws) => ("grad-weight", l1.dims(), &ws[..]),
+        let (pass, x, w) = match self.pass {
+            Pass::Forward => ("forward", dims4(l1), dims4(l2)),
+            Pass::GradInput(xs) => ("grad-input", Ok(xs), dims4(l1)),
+            Pass::GradWeight(ws) => ("grad-weight", dims4(l1), Ok(ws)),
         };
-        let kind = match (self.p.groups, w) {
-            (g, _) if g > 1 && x.get(1) == Some(&g) => "depthwise",
-            (1, [.., 1, 1]) if self.p.stride == [1, 1] => "pointwise",
+        let (x, w) = (x.unwrap_or_default(), w.unwrap_or_default());
+        let kind = match Geometry::new(&x, &w, self.p) {
+            Ok(g) if g.depthwise() => "depthwise",
+            Ok(g) if g.pointwise() => "pointwise",
             _ => "dense",
         };
         format!("conv2d {pass} {kind} {x:?}")
