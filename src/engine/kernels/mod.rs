@@ -61,6 +61,10 @@ pub trait Real:
     /// The error function: to full precision in f64 (gradient checks), by a rational
     /// approximation within a few float32 ulps in f32 (GELU's hot loop).
     fn erf(self) -> Self;
+    /// e^x: the library's in f64 (gradient checks); in f32 a branch-free polynomial within
+    /// 2 ulps whose loops vectorise (softmax, GELU's gradient), where `f32::exp` is a
+    /// library call per element.
+    fn exp_fast(self) -> Self;
 }
 
 impl Real for f32 {
@@ -72,6 +76,11 @@ impl Real for f32 {
     fn erf(self) -> Self {
         erf_f32(self)
     }
+
+    #[inline(always)]
+    fn exp_fast(self) -> Self {
+        exp_f32(self)
+    }
 }
 
 impl Real for f64 {
@@ -81,6 +90,10 @@ impl Real for f64 {
 
     fn erf(self) -> Self {
         candle_core::cpu::erf::erf_f64(self)
+    }
+
+    fn exp_fast(self) -> Self {
+        self.exp()
     }
 }
 
@@ -107,6 +120,30 @@ fn erf_f32(v: f32) -> f32 {
         q = q * x2 + b;
     }
     x * p / q
+}
+
+/// e^x in float32 (Cephes' expf): x = n ln 2 + r with |r| <= ln 2 / 2, e^r by a degree-7
+/// polynomial, 2^n put into the exponent bits. n is rounded by adding 1.5 * 2^23 (the float's
+/// low mantissa bits then hold n), so nothing in it is a call or a branch. Inputs are clamped
+/// to where 2^n is a normal float: below -87.3 the result is 2^-126 rather than 0 (softmax's
+/// and the normal density's smallest terms, far below any sum they enter).
+#[inline(always)]
+#[allow(clippy::excessive_precision)]
+fn exp_f32(v: f32) -> f32 {
+    const ROUND: f32 = 12_582_912.0;
+    let x = v.clamp(-87.3, 88.3);
+    let shifted = x * std::f32::consts::LOG2_E + ROUND;
+    let n = shifted - ROUND;
+    // ln 2 in two parts, the first exact in float32, so n * ln 2 is subtracted without loss.
+    let r = x - n * 0.693_359_375 - n * -2.121_944_400_546_905_8e-4;
+    let mut p = 1.987_569_150_0e-4_f32;
+    for c in [1.398_199_950_7e-3, 8.333_451_907_3e-3, 4.166_579_589_4e-2, 1.666_666_545_9e-1, 5.000_000_120_1e-1] {
+        p = p * r + c;
+    }
+    let e = p * r * r + r + 1.0;
+    // n is in [-126, 127] after the clamp, so n + 127 is a valid biased exponent.
+    let n_bits = (shifted.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
+    e * f32::from_bits(((n_bits + 127) as u32) << 23)
 }
 
 /// The contiguous slice of a storage for a layout; kernels require contiguous inputs.
@@ -394,6 +431,22 @@ mod tests {
             .map(|x| (erf_f32(x as f32) as f64 - candle_core::cpu::erf::erf_f64(x)).abs())
             .fold(0.0, f64::max);
         assert!(worst < 4e-7, "largest error {worst}");
+    }
+
+    #[test]
+    fn float32_exp_is_within_two_ulps() {
+        let worst = (-87_000..=88_000)
+            .map(|i| i as f64 * 1e-3 + 1.7e-4)
+            .map(|x| {
+                let x32 = x as f32;
+                let exact = (x32 as f64).exp();
+                (exp_f32(x32) as f64 - exact).abs() / exact
+            })
+            .fold(0.0, f64::max);
+        assert!(worst < 2.0 * f32::EPSILON as f64, "largest relative error {worst}");
+        assert_eq!(exp_f32(0.0), 1.0);
+        assert!(exp_f32(-1e30) < 1.3e-38 && exp_f32(f32::NEG_INFINITY) < 1.3e-38);
+        assert!(exp_f32(1e30).is_finite());
     }
 
     #[test]

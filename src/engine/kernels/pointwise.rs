@@ -101,26 +101,43 @@ const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
 const TANH_CUBIC: f64 = 0.044_715;
 
 impl Gelu {
-    /// (gelu(x), d gelu / dx).
+    /// (gelu(x), d gelu / dx) by the tanh approximation.
     #[inline(always)]
-    fn eval<T: Real>(&self, x: T) -> (T, T) {
+    fn eval_tanh<T: Real>(x: T) -> (T, T) {
         let half = T::real(0.5);
-        if self.tanh {
-            let (c, k) = (T::real(SQRT_2_OVER_PI), T::real(TANH_CUBIC));
-            let t = (c * x * (T::one() + k * x * x)).tanh();
-            let dt = (T::one() - t * t) * c * (T::one() + T::real(3.0) * k * x * x);
-            (half * x * (T::one() + t), half * (T::one() + t) + half * x * dt)
-        } else {
-            let cdf = half * (T::one() + (x * T::real(std::f64::consts::FRAC_1_SQRT_2)).erf());
-            let pdf = (-half * x * x).exp() * T::real(0.398_942_280_401_432_7);
-            (x * cdf, cdf + x * pdf)
-        }
+        let (c, k) = (T::real(SQRT_2_OVER_PI), T::real(TANH_CUBIC));
+        let t = (c * x * (T::one() + k * x * x)).tanh();
+        let dt = (T::one() - t * t) * c * (T::one() + T::real(3.0) * k * x * x);
+        (half * x * (T::one() + t), half * (T::one() + t) + half * x * dt)
+    }
+
+    /// (gelu(x), d gelu / dx) exactly, through erf.
+    #[inline(always)]
+    fn eval_erf<T: Real>(x: T) -> (T, T) {
+        let half = T::real(0.5);
+        let cdf = half * (T::one() + (x * T::real(std::f64::consts::FRAC_1_SQRT_2)).erf());
+        let pdf = (-half * x * x).exp_fast() * T::real(0.398_942_280_401_432_7);
+        (x * cdf, cdf + x * pdf)
+    }
+
+    /// `f` of each of `len` items, chunk i of 4096 from `items(i)`, in parallel. Callers pick
+    /// the form (erf or tanh) outside the loop: with the choice inside, the compiler kept the
+    /// per-element function out of line, one call per element and no vector code.
+    #[inline(always)]
+    fn map_chunks<T: Real, I, It>(len: usize, items: impl Fn(usize) -> It + Sync, f: impl Fn(I) -> T + Sync) -> Vec<T>
+    where
+        It: Iterator<Item = I>,
+    {
+        // SAFETY: write_front returns exactly the count it wrote.
+        unsafe { par_written(len, 4096, |i, out| simd(|| write_front(out, items(i), &f))) }
     }
 
     fn forward<T: Real>(&self, x: &[T]) -> Vec<T> {
-        // SAFETY: each chunk writes one value per input element of its range.
-        unsafe {
-            par_written(x.len(), 4096, |i, out| simd(|| write_front(out, x[i * 4096..].iter(), |&v| self.eval(v).0)))
+        let items = |i: usize| x[i * 4096..].iter();
+        if self.tanh {
+            Self::map_chunks(x.len(), items, |&v| Self::eval_tanh(v).0)
+        } else {
+            Self::map_chunks(x.len(), items, |&v| Self::eval_erf(v).0)
         }
     }
 }
@@ -145,12 +162,11 @@ struct GeluGrad(Gelu);
 
 impl GeluGrad {
     fn pass<T: Real>(&self, x: &[T], dy: &[T]) -> Vec<T> {
-        // SAFETY: each chunk writes one value per input element of its range.
-        unsafe {
-            par_written(x.len(), 4096, |i, out| {
-                let items = x[i * 4096..].iter().zip(&dy[i * 4096..]);
-                simd(|| write_front(out, items, |(&v, &d)| d * self.0.eval(v).1))
-            })
+        let items = |i: usize| x[i * 4096..].iter().zip(&dy[i * 4096..]);
+        if self.0.tanh {
+            Gelu::map_chunks(x.len(), items, |(&v, &d)| d * Gelu::eval_tanh(v).1)
+        } else {
+            Gelu::map_chunks(x.len(), items, |(&v, &d)| d * Gelu::eval_erf(v).1)
         }
     }
 }

@@ -46,7 +46,7 @@ fn softmax_rows<T: Real>(x: &[T], d: usize) -> Vec<T> {
         simd(|| {
             let row = &x[r * d..(r + 1) * d];
             let m = row.iter().copied().fold(T::neg_infinity(), T::max);
-            let e: Vec<T> = row.iter().map(|&v| (v - m).exp()).collect();
+            let e: Vec<T> = row.iter().map(|&v| (v - m).exp_fast()).collect();
             let inv = T::one() / lanes_sum(&e);
             out.iter_mut().zip(&e).for_each(|(o, &v)| {
                 o.write(v * inv);

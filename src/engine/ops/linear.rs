@@ -61,3 +61,23 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
         Ok(y)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, IndexOp, Tensor};
+
+    /// Batched products (attention's heads) run whole products on separate threads (the
+    /// vendored candle's MatMul); each must equal the same product computed alone, where all
+    /// threads share it, to the bit.
+    #[test]
+    fn batched_products_equal_each_product_alone() -> candle_core::Result<()> {
+        let a = Tensor::randn(0f32, 1., (12, 257, 64), &Device::Cpu)?;
+        let b = Tensor::randn(0f32, 1., (12, 64, 257), &Device::Cpu)?;
+        let y = super::matmul(&a, &b)?;
+        for i in 0..12 {
+            let alone = a.i(i)?.matmul(&b.i(i)?)?;
+            assert_eq!(y.i(i)?.to_vec2::<f32>()?, alone.to_vec2::<f32>()?, "product {i}");
+        }
+        Ok(())
+    }
+}

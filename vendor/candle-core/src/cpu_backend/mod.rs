@@ -1499,10 +1499,9 @@ impl Map2 for MatMul {
             // over itself, so a stride-zero batch on lhs goes through the loop below.
             (b, m, n, k)
         };
-        for step in 0..b {
+        let product = |step: usize, dst_p: &mut [T], parallelism: Parallelism| {
             let lhs_p = &lhs[step * a_skip..];
             let rhs_p = &rhs[step * b_skip..];
-            let dst_p = &mut dst[step * c_skip..];
             unsafe {
                 gemm(
                     /* m: usize = */ m,
@@ -1525,6 +1524,19 @@ impl Map2 for MatMul {
                     /* conj_rhs: bool = */ false,
                     parallelism,
                 )
+            }
+        };
+        // mtpack: with at least two products per thread (attention's per-head products), the
+        // threads take whole products, each on one thread, instead of all threads splitting
+        // every small product in turn. gemm splits a product by output blocks, never along k,
+        // so each output element is summed in the same order either way.
+        if num_threads > 1 && b >= 2 * num_threads && c_skip > 0 {
+            dst.par_chunks_mut(c_skip)
+                .enumerate()
+                .for_each(|(step, dst_p)| product(step, dst_p, Parallelism::None));
+        } else {
+            for step in 0..b {
+                product(step, &mut dst[step * c_skip..], parallelism);
             }
         }
         Ok(dst)
