@@ -229,5 +229,13 @@ mod tests {
         for (a, b) in y32.iter().zip(&exact) {
             assert!((*a as f64 - b).abs() < 2e-6 * (1.0 + b.abs()), "{a} vs {b}");
         }
+        // So does its float32 gradient, through the polynomial exp (the float64 one uses libm's).
+        let (xs, xs32): (Vec<f64>, Vec<f32>) =
+            (x.flatten_all().unwrap().to_vec1().unwrap(), x32.flatten_all().unwrap().to_vec1().unwrap());
+        let dy = vec![1.0; xs.len()];
+        let grad = GeluGrad(Gelu { tanh: false });
+        for (a, b) in grad.pass(&xs32, &vec![1.0f32; xs.len()]).iter().zip(grad.pass(&xs, &dy)) {
+            assert!((*a as f64 - b).abs() < 2e-6 * (1.0 + b.abs()), "gradient {a} vs {b}");
+        }
     }
 }

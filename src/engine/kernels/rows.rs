@@ -462,8 +462,12 @@ mod tests {
         let y = softmax_last(&x).unwrap();
         let e = x.exp().unwrap();
         let want = e.broadcast_div(&e.sum_keepdim(D::Minus1).unwrap()).unwrap();
-        let diff = (y - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+        let diff = (y - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
         assert!(diff < 1e-12, "softmax differs by {diff}");
+        // float32 through the polynomial exp, within float32 rounding of the float64 result.
+        let y32 = softmax_last(&x.to_dtype(DType::F32).unwrap()).unwrap().to_dtype(DType::F64).unwrap();
+        let diff32 = (y32 - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+        assert!(diff32 < 1e-6, "float32 softmax differs by {diff32}");
         check_gradients(&[x], |v| softmax_last(&v[0]), 1e-6).unwrap();
     }
 
