@@ -2,7 +2,8 @@
 //! batch's own (`train()`), optionally followed by a clamp (the Clip/ReLU that follows
 //! almost every BatchNormalization in a CNN, folded in by the engine). One pass forward; the
 //! backward is one pass for the per-channel sums and one for the input gradient, where the
-//! composite candle expressions cost a pass and a buffer per elementary op.
+//! composite candle expressions cost a pass and a buffer per elementary op. Planes of 16
+//! elements or fewer go an image at a time instead (see `small`).
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -10,6 +11,8 @@ use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
 use super::{lanes_sum, par_planes, simd, slice, write_front, Real};
+
+mod small;
 
 /// Clamp applied to the normalised output: y = min(max(z, lo), hi).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -61,6 +64,12 @@ impl Normalise {
             ));
         }
         let clamp = self.clamp.map(|k| (T::real(k.lo), T::real(k.hi)));
+        if inner <= small::PLANE {
+            let kb: Vec<(T, T)> =
+                (0..c).map(|ch| affine(scale[ch], bias[ch], self.mean[ch], self.inv_std[ch])).collect();
+            let (k, b) = (small::spread(c, inner, |ch| kb[ch].0), small::spread(c, inner, |ch| kb[ch].1));
+            return Ok(small::normalise(x, [&k, &b], clamp));
+        }
         // SAFETY: the count returned is write_front's, which counts the elements it wrote.
         let y = unsafe {
             par_planes(
@@ -181,6 +190,23 @@ struct Gate {
 }
 
 impl Gate {
+    /// The mask spread over an image [c, inner], for the small-plane passes.
+    fn spread<T: Real>(&self, c: usize, inner: usize) -> small::Mask<T> {
+        let at = |v: &[f64], ch: usize| v.get(ch).copied().unwrap_or(0.0);
+        let kb: Vec<(T, T)> = (0..c)
+            .map(|ch| {
+                let (scale, bias) = (T::real(at(&self.scale, ch)), T::real(at(&self.bias, ch)));
+                affine(scale, bias, at(&self.mean, ch), at(&self.inv_std, ch))
+            })
+            .collect();
+        small::Mask {
+            k: small::spread(c, inner, |ch| kb[ch].0),
+            b: small::spread(c, inner, |ch| kb[ch].1),
+            lo: T::real(self.clamp.lo),
+            hi: T::real(self.clamp.hi),
+        }
+    }
+
     /// The mask of channel `ch`: (dy, x) -> dy where the clamp passes it, else 0.
     #[inline(always)]
     fn channel<T: Real>(&self, ch: usize) -> impl Fn(T, T) -> T {
@@ -214,6 +240,10 @@ impl GradPass for Sums {
     }
 
     fn pass<T: Real>(&self, [x, dy]: [&[T]; 2], (n, c, inner): (usize, usize, usize)) -> Vec<T> {
+        if inner <= small::PLANE {
+            let mask = self.gate.as_ref().map(|g| g.spread(c, inner));
+            return self.per_channel(small::sums(x, dy, (n, c, inner), mask.as_ref()));
+        }
         let totals = channel_totals(n, c, |p| {
             let span = p * inner..(p + 1) * inner;
             let planes = (&x[span.clone()], &dy[span]);
@@ -225,6 +255,13 @@ impl GradPass for Sums {
                 },
             )
         });
+        self.per_channel(totals)
+    }
+}
+
+impl Sums {
+    /// [2, C] from the per-channel sum(g * x) and sum(g): sum(g * xhat), then sum(g).
+    fn per_channel<T: Real>(&self, totals: Vec<[f64; 2]>) -> Vec<T> {
         let per: Vec<(T, T)> = totals
             .iter()
             .enumerate()
@@ -365,6 +402,15 @@ impl GradPass for Combine {
     }
 
     fn pass<T: Real>(&self, [dy, x]: [&[T]; 2], (_, c, inner): (usize, usize, usize)) -> Vec<T> {
+        if inner <= small::PLANE {
+            let spread = |v: &[f64]| small::spread(c, inner, |ch| T::real(v[ch]));
+            let (b, c0) = match self.batch {
+                true => (spread(&self.b), spread(&self.c0)),
+                false => (Vec::new(), Vec::new()),
+            };
+            let mask = self.gate.as_ref().map(|g| g.spread(c, inner));
+            return small::combine(dy, x, [&spread(&self.a), &b, &c0], mask.as_ref());
+        }
         // SAFETY: combine_plane returns write_front's count of the elements it wrote.
         unsafe {
             par_planes(
@@ -408,10 +454,21 @@ struct ChannelStats;
 
 impl ChannelStats {
     fn run<T: Real>(x: &[T], (n, c, inner): (usize, usize, usize)) -> Vec<T> {
+        let count = (n * inner).max(1) as f64;
+        if inner <= small::PLANE {
+            let mean: Vec<f64> = small::moments(x, (n, c, inner), None).iter().map(|s| s / count).collect();
+            let m = small::spread(c, inner, |ch| T::real(mean[ch]));
+            let var = small::moments(x, (n, c, inner), Some(&m));
+            return mean
+                .iter()
+                .chain(&var)
+                .enumerate()
+                .map(|(i, &v)| T::real(if i < c { v } else { v / count }))
+                .collect();
+        }
         let per: Vec<(T, T)> = (0..c)
             .into_par_iter()
             .map(|ch| {
-                let count = (n * inner).max(1) as f64;
                 let plane = |b: usize| &x[(b * c + ch) * inner..][..inner];
                 let total =
                     |f: &dyn Fn(&[T]) -> T| (0..n).map(|b| f(plane(b)).to_f64().unwrap_or(f64::NAN)).sum::<f64>();
@@ -508,9 +565,18 @@ mod tests {
         (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
     }
 
+    /// One shape per path: planes of 20 elements, and of 4 (the small-plane passes).
+    const SHAPES: [[usize; 4]; 2] = [[2, 3, 4, 5], [3, 3, 2, 2]];
+
     #[test]
     fn batch_norm_matches_the_formula_and_its_gradients() {
-        let x = seeded(&[2, 3, 4, 5], 1, DType::F64);
+        for shape in SHAPES {
+            batch_norm_matches_on(&shape);
+        }
+    }
+
+    fn batch_norm_matches_on(shape: &[usize]) {
+        let x = seeded(shape, 1, DType::F64);
         let (scale, bias) = (seeded(&[3], 2, DType::F64), seeded(&[3], 3, DType::F64));
         let mean = seeded(&[3], 4, DType::F64);
         let var = (seeded(&[3], 5, DType::F64).abs().unwrap() + 0.5).unwrap();
@@ -532,8 +598,14 @@ mod tests {
 
     #[test]
     fn training_batch_norm_gradients_include_the_batch_statistics() {
-        let x = seeded(&[3, 2, 3, 4], 7, DType::F64);
-        let (scale, bias) = (seeded(&[2], 8, DType::F64), seeded(&[2], 9, DType::F64));
+        for shape in SHAPES {
+            training_batch_norm_on(&shape);
+        }
+    }
+
+    fn training_batch_norm_on(shape: &[usize]) {
+        let x = seeded(shape, 7, DType::F64);
+        let (scale, bias) = (seeded(&[3], 8, DType::F64), seeded(&[3], 9, DType::F64));
         let (y, mean, var) = batch_norm_train(&x, &scale, &bias, 1e-5, None).unwrap();
         // The statistics are the batch's: the output is the formula with them.
         let want = reference(&x, [&scale, &bias, &mean, &var]);
@@ -548,6 +620,26 @@ mod tests {
                 1e-6,
             )
             .unwrap();
+        }
+    }
+
+    /// The statistics themselves (the tests above check outputs and gradients against
+    /// the statistics returned), in float32, on both paths.
+    #[test]
+    fn float32_statistics_match_candle_on_small_and_large_planes() {
+        for shape in [[32usize, 96, 2, 2], [32, 96, 4, 4], [8, 16, 8, 8]] {
+            let x = ((seeded(&shape, 11, DType::F32) * 2.0).unwrap() + 3.0).unwrap();
+            let (scale, bias) = (seeded(&shape[1..2], 12, DType::F32), seeded(&shape[1..2], 13, DType::F32));
+            let (_, mean, var) = batch_norm_train(&x, &scale, &bias, 1e-5, Some(Clamp { lo: 0.0, hi: 6.0 })).unwrap();
+            let xt = x.transpose(0, 1).unwrap().flatten_from(1).unwrap();
+            let m = xt.mean_keepdim(1).unwrap();
+            let v = xt.broadcast_sub(&m).unwrap().sqr().unwrap().mean(1).unwrap();
+            let (m, v): (Vec<f32>, Vec<f32>) = (m.flatten_all().unwrap().to_vec1().unwrap(), v.to_vec1().unwrap());
+            let (gm, gv): (Vec<f32>, Vec<f32>) = (mean.to_vec1().unwrap(), var.to_vec1().unwrap());
+            for ch in 0..shape[1] {
+                assert!((m[ch] - gm[ch]).abs() < 1e-4, "{shape:?} mean {ch}: {} vs {}", gm[ch], m[ch]);
+                assert!((v[ch] - gv[ch]).abs() < 1e-4, "{shape:?} var {ch}: {} vs {}", gv[ch], v[ch]);
+            }
         }
     }
 }

@@ -1,6 +1,7 @@
 //! 2-D convolution (NCHW, OIHW weights) with groups, strides, dilations and asymmetric
 //! padding, plus both gradients. Dense groups use im2col + GEMM; depthwise convolution (one
-//! input channel per group) runs on padded planes (see `depthwise`), which is what makes MobileNet-style backbones
+//! input channel per group) runs on padded planes (see `depthwise`), or channels-last on
+//! small maps (see `depthwise_small`), which is what makes MobileNet-style backbones
 //! train at a useful speed. Work is split over the batch with rayon.
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
@@ -9,9 +10,16 @@ use rayon::prelude::*;
 use std::ops::Range;
 
 use super::depthwise::{Plane, Scratch};
+use super::depthwise_small::SmallDepthwise;
 use std::mem::MaybeUninit;
 
 use super::{gemm, gemm_into, par_filled, par_written, simd, slice, Real};
+
+/// Output positions up to which a depthwise convolution runs channels-last (8x8 maps and
+/// smaller). On MobileNetV2's training step at 64x64 (examples/profile_step), against the
+/// padded planes: 2x2 maps 4-9x faster, 4x4 maps 2-3x, 8x8 maps 1.0-1.3x; 16x16 and 32x32
+/// maps 0.8x and 0.5-0.7x, where the transposes cost more than the planes' overhead.
+const SMALL_MAP: usize = 64;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConvParams {
@@ -215,6 +223,26 @@ impl Geometry {
         }
     }
 
+    /// The channels-last kernels of a depthwise convolution with multiplier 1 whose output
+    /// map has at most [`SMALL_MAP`] positions; None for every other convolution.
+    fn small(&self) -> Option<SmallDepthwise> {
+        if !self.depthwise() || self.cout_g != 1 || self.ohw() > SMALL_MAP {
+            return None;
+        }
+        let p = self.p;
+        let reads = |o: usize| {
+            let (oy, ox) = (o / self.ow, o % self.ow);
+            (0..self.kh).flat_map(move |ki| {
+                (0..self.kw).filter_map(move |kj| {
+                    let iy = Geometry::src(oy, ki, p.stride[0], p.dilation[0], p.pads[0], self.h)?;
+                    let ix = Geometry::src(ox, kj, p.stride[1], p.dilation[1], p.pads[1], self.w)?;
+                    Some((ki * self.kw + kj, iy * self.w + ix))
+                })
+            })
+        };
+        Some(SmallDepthwise::new([self.n, self.cin, self.h * self.w, self.ohw(), self.kh * self.kw], reads))
+    }
+
     /// The padded-plane layout of a depthwise convolution.
     fn plane(&self) -> Plane {
         Plane {
@@ -251,6 +279,9 @@ impl Geometry {
 }
 
 fn forward<T: Real>(x: &[T], w: &[T], g: &Geometry) -> candle_core::Result<Vec<T>> {
+    if let Some(small) = g.small() {
+        return Ok(small.forward(x, w));
+    }
     let (in_item, out_item) = (g.cin * g.h * g.w, g.cout * g.ohw());
     if g.depthwise() {
         // SAFETY: the depthwise kernel writes every element of the output planes it is given,
@@ -306,6 +337,9 @@ fn forward_unit<T: Real>(
 }
 
 fn backward_input<T: Real>(w: &[T], dy: &[T], g: &Geometry) -> candle_core::Result<Vec<T>> {
+    if let Some(small) = g.small() {
+        return Ok(small.backward_input(dy, w));
+    }
     let (in_item, out_item) = (g.cin * g.h * g.w, g.cout * g.ohw());
     if g.depthwise() {
         // SAFETY: the depthwise kernel writes every element of the input planes it is given
@@ -373,6 +407,9 @@ fn pointwise_backward_input<T: Real>(w: &[T], dy: &[T], g: &Geometry) -> candle_
 }
 
 fn backward_weight<T: Real>(x: &[T], dy: &[T], g: &Geometry) -> candle_core::Result<Vec<T>> {
+    if let Some(small) = g.small() {
+        return Ok(small.backward_weight(x, dy));
+    }
     let (in_item, out_item) = (g.cin * g.h * g.w, g.cout * g.ohw());
     let wlen = g.cout * g.k();
     // Units of images summed in order: the result does not depend on the thread count or
@@ -591,6 +628,11 @@ mod tests {
             ([5, 2, 12, 12], [4, 2, 3, 3], p(1, [1, 1, 1, 1], 1, 1)), // 3 images per GEMM, 2 left over
             ([2, 2, 9, 8], [2, 1, 3, 3], p(2, [2, 1, 0, 2], 2, 2)), // depthwise dilated, asymmetric
             ([1, 2, 11, 10], [4, 1, 5, 5], p(3, [2, 2, 1, 0], 2, 1)), // depthwise 5x5 stride 3, multiplier 2
+            // Depthwise with multiplier 1 on maps over SMALL_MAP positions: the padded planes
+            // (the depthwise cases above with multiplier 1 run channels-last).
+            ([2, 3, 10, 9], [3, 1, 3, 3], p(1, [1, 1, 1, 1], 3, 1)),
+            ([1, 2, 19, 17], [2, 1, 3, 3], p(2, [1, 0, 1, 1], 2, 1)),
+            ([2, 5, 3, 2], [5, 1, 3, 3], p(1, [1, 1, 1, 1], 5, 1)), // channels-last, 3x2 map
         ]
     }
 

@@ -43,6 +43,7 @@ macro_rules! timed_on_float {
 pub mod batchnorm;
 pub mod conv2d;
 mod depthwise;
+mod depthwise_small;
 pub mod pointwise;
 pub mod pool2d;
 pub mod rows;
