@@ -1,4 +1,5 @@
-//! Where a training step's time goes on MobileNetV2 (3x64x64, batch 32), or with
+//! Where a training step's time goes on MobileNetV2 (3x64x64, batch 32; 3x224x224, batch 16
+//! with MTPACK_PROFILE_SIZE=224), or with
 //! MTPACK_PROFILE_MODEL=vit on the ViT-S/14 encoder (3x224x224, batch 8, cut at its final
 //! LayerNorm, class token): forward and backward wall time, the time of mtpack's kernels
 //! (convolution, BatchNorm, the transformer's row-wise ops) in one step, forward and
@@ -74,7 +75,11 @@ fn mobilenetv2() -> anyhow::Result<Setup> {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/models/mobilenetv2_imagenet.onnx");
     let backbone = Model::load(&path)?;
     let model = add_heads(&backbone, "features", &[("task".into(), LinearHead::init(10, 1280, 0))], true)?;
-    Ok((model, "input", (32, 3, 64, 64)))
+    // MTPACK_PROFILE_SIZE=224: the 3x224x224 batch-16 step of the throughput bench.
+    match std::env::var("MTPACK_PROFILE_SIZE").is_ok_and(|s| s == "224") {
+        true => Ok((model, "input", (16, 3, 224, 224))),
+        false => Ok((model, "input", (32, 3, 64, 64))),
+    }
 }
 
 fn vit_model() -> anyhow::Result<Setup> {

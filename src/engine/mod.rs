@@ -58,15 +58,25 @@ pub fn to_candle_on(t: &crate::tensor::Tensor, float: DType, dev: &Device) -> ca
     use crate::tensor::Tensor as H;
     let shape = t.shape().to_vec();
     let v = match t {
-        H::F32(a) => Tensor::from_iter(a.iter().copied(), dev)?.to_dtype(float)?,
-        H::F64(a) => Tensor::from_iter(a.iter().copied(), dev)?.to_dtype(float)?,
-        H::I64(a) => Tensor::from_iter(a.iter().copied(), dev)?,
+        H::F32(a) => flat(a, dev)?.to_dtype(float)?,
+        H::F64(a) => flat(a, dev)?.to_dtype(float)?,
+        H::I64(a) => flat(a, dev)?,
         H::I32(a) => Tensor::from_iter(a.iter().map(|&v| v as i64), dev)?,
         H::I8(a) => Tensor::from_iter(a.iter().map(|&v| v as i64), dev)?,
-        H::U8(a) => Tensor::from_iter(a.iter().copied(), dev)?,
+        H::U8(a) => flat(a, dev)?,
         H::Bool(a) => Tensor::from_iter(a.iter().map(|&v| v as u8), dev)?,
     };
     v.reshape(shape)
+}
+
+/// The elements of `a` in logical order as a 1-D tensor: one copy of the buffer when it is
+/// already in that order (a batch always is), where going element by element through
+/// ndarray's n-dimensional iterator was 3% of a MobileNetV2 `adapt` at 64x64 (perf).
+fn flat<T: candle_core::WithDType>(a: &ndarray::ArrayD<T>, dev: &Device) -> candle_core::Result<Tensor> {
+    match a.as_slice() {
+        Some(s) => Tensor::from_slice(s, s.len(), dev),
+        None => Tensor::from_iter(a.iter().copied(), dev),
+    }
 }
 
 /// candle tensor to host; floats come back as float32.
@@ -552,5 +562,21 @@ impl Engine {
                 .map_err(|source| EngineError::Candle { context: t.name().to_string(), source: Box::new(source) })?;
             Ok(Some(host))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_tensors_convert_in_logical_order_whatever_their_layout() {
+        let a = ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[2, 3]), (0..6).map(|v| v as f32).collect()).unwrap();
+        let c = to_candle(&crate::tensor::Tensor::F32(a.clone()), DType::F32).unwrap();
+        assert_eq!(c.to_vec2::<f32>().unwrap(), [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]);
+        // Transposed in place: the buffer is not in logical order.
+        let t = crate::tensor::Tensor::F32(a.reversed_axes());
+        let c = to_candle(&t, DType::F64).unwrap();
+        assert_eq!(c.to_vec2::<f64>().unwrap(), [[0.0, 3.0], [1.0, 4.0], [2.0, 5.0]]);
     }
 }

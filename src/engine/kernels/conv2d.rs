@@ -17,8 +17,9 @@ use super::{gemm, gemm_into, par_filled, par_written, simd, slice, Real};
 
 /// Output positions up to which a depthwise convolution runs channels-last (8x8 maps and
 /// smaller). On MobileNetV2's training step at 64x64 (examples/profile_step), against the
-/// padded planes: 2x2 maps 4-9x faster, 4x4 maps 2-3x, 8x8 maps 1.0-1.3x; 16x16 and 32x32
-/// maps 0.8x and 0.5-0.7x, where the transposes cost more than the planes' overhead.
+/// padded planes: 2x2 maps 4-9x faster, 4x4 maps 2-3x, 8x8 maps 1.0-1.3x (7x7 at 224x224:
+/// even); 16x16 and 32x32 maps 0.8x and 0.5-0.7x, where the transposes cost more than the
+/// planes' overhead.
 const SMALL_MAP: usize = 64;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
