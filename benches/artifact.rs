@@ -340,6 +340,10 @@ fn measure(s: &Setup, base: &mut Baseline, backbone: &'static str, method: Metho
     }
 }
 
+/// Large freed blocks kept for reuse, as the `mtpack` binary does (see `mtpack::alloc`).
+#[global_allocator]
+static ALLOC: mtpack::alloc::Recycling = mtpack::alloc::Recycling::new();
+
 fn main() {
     if let Some(path) = std::env::var_os("MTPACK_BENCH_MEMORY_OF") {
         let mode = std::env::var("MTPACK_BENCH_MEMORY_MODE").unwrap_or_default();

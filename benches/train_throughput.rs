@@ -69,6 +69,10 @@ fn per_second(images: usize, f: impl FnMut()) -> f64 {
     (images * steps) as f64 / t.elapsed().as_secs_f64()
 }
 
+/// Large freed blocks kept for reuse, as the `mtpack` binary does (see `mtpack::alloc`).
+#[global_allocator]
+static ALLOC: mtpack::alloc::Recycling = mtpack::alloc::Recycling::new();
+
 fn main() {
     mtpack::alloc::tune_for_training();
     // The sequence first, while this process is small: a child's peak resident memory as

@@ -23,6 +23,10 @@ use mtpack::methods::{MethodKind, MethodParams};
 use mtpack::plan::{BatchNormMode, Plan, TaskPlan};
 use mtpack::train::Hyper;
 
+/// Large freed blocks kept for reuse, as the `mtpack` binary does (see `mtpack::alloc`).
+#[global_allocator]
+static ALLOC: mtpack::alloc::Recycling = mtpack::alloc::Recycling::new();
+
 fn main() -> anyhow::Result<()> {
     mtpack::alloc::tune_for_training();
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));

@@ -17,6 +17,10 @@ use mtpack::graph::heads::{add_heads, LinearHead};
 use mtpack::onnx::Model;
 use mtpack::train::loss;
 
+/// Large freed blocks kept for reuse, as the `mtpack` binary does (see `mtpack::alloc`).
+#[global_allocator]
+static ALLOC: mtpack::alloc::Recycling = mtpack::alloc::Recycling::new();
+
 fn main() -> anyhow::Result<()> {
     mtpack::alloc::tune_for_training();
     let vit = std::env::var("MTPACK_PROFILE_MODEL").is_ok_and(|m| m == "vit");

@@ -88,6 +88,10 @@ struct Row {
     probe: Option<f64>,
 }
 
+/// Large freed blocks kept for reuse, as the `mtpack` binary does (see `mtpack::alloc`).
+#[global_allocator]
+static ALLOC: mtpack::alloc::Recycling = mtpack::alloc::Recycling::new();
+
 fn main() -> anyhow::Result<()> {
     mtpack::alloc::tune_for_training();
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));

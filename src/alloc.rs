@@ -4,7 +4,12 @@
 //! defaults, buffers over 128 KiB come from fresh mmap calls and go back to the kernel on
 //! free, so each training step pays page faults and page zeroing for every activation and
 //! gradient (a third of the step time on MobileNetV2, measured with perf). Keeping such
-//! buffers in the heap lets them be reused.
+//! buffers in the heap lets them be reused. Past glibc's largest threshold (32 MiB) the
+//! binaries' global allocator, [`Recycling`], keeps freed blocks for the next request of
+//! their size.
+
+mod recycle;
+pub use recycle::Recycling;
 
 /// Raises glibc's mmap and trim thresholds (a no-op on other platforms), and stops candle's
 /// pool threads from spinning between ops.

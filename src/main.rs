@@ -6,6 +6,10 @@
 
 use std::process::ExitCode;
 
+/// Large freed blocks kept for the next request of their size (see `mtpack::alloc`).
+#[global_allocator]
+static ALLOC: mtpack::alloc::Recycling = mtpack::alloc::Recycling::new();
+
 fn main() -> ExitCode {
     mtpack::alloc::tune_for_training();
     match mtpack::cli::main() {
