@@ -275,6 +275,9 @@ fn training_rate(model: &Model, input: &str, x: &Tensor, y: &[i64], batch: usize
     let task = Task { input, logits: "task/logits", extra_outputs: &[], x: &xc, y };
     let mut opt = Optimizer::new(OptimConfig::sgd(0.01, 0.9, 0.0));
     let mut epoch = 0;
+    // Each measured step is a one-batch epoch; `adapt`'s epochs keep freed large blocks
+    // from one step to the next, so the measurement does too.
+    let _keep = mtpack::alloc::keep_large_blocks();
     let rate = per_second(batch, || {
         let (tasks, mut hooks) = (std::slice::from_ref(&task), NoHooks::default());
         let mut progress = |_, _, _| std::ops::ControlFlow::Continue(());

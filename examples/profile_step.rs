@@ -30,6 +30,8 @@ fn main() -> anyhow::Result<()> {
     // Batch-statistics BatchNorm, as `mtpack adapt` and the throughput bench train.
     engine.set_training(true);
     let x = Tensor::randn(0f32, 1f32, shape, &Device::Cpu)?;
+    // As `adapt`'s training loop: freed large blocks are kept for the next step.
+    let _keep = mtpack::alloc::keep_large_blocks();
     let y = Tensor::new(vec![1i64; shape.0], &Device::Cpu)?;
     // MTPACK_PROFILE_ROUNDS: more rounds to dilute warm-up in a `perf record` of this example.
     let rounds: usize = std::env::var("MTPACK_PROFILE_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);

@@ -6,10 +6,10 @@
 //! gradient (a third of the step time on MobileNetV2, measured with perf). Keeping such
 //! buffers in the heap lets them be reused. Past glibc's largest threshold (32 MiB) the
 //! binaries' global allocator, [`Recycling`], keeps freed blocks for the next request of
-//! their size.
+//! their size while the training loop runs ([`keep_large_blocks`]).
 
 mod recycle;
-pub use recycle::Recycling;
+pub use recycle::{keep_large_blocks, KeepGuard, Recycling};
 
 /// Raises glibc's mmap and trim thresholds (a no-op on other platforms), and stops candle's
 /// pool threads from spinning between ops.

@@ -140,6 +140,8 @@ impl EpochRun<'_> {
         mut step: impl FnMut(usize, &B) -> Result<(usize, f64, usize), TrainError>,
     ) -> Result<EpochEnd, TrainError> {
         let started = Instant::now();
+        // The steps allocate and free the same large activations every step: keep them.
+        let _keep = crate::alloc::keep_large_blocks();
         let EpochRun { epoch, lr, done: mut part, progress, .. } = self;
         let base = part.seconds;
         for (i, b) in order.iter().enumerate().skip(part.steps) {
