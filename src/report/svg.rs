@@ -214,8 +214,11 @@ fn place_labels(points: &[(f64, f64)], widths: &[f64]) -> Vec<(f64, f64)> {
     for i in order {
         let (x, mut y) = (points[i].0 + 8.0, points[i].1 + 4.0);
         let w = widths.get(i).copied().unwrap_or(0.0);
+        // A label pushed to py + 14 can still test closer than 14 to py by a rounding
+        // (58.00000000000001 + 14 = 72.0): without the margin that label was pushed to the
+        // same place forever, and `report` hung on a real bench.
         while let Some(&(_, py, _)) =
-            placed.iter().find(|&&(px, py, pw)| (y - py).abs() < 14.0 && x < px + pw && px < x + w)
+            placed.iter().find(|&&(px, py, pw)| (y - py).abs() < 14.0 - 1e-6 && x < px + pw && px < x + w)
         {
             y = py + 14.0;
         }
@@ -372,6 +375,40 @@ pub fn without_text(svg: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn labels_that_crowd_one_spot_are_stacked_and_placing_them_ends() {
+        // A real bench's (forgetting, average accuracy): the piggyback label was pushed to
+        // 58.00000000000001 + 14 = 72.0, which tests closer than 14 to 58.00000000000001,
+        // and placing it never ended.
+        let points: Vec<(String, f64, f64)> = [
+            ("finetune", 0.41715352697095437, 0.5725454126325497),
+            ("feature-extract", 0.0, 0.8470823728292608),
+            ("joint", 0.004500000000000004, 0.904833871215614),
+            ("lwf", 0.09006016597510369, 0.8111140310434917),
+            ("ewc", 0.04200000000000004, 0.8489309973874288),
+            ("packnet", 0.0, 0.9257376671277086),
+            ("piggyback", 0.0, 0.8787946826494544),
+        ]
+        .map(|(n, x, y)| (n.to_string(), x, y))
+        .to_vec();
+        let chart = scatter(&points, "forgetting", "average accuracy");
+        let labels: Vec<(f64, f64)> = chart
+            .svg
+            .lines()
+            .filter(|l| l.starts_with("<circle"))
+            .filter_map(|l| {
+                let at = |k: &str| l.split(k).nth(1)?.split('"').nth(1)?.parse::<f64>().ok();
+                Some((at(" x=")?, at(" y=")?))
+            })
+            .collect();
+        assert_eq!(labels.len(), points.len());
+        for (i, a) in labels.iter().enumerate() {
+            for b in &labels[i + 1..] {
+                assert!((a.1 - b.1).abs() >= 13.9 || (a.0 - b.0).abs() > 100.0, "labels overlap: {a:?} {b:?}");
+            }
+        }
+    }
 
     #[test]
     fn series_past_the_palette_are_dashed_so_none_look_alike() {
