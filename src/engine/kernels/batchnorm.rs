@@ -67,7 +67,7 @@ impl Normalise {
         if inner <= small::PLANE {
             let kb: Vec<(T, T)> =
                 (0..c).map(|ch| affine(scale[ch], bias[ch], self.mean[ch], self.inv_std[ch])).collect();
-            let (k, b) = (small::spread(c, inner, |ch| kb[ch].0), small::spread(c, inner, |ch| kb[ch].1));
+            let [k, b] = small::spread_affine(inner, &kb);
             return Ok(small::normalise(x, [&k, &b], clamp));
         }
         // SAFETY: the count returned is write_front's, which counts the elements it wrote.
@@ -199,12 +199,8 @@ impl Gate {
                 affine(scale, bias, at(&self.mean, ch), at(&self.inv_std, ch))
             })
             .collect();
-        small::Mask {
-            k: small::spread(c, inner, |ch| kb[ch].0),
-            b: small::spread(c, inner, |ch| kb[ch].1),
-            lo: T::real(self.clamp.lo),
-            hi: T::real(self.clamp.hi),
-        }
+        let [k, b] = small::spread_affine(inner, &kb);
+        small::Mask { k, b, lo: T::real(self.clamp.lo), hi: T::real(self.clamp.hi) }
     }
 
     /// The mask of channel `ch`: (dy, x) -> dy where the clamp passes it, else 0.

@@ -17,6 +17,12 @@ pub(super) fn spread<T: Copy>(c: usize, inner: usize, per: impl Fn(usize) -> T) 
     (0..c).flat_map(|ch| std::iter::repeat_n(per(ch), inner)).collect()
 }
 
+/// Per-channel affine maps (k, b) spread over an image [c, inner]: [k, b].
+pub(super) fn spread_affine<T: Copy>(inner: usize, kb: &[(T, T)]) -> [Vec<T>; 2] {
+    let c = kb.len();
+    [spread(c, inner, |ch| kb[ch].0), spread(c, inner, |ch| kb[ch].1)]
+}
+
 /// The clamp's gradient mask per element: dy passes where lo < x * k + b < hi, z computed
 /// as the forward pass computed it.
 pub(super) struct Mask<T> {
