@@ -89,6 +89,7 @@ fn main() -> anyhow::Result<()> {
             method,
             seed,
             device: Default::default(),
+            kernels: Default::default(),
             batchnorm: match (frozen_bn_lr, own_defaults) {
                 (Some(_), _) => Some(BatchNormMode::Frozen),
                 (None, true) => None,

@@ -278,6 +278,9 @@ pub fn run(plan: &Plan, opts: &Options) -> Result<Manifest, AdaptError> {
         prepared.push(data::prepare(t, backbone.input_shape.as_deref(), plan.seed)?);
     }
     let device = crate::runtime::device::candle_device(plan.device).map_err(AdaptError::Device)?;
+    if !opts.quiet {
+        eprintln!("{}", where_it_runs(plan));
+    }
     let pack = Pack::new(&opts.pack);
     // Held until the run ends, however it ends: one writer per pack.
     let _writing = pack.lock_exclusive(opts.wait)?;
@@ -293,7 +296,7 @@ pub fn run(plan: &Plan, opts: &Options) -> Result<Manifest, AdaptError> {
         data: &prepared,
         device: &device,
         quiet: opts.quiet,
-        agreement: task::agreement_reference(&pack, &backbone, &prepared)?,
+        agreement: task::agreement_reference(&pack, &backbone, &prepared, &device)?,
         trial: false,
     };
     for t in 0..plan.tasks.len() {
@@ -316,4 +319,21 @@ pub fn run(plan: &Plan, opts: &Options) -> Result<Manifest, AdaptError> {
         runner.learn(t, method.as_mut(), &mut manifest)?;
     }
     Ok(manifest)
+}
+
+/// Which library runs each part of `adapt`, on which device: never left for the user to guess.
+fn where_it_runs(plan: &Plan) -> String {
+    use crate::engine::kernels::Kernels;
+    use crate::runtime::device::DeviceChoice;
+    match (plan.device, plan.kernels) {
+        (DeviceChoice::Cpu, Kernels::Native) => {
+            "runs on the CPU: training in candle with mtpack's kernels; frozen prefix, recorded outputs and evaluation in ONNX Runtime".into()
+        }
+        (DeviceChoice::Cpu, Kernels::Portable) => {
+            "runs on the CPU: training in candle with its portable ops (what a GPU runs); frozen prefix, recorded outputs and evaluation in ONNX Runtime".into()
+        }
+        (DeviceChoice::Cuda, _) => {
+            "runs on cuda: training in candle with its portable ops; frozen prefix, recorded outputs and evaluation in mtpack's engine on cuda (the ONNX Runtime mtpack loads is a CPU build); export and verify run on the CPU".into()
+        }
+    }
 }

@@ -43,11 +43,12 @@ impl Runner<'_> {
         let (input, feature) = (&self.backbone.record.input, &self.backbone.record.feature);
         let backbone_only = cut::prefix(model, feature)?;
         let d = &self.data[t];
-        let train = prefix::features(&backbone_only, input, feature, &d.train_x, None)?;
-        let test = prefix::features(&backbone_only, input, feature, &d.test_x, None)?;
+        let train = prefix::features(&backbone_only, input, feature, &d.train_x, None, self.device)?;
+        let test = prefix::features(&backbone_only, input, feature, &d.test_x, None, self.device)?;
         let suffix = cut::suffix(model, feature)?;
-        let engine = Engine::new(&suffix, &|n| head_params.contains(n), DType::F32, self.device)
+        let mut engine = Engine::new(&suffix, &|n| head_params.contains(n), DType::F32, self.device)
             .map_err(crate::train::TrainError::from)?;
+        engine.set_kernels(self.plan.kernels);
         let x = to_candle_on(&train, DType::F32, self.device).map_err(candle("probe features"))?;
         let task = crate::train::Task { input: feature, logits, extra_outputs: &[], x: &x, y: &d.train_y };
         let config = OptimConfig {
@@ -80,7 +81,7 @@ impl Runner<'_> {
             }
         }
         let probed = engine.export(&suffix).map_err(crate::train::TrainError::from)?;
-        let out = eval::run_batched(&probed, feature, logits, &test, eval::eval_batch(&test))?;
+        let out = eval::run_batched_on(self.device, &probed, feature, logits, &test, eval::eval_batch(&test))?;
         let accuracy = eval::accuracy(&out, &d.test_y)?;
         let head = engine
             .params()

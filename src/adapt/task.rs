@@ -99,11 +99,12 @@ pub fn agreement_reference(
     pack: &Pack,
     b: &Backbone,
     data: &[TaskData],
+    dev: &Device,
 ) -> Result<Option<(Tensor, Vec<i64>)>, AdaptError> {
     let (Some(own), Some(first)) = (&b.record.own_head, data.first()) else { return Ok(None) };
     let x = head_rows(&first.test_x, AGREEMENT_IMAGES);
     let original = Model::load(&pack.backbone())?;
-    let out = eval::run_batched(&original, &b.record.input, &own.output, &x, eval::eval_batch(&x))?;
+    let out = eval::run_batched_on(dev, &original, &b.record.input, &own.output, &x, eval::eval_batch(&x))?;
     Ok(Some((x, eval::argmax_rows(&out)?)))
 }
 
@@ -182,6 +183,7 @@ impl Runner<'_> {
         let graph_model = if fe { cut::suffix(&model, &self.backbone.record.feature)? } else { model.clone() };
         let mut engine = Engine::new(&graph_model, &|n| method.trainable(n, &ctx), DType::F32, self.device)
             .map_err(TrainError::from)?;
+        engine.set_kernels(self.plan.kernels);
         method.prepare_engine(&mut engine, &ctx)?;
         let mut opt = Optimizer::new(hyper.optim);
         let restored = checkpoint::restore(&self.pack.checkpoint_dir(), &names.name, &engine, &mut opt, method)?;
@@ -249,8 +251,8 @@ impl Runner<'_> {
             names
                 .iter()
                 .map(|n| {
-                    let out =
-                        eval::run_batched(model, &self.backbone.record.input, n, train_x, eval::eval_batch(train_x))?;
+                    let input = &self.backbone.record.input;
+                    let out = eval::run_batched_on(self.device, model, input, n, train_x, eval::eval_batch(train_x))?;
                     to_candle_on(&out, DType::F32, self.device).map_err(candle("recorded outputs"))
                 })
                 .collect()
@@ -461,6 +463,7 @@ impl Runner<'_> {
             &self.backbone.record.feature,
             &self.data[k].train_x,
             Some(&cache),
+            self.device,
         )?)
     }
 
@@ -514,7 +517,8 @@ impl Runner<'_> {
         Ok(())
     }
 
-    /// Accuracy on every column's held-out data through ONNX Runtime after task `t`.
+    /// Accuracy on every column's held-out data after task `t` (ONNX Runtime; the engine on
+    /// a GPU).
     fn evaluate(
         &self,
         model: &Model,
@@ -527,14 +531,16 @@ impl Runner<'_> {
         let col = usize::from(self.backbone.record.own_head.is_some());
         if let (Some(own), Some((x, reference))) = (&self.backbone.record.own_head, &self.agreement) {
             let view = method.view(model, None)?;
-            let out = eval::run_batched(view.as_ref().unwrap_or(model), input, &own.output, x, eval::eval_batch(x))?;
+            let viewed = view.as_ref().unwrap_or(model);
+            let out = eval::run_batched_on(self.device, viewed, input, &own.output, x, eval::eval_batch(x))?;
             row[0] = Some(eval::accuracy(&out, reference)?);
         }
         let first = if self.trial { t } else { 0 };
         for (k, task) in self.plan.tasks.iter().enumerate().take(t + 1).skip(first) {
             let (logits, _) = head_names(&task.name);
             let view = method.view(model, Some(k))?;
-            let out = eval::run_batched(
+            let out = eval::run_batched_on(
+                self.device,
                 view.as_ref().unwrap_or(model),
                 input,
                 &logits,

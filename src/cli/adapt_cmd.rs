@@ -6,6 +6,7 @@ use anyhow::Context;
 
 use super::{print_json, Outcome};
 use crate::adapt::{self, report, Options};
+use crate::engine::kernels::Kernels;
 use crate::methods::{MethodKind, MethodParams};
 use crate::plan::{self, BatchNormMode, Plan, TaskPlan};
 use crate::runtime::device::DeviceChoice;
@@ -47,6 +48,10 @@ pub struct Args {
     /// Where training runs; cuda needs a CUDA build and never falls back to the CPU.
     #[arg(long, value_enum, default_value = "cpu")]
     pub device: DeviceChoice,
+    /// Which op implementations train: mtpack's CPU kernels (native), or candle's portable
+    /// ops, the ones a GPU runs; portable on the CPU checks a GPU run's computation.
+    #[arg(long, value_enum, default_value = "native")]
+    pub kernels: Kernels,
     /// BatchNormalization while the backbone trains: batch statistics with running
     /// averages updated (batch, PyTorch's train()) or the recorded ones (frozen)
     /// [default: frozen for lwf on a backbone with BatchNormalization, else batch].
@@ -99,6 +104,7 @@ fn plan_from_flags(a: &Args) -> Plan {
         method: a.method.unwrap_or(MethodKind::Lwf),
         seed: a.seed,
         device: a.device,
+        kernels: a.kernels,
         batchnorm: a.batchnorm,
         at: a.at.clone(),
         pool: a.pool,

@@ -2,6 +2,7 @@
 
 mod adapt_cmd;
 mod bench_cmd;
+mod check_device_cmd;
 mod data_cmd;
 mod export_cmd;
 mod graph_cmd;
@@ -51,6 +52,8 @@ pub enum Command {
     Inspect(inspect_cmd::Args),
     /// Run a model on inputs from a safetensors file in ONNX Runtime, tract, or both.
     Run(run_cmd::Args),
+    /// Check that training on a GPU (or with the portable ops) computes what the CPU computes.
+    CheckDevice(Box<check_device_cmd::Args>),
     /// Import and examine task datasets.
     #[command(subcommand)]
     Data(data_cmd::DataCommand),
@@ -78,6 +81,7 @@ pub fn main() -> anyhow::Result<Outcome> {
         Command::Report(a) => report_cmd::run(a, cli.quiet),
         Command::Inspect(a) => inspect_cmd::run(a),
         Command::Run(a) => run_cmd::run(a),
+        Command::CheckDevice(a) => check_device_cmd::run(*a, cli.quiet),
         Command::Data(c) => data_cmd::run(c, cli.quiet),
         Command::Graph(c) => graph_cmd::run(c),
     }

@@ -7,6 +7,7 @@ mod fuse;
 pub mod gradcheck;
 pub mod kernels;
 mod ops;
+pub mod portable;
 pub mod registry;
 mod session;
 
@@ -122,6 +123,8 @@ pub struct Engine {
     device: Device,
     training: std::sync::Arc<std::sync::atomic::AtomicBool>,
     calibrating: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// mtpack's CPU kernels or candle's portable ops (always portable off the CPU).
+    kernels: kernels::Kernels,
     /// Steps whose outputs depend only on constants and on the shapes of the graph inputs
     /// (shape arithmetic, constants expanded to the batch, resized position embeddings).
     statics: Vec<bool>,
@@ -335,6 +338,7 @@ impl Engine {
             device: device.clone(),
             training,
             calibrating,
+            kernels: kernels::Kernels::Native,
             statics,
             static_cache: Default::default(),
         })
@@ -354,6 +358,12 @@ impl Engine {
     /// uses the recorded statistics (`eval()`).
     pub fn set_training(&self, on: bool) {
         self.training.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Runs the portable ops on the CPU too (`--kernels portable`): the computation a GPU
+    /// engine does, to compare against the CPU kernels.
+    pub fn set_kernels(&mut self, k: kernels::Kernels) {
+        self.kernels = k;
     }
 
     pub fn input_names(&self) -> &[String] {
@@ -433,6 +443,15 @@ impl Engine {
         &self,
         inputs: &[(&str, Tensor)],
         wanted: &[&str],
+        times: Option<&mut HashMap<String, std::time::Duration>>,
+    ) -> Result<Vec<Tensor>, EngineError> {
+        kernels::with_kernels(self.kernels, || self.run_steps_with(inputs, wanted, times))
+    }
+
+    fn run_steps_with(
+        &self,
+        inputs: &[(&str, Tensor)],
+        wanted: &[&str],
         mut times: Option<&mut HashMap<String, std::time::Duration>>,
     ) -> Result<Vec<Tensor>, EngineError> {
         let mut env = self.bind_inputs(inputs)?;
@@ -461,6 +480,7 @@ impl Engine {
             }
             let args: Vec<Option<Tensor>> =
                 s.inputs.iter().map(|n| n.as_deref().and_then(|n| lookup(&env, n))).collect();
+            let args = self.on_device(s, args)?;
             let outs = self.run_step(s, &args, times.as_deref_mut())?;
             for (name, t) in s.outputs.iter().zip(outs) {
                 if !name.is_empty() {
@@ -487,6 +507,27 @@ impl Engine {
                     tensor: w.to_string(),
                     problem: "not computed by the graph".into(),
                 })
+            })
+            .collect()
+    }
+
+    /// On an accelerator, a step reading both device tensors and CPU ones (what Shape, Range
+    /// and the like produce, on the CPU) gets the CPU ones moved to the device: candle refuses
+    /// ops across devices. Shape arithmetic among CPU tensors stays on the CPU, and nothing
+    /// moves on the CPU.
+    fn on_device(&self, s: &Step, args: Vec<Option<Tensor>>) -> Result<Vec<Option<Tensor>>, EngineError> {
+        if self.device.is_cpu() || args.iter().flatten().all(|t| t.device().is_cpu()) {
+            return Ok(args);
+        }
+        args.into_iter()
+            .map(|a| match a {
+                Some(t) if t.device().is_cpu() => {
+                    t.to_device(&self.device).map(Some).map_err(|e| EngineError::Candle {
+                        context: format!("moving an input of {} to the device", s.label),
+                        source: Box::new(e),
+                    })
+                }
+                other => Ok(other),
             })
             .collect()
     }

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::data::Preprocessing;
+use crate::engine::kernels::Kernels;
 use crate::methods::{MethodKind, MethodParams};
 use crate::runtime::device::DeviceChoice;
 use crate::train::Hyper;
@@ -102,6 +103,9 @@ pub struct Plan {
     pub seed: u64,
     #[serde(default)]
     pub device: DeviceChoice,
+    /// mtpack's CPU kernels (native) or candle's portable ops, which a GPU always runs.
+    #[serde(default, skip_serializing_if = "is_native")]
+    pub kernels: Kernels,
     /// None: the method's default for the backbone (see `Plan::for_backbone`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batchnorm: Option<BatchNormMode>,
@@ -140,6 +144,10 @@ pub struct Plan {
     pub tasks: Vec<TaskPlan>,
 }
 
+fn is_native(k: &Kernels) -> bool {
+    *k == Kernels::Native
+}
+
 impl Plan {
     /// A plan with every setting at its default.
     pub fn new(backbone: Option<PathBuf>, method: MethodKind, tasks: Vec<TaskPlan>) -> Plan {
@@ -148,6 +156,7 @@ impl Plan {
             method,
             seed: 0,
             device: DeviceChoice::default(),
+            kernels: Kernels::Native,
             batchnorm: None,
             at: None,
             pool: None,
@@ -422,6 +431,7 @@ mod tests {
             method,
             seed: 0,
             device: Default::default(),
+            kernels: Default::default(),
             batchnorm: mode,
             at: None,
             pool: None,

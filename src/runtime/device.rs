@@ -22,6 +22,29 @@ pub fn candle_device(choice: DeviceChoice) -> Result<candle_core::Device, Runtim
 
 #[cfg(feature = "cuda-train")]
 fn cuda_device() -> Result<candle_core::Device, RuntimeError> {
+    // cudarc loads these when first called and panics when one is missing; ask first. Safety:
+    // each only tries to open the library by its names.
+    let present = unsafe {
+        [
+            (
+                "the CUDA driver (libcuda.so.1; is there an NVIDIA GPU and its driver?)",
+                cudarc::driver::sys::is_culib_present(),
+            ),
+            ("cuBLAS (libcublas.so.13)", cudarc::cublas::sys::is_culib_present()),
+            ("cuBLASLt (libcublasLt.so.13)", cudarc::cublaslt::sys::is_culib_present()),
+            ("cuRAND (libcurand.so.10)", cudarc::curand::sys::is_culib_present()),
+        ]
+    };
+    let missing: Vec<&str> = present.iter().filter(|(_, here)| !here).map(|(what, _)| *what).collect();
+    if !missing.is_empty() {
+        return Err(RuntimeError::Device {
+            device: "cuda".into(),
+            why: format!(
+                "cannot load {}: put the CUDA 13 libraries on LD_LIBRARY_PATH (PyTorch's CUDA wheels hold them under site-packages/nvidia)",
+                missing.join(", ")
+            ),
+        });
+    }
     candle_core::Device::new_cuda(0).map_err(|e| RuntimeError::Device { device: "cuda".into(), why: e.to_string() })
 }
 
@@ -56,7 +79,9 @@ fn cuda_providers() -> Result<Vec<ort::ep::ExecutionProviderDispatch>, RuntimeEr
     })
 }
 
-#[cfg(test)]
+// A CUDA training build has neither error to test (the GPU's own checks are
+// scripts/gpu-check.sh's).
+#[cfg(all(test, not(feature = "cuda-train")))]
 mod tests {
     use super::*;
 

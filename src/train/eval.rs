@@ -1,7 +1,10 @@
-//! Accuracy through ONNX Runtime on the engine's current weights.
+//! Accuracy through ONNX Runtime on the engine's current weights, and the batched runs
+//! `adapt` evaluates and records with (ONNX Runtime on the CPU, the engine on a GPU).
 
 use super::TrainError;
-use crate::engine::Engine;
+use candle_core::{DType, Device};
+
+use crate::engine::{from_candle, to_candle_on, Engine};
 use crate::onnx::Model;
 use crate::runtime::ort_rt::OrtSession;
 use crate::runtime::Backend;
@@ -30,16 +33,8 @@ pub fn run_batched_with(
     x: &Tensor,
     batch: usize,
 ) -> Result<Tensor, TrainError> {
-    let exposed;
-    let model = if model.graph().output.iter().any(|o| o.name() == output) {
-        model
-    } else {
-        // A tensor inside the graph, such as the logits a backbone's own head turns into
-        // probabilities with a Softmax (LwF distils logits).
-        let g = model.graph();
-        exposed = crate::graph::Patch::new().add_output(crate::graph::cut::value_info_for(g, output)).apply(model)?;
-        &exposed
-    };
+    let exposed = expose(model, output)?;
+    let model = exposed.as_ref().unwrap_or(model);
     let mut session = OrtSession::from_bytes(&model.to_bytes(), &model.origin.display().to_string())?;
     let n = x.shape().first().copied().unwrap_or(0);
     let mut parts: Vec<ndarray::ArrayD<f32>> = Vec::new();
@@ -59,9 +54,55 @@ pub fn run_batched_with(
             other => return Err(TrainError::Invalid(format!("output '{output}' is {}, not float32", other.dtype()))),
         }
     }
+    stack(&parts)
+}
+
+fn stack(parts: &[ndarray::ArrayD<f32>]) -> Result<Tensor, TrainError> {
     let views: Vec<_> = parts.iter().map(|a| a.view()).collect();
     let stacked = ndarray::concatenate(ndarray::Axis(0), &views).map_err(super::invalid("stacking the outputs"))?;
     Ok(Tensor::F32(stacked))
+}
+
+/// `model` with `output` made a graph output when it is a tensor inside the graph, such as
+/// the logits a backbone's own head turns into probabilities with a Softmax (LwF distils
+/// logits); `None` when it already is one.
+fn expose(model: &Model, output: &str) -> Result<Option<Model>, TrainError> {
+    if model.graph().output.iter().any(|o| o.name() == output) {
+        return Ok(None);
+    }
+    let g = model.graph();
+    Ok(Some(crate::graph::Patch::new().add_output(crate::graph::cut::value_info_for(g, output)).apply(model)?))
+}
+
+/// `run_batched` where `adapt` trains: ONNX Runtime on the CPU; on an accelerator, mtpack's
+/// engine on that device (the ONNX Runtime library mtpack loads is a CPU build), in
+/// inference mode.
+pub fn run_batched_on(
+    dev: &Device,
+    model: &Model,
+    input: &str,
+    output: &str,
+    x: &Tensor,
+    batch: usize,
+) -> Result<Tensor, TrainError> {
+    if dev.is_cpu() {
+        return run_batched(model, input, output, x, batch);
+    }
+    let exposed = expose(model, output)?;
+    let engine = Engine::new(exposed.as_ref().unwrap_or(model), &|_| false, DType::F32, dev)?;
+    let n = x.shape().first().copied().unwrap_or(0);
+    let mut parts: Vec<ndarray::ArrayD<f32>> = Vec::new();
+    for start in (0..n).step_by(batch.max(1)) {
+        let xb = to_candle_on(&rows(x, start, (start + batch).min(n))?, DType::F32, dev)
+            .map_err(super::candle("evaluation inputs"))?;
+        let out = engine.forward_to(&[(input, xb)], &[output])?;
+        let t = out.first().ok_or_else(|| TrainError::Invalid(format!("model has no output '{output}'")))?;
+        match from_candle(t).map_err(super::candle("evaluation outputs"))? {
+            Tensor::F32(a) => parts.push(a),
+            other => return Err(TrainError::Invalid(format!("output '{output}' is {}, not float32", other.dtype()))),
+        }
+    }
+    stack(&parts)
 }
 
 fn rows(x: &Tensor, start: usize, end: usize) -> Result<Tensor, TrainError> {

@@ -3,6 +3,7 @@
 //! and the frozen prefix computed once in ONNX Runtime.
 
 mod batches;
+pub mod device_check;
 pub mod eval;
 pub mod hyper;
 pub mod loss;

@@ -6,6 +6,7 @@ mod backbones;
 mod bad_input;
 mod bench;
 mod data;
+mod device;
 mod export;
 mod fuzz;
 mod graph;

@@ -74,8 +74,8 @@ fn cached_prefix_gives_the_same_loss_and_gradients() {
     // The prefix once in ONNX Runtime (through a cache file), the head in candle.
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("prefix.safetensors");
-    let f = prefix::features(&model, "input", "features", &x, Some(&cache)).unwrap();
-    let again = prefix::features(&model, "input", "features", &x, Some(&cache)).unwrap();
+    let f = prefix::features(&model, "input", "features", &x, Some(&cache), &candle_core::Device::Cpu).unwrap();
+    let again = prefix::features(&model, "input", "features", &x, Some(&cache), &candle_core::Device::Cpu).unwrap();
     assert_eq!(f, again, "the cache must return what was computed");
     let suffix = mtpack::graph::cut::suffix(&model, "features").unwrap();
     let part = Engine::new(&suffix, &head, DType::F32, &Device::Cpu).unwrap();

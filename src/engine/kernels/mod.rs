@@ -40,6 +40,44 @@ macro_rules! timed_on_float {
     };
 }
 
+/// Which implementation an op takes: mtpack's CPU kernels, or compositions of candle's own
+/// ops that run on any device ([`crate::engine::portable`]). A CUDA engine always runs the
+/// portable ones; a CPU engine can be told to (`--kernels portable`), which is how the
+/// computation a GPU does is checked on a machine without one.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kernels {
+    /// mtpack's kernels on the CPU, the portable ones elsewhere.
+    #[default]
+    Native,
+    /// candle's ops on every device.
+    Portable,
+}
+
+thread_local! {
+    // Set for the span of one engine forward pass on the thread that runs it (the op
+    // dispatch; the kernels' worker threads never choose).
+    static PORTABLE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether an op on `t` takes mtpack's CPU kernel.
+pub fn native(t: &candle_core::Tensor) -> bool {
+    t.device().is_cpu() && !PORTABLE.with(std::cell::Cell::get)
+}
+
+/// Runs `f` with the portable implementations chosen on this thread (or not), restoring the
+/// previous choice after.
+pub fn with_kernels<R>(k: Kernels, f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            PORTABLE.with(|p| p.set(self.0));
+        }
+    }
+    let _restore = Restore(PORTABLE.with(|p| p.replace(k == Kernels::Portable)));
+    f()
+}
+
 pub mod batchnorm;
 pub mod conv2d;
 mod depthwise;

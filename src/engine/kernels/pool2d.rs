@@ -27,7 +27,9 @@ pub struct PoolParams {
     pub ceil_mode: bool,
 }
 
-fn out_size(size: usize, k: usize, s: usize, d: usize, p0: usize, p1: usize, ceil: bool) -> Option<usize> {
+/// Output length of a window sweep over `size` (pads p0, p1), or `None` when the window does
+/// not fit; ceil mode as ONNX Runtime and PyTorch count it.
+pub(crate) fn out_size(size: usize, k: usize, s: usize, d: usize, p0: usize, p1: usize, ceil: bool) -> Option<usize> {
     let span = d * (k.max(1) - 1) + 1;
     let room = (size + p0 + p1).checked_sub(span)?;
     let mut out = if ceil { room.div_ceil(s) } else { room / s } + 1;

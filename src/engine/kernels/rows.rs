@@ -443,7 +443,7 @@ pub fn row_broadcast(x: &Tensor, v: &Tensor, op: RowOp) -> candle_core::Result<O
         && v.elem_count() == d
         && x.dtype() == v.dtype()
         && matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
-        && x.device().is_cpu();
+        && super::native(x);
     if !fits {
         return Ok(None);
     }

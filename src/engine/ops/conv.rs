@@ -4,7 +4,9 @@ use candle_core::Tensor;
 
 use super::{invalid, opt, req};
 use crate::engine::kernels::conv2d::{conv2d, ConvParams};
+use crate::engine::kernels::native;
 use crate::engine::kernels::pool2d::{pool2d, PoolKind, PoolParams};
+use crate::engine::portable;
 use crate::engine::registry::{BuildCtx, FnOp, Op, OpSpec, Registry};
 use crate::engine::EngineError;
 use crate::onnx::attr;
@@ -121,11 +123,7 @@ fn build_conv(node: &NodeProto, _: &BuildCtx) -> Result<Box<dyn Op>, EngineError
         let r = w.resolve(input.dims().get(2..).unwrap_or_default(), &kernel)?;
         let p = ConvParams { stride: r.stride, dilation: r.dilation, pads: r.pads, groups };
         let weight = if weight.rank() == 3 { weight.unsqueeze(2)? } else { weight.clone() };
-        let y =
-            as_2d(
-                input,
-                |x4| if x4.device().is_cpu() { conv2d(x4, &weight, p) } else { conv2d_device(x4, &weight, p) },
-            )?;
+        let y = as_2d(input, |x4| if native(x4) { conv2d(x4, &weight, p) } else { portable::conv2d(x4, &weight, p) })?;
         let y = match opt(x, 2) {
             Some(b) => {
                 let mut shape = vec![1usize; y.rank()];
@@ -136,16 +134,6 @@ fn build_conv(node: &NodeProto, _: &BuildCtx) -> Result<Box<dyn Op>, EngineError
         };
         Ok(vec![y])
     })))
-}
-
-/// Convolution on an accelerator with candle's own kernels (mtpack's kernels are CPU-only):
-/// asymmetric padding becomes explicit zero padding.
-fn conv2d_device(x: &Tensor, w: &Tensor, p: ConvParams) -> candle_core::Result<Tensor> {
-    if p.stride[0] != p.stride[1] || p.dilation[0] != p.dilation[1] {
-        return Err(candle_core::Error::Msg("unequal strides or dilations are supported on the CPU only".into()));
-    }
-    let x = x.pad_with_zeros(2, p.pads[0], p.pads[2])?.pad_with_zeros(3, p.pads[1], p.pads[3])?;
-    x.conv2d(w, 0, p.stride[0], p.dilation[0], p.groups)
 }
 
 fn build_pool(node: &NodeProto, kind: PoolKind) -> Result<Box<dyn Op>, EngineError> {
@@ -159,10 +147,7 @@ fn build_pool(node: &NodeProto, kind: PoolKind) -> Result<Box<dyn Op>, EngineErr
         let input = req(x, 0)?;
         let r = w.resolve(input.dims().get(2..).unwrap_or_default(), &kernel)?;
         let p = PoolParams { kind, kernel: r.kernel, stride: r.stride, dilation: r.dilation, pads: r.pads, ceil_mode };
-        if !input.device().is_cpu() {
-            return Err(candle_core::Error::Msg("MaxPool/AveragePool train on the CPU only".into()));
-        }
-        Ok(vec![as_2d(input, |x4| pool2d(x4, p))?])
+        Ok(vec![as_2d(input, |x4| if native(x4) { pool2d(x4, p) } else { portable::pool2d(x4, p) })?])
     })))
 }
 

@@ -73,7 +73,7 @@ fn hard_sigmoid(a: &Tensor, alpha: f64, beta: f64) -> candle_core::Result<Tensor
 
 /// Clamp with optional bounds; the fused kernel on the CPU.
 fn clamp(a: &Tensor, lo: Option<f64>, hi: Option<f64>) -> candle_core::Result<Tensor> {
-    if a.device().is_cpu() && a.dtype().is_float() {
+    if crate::engine::kernels::native(a) && a.dtype().is_float() {
         return crate::engine::kernels::pointwise::clamp(
             a,
             lo.unwrap_or(f64::NEG_INFINITY),
@@ -146,7 +146,7 @@ fn build_gelu(node: &NodeProto, _: &BuildCtx) -> Res {
 pub(crate) fn gelu_op(tanh: bool) -> Box<dyn Op> {
     Box::new(FnOp(move |x: &[Option<Tensor>]| {
         let a = req(x, 0)?;
-        let y = if a.device().is_cpu() && matches!(a.dtype(), DType::F32 | DType::F64) {
+        let y = if crate::engine::kernels::native(a) && matches!(a.dtype(), DType::F32 | DType::F64) {
             crate::engine::kernels::pointwise::gelu(a, tanh)?
         } else if tanh {
             a.gelu()?
@@ -171,7 +171,11 @@ fn build_softmax(node: &NodeProto, ctx: &BuildCtx, log: bool) -> Res {
             return Err(candle_core::Error::Msg("Softmax before opset 13 is supported on the last axis only".into()));
         }
         let a = if a.dtype() == DType::F16 { a.to_dtype(DType::F32)? } else { a.clone() };
-        if !log && d + 1 == a.rank() && a.device().is_cpu() && matches!(a.dtype(), DType::F32 | DType::F64) {
+        if !log
+            && d + 1 == a.rank()
+            && crate::engine::kernels::native(&a)
+            && matches!(a.dtype(), DType::F32 | DType::F64)
+        {
             return Ok(vec![crate::engine::kernels::rows::softmax_last(&a)?]);
         }
         let shifted = a.broadcast_sub(&a.max_keepdim(d)?.detach())?;

@@ -5,6 +5,8 @@ use candle_core::Tensor;
 
 use super::{axis, ints, opt, req};
 use crate::engine::kernels::batchnorm::{self, Clamp};
+use crate::engine::kernels::native;
+use crate::engine::portable;
 use crate::engine::registry::{BuildCtx, FnOp, Op, OpSpec, Registry};
 use crate::engine::EngineError;
 use crate::onnx::attr;
@@ -51,8 +53,12 @@ pub fn build_batch_norm_clamped(
     Ok(Box::new(FnOp(move |x: &[Option<Tensor>]| {
         let (input, scale, bias, mean, var) = (req(x, 0)?, req(x, 1)?, req(x, 2)?, req(x, 3)?, req(x, 4)?);
         let r = input.rank();
-        if stateful && training.load(std::sync::atomic::Ordering::Relaxed) && input.device().is_cpu() && r >= 2 {
-            let (y, bm, bv) = batchnorm::batch_norm_train(input, scale, bias, eps, clamp)?;
+        if stateful && training.load(std::sync::atomic::Ordering::Relaxed) && r >= 2 {
+            let (y, bm, bv) = if native(input) {
+                batchnorm::batch_norm_train(input, scale, bias, eps, clamp)?
+            } else {
+                portable::batch_norm_train(input, scale, bias, eps, clamp)?
+            };
             let momentum = if calibrating.load(std::sync::atomic::Ordering::Relaxed) { 0.0 } else { momentum };
             // Running variance takes the unbiased batch variance, as PyTorch does.
             let m = (input.elem_count() / bm.elem_count().max(1)) as f64;
@@ -61,7 +67,7 @@ pub fn build_batch_norm_clamped(
             let new_var = (var.affine(momentum, 0.0)? + unbiased.affine(1.0 - momentum, 0.0)?)?;
             return Ok(vec![y, new_mean, new_var]);
         }
-        if input.device().is_cpu() && r >= 2 {
+        if native(input) && r >= 2 {
             return Ok(vec![batchnorm::batch_norm(input, [scale, bias, mean, var], eps, clamp)?]);
         }
         // y = (x - mean) * scale / sqrt(var + eps) + bias; scale and bias may be trainable.
@@ -70,7 +76,7 @@ pub fn build_batch_norm_clamped(
         let mut y =
             input.broadcast_sub(&per_channel(mean, r)?)?.broadcast_mul(&k)?.broadcast_add(&per_channel(bias, r)?)?;
         if let Some(c) = clamp {
-            y = y.maximum(c.lo)?.minimum(c.hi)?;
+            y = portable::clamped(&y, c)?;
         }
         Ok(vec![y])
     })))
@@ -103,7 +109,7 @@ fn layer_norm(
     let d = input.dims().last().copied().unwrap_or(0);
     let fits = |t: &Tensor| t.elem_count() == d && t.dtype() == input.dtype();
     let float = matches!(input.dtype(), candle_core::DType::F32 | candle_core::DType::F64);
-    if first == last && input.device().is_cpu() && float && fits(scale) && bias.is_none_or(fits) {
+    if first == last && crate::engine::kernels::native(input) && float && fits(scale) && bias.is_none_or(fits) {
         let zeros;
         let bias = match bias {
             Some(b) => b,
