@@ -296,7 +296,12 @@ pub fn run(plan: &Plan, opts: &Options) -> Result<Manifest, AdaptError> {
         data: &prepared,
         device: &device,
         quiet: opts.quiet,
-        agreement: task::agreement_reference(&pack, &backbone, &prepared, &device)?,
+        agreement: task::agreement_reference(
+            &pack,
+            &backbone,
+            &prepared,
+            crate::train::eval::Inference::beside_training(&device, plan.kernels),
+        )?,
         trial: false,
     };
     for t in 0..plan.tasks.len() {
@@ -330,7 +335,7 @@ fn where_it_runs(plan: &Plan) -> String {
             "runs on the CPU: training in candle with mtpack's kernels; frozen prefix, recorded outputs and evaluation in ONNX Runtime".into()
         }
         (DeviceChoice::Cpu, Kernels::Portable) => {
-            "runs on the CPU: training in candle with its portable ops (what a GPU runs); frozen prefix, recorded outputs and evaluation in ONNX Runtime".into()
+            "runs on the CPU as a GPU run would: training in candle with its portable ops; frozen prefix, recorded outputs and evaluation in mtpack's engine with the same ops".into()
         }
         (DeviceChoice::Cuda, _) => {
             "runs on cuda: training in candle with its portable ops; frozen prefix, recorded outputs and evaluation in mtpack's engine on cuda (the ONNX Runtime mtpack loads is a CPU build); export and verify run on the CPU".into()

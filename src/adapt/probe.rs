@@ -43,8 +43,8 @@ impl Runner<'_> {
         let (input, feature) = (&self.backbone.record.input, &self.backbone.record.feature);
         let backbone_only = cut::prefix(model, feature)?;
         let d = &self.data[t];
-        let train = prefix::features(&backbone_only, input, feature, &d.train_x, None, self.device)?;
-        let test = prefix::features(&backbone_only, input, feature, &d.test_x, None, self.device)?;
+        let train = prefix::features(&backbone_only, input, feature, &d.train_x, None, self.inference())?;
+        let test = prefix::features(&backbone_only, input, feature, &d.test_x, None, self.inference())?;
         let suffix = cut::suffix(model, feature)?;
         let mut engine = Engine::new(&suffix, &|n| head_params.contains(n), DType::F32, self.device)
             .map_err(crate::train::TrainError::from)?;
@@ -81,7 +81,7 @@ impl Runner<'_> {
             }
         }
         let probed = engine.export(&suffix).map_err(crate::train::TrainError::from)?;
-        let out = eval::run_batched_on(self.device, &probed, feature, logits, &test, eval::eval_batch(&test))?;
+        let out = eval::run_batched_on(self.inference(), &probed, feature, logits, &test, eval::eval_batch(&test))?;
         let accuracy = eval::accuracy(&out, &d.test_y)?;
         let head = engine
             .params()

@@ -99,12 +99,12 @@ pub fn agreement_reference(
     pack: &Pack,
     b: &Backbone,
     data: &[TaskData],
-    dev: &Device,
+    how: eval::Inference,
 ) -> Result<Option<(Tensor, Vec<i64>)>, AdaptError> {
     let (Some(own), Some(first)) = (&b.record.own_head, data.first()) else { return Ok(None) };
     let x = head_rows(&first.test_x, AGREEMENT_IMAGES);
     let original = Model::load(&pack.backbone())?;
-    let out = eval::run_batched_on(dev, &original, &b.record.input, &own.output, &x, eval::eval_batch(&x))?;
+    let out = eval::run_batched_on(how, &original, &b.record.input, &own.output, &x, eval::eval_batch(&x))?;
     Ok(Some((x, eval::argmax_rows(&out)?)))
 }
 
@@ -252,7 +252,8 @@ impl Runner<'_> {
                 .iter()
                 .map(|n| {
                     let input = &self.backbone.record.input;
-                    let out = eval::run_batched_on(self.device, model, input, n, train_x, eval::eval_batch(train_x))?;
+                    let out =
+                        eval::run_batched_on(self.inference(), model, input, n, train_x, eval::eval_batch(train_x))?;
                     to_candle_on(&out, DType::F32, self.device).map_err(candle("recorded outputs"))
                 })
                 .collect()
@@ -453,6 +454,11 @@ impl Runner<'_> {
         AdaptError::Interrupted { pack: self.pack.dir.clone(), task: task.to_string(), epoch, step }
     }
 
+    /// What runs the frozen prefix, recorded outputs and evaluation (see `eval::Inference`).
+    pub(super) fn inference(&self) -> eval::Inference<'_> {
+        eval::Inference::beside_training(self.device, self.plan.kernels)
+    }
+
     /// Frozen-backbone features of task `k`'s training images, cached in the pack.
     fn features(&self, model: &Model, k: usize) -> Result<Tensor, AdaptError> {
         let cache = self.pack.state_dir().join(format!("features_{}.safetensors", self.plan.tasks[k].name));
@@ -463,7 +469,7 @@ impl Runner<'_> {
             &self.backbone.record.feature,
             &self.data[k].train_x,
             Some(&cache),
-            self.device,
+            self.inference(),
         )?)
     }
 
@@ -532,7 +538,7 @@ impl Runner<'_> {
         if let (Some(own), Some((x, reference))) = (&self.backbone.record.own_head, &self.agreement) {
             let view = method.view(model, None)?;
             let viewed = view.as_ref().unwrap_or(model);
-            let out = eval::run_batched_on(self.device, viewed, input, &own.output, x, eval::eval_batch(x))?;
+            let out = eval::run_batched_on(self.inference(), viewed, input, &own.output, x, eval::eval_batch(x))?;
             row[0] = Some(eval::accuracy(&out, reference)?);
         }
         let first = if self.trial { t } else { 0 };
@@ -540,7 +546,7 @@ impl Runner<'_> {
             let (logits, _) = head_names(&task.name);
             let view = method.view(model, Some(k))?;
             let out = eval::run_batched_on(
-                self.device,
+                self.inference(),
                 view.as_ref().unwrap_or(model),
                 input,
                 &logits,

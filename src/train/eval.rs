@@ -4,6 +4,7 @@
 use super::TrainError;
 use candle_core::{DType, Device};
 
+use crate::engine::kernels::Kernels;
 use crate::engine::{from_candle, to_candle_on, Engine};
 use crate::onnx::Model;
 use crate::runtime::ort_rt::OrtSession;
@@ -74,22 +75,42 @@ fn expose(model: &Model, output: &str) -> Result<Option<Model>, TrainError> {
     Ok(Some(crate::graph::Patch::new().add_output(crate::graph::cut::value_info_for(g, output)).apply(model)?))
 }
 
-/// `run_batched` where `adapt` trains: ONNX Runtime on the CPU; on an accelerator, mtpack's
-/// engine on that device (the ONNX Runtime library mtpack loads is a CPU build), in
-/// inference mode.
+/// What runs a model forward for `adapt` outside training (the frozen prefix, recorded
+/// outputs, evaluation): ONNX Runtime where training runs on the CPU's kernels; where it runs
+/// on a GPU, mtpack's engine there (the ONNX Runtime library mtpack loads is a CPU build),
+/// and with `--kernels portable` the engine with the portable ops on the CPU, so that a CPU
+/// run takes every path a GPU run takes.
+#[derive(Clone, Copy, Debug)]
+pub enum Inference<'a> {
+    Ort,
+    Engine { device: &'a Device, kernels: Kernels },
+}
+
+impl<'a> Inference<'a> {
+    pub fn beside_training(device: &'a Device, kernels: Kernels) -> Inference<'a> {
+        if device.is_cpu() && kernels == Kernels::Native {
+            Inference::Ort
+        } else {
+            Inference::Engine { device, kernels }
+        }
+    }
+}
+
+/// `run_batched` by `how`: ONNX Runtime, or the engine in inference mode.
 pub fn run_batched_on(
-    dev: &Device,
+    how: Inference,
     model: &Model,
     input: &str,
     output: &str,
     x: &Tensor,
     batch: usize,
 ) -> Result<Tensor, TrainError> {
-    if dev.is_cpu() {
+    let Inference::Engine { device: dev, kernels } = how else {
         return run_batched(model, input, output, x, batch);
-    }
+    };
     let exposed = expose(model, output)?;
-    let engine = Engine::new(exposed.as_ref().unwrap_or(model), &|_| false, DType::F32, dev)?;
+    let mut engine = Engine::new(exposed.as_ref().unwrap_or(model), &|_| false, DType::F32, dev)?;
+    engine.set_kernels(kernels);
     let n = x.shape().first().copied().unwrap_or(0);
     let mut parts: Vec<ndarray::ArrayD<f32>> = Vec::new();
     for start in (0..n).step_by(batch.max(1)) {

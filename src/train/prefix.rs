@@ -6,7 +6,7 @@ use std::path::Path;
 
 use sha2::{Digest, Sha256};
 
-use super::eval::run_batched_on;
+use super::eval::{run_batched_on, Inference};
 use super::TrainError;
 use crate::graph::cut;
 use crate::onnx::Model;
@@ -26,7 +26,7 @@ pub fn cache_key(model: &Model, cut_at: &str, x: &Tensor) -> String {
 }
 
 /// Outputs of the model's prefix up to `cut_at` for every row of `x`, computed in ONNX
-/// Runtime (on a GPU `dev`, by the engine there). With `cache`, a file from an identical earlier computation is reused and a new
+/// Runtime, or as `how` says. With `cache`, a file from an identical earlier computation is reused and a new
 /// result is written there (atomically).
 pub fn features(
     model: &Model,
@@ -34,7 +34,7 @@ pub fn features(
     cut_at: &str,
     x: &Tensor,
     cache: Option<&Path>,
-    dev: &candle_core::Device,
+    how: Inference,
 ) -> Result<Tensor, TrainError> {
     let key = cache_key(model, cut_at, x);
     if let Some(path) = cache.filter(|p| p.exists()) {
@@ -48,7 +48,7 @@ pub fn features(
         }
     }
     let prefix = cut::prefix(model, cut_at)?;
-    let f = run_batched_on(dev, &prefix, input, cut_at, x, 128)?;
+    let f = run_batched_on(how, &prefix, input, cut_at, x, 128)?;
     if let Some(path) = cache {
         let meta = HashMap::from([(CACHE_KEY.to_string(), key)]);
         store::save(path, &[("features", &f)], meta)?;

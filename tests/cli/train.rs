@@ -7,6 +7,7 @@ use mtpack::engine::{to_candle, Engine};
 use mtpack::graph::heads::{add_heads, LinearHead};
 use mtpack::onnx::Model;
 use mtpack::tensor::Tensor;
+use mtpack::train::eval::Inference;
 use mtpack::train::{eval, loss, prefix, train_epoch, EpochRun, NoHooks, OptimConfig, Optimizer, Task};
 use std::ops::ControlFlow;
 
@@ -74,9 +75,15 @@ fn cached_prefix_gives_the_same_loss_and_gradients() {
     // The prefix once in ONNX Runtime (through a cache file), the head in candle.
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("prefix.safetensors");
-    let f = prefix::features(&model, "input", "features", &x, Some(&cache), &candle_core::Device::Cpu).unwrap();
-    let again = prefix::features(&model, "input", "features", &x, Some(&cache), &candle_core::Device::Cpu).unwrap();
+    let f = prefix::features(&model, "input", "features", &x, Some(&cache), Inference::Ort).unwrap();
+    let again = prefix::features(&model, "input", "features", &x, Some(&cache), Inference::Ort).unwrap();
     assert_eq!(f, again, "the cache must return what was computed");
+    // What a GPU run computes the prefix with: the engine (here with the portable ops).
+    let portable = Inference::Engine { device: &Device::Cpu, kernels: mtpack::engine::kernels::Kernels::Portable };
+    let on_engine = prefix::features(&model, "input", "features", &x, None, portable).unwrap();
+    let d = mtpack::tensor::max_abs_diff(&f, &on_engine).unwrap();
+    let scale = f.as_f32().unwrap().iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
+    assert!(d <= 1e-6 * scale.max(1.0), "the engine's prefix differs from ONNX Runtime's by {d} (largest value {scale})");
     let suffix = mtpack::graph::cut::suffix(&model, "features").unwrap();
     let part = Engine::new(&suffix, &head, DType::F32, &Device::Cpu).unwrap();
     let logits = part.forward_to(&[("features", to_candle(&f, DType::F32).unwrap())], &["fashion/logits"]).unwrap();
