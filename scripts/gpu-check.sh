@@ -4,7 +4,8 @@
 # scripts/build-cuda.sh builds on any machine. In under 8 minutes on an H200 it runs
 #   1. parity: MobileNetV2's outputs and 20 training steps (every layer and BatchNorm
 #      training on batch statistics) on CUDA against the CPU's kernels, both measured from a
-#      float64 run (`mtpack check-device`);
+#      float64 run (`mtpack check-device`); the same for PP-LCNet (not a MobileNet) and the
+#      committed tiny ViT (LayerNorm, attention, GELU);
 #   2. the training step at 3x224x224, batch 64, on CUDA: mtpack against PyTorch on the same
 #      GPU in the same run;
 #   3. a small `adapt` on CUDA, then `export` and `verify` of its artifact;
@@ -28,9 +29,9 @@ trap 'rm -rf "$WORK"' EXIT
 unxz() { "$PY" -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$1" "$2"; }
 unxz "$KIT/mtpack.xz" "$WORK/mtpack" && chmod +x "$WORK/mtpack"
 for f in "$KIT"/libonnxruntime.so.*.xz; do unxz "$f" "$WORK/$(basename "${f%.xz}")"; done
-cp "$KIT/libcudart.so.13" "$KIT/mobilenetv2_imagenet.onnx" "$WORK/"
+cp "$KIT/mobilenetv2_imagenet.onnx" "$KIT/pplcnet_orientation.onnx" "$WORK/"
 
-# The CUDA libraries candle loads (cuBLAS, cuRAND, NVRTC) from PyTorch's CUDA wheels.
+# The CUDA libraries candle loads (cuBLAS, cuBLASLt, cuRAND) from PyTorch's CUDA wheels.
 NVLIBS="$("$PY" - <<'EOF'
 import glob, os, site
 roots = site.getsitepackages() + [site.getusersitepackages()]
@@ -70,6 +71,8 @@ step() { # step NAME TIMEOUT CMD...: runs CMD with its stdout in LOG/NAME.out, s
 } > "$LOG/machine.txt" 2>&1
 
 step parity 240 "$M" check-device "$MODEL" --device "$DEVICE" --size "${SIZE}x$SIZE" --batch $PARITY_BATCH --steps $STEPS --json
+step parity-pplcnet 120 "$M" check-device "$WORK/pplcnet_orientation.onnx" --device "$DEVICE" --size "${SIZE}x$SIZE" --batch $PARITY_BATCH --steps $STEPS --json
+step parity-vit 60 "$M" check-device fixtures/tiny/tiny_vit.onnx --device "$DEVICE" --batch 16 --steps $STEPS --json
 step rate 150 "$M" check-device "$MODEL" --device "$DEVICE" --size "${SIZE}x$SIZE" --batch $RATE_BATCH --steps 0 --rate-steps $RATE_STEPS --json
 step pytorch 120 "$PY" scripts/pytorch_gpu_baseline.py "$KIT/mobilenetv2_bottle.py" $RATE_STEPS $SIZE $RATE_BATCH
 DIGITS="digits=fixtures/digits/digits.safetensors:resize=${ADAPT_SIZE}x$ADAPT_SIZE:channels=3"
@@ -100,13 +103,15 @@ print(f"PyTorch: {machine[1] if len(machine) > 1 else '?'}")
 print()
 print("| check | result |")
 print("|---|---|")
-p = js("parity")
-r = p.get("report", {})
 def dist(d):
     return f"CPU float32 {d['cpu']:.2e}, {device} {d['checked']:.2e} from float64" if d else "not run"
-print(f"| parity (exit {rc('parity')}): outputs | {dist(r.get('forward'))} |")
-print(f"| parity: {r.get('parameters', '?')} parameters after step 1 | {dist(r.get('first_step'))} |")
-print(f"| parity: after step {r.get('steps', '?')} | {dist(r.get('last_step'))} |")
+for name, what in [("parity", "MobileNetV2"), ("parity-pplcnet", "PP-LCNet"), ("parity-vit", "tiny ViT")]:
+    p = js(name)
+    r = p.get("report", {})
+    verdict = {"0": "pass", "1": "FAIL"}.get(rc(name), f"error (exit {rc(name)})")
+    print(f"| {what} parity ({verdict}): outputs | {dist(r.get('forward'))} |")
+    print(f"| {what}: {r.get('parameters', '?')} parameters after step 1 | {dist(r.get('first_step'))} |")
+    print(f"| {what}: after step {r.get('steps', '?')} | {dist(r.get('last_step'))} |")
 rate = js("rate").get("report", {}).get("images_per_second")
 torch = js("pytorch")
 t, ts = torch.get("train_images_per_second"), torch.get("train_images_per_second_strict_f32")

@@ -83,7 +83,10 @@ fn cached_prefix_gives_the_same_loss_and_gradients() {
     let on_engine = prefix::features(&model, "input", "features", &x, None, portable).unwrap();
     let d = mtpack::tensor::max_abs_diff(&f, &on_engine).unwrap();
     let scale = f.as_f32().unwrap().iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
-    assert!(d <= 1e-6 * scale.max(1.0), "the engine's prefix differs from ONNX Runtime's by {d} (largest value {scale})");
+    assert!(
+        d <= 1e-6 * scale.max(1.0),
+        "the engine's prefix differs from ONNX Runtime's by {d} (largest value {scale})"
+    );
     let suffix = mtpack::graph::cut::suffix(&model, "features").unwrap();
     let part = Engine::new(&suffix, &head, DType::F32, &Device::Cpu).unwrap();
     let logits = part.forward_to(&[("features", to_candle(&f, DType::F32).unwrap())], &["fashion/logits"]).unwrap();
