@@ -98,11 +98,14 @@ fn main() {
     let torch = pytorch(64, BATCH);
     let torch_224 = pytorch(224, BATCH_224);
     let torch_vit = pytorch_vit();
-    mobilenetv2(torch, peak.gflops);
-    println!();
-    mobilenetv2_224(torch_224, peak.gflops);
-    println!();
-    vit(torch_vit, peak.gflops);
+    // On a pool thread, as the `mtpack` binary runs its commands (see mtpack::parallel).
+    mtpack::parallel::on_pool(|| {
+        mobilenetv2(torch, peak.gflops);
+        println!();
+        mobilenetv2_224(torch_224, peak.gflops);
+        println!();
+        vit(torch_vit, peak.gflops);
+    });
 }
 
 const BATCH_224: usize = 16;

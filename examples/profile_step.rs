@@ -23,6 +23,11 @@ static ALLOC: mtpack::alloc::Recycling = mtpack::alloc::Recycling::new();
 
 fn main() -> anyhow::Result<()> {
     mtpack::alloc::tune_for_training();
+    // On a pool thread, as the `mtpack` binary runs its commands (see mtpack::parallel).
+    mtpack::parallel::on_pool(profile)
+}
+
+fn profile() -> anyhow::Result<()> {
     let vit = std::env::var("MTPACK_PROFILE_MODEL").is_ok_and(|m| m == "vit");
     let (model, input, shape) = if vit { vit_model()? } else { mobilenetv2()? };
     let names = mtpack::graph::analysis::trainable_names(model.graph());

@@ -1,4 +1,5 @@
-//! Process settings for training: the allocator, and candle's thread pool.
+//! Process settings for training: the allocator, candle's thread pool, and rayon's (see
+//! [`crate::parallel`]).
 //!
 //! Allocator. Every candle op allocates its output; with glibc's
 //! defaults, buffers over 128 KiB come from fresh mmap calls and go back to the kernel on
@@ -11,8 +12,9 @@
 mod recycle;
 pub use recycle::{keep_large_blocks, KeepGuard, Recycling};
 
-/// Raises glibc's mmap and trim thresholds (a no-op on other platforms), and stops candle's
-/// pool threads from spinning between ops.
+/// Raises glibc's mmap and trim thresholds (a no-op on other platforms), stops candle's
+/// pool threads from spinning between ops, and builds rayon's pool with the stacks the step
+/// needs on it ([`crate::parallel::configure_pool`]).
 pub fn tune_for_training() {
     // candle's CPU pool spins 25 000 iterations after each parallel op before parking. The
     // training step interleaves candle ops with mtpack's rayon kernels, so those spinning
@@ -28,6 +30,7 @@ pub fn tune_for_training() {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 * 1024 * 1024);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 1024 * 1024 * 1024);
     }
+    crate::parallel::configure_pool();
 }
 
 /// The machine's physical memory in bytes, where the platform says.

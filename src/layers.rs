@@ -8,6 +8,8 @@
 
 /// Modules by layer, lowest first; modules in one layer do not use each other.
 pub const LAYERS: &[&[&str]] = &[
+    // Where the process's work runs (rayon's pool), below the process settings that build it.
+    &["parallel"],
     // Shared below everything (`report_chain` is the crate root's error formatter).
     &["tensor", "rng", "fsutil", "alloc", "interrupt", "report_chain"],
     &["store", "onnx"],

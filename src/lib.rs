@@ -22,6 +22,7 @@ pub mod layers;
 pub mod methods;
 pub mod onnx;
 pub mod pack;
+pub mod parallel;
 pub mod plan;
 pub mod report;
 pub mod rng;

@@ -12,7 +12,9 @@ static ALLOC: mtpack::alloc::Recycling = mtpack::alloc::Recycling::new();
 
 fn main() -> ExitCode {
     mtpack::alloc::tune_for_training();
-    match mtpack::cli::main() {
+    // The whole command on a pool thread: the training step's kernels then split their
+    // work without waking parked threads (see mtpack::parallel).
+    match mtpack::parallel::on_pool(mtpack::cli::main) {
         Ok(mtpack::cli::Outcome::Ok) => ExitCode::from(0),
         Ok(mtpack::cli::Outcome::CheckFailed) => ExitCode::from(1),
         Err(e) => {
