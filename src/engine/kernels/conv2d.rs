@@ -11,6 +11,7 @@ use std::ops::Range;
 
 use super::depthwise::{Plane, Scratch};
 use super::depthwise_small::SmallDepthwise;
+use super::scratch::{copy_row, with_buffers};
 use std::mem::MaybeUninit;
 
 use super::{gemm, gemm_into, par_filled, par_written, simd, slice, Real};
@@ -124,14 +125,23 @@ impl Geometry {
         self.pointwise() && imgs == 1
     }
 
+    /// Elements of the buffer [`Geometry::columns`] writes for `imgs` images (0 when direct).
+    fn columns_len(&self, imgs: usize) -> usize {
+        if self.direct(imgs) {
+            0
+        } else {
+            self.k() * imgs * self.ohw()
+        }
+    }
+
     /// The columns [cin_g*kh*kw, imgs*oh*ow] of group `g` for the `imgs` images in `x`:
-    /// the input itself when [`Geometry::direct`], else written into `buf`.
-    fn columns<'a, T: Real>(&self, x: &'a [T], imgs: usize, g: usize, buf: &'a mut Vec<T>) -> &'a [T] {
+    /// the input itself when [`Geometry::direct`], else written (every element) into `buf`
+    /// of [`Geometry::columns_len`] elements.
+    fn columns<'a, T: Real>(&self, x: &'a [T], imgs: usize, g: usize, buf: &'a mut [T]) -> &'a [T] {
         let (in_item, pitch) = (self.cin * self.h * self.w, imgs * self.ohw());
         if self.direct(imgs) {
             return &x[g * self.cin_g * self.ohw()..][..self.cin_g * self.ohw()];
         }
-        buf.resize(self.k() * pitch, T::zero());
         for i in 0..imgs {
             self.im2col(&x[i * in_item..][..in_item], g, buf, pitch, i * self.ohw());
         }
@@ -144,7 +154,7 @@ impl Geometry {
         for c in 0..self.cin_g {
             let plane = &x[(g * self.cin_g + c) * self.h * self.w..][..self.h * self.w];
             if self.pointwise() {
-                cols[c * pitch + off..][..ohw].copy_from_slice(plane);
+                copy_row(&mut cols[c * pitch + off..], plane);
                 continue;
             }
             for ki in 0..self.kh {
@@ -194,19 +204,28 @@ impl Geometry {
     }
 
     /// Output channels [c0, c0 + cc) of `imgs` images laid out [imgs][cout][ohw], side by
-    /// side as [cc, imgs*ohw] in `buf` (or the slice itself for one image).
-    fn gather<'a, T: Real>(&self, y: &'a [T], imgs: usize, c0: usize, cc: usize, buf: &'a mut Vec<T>) -> &'a [T] {
+    /// side as [cc, imgs*ohw] in `buf` (every element written; or the slice itself for one
+    /// image, `buf` then unused and possibly empty).
+    fn gather<'a, T: Real>(&self, y: &'a [T], imgs: usize, c0: usize, cc: usize, buf: &'a mut [T]) -> &'a [T] {
         let ohw = self.ohw();
         if imgs == 1 {
             return &y[c0 * ohw..][..cc * ohw];
         }
-        buf.resize(cc * imgs * ohw, T::zero());
         for i in 0..imgs {
             for c in 0..cc {
-                buf[(c * imgs + i) * ohw..][..ohw].copy_from_slice(&y[(i * self.cout + c0 + c) * ohw..][..ohw]);
+                copy_row(&mut buf[(c * imgs + i) * ohw..], &y[(i * self.cout + c0 + c) * ohw..][..ohw]);
             }
         }
-        buf
+        &buf[..cc * imgs * ohw]
+    }
+
+    /// Elements of the buffer [`Geometry::gather`] writes for `cc` channels of `imgs` images.
+    fn gather_len(&self, imgs: usize, cc: usize) -> usize {
+        if imgs == 1 {
+            0
+        } else {
+            cc * imgs * self.ohw()
+        }
     }
 
     /// The inverse of [`Geometry::gather`]: writes [cc, imgs*ohw] into the images' channels.
@@ -214,12 +233,11 @@ impl Geometry {
     /// convolution's input gradient, whose planes are output-sized).
     fn scatter<T: Real>(&self, src: &[T], imgs: usize, [channels, c0, cc]: [usize; 3], y: &mut [MaybeUninit<T>]) {
         let ohw = self.ohw();
+        // SAFETY: MaybeUninit<T> has T's layout, and every T is a valid MaybeUninit<T>.
+        let src: &[MaybeUninit<T>] = unsafe { &*(src as *const [T] as *const [MaybeUninit<T>]) };
         for i in 0..imgs {
             for c in 0..cc {
-                let dst = &mut y[(i * channels + c0 + c) * ohw..][..ohw];
-                dst.iter_mut().zip(&src[(c * imgs + i) * ohw..][..ohw]).for_each(|(d, &v)| {
-                    d.write(v);
-                });
+                copy_row(&mut y[(i * channels + c0 + c) * ohw..], &src[(c * imgs + i) * ohw..][..ohw]);
             }
         }
     }
@@ -322,19 +340,21 @@ fn forward_unit<T: Real>(
     y: &mut [MaybeUninit<T>],
 ) -> candle_core::Result<()> {
     let pitch = imgs * g.ohw();
-    let (mut cols, mut ybuf) = (Vec::new(), vec![T::zero(); if imgs > 1 { g.cout_g * pitch } else { 0 }]);
-    for grp in 0..g.p.groups {
-        let cols = g.columns(xu, imgs, grp, &mut cols);
-        let wg = &w[grp * g.cout_g * g.k()..][..g.cout_g * g.k()];
-        if imgs == 1 {
-            let yg = &mut y[grp * g.cout_g * g.ohw()..][..g.cout_g * g.ohw()];
-            gemm_into(g.cout_g, g.ohw(), g.k(), wg, false, cols, false, yg)?;
-        } else {
-            gemm(g.cout_g, pitch, g.k(), wg, false, cols, false, &mut ybuf, false)?;
-            g.scatter(&ybuf, imgs, [g.cout, grp * g.cout_g, g.cout_g], y);
+    let ylen = if imgs > 1 { g.cout_g * pitch } else { 0 };
+    with_buffers([g.columns_len(imgs), ylen], |colbuf, ybuf| {
+        for grp in 0..g.p.groups {
+            let cols = g.columns(xu, imgs, grp, colbuf);
+            let wg = &w[grp * g.cout_g * g.k()..][..g.cout_g * g.k()];
+            if imgs == 1 {
+                let yg = &mut y[grp * g.cout_g * g.ohw()..][..g.cout_g * g.ohw()];
+                gemm_into(g.cout_g, g.ohw(), g.k(), wg, false, cols, false, yg)?;
+            } else {
+                gemm(g.cout_g, pitch, g.k(), wg, false, cols, false, ybuf, false)?;
+                g.scatter(ybuf, imgs, [g.cout, grp * g.cout_g, g.cout_g], y);
+            }
         }
-    }
-    Ok(())
+        Ok(())
+    })
 }
 
 fn backward_input<T: Real>(w: &[T], dy: &[T], g: &Geometry) -> candle_core::Result<Vec<T>> {
@@ -365,16 +385,17 @@ fn backward_input<T: Real>(w: &[T], dy: &[T], g: &Geometry) -> candle_core::Resu
         |(dxu, dyu)| -> candle_core::Result<()> {
             let imgs = dyu.len() / out_item.max(1);
             let pitch = imgs * g.ohw();
-            let (mut dybuf, mut dcols) = (Vec::new(), vec![T::zero(); g.k() * pitch]);
-            for grp in 0..g.p.groups {
-                let wg = &w[grp * g.cout_g * g.k()..][..g.cout_g * g.k()];
-                let dyg = g.gather(dyu, imgs, grp * g.cout_g, g.cout_g, &mut dybuf);
-                gemm(g.k(), pitch, g.cout_g, wg, true, dyg, false, &mut dcols, false)?;
-                for (i, dxi) in dxu.chunks_exact_mut(in_item).enumerate() {
-                    g.col2im(&dcols, grp, dxi, pitch, i * g.ohw());
+            with_buffers([g.gather_len(imgs, g.cout_g), g.k() * pitch], |dybuf, dcols| {
+                for grp in 0..g.p.groups {
+                    let wg = &w[grp * g.cout_g * g.k()..][..g.cout_g * g.k()];
+                    let dyg = g.gather(dyu, imgs, grp * g.cout_g, g.cout_g, dybuf);
+                    gemm(g.k(), pitch, g.cout_g, wg, true, dyg, false, dcols, false)?;
+                    for (i, dxi) in dxu.chunks_exact_mut(in_item).enumerate() {
+                        g.col2im(dcols, grp, dxi, pitch, i * g.ohw());
+                    }
                 }
-            }
-            Ok(())
+                Ok(())
+            })
         },
     )?;
     Ok(dx)
@@ -390,18 +411,20 @@ fn pointwise_backward_input<T: Real>(w: &[T], dy: &[T], g: &Geometry) -> candle_
         par_filled(g.n * in_item, (unit * in_item).max(1), |u, dxu| {
             let imgs = dxu.len() / in_item.max(1);
             let dyu = &dy[u * unit * out_item..][..imgs * out_item];
-            let (pitch, mut dybuf, mut dcols) = (imgs * g.ohw(), Vec::new(), Vec::new());
-            (0..g.p.groups).try_for_each(|grp| {
-                let wg = &w[grp * g.cout_g * g.k()..][..g.cout_g * g.k()];
-                let dyg = g.gather(dyu, imgs, grp * g.cout_g, g.cout_g, &mut dybuf);
-                if imgs == 1 {
-                    let dxg = &mut dxu[grp * g.cin_g * g.ohw()..][..g.cin_g * g.ohw()];
-                    return gemm_into(g.cin_g, g.ohw(), g.cout_g, wg, true, dyg, false, dxg);
-                }
-                dcols.resize(g.cin_g * pitch, T::zero());
-                gemm(g.cin_g, pitch, g.cout_g, wg, true, dyg, false, &mut dcols, false)?;
-                g.scatter(&dcols, imgs, [g.cin, grp * g.cin_g, g.cin_g], dxu);
-                Ok(())
+            let pitch = imgs * g.ohw();
+            let dcols_len = if imgs > 1 { g.cin_g * pitch } else { 0 };
+            with_buffers([g.gather_len(imgs, g.cout_g), dcols_len], |dybuf, dcols| {
+                (0..g.p.groups).try_for_each(|grp| {
+                    let wg = &w[grp * g.cout_g * g.k()..][..g.cout_g * g.k()];
+                    let dyg = g.gather(dyu, imgs, grp * g.cout_g, g.cout_g, dybuf);
+                    if imgs == 1 {
+                        let dxg = &mut dxu[grp * g.cin_g * g.ohw()..][..g.cin_g * g.ohw()];
+                        return gemm_into(g.cin_g, g.ohw(), g.cout_g, wg, true, dyg, false, dxg);
+                    }
+                    gemm(g.cin_g, pitch, g.cout_g, wg, true, dyg, false, dcols, false)?;
+                    g.scatter(dcols, imgs, [g.cin, grp * g.cin_g, g.cin_g], dxu);
+                    Ok(())
+                })
             })
         })
     }
@@ -434,13 +457,18 @@ fn backward_weight<T: Real>(x: &[T], dy: &[T], g: &Geometry) -> candle_core::Res
             }
             return Ok(dw);
         }
-        let (mut cols, mut dybuf) = (Vec::new(), Vec::new());
-        for grp in 0..g.p.groups {
-            let cols = g.columns(xu, imgs, grp, &mut cols);
-            let dyg = g.gather(dyu, imgs, grp * g.cout_g, g.cout_g, &mut dybuf);
-            let dwg = &mut dw[grp * g.cout_g * g.k()..][..g.cout_g * g.k()];
-            gemm(g.cout_g, g.k(), imgs * g.ohw(), dyg, false, cols, true, dwg, true)?;
-        }
+        with_buffers(
+            [g.columns_len(imgs), g.gather_len(imgs, g.cout_g)],
+            |colbuf, dybuf| -> candle_core::Result<()> {
+                for grp in 0..g.p.groups {
+                    let cols = g.columns(xu, imgs, grp, colbuf);
+                    let dyg = g.gather(dyu, imgs, grp * g.cout_g, g.cout_g, dybuf);
+                    let dwg = &mut dw[grp * g.cout_g * g.k()..][..g.cout_g * g.k()];
+                    gemm(g.cout_g, g.k(), imgs * g.ohw(), dyg, false, cols, true, dwg, true)?;
+                }
+                Ok(())
+            },
+        )?;
         Ok(dw)
     };
     let partials: Vec<candle_core::Result<Vec<T>>> = (0..g.n.div_ceil(unit)).into_par_iter().map(partial).collect();

@@ -85,6 +85,7 @@ mod depthwise_small;
 pub mod pointwise;
 pub mod pool2d;
 pub mod rows;
+mod scratch;
 pub mod timing;
 
 use std::mem::MaybeUninit;
