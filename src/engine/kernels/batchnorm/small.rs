@@ -135,8 +135,16 @@ pub(super) fn moments<T: Real>(x: &[T], (n, c, inner): (usize, usize, usize), m:
     let t = totals::<T, 1>(n, c, inner, |i, acc| {
         let xi = &x[i * len..][..len];
         match m {
-            Some(m) => acc.iter_mut().zip(xi).zip(m).for_each(|((a, &v), &m)| *a += (v - m) * (v - m)),
-            None => acc.iter_mut().zip(xi).for_each(|(a, &v)| *a += v),
+            Some(m) => {
+                for ((a, &v), &m) in acc.iter_mut().zip(xi).zip(m) {
+                    *a += (v - m) * (v - m);
+                }
+            }
+            None => {
+                for (a, &v) in acc.iter_mut().zip(xi) {
+                    *a += v;
+                }
+            }
         }
     });
     t.into_iter().map(|[v]| v).collect()
@@ -157,7 +165,13 @@ fn totals<T: Real, const K: usize>(
         let mut acc = vec![T::zero(); K * len];
         simd(
             #[inline(always)]
-            || (u * unit..((u + 1) * unit).min(n)).for_each(|i| add(i, &mut acc)),
+            || {
+                // A `for` loop, not `for_each`: the fold behind `for_each` was compiled
+                // outside this wide function, as scalar code.
+                for i in u * unit..((u + 1) * unit).min(n) {
+                    add(i, &mut acc);
+                }
+            },
         );
         let f = |v: T| v.to_f64().unwrap_or(f64::NAN);
         (0..c)
