@@ -10,6 +10,7 @@ pub mod loss;
 mod mixed;
 pub mod optim;
 pub mod prefix;
+mod sgd_in_place;
 mod trainer;
 
 pub use batches::epoch_batches;

@@ -7,6 +7,8 @@ use std::collections::{BTreeMap, HashMap};
 
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
+
+use super::sgd_in_place;
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -101,6 +103,15 @@ impl Optimizer {
                 None => g.clone(),
             };
             let w = var.as_tensor();
+            if let (OptimKind::Sgd { momentum, nesterov: false }, None) = (self.config.kind, mask) {
+                if momentum != 0.0 && sgd_in_place::applies(w, &g) {
+                    let hyper = (momentum, self.config.weight_decay, lr);
+                    if let Some(fresh) = sgd_in_place::step(var, &g, self.m.get(name), hyper)? {
+                        self.m.insert(name.to_string(), fresh);
+                    }
+                    continue;
+                }
+            }
             let update = match self.config.kind {
                 OptimKind::Sgd { momentum, nesterov } => self.sgd_update(name, g, w, (momentum, nesterov), lr)?,
                 OptimKind::Adamw { beta1, beta2, eps } => self.adamw_update(name, &g, w, (beta1, beta2, eps), lr)?,
@@ -194,7 +205,7 @@ impl Optimizer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
+    use candle_core::{DType, Device};
 
     fn quadratic_step(cfg: OptimConfig, mask: Option<Tensor>, steps: usize) -> Vec<f64> {
         let dev = Device::Cpu;
@@ -238,6 +249,33 @@ mod tests {
         let w1 = w0 - 0.1 * w0;
         let w2 = w1 - 0.1 * (0.9 * w0 + w1);
         assert!((got[0] - w2).abs() < 1e-12, "{got:?}");
+    }
+
+    #[test]
+    fn sgd_in_place_equals_the_tensor_expressions_bit_for_bit() {
+        // A mask of ones takes the expression path (the in-place step skips masked
+        // parameters) and changes no value: both must give the same weights exactly.
+        let dev = Device::Cpu;
+        let start = Tensor::randn(0f32, 1f32, (3, 5), &dev).unwrap();
+        let x = Tensor::randn(0f32, 1f32, (5, 2), &dev).unwrap();
+        for cfg in [OptimConfig::sgd(0.05, 0.9, 0.0), OptimConfig::sgd(0.05, 0.9, 0.01)] {
+            let run = |mask: bool| {
+                let w = Var::from_tensor(&start.copy().unwrap()).unwrap();
+                let params = BTreeMap::from([("w".to_string(), w.clone())]);
+                let ones = HashMap::from([("w".to_string(), Tensor::ones((3, 5), DType::F32, &dev).unwrap())]);
+                let masks = if mask { ones } else { HashMap::new() };
+                let mut opt = Optimizer::new(cfg);
+                for _ in 0..4 {
+                    let loss = w.as_tensor().matmul(&x).unwrap().tanh().unwrap().sum_all().unwrap();
+                    opt.step(&params, &loss.backward().unwrap(), cfg.lr, &masks).unwrap();
+                }
+                let buf = opt.state().into_iter().map(|(_, t)| t.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+                (w.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap(), buf.collect::<Vec<_>>())
+            };
+            let (in_place, expressions) = (run(false), run(true));
+            assert_ne!(in_place.0, start.flatten_all().unwrap().to_vec1::<f32>().unwrap(), "the weights moved");
+            assert_eq!(in_place, expressions, "{cfg:?}");
+        }
     }
 
     #[test]
