@@ -8,7 +8,7 @@
 //! (strace) and a twelfth of the step's samples in the kernel's wake-up path (perf). Run on
 //! a pool thread, a region's halves are pushed to that thread's own queue and taken by the
 //! others, which between regions of a step are still spinning and never park: the futex
-//! calls per step drop to none, and the step runs 1.09-1.12x faster on 2 cores
+//! calls per step drop to none, and the step runs 1.10x faster on 2 cores
 //! (examples/profile_step). The results do not change: the kernels' sums do not depend
 //! on which thread runs which part.
 

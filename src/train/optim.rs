@@ -104,7 +104,7 @@ impl Optimizer {
             };
             let w = var.as_tensor();
             if let (OptimKind::Sgd { momentum, nesterov: false }, None) = (self.config.kind, mask) {
-                if momentum != 0.0 && sgd_in_place::applies(w, &g) {
+                if momentum != 0.0 && sgd_in_place::applies(w, &g, self.m.get(name)) {
                     let hyper = (momentum, self.config.weight_decay, lr);
                     if let Some(fresh) = sgd_in_place::step(var, &g, self.m.get(name), hyper)? {
                         self.m.insert(name.to_string(), fresh);

@@ -114,10 +114,12 @@ impl InplaceOp2 for Descend {
     }
 }
 
-/// Whether the in-place step applies: CPU float tensors of one type, contiguous.
-pub(super) fn applies(w: &Tensor, g: &Tensor) -> bool {
+/// Whether the in-place step applies: the weight, its gradient and its momentum buffer (if
+/// any, such as one read from a checkpoint) CPU float tensors of one type, contiguous.
+pub(super) fn applies(w: &Tensor, g: &Tensor, buf: Option<&Tensor>) -> bool {
     let float = matches!(w.dtype(), candle_core::DType::F32 | candle_core::DType::F64);
-    w.device().is_cpu() && float && g.dtype() == w.dtype() && w.is_contiguous() && g.is_contiguous()
+    let like_w = |t: &Tensor| t.dtype() == w.dtype() && t.is_contiguous() && t.device().is_cpu();
+    float && like_w(w) && like_w(g) && buf.is_none_or(like_w)
 }
 
 /// One SGD step of `var` with gradient `g`: updates `buf` (the momentum buffer) in place, or
