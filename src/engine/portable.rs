@@ -187,7 +187,7 @@ pub fn pool2d(x: &Tensor, p: PoolParams) -> candle_core::Result<Tensor> {
 }
 
 /// Reshapes a per-channel vector to broadcast over axis 1 of a rank-`rank` tensor.
-fn per_channel(v: &Tensor, rank: usize) -> candle_core::Result<Tensor> {
+pub(crate) fn per_channel(v: &Tensor, rank: usize) -> candle_core::Result<Tensor> {
     let mut shape = vec![1usize; rank.max(2)];
     shape[1] = v.elem_count();
     v.reshape(shape)

@@ -6,7 +6,7 @@ use candle_core::Tensor;
 use super::{axis, ints, opt, req};
 use crate::engine::kernels::batchnorm::{self, Clamp};
 use crate::engine::kernels::native;
-use crate::engine::portable;
+use crate::engine::portable::{self, per_channel};
 use crate::engine::registry::{BuildCtx, FnOp, Op, OpSpec, Registry};
 use crate::engine::EngineError;
 use crate::onnx::attr;
@@ -18,13 +18,6 @@ pub fn register(r: &mut Registry) {
     r.insert("ReduceMean", OpSpec::new(1, 2, |n, c| build_reduce(n, c, Reduce::Mean)));
     r.insert("ReduceSum", OpSpec::new(1, 2, |n, c| build_reduce(n, c, Reduce::Sum)));
     r.insert("ReduceMax", OpSpec::new(1, 2, |n, c| build_reduce(n, c, Reduce::Max)));
-}
-
-/// Reshapes a per-channel vector to broadcast over axis 1 of a rank-`rank` tensor.
-fn per_channel(v: &Tensor, rank: usize) -> candle_core::Result<Tensor> {
-    let mut shape = vec![1usize; rank.max(2)];
-    shape[1] = v.elem_count();
-    v.reshape(shape)
 }
 
 fn build_batch_norm(node: &NodeProto, ctx: &BuildCtx) -> Result<Box<dyn Op>, EngineError> {
