@@ -14,7 +14,9 @@ use super::depthwise_small::SmallDepthwise;
 use super::scratch::{copy_row, with_buffers};
 use std::mem::MaybeUninit;
 
-use super::{gemm, gemm_into, par_filled, par_written, simd, slice, Real};
+use super::{gemm, gemm_into, par_filled, par_written, simd, slice, sum_in_order, Real};
+
+mod depthwise_grads;
 
 /// Output positions up to which a depthwise convolution runs channels-last (8x8 maps and
 /// smaller). On MobileNetV2's training step at 64x64 (examples/profile_step), against the
@@ -472,11 +474,7 @@ fn backward_weight<T: Real>(x: &[T], dy: &[T], g: &Geometry) -> candle_core::Res
         Ok(dw)
     };
     let partials: Vec<candle_core::Result<Vec<T>>> = (0..g.n.div_ceil(unit)).into_par_iter().map(partial).collect();
-    let mut dw = vec![T::zero(); wlen];
-    for p in partials {
-        dw.iter_mut().zip(p?).for_each(|(a, b)| *a += b);
-    }
-    Ok(dw)
+    Ok(sum_in_order(partials.into_iter().collect::<candle_core::Result<_>>()?, wlen))
 }
 
 /// Which computation a [`Conv2d`] custom op performs.
@@ -578,6 +576,10 @@ impl CustomOp2 for Conv2d {
         let dy = dy.contiguous()?;
         let xs = dims4(x.layout())?;
         let ws = dims4(w.layout())?;
+        if x.track_op() && w.track_op() && Geometry::new(&xs, &ws, self.p)?.depthwise() {
+            let (dx, dw) = depthwise_grads::depthwise_grads(x, w, &dy, self.p)?;
+            return Ok((Some(dx), Some(dw)));
+        }
         // A gradient nobody reads is not computed: the image into the first convolution,
         // or the weights of a frozen layer.
         let dx = match x.track_op() {
@@ -638,7 +640,7 @@ mod tests {
         out
     }
 
-    fn cases() -> Vec<([usize; 4], [usize; 4], ConvParams)> {
+    pub(super) fn cases() -> Vec<([usize; 4], [usize; 4], ConvParams)> {
         let p = |s: usize, pads: [usize; 4], groups: usize, d: usize| ConvParams {
             stride: [s, s],
             dilation: [d, d],

@@ -78,6 +78,7 @@ impl Plane {
             taps: self.taps(),
             runs: (0..self.h).flat_map(|iy| self.phase_runs(iy)).collect(),
             dirty: false,
+            grad: Vec::new(),
         }
     }
 
@@ -204,6 +205,42 @@ impl Plane {
             }
         }
     }
+
+    /// Both gradients of one input channel from one pass over its output gradients `dy`
+    /// [multiplier, oh*ow]: adds the filter gradient to `dw` [multiplier, kh*kw] and writes
+    /// every element of `dx` [h*w]. The same sums in the same order as `fill` +
+    /// `backward_weight` and `backward_input`, so the same values bit for bit, with each
+    /// output gradient plane read and extended once instead of twice.
+    #[inline(always)]
+    pub fn backward_both<T: Real>(
+        &self,
+        s: &mut Scratch<T>,
+        [x, dy, w]: [&[T]; 3],
+        dx: &mut [MaybeUninit<T>],
+        dw: &mut [T],
+    ) {
+        self.fill(x, s);
+        let (ohw, len) = (self.oh * self.ow, self.extended_len());
+        let Scratch { buf, ext, taps, runs, grad, .. } = s;
+        if grad.len() == buf.len() {
+            grad.iter_mut().for_each(|v| *v = T::zero());
+        } else {
+            *grad = vec![T::zero(); buf.len()];
+        }
+        let k = taps.len();
+        for ((dym, wm), dwm) in
+            dy.chunks_exact(ohw).zip(w.chunks_exact(k)).zip(dw.chunks_exact_mut(k)).take(self.multiplier)
+        {
+            self.extend(dym, ext);
+            for (&at, acc) in taps.iter().zip(dwm.iter_mut()) {
+                *acc += dot(ext, &buf[at..at + len]);
+            }
+            for (&at, &wv) in taps.iter().zip(wm) {
+                grad[at..at + len].iter_mut().zip(ext.iter()).for_each(|(d, &g)| *d += wv * g);
+            }
+        }
+        self.unfill(grad, runs, dx);
+    }
 }
 
 /// A padded plane buffer, an extended output plane and the tap offsets, reused across the
@@ -216,6 +253,9 @@ pub(super) struct Scratch<T> {
     runs: Vec<(usize, usize)>,
     /// The buffer holds gradients, not zero padding.
     dirty: bool,
+    /// A second buffer-shaped plane for the input gradient when the buffer holds the input
+    /// (`Plane::backward_both`); empty until then.
+    grad: Vec<T>,
 }
 
 #[cfg(test)]

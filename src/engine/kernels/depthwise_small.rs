@@ -10,7 +10,7 @@ use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
-use super::{par_written, simd, Real};
+use super::{par_written, par_written_with, simd, sum_in_order, Real};
 
 /// One depthwise convolution with multiplier 1 over [n, c, hw] -> [n, c, ohw]: which input
 /// position each kernel tap of each output position reads.
@@ -132,11 +132,46 @@ impl SmallDepthwise {
             dwt
         };
         let partials: Vec<Vec<T>> = (0..self.n.div_ceil(unit)).into_par_iter().map(partial).collect();
-        let mut dwt = vec![T::zero(); self.k * c];
-        for p in partials {
-            dwt.iter_mut().zip(p).for_each(|(a, b)| *a += b);
-        }
-        transposed(&dwt, self.k, c)
+        transposed(&sum_in_order(partials, self.k * c), self.k, c)
+    }
+
+    /// Both gradients, (input gradient [n, c, hw], filter gradient [c, k]), from one pass
+    /// over each image: its output gradient is transposed once, not once per gradient. The
+    /// same sums in the same order as `backward_input` and `backward_weight` (images in the
+    /// same units), so the same values bit for bit.
+    pub fn backward_both<T: Real>(&self, x: &[T], dy: &[T], w: &[T]) -> (Vec<T>, Vec<T>) {
+        let (c, wt, unit) = (self.c, transposed(w, self.c, self.k), self.n.div_ceil(8).max(1));
+        let (in_item, out_item) = (c * self.hw, c * self.ohw);
+        // SAFETY: from_channels_last returns the count it wrote, from the front, and a unit's
+        // images are written one after the other.
+        let (dx, partials) = unsafe {
+            par_written_with(self.n * in_item, unit * in_item.max(1), |u, dxu| {
+                simd(
+                    #[inline(always)]
+                    || {
+                        let mut dwt = vec![T::zero(); self.k * c];
+                        let mut done = 0;
+                        for (j, dxi) in dxu.chunks_mut(in_item.max(1)).enumerate() {
+                            let i = u * unit + j;
+                            let xt = transposed(&x[i * in_item..][..in_item], c, self.hw);
+                            let dyt = transposed(&dy[i * out_item..][..out_item], c, self.ohw);
+                            let mut dxt = vec![T::zero(); in_item];
+                            for (o, g) in dyt.chunks_exact(c).enumerate() {
+                                for &(t, s) in self.taps_of(o) {
+                                    let (acc, xr) = (&mut dwt[t * c..][..c], &xt[s * c..][..c]);
+                                    acc.iter_mut().zip(g).zip(xr).for_each(|((a, &gv), &xv)| *a += gv * xv);
+                                    let (wr, dr) = (&wt[t * c..][..c], &mut dxt[s * c..][..c]);
+                                    dr.iter_mut().zip(wr).zip(g).for_each(|((d, &wv), &gv)| *d += wv * gv);
+                                }
+                            }
+                            done += from_channels_last(&dxt, c, self.hw, dxi);
+                        }
+                        (done, dwt)
+                    },
+                )
+            })
+        };
+        (dx, transposed(&sum_in_order(partials, self.k * c), self.k, c))
     }
 }
 
@@ -144,9 +179,25 @@ impl SmallDepthwise {
 #[inline(always)]
 fn transposed<T: Real>(a: &[T], rows: usize, cols: usize) -> Vec<T> {
     let mut t = vec![T::zero(); rows * cols];
-    for (r, row) in a.chunks_exact(cols.max(1)).take(rows).enumerate() {
+    let Some(a) = a.get(..rows * cols) else { return t };
+    // Eight rows side by side: each column's eight values are stored as one run, where a
+    // row at a time stored every value on its own, a row of `t` apart (scalar stores were
+    // most of these layers' transposes).
+    let blocks = a.chunks_exact(8 * cols.max(1));
+    let rest = blocks.remainder();
+    for (b, block) in blocks.enumerate() {
+        let src: [&[T]; 8] = std::array::from_fn(|j| &block[j * cols..][..cols]);
+        for col in 0..cols {
+            let run = &mut t[col * rows + 8 * b..][..8];
+            for (j, d) in run.iter_mut().enumerate() {
+                *d = src[j][col];
+            }
+        }
+    }
+    let first = rows - rest.len() / cols.max(1);
+    for (r, row) in rest.chunks_exact(cols.max(1)).enumerate() {
         for (col, &v) in row.iter().enumerate() {
-            t[col * rows + r] = v;
+            t[col * rows + first + r] = v;
         }
     }
     t
@@ -181,5 +232,15 @@ mod tests {
         // SAFETY: initialised above.
         let back: Vec<f64> = out.iter().map(|v| unsafe { v.assume_init() }).collect();
         assert_eq!(back, a);
+        // Blocks of eight rows and a remainder, against the definition.
+        for (rows, cols) in [(19, 5), (16, 1), (8, 3), (1, 7)] {
+            let a: Vec<f64> = (0..rows * cols).map(|v| v as f64).collect();
+            let t = transposed(&a, rows, cols);
+            for r in 0..rows {
+                for c in 0..cols {
+                    assert_eq!(t[c * rows + r], a[r * cols + c], "[{rows}, {cols}] at ({r}, {c})");
+                }
+            }
+        }
     }
 }

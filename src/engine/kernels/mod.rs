@@ -229,17 +229,47 @@ pub(crate) unsafe fn par_written<T: Real>(
     chunk: usize,
     write: impl Fn(usize, &mut [MaybeUninit<T>]) -> usize + Sync + Send,
 ) -> Vec<T> {
+    // SAFETY: the same contract.
+    unsafe { par_written_with(n, chunk, |i, c| (write(i, c), ())).0 }
+}
+
+/// [`par_written`] whose writer also returns a value per chunk (a partial sum, say): the
+/// values come back in chunk order, whatever order the threads ran the chunks in.
+///
+/// # Safety
+/// As [`par_written`].
+pub(crate) unsafe fn par_written_with<T: Real, R: Send>(
+    n: usize,
+    chunk: usize,
+    write: impl Fn(usize, &mut [MaybeUninit<T>]) -> (usize, R) + Sync + Send,
+) -> (Vec<T>, Vec<R>) {
     let mut v: Vec<T> = Vec::with_capacity(n);
-    v.spare_capacity_mut()[..n].par_chunks_mut(chunk.max(1)).enumerate().for_each(|(i, c)| {
-        let done = write(i, c).min(c.len());
-        c[done..].iter_mut().for_each(|e| {
-            e.write(T::zero());
-        });
-    });
+    let values = v.spare_capacity_mut()[..n]
+        .par_chunks_mut(chunk.max(1))
+        .enumerate()
+        .map(|(i, c)| {
+            let (done, value) = write(i, c);
+            let done = done.min(c.len());
+            c[done..].iter_mut().for_each(|e| {
+                e.write(T::zero());
+            });
+            value
+        })
+        .collect();
     // SAFETY: the chunks cover all n elements; in each, `write` initialised the first `done`
     // (it writes from the front and counts what it wrote) and the rest were zeroed above.
     unsafe { v.set_len(n) };
-    v
+    (v, values)
+}
+
+/// The element-wise sum of `parts` [len] added in their order from zeros: with parts fixed
+/// by the batch size, the total does not depend on the thread count.
+pub(crate) fn sum_in_order<T: Real>(parts: Vec<Vec<T>>, len: usize) -> Vec<T> {
+    let mut total = vec![T::zero(); len];
+    for p in parts {
+        total.iter_mut().zip(p).for_each(|(a, b)| *a += b);
+    }
+    total
 }
 
 /// [`par_written`] over planes of `inner` elements: `write(p, plane)` writes plane `p` from
