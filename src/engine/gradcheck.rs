@@ -12,6 +12,13 @@ pub fn seeded(shape: &[usize], seed: u64, dtype: DType) -> Tensor {
     Tensor::from_vec(v, shape, &Device::Cpu).and_then(|t| t.to_dtype(dtype)).expect("a seeded tensor")
 }
 
+/// A tensor's values as bit patterns (of their float64 conversion, exact from float32), for
+/// tests that two computations agree bit for bit.
+pub fn bits(t: &Tensor) -> Vec<u64> {
+    let v: Vec<f64> = t.to_dtype(DType::F64).and_then(|t| t.flatten_all()?.to_vec1()).expect("a float tensor");
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
 /// Checks d(sum(f(x) * r))/dx_i for every input i against central differences, on up to 60
 /// elements per input, with r a fixed random tensor. Passes when
 /// |analytic - numeric| <= tol * (1 + |numeric|) for every checked element.

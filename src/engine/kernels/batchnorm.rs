@@ -12,6 +12,7 @@ use std::mem::MaybeUninit;
 
 use super::{lanes_sum, par_planes, simd, slice, write_front, Real};
 
+mod backward;
 mod small;
 
 /// Clamp applied to the normalised output: y = min(max(z, lo), hi).
@@ -142,31 +143,63 @@ impl CustomOp3 for Normalise {
             }),
             None => None,
         };
+        let (_, c, inner) = planes(x.layout(), self.mean.len())?;
+        let grads = Grads { scale, gate, m: (x.elem_count() / c.max(1)).max(1) as f64 };
+        match inner >= backward::PLANE {
+            true => backward::ChannelMajor::new(self.clone(), grads).run(x, &dy),
+            false => self.two_passes(x, &dy, grads),
+        }
+    }
+}
+
+/// What both backward routes need besides x and dy.
+struct Grads {
+    /// the scale's values
+    scale: Vec<f64>,
+    gate: Option<Gate>,
+    /// elements per channel
+    m: f64,
+}
+
+impl Normalise {
+    /// The backward pass as a pass for the per-channel sums, then one for the input
+    /// gradient, each over the whole tensor in storage order: the route for planes under
+    /// [`backward::PLANE`] elements, too short for a channel's planes to be read one after
+    /// another at full speed.
+    fn two_passes(
+        &self,
+        x: &Tensor,
+        dy: &Tensor,
+        g: Grads,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         // [2, C]: sum(dy * xhat) and sum(dy) per channel.
         let sums = x.apply_op2_no_bwd(
-            &dy,
-            &Sums { mean: self.mean.clone(), inv_std: self.inv_std.clone(), gate: gate.clone() },
+            dy,
+            &Sums { mean: self.mean.clone(), inv_std: self.inv_std.clone(), gate: g.gate.clone() },
         )?;
         let host_sums = host(&sums)?;
         let c = self.mean.len();
-        let m = (x.elem_count() / c.max(1)).max(1) as f64;
-        // dx = a * dy + b * x + c0 per channel. Recorded statistics: a = scale * inv_std.
-        // Batch statistics add the paths through the mean and variance:
-        // dx = k * (dy - sum(dy)/m - xhat * sum(dy * xhat)/m), xhat = (x - mean) * inv_std.
-        let mut coef = Combine { a: vec![0.0; c], b: vec![0.0; c], c0: vec![0.0; c], batch: self.batch, gate };
+        let mut coef = Combine { a: vec![0.0; c], b: vec![0.0; c], c0: vec![0.0; c], batch: self.batch, gate: g.gate };
         for ch in 0..c {
-            let (inv, k) = (self.inv_std[ch], scale.get(ch).copied().unwrap_or(0.0) * self.inv_std[ch]);
-            coef.a[ch] = k;
-            if self.batch {
-                let at = |i: usize| host_sums.get(i).copied().unwrap_or(0.0);
-                let (dxhat, dsum) = (at(ch), at(c + ch));
-                let slope = k * inv * dxhat / m;
-                coef.b[ch] = -slope;
-                coef.c0[ch] = -k * dsum / m + slope * self.mean[ch];
-            }
+            let at = |i: usize| host_sums.get(i).copied().unwrap_or(0.0);
+            [coef.a[ch], coef.b[ch], coef.c0[ch]] = self.coefficients(ch, &g.scale, [at(ch), at(c + ch)], g.m);
         }
         let dx = dy.apply_op2_no_bwd(x, &coef)?;
         Ok((Some(dx), Some(sums.get(0)?), Some(sums.get(1)?)))
+    }
+
+    /// Channel `ch`'s input gradient as dx = a * g + b * x + c0, [a, b, c0], from its sums
+    /// [sum(g * xhat), sum(g)] over `m` elements (g the masked dy). Recorded statistics:
+    /// a = scale * inv_std. Batch statistics add the paths through the mean and variance:
+    /// dx = k * (g - sum(g)/m - xhat * sum(g * xhat)/m), xhat = (x - mean) * inv_std.
+    fn coefficients(&self, ch: usize, scale: &[f64], [dxhat, dsum]: [f64; 2], m: f64) -> [f64; 3] {
+        let inv = self.inv_std.get(ch).copied().unwrap_or(0.0);
+        let k = scale.get(ch).copied().unwrap_or(0.0) * inv;
+        if !self.batch {
+            return [k, 0.0, 0.0];
+        }
+        let slope = k * inv * dxhat / m;
+        [k, -slope, -k * dsum / m + slope * self.mean.get(ch).copied().unwrap_or(0.0)]
     }
 }
 
@@ -258,12 +291,14 @@ impl GradPass for Sums {
 impl Sums {
     /// [2, C] from the per-channel sum(g * x) and sum(g): sum(g * xhat), then sum(g).
     fn per_channel<T: Real>(&self, totals: Vec<[f64; 2]>) -> Vec<T> {
-        let per: Vec<(T, T)> = totals
-            .iter()
-            .enumerate()
-            .map(|(ch, &[dx, dd])| (T::real((dx - self.mean[ch] * dd) * self.inv_std[ch]), T::real(dd)))
-            .collect();
-        per.iter().map(|p| p.0).chain(per.iter().map(|p| p.1)).collect()
+        let per: Vec<[T; 2]> = totals.into_iter().enumerate().map(|(ch, t)| self.channel(ch, t)).collect();
+        per.iter().map(|p| p[0]).chain(per.iter().map(|p| p[1])).collect()
+    }
+
+    /// Channel `ch`'s [sum(g * xhat), sum(g)] from its [sum(g * x), sum(g)].
+    fn channel<T: Real>(&self, ch: usize, [dx, dd]: [f64; 2]) -> [T; 2] {
+        let at = |v: &[f64]| v.get(ch).copied().unwrap_or(0.0);
+        [T::real((dx - at(&self.mean) * dd) * at(&self.inv_std)), T::real(dd)]
     }
 }
 
@@ -561,8 +596,9 @@ mod tests {
         (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
     }
 
-    /// One shape per path: planes of 20 elements, and of 4 (the small-plane passes).
-    const SHAPES: [[usize; 4]; 2] = [[2, 3, 4, 5], [3, 3, 2, 2]];
+    /// One shape per path: planes of 20 elements, of 4 (the small-plane passes) and of
+    /// 130 (the channel-by-channel backward pass).
+    const SHAPES: [[usize; 4]; 3] = [[2, 3, 4, 5], [3, 3, 2, 2], [2, 3, 10, 13]];
 
     #[test]
     fn batch_norm_matches_the_formula_and_its_gradients() {

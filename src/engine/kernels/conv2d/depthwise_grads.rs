@@ -123,13 +123,8 @@ fn grads<T: Real>(g: &Geometry, [x, w, dy]: [&[T]; 3]) -> (Vec<T>, Vec<T>) {
 mod tests {
     use super::super::{tests::cases, Conv2d, Pass};
     use super::*;
-    use crate::engine::gradcheck::seeded;
+    use crate::engine::gradcheck::{bits, seeded};
     use candle_core::DType;
-
-    fn bits(t: &Tensor) -> Vec<u64> {
-        let v: Vec<f64> = t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-        v.iter().map(|x| x.to_bits()).collect()
-    }
 
     #[test]
     fn both_gradients_equal_the_separate_passes_bit_for_bit() {
