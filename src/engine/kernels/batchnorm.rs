@@ -13,6 +13,7 @@ use std::mem::MaybeUninit;
 use super::{lanes_sum, par_planes, simd, slice, write_front, Real};
 
 mod backward;
+mod forward;
 mod small;
 
 /// Clamp applied to the normalised output: y = min(max(z, lo), hi).
@@ -52,6 +53,17 @@ struct Normalise {
 }
 
 impl Normalise {
+    /// Normalisation by the batch's statistics [C] (mean, biased variance).
+    fn with_batch_statistics(
+        mean: &Tensor,
+        var: &Tensor,
+        eps: f64,
+        clamp: Option<Clamp>,
+    ) -> candle_core::Result<Normalise> {
+        let inv_std = host(var)?.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
+        Ok(Normalise { mean: host(mean)?, inv_std, clamp, batch: true })
+    }
+
     fn run<T: Real + candle_core::WithDType>(
         &self,
         s: [&CpuStorage; 3],
@@ -80,14 +92,7 @@ impl Normalise {
                 |p, yp| {
                     let xp = &x[p * inner..(p * inner + inner).min(x.len())];
                     let ch = p % c;
-                    let (k, b) = affine(scale[ch], bias[ch], self.mean[ch], self.inv_std[ch]);
-                    match clamp {
-                        // The same max/min as the Clip kernel: folding the Clip in changes no value.
-                        Some((lo, hi)) => write_front(yp, xp.iter(), |&v| {
-                            num_traits::Float::min(num_traits::Float::max(v * k + b, lo), hi)
-                        }),
-                        None => write_front(yp, xp.iter(), |&v| v * k + b),
-                    }
+                    normalise_plane(yp, xp, affine(scale[ch], bias[ch], self.mean[ch], self.inv_std[ch]), clamp)
                 },
             )
         };
@@ -200,6 +205,48 @@ impl Normalise {
         }
         let slope = k * inv * dxhat / m;
         [k, -slope, -k * dsum / m + slope * self.mean.get(ch).copied().unwrap_or(0.0)]
+    }
+}
+
+/// An output of [N, C, inner] written by per-channel tasks, each writing only its own
+/// channel's planes (which lie an image apart, so no task owns a contiguous slice).
+struct ChannelPlanes<T>(*mut MaybeUninit<T>);
+
+// SAFETY: tasks write disjoint planes (the contract of `ChannelPlanes::write`).
+unsafe impl<T: Send> Sync for ChannelPlanes<T> {}
+
+impl<T: Real> ChannelPlanes<T> {
+    /// Over the spare capacity of `v`.
+    fn over(v: &mut Vec<T>) -> ChannelPlanes<T> {
+        ChannelPlanes(v.spare_capacity_mut().as_mut_ptr())
+    }
+
+    /// Lets `f` write the plane of `len` elements at `start` from the front (it returns the
+    /// count written) and zeroes the rest, so the whole plane is initialised.
+    ///
+    /// # Safety
+    /// `start + len` must lie within the capacity the pointer came from, and no other task
+    /// may touch these elements.
+    #[inline(always)]
+    unsafe fn write(&self, start: usize, len: usize, f: impl FnOnce(&mut [MaybeUninit<T>]) -> usize) {
+        // SAFETY: in bounds and exclusive, by this function's contract.
+        let o = unsafe { std::slice::from_raw_parts_mut(self.0.add(start), len) };
+        let wrote = f(o).min(len);
+        o[wrote..].iter_mut().for_each(|v| {
+            v.write(T::zero());
+        });
+    }
+}
+
+/// y = clamp(x * k + b) over one plane; returns the count written (write_front's).
+#[inline(always)]
+fn normalise_plane<T: Real>(y: &mut [MaybeUninit<T>], x: &[T], (k, b): (T, T), clamp: Option<(T, T)>) -> usize {
+    match clamp {
+        // The same max/min as the Clip kernel: folding the Clip in changes no value.
+        Some((lo, hi)) => {
+            write_front(y, x.iter(), |&v| num_traits::Float::min(num_traits::Float::max(v * k + b, lo), hi))
+        }
+        None => write_front(y, x.iter(), |&v| v * k + b),
     }
 }
 
@@ -497,25 +544,26 @@ impl ChannelStats {
                 .map(|(i, &v)| T::real(if i < c { v } else { v / count }))
                 .collect();
         }
-        let per: Vec<(T, T)> = (0..c)
-            .into_par_iter()
-            .map(|ch| {
-                let plane = |b: usize| &x[(b * c + ch) * inner..][..inner];
-                let total =
-                    |f: &dyn Fn(&[T]) -> T| (0..n).map(|b| f(plane(b)).to_f64().unwrap_or(f64::NAN)).sum::<f64>();
-                let mean = simd(
-                    #[inline(always)]
-                    || total(&|p| lanes_sum(p)) / count,
-                );
-                let m = T::real(mean);
-                let var = simd(
-                    #[inline(always)]
-                    || total(&|p| super::lanes_sum_sq_dev(p, m)) / count,
-                );
-                (T::real(mean), T::real(var))
-            })
-            .collect();
+        let per: Vec<(T, T)> = (0..c).into_par_iter().map(|ch| Self::channel(x, (n, c, inner), ch)).collect();
         per.iter().map(|p| p.0).chain(per.iter().map(|p| p.1)).collect()
+    }
+
+    /// Mean and biased variance of channel `ch` of large planes, its planes read one after
+    /// another (the second pass from cache).
+    fn channel<T: Real>(x: &[T], (n, c, inner): (usize, usize, usize), ch: usize) -> (T, T) {
+        let count = (n * inner).max(1) as f64;
+        let plane = |b: usize| &x[(b * c + ch) * inner..][..inner];
+        let total = |f: &dyn Fn(&[T]) -> T| (0..n).map(|b| f(plane(b)).to_f64().unwrap_or(f64::NAN)).sum::<f64>();
+        let mean = simd(
+            #[inline(always)]
+            || total(&|p| lanes_sum(p)) / count,
+        );
+        let m = T::real(mean);
+        let var = simd(
+            #[inline(always)]
+            || total(&|p| super::lanes_sum_sq_dev(p, m)) / count,
+        );
+        (T::real(mean), T::real(var))
     }
 }
 
@@ -566,10 +614,24 @@ pub fn batch_norm_train(
     clamp: Option<Clamp>,
 ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
     let x = x.contiguous()?;
+    let inner = x.dims().get(2..).map_or(1, |d| d.iter().product::<usize>());
+    if inner >= forward::PLANE && x.device().is_cpu() {
+        return forward::batch_norm_train(&x, [scale, bias], eps, clamp);
+    }
+    batch_norm_train_two_ops(&x, scale, bias, eps, clamp)
+}
+
+/// [`batch_norm_train`] as the statistics, then the normalisation over the whole tensor.
+fn batch_norm_train_two_ops(
+    x: &Tensor,
+    scale: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    clamp: Option<Clamp>,
+) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
     let stats = x.detach().apply_op1_no_bwd(&ChannelStats)?;
     let (mean_t, var_t) = (stats.get(0)?, stats.get(1)?);
-    let inv_std = host(&var_t)?.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
-    let op = Normalise { mean: host(&mean_t)?, inv_std, clamp, batch: true };
+    let op = Normalise::with_batch_statistics(&mean_t, &var_t, eps, clamp)?;
     let y = x.apply_op3(&scale.contiguous()?, &bias.contiguous()?, op)?;
     Ok((y, mean_t, var_t))
 }

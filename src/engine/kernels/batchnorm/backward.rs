@@ -7,14 +7,13 @@
 //! the sums to the tensor's type before the coefficients, the same coefficients and the
 //! same per-element expressions: the values of the two passes bit for bit.
 
-use std::mem::MaybeUninit;
 use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::super::{simd, slice, timing, Real};
-use super::{combine_plane, plane_sums, planes, unsupported, Grads, Normalise, Sums};
+use super::{combine_plane, plane_sums, planes, unsupported, ChannelPlanes, Grads, Normalise, Sums};
 
 /// Planes of at least this many elements take the channel-by-channel pass. Measured per
 /// plane size on MobileNetV2's step (examples/profile_step, kernel time of the backward
@@ -32,11 +31,6 @@ pub(super) struct ChannelMajor {
     g: Grads,
     sums_out: Mutex<Option<CpuStorage>>,
 }
-
-/// The output's base pointer, shared by the channel tasks, which write disjoint planes.
-struct Out<T>(*mut MaybeUninit<T>);
-// SAFETY: every task writes only its own channel's planes (see `ChannelMajor::pass`).
-unsafe impl<T: Send> Sync for Out<T> {}
 
 impl ChannelMajor {
     pub(super) fn new(norm: Normalise, g: Grads) -> ChannelMajor {
@@ -65,7 +59,7 @@ impl ChannelMajor {
     fn pass<T: Real>(&self, [x, dy]: [&[T]; 2], (n, c, inner): (usize, usize, usize)) -> (Vec<T>, Vec<T>) {
         let len = n * c * inner;
         let mut dx: Vec<T> = Vec::with_capacity(len);
-        let out = Out(dx.spare_capacity_mut().as_mut_ptr());
+        let out = ChannelPlanes::over(&mut dx);
         let per: Vec<[T; 2]> = (0..c)
             .into_par_iter()
             .map(|ch| {
@@ -89,17 +83,16 @@ impl ChannelMajor {
                         let coef = self.norm.coefficients(ch, &self.g.scale, [f(sums[0]), f(sums[1])], self.g.m);
                         let [a, b, c0] = coef.map(T::real);
                         for i in 0..n {
+                            let planes = [&dy[span(i)], &x[span(i)]];
+                            let (coef, batch) = ([a, b, c0], self.norm.batch);
                             // SAFETY: plane (i, ch) lies inside the buffer of n * c * inner
                             // elements, and only this channel's task writes it.
-                            let o = unsafe { std::slice::from_raw_parts_mut(out.0.add(span(i).start), inner) };
-                            let planes = [&dy[span(i)], &x[span(i)]];
-                            let wrote = match &self.g.gate {
-                                Some(g) => combine_plane(o, planes, [a, b, c0], self.norm.batch, g.channel(ch)),
-                                None => combine_plane(o, planes, [a, b, c0], self.norm.batch, |d, _| d),
+                            unsafe {
+                                out.write(span(i).start, inner, |o| match &self.g.gate {
+                                    Some(g) => combine_plane(o, planes, coef, batch, g.channel(ch)),
+                                    None => combine_plane(o, planes, coef, batch, |d, _| d),
+                                })
                             };
-                            o[wrote.min(inner)..].iter_mut().for_each(|v| {
-                                v.write(T::zero());
-                            });
                         }
                         sums
                     },
