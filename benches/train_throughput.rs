@@ -199,12 +199,12 @@ fn mobilenetv2(torch: Option<(f64, f64, String)>, peak: f64) {
     println!("| ONNX Runtime inference (baseline) | {ort_ips:.1} | 1.000 | |");
     println!("| tract inference | {tract_ips:.1} | {:.3} | |", tract_ips / ort_ips);
     println!(
-        "| candle training step, all weights (fwd+bwd+SGD) | {train_ips:.1} | {:.3} | {} |",
+        "| mtpack training step, all weights (fwd+bwd+SGD) | {train_ips:.1} | {:.3} | {} |",
         train_ips / ort_ips,
         arithmetic(train_ips, flops, peak)
     );
     println!("| ONNX Runtime frozen prefix (once per image) | {prefix_ips:.1} | {:.3} | |", prefix_ips / ort_ips);
-    println!("| candle head-only training step on cached features | {head_ips:.1} | {:.3} | |", head_ips / ort_ips);
+    println!("| mtpack head-only training step on cached features | {head_ips:.1} | {:.3} | |", head_ips / ort_ips);
     if let Some((train, infer, version)) = torch {
         println!(
             "| PyTorch {version} training step, train() (fwd+bwd+SGD) | {train:.1} | {:.3} | {} |",
@@ -252,7 +252,7 @@ fn vit(torch: Option<(f64, f64, String)>, peak: f64) {
     println!("|---|---:|---:|---:|");
     println!("| ONNX Runtime inference (baseline) | {ort_ips:.2} | 1.000 | |");
     println!(
-        "| candle training step, all weights (fwd+bwd+SGD) | {train_ips:.2} | {:.3} | {} |",
+        "| mtpack training step, all weights (fwd+bwd+SGD) | {train_ips:.2} | {:.3} | {} |",
         train_ips / ort_ips,
         arithmetic(train_ips, flops, peak)
     );
