@@ -116,14 +116,10 @@ impl Geometry {
 
     /// Images whose columns go into one GEMM. A small feature map alone makes a GEMM too
     /// narrow to run near peak (a 4x4 map gives 16 columns), so the columns of several
-    /// images sit side by side: up to 512 columns and 16 images, with the batch then spread
-    /// evenly over as many units as that takes (a batch of 16 at 7x7 went in units of 10 and
-    /// 6, one of two threads idle for a third of those layers). It depends on the shapes
-    /// only: the results do not depend on the thread count.
+    /// images sit side by side. It depends on the shapes only: the results do not depend
+    /// on the thread count.
     fn unit(&self) -> usize {
-        let n = self.n.max(1);
-        let widest = (512 / self.ohw().max(1)).clamp(1, 16).min(n);
-        n.div_ceil(n.div_ceil(widest))
+        (512 / self.ohw().max(1)).clamp(1, 16).min(self.n.max(1))
     }
 
     /// Whether the columns of a unit are the input itself (one image, pointwise).
