@@ -2,8 +2,10 @@
 //! batch's own (`train()`), optionally followed by a clamp (the Clip/ReLU that follows
 //! almost every BatchNormalization in a CNN, folded in by the engine). One pass forward; the
 //! backward is one pass for the per-channel sums and one for the input gradient, where the
-//! composite candle expressions cost a pass and a buffer per elementary op. Planes of 16
-//! elements or fewer go an image at a time instead (see `small`).
+//! composite candle expressions cost a pass and a buffer per elementary op. Planes of 128
+//! elements or more go channel by channel, training statistics with the output and the sums
+//! with the input gradient, while a channel's planes are in cache (see `forward` and
+//! `backward`); planes of 16 elements or fewer go an image at a time (see `small`).
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
