@@ -262,6 +262,43 @@ pub(crate) unsafe fn par_written_with<T: Real, R: Send>(
     (v, values)
 }
 
+/// A custom op's second output (a candle custom op returns one tensor): `cpu_fwd` puts it,
+/// the caller takes it once the op has run.
+#[derive(Default)]
+pub(crate) struct SideOutput(std::sync::Mutex<Option<candle_core::CpuStorage>>);
+
+impl SideOutput {
+    pub(crate) fn holding(s: Option<candle_core::CpuStorage>) -> SideOutput {
+        SideOutput(std::sync::Mutex::new(s))
+    }
+
+    pub(crate) fn put(&self, s: candle_core::CpuStorage, op: &str) -> candle_core::Result<()> {
+        let mut slot = self.0.lock().map_err(|_| candle_core::Error::Msg(format!("{op}: lock")))?;
+        *slot = Some(s);
+        Ok(())
+    }
+
+    pub(crate) fn take(&self) -> Option<candle_core::CpuStorage> {
+        self.0.lock().ok().and_then(|mut s| s.take())
+    }
+
+    /// The output as a float tensor of `shape` on `device`; an error naming `op` if the op
+    /// left none.
+    pub(crate) fn take_tensor(
+        &self,
+        shape: impl Into<candle_core::Shape>,
+        device: &candle_core::Device,
+        op: &str,
+    ) -> candle_core::Result<candle_core::Tensor> {
+        let missing = || candle_core::Error::Msg(format!("{op}: no second output"));
+        match self.take().ok_or_else(missing)? {
+            candle_core::CpuStorage::F32(v) => candle_core::Tensor::from_vec(v, shape, device),
+            candle_core::CpuStorage::F64(v) => candle_core::Tensor::from_vec(v, shape, device),
+            _ => Err(missing()),
+        }
+    }
+}
+
 /// The element-wise sum of `parts` [len] added in their order from zeros: with parts fixed
 /// by the batch size, the total does not depend on the thread count.
 pub(crate) fn sum_in_order<T: Real>(parts: Vec<Vec<T>>, len: usize) -> Vec<T> {

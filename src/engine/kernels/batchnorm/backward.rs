@@ -7,12 +7,10 @@
 //! the sums to the tensor's type before the coefficients, the same coefficients and the
 //! same per-element expressions: the values of the two passes bit for bit.
 
-use std::sync::Mutex;
-
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::super::{simd, slice, timing, Real};
+use super::super::{simd, slice, timing, Real, SideOutput};
 use super::{combine_plane, plane_sums, planes, unsupported, ChannelPlanes, Grads, Normalise, Sums};
 
 /// Planes of at least this many elements take the channel-by-channel pass. Measured per
@@ -29,13 +27,13 @@ pub(super) struct ChannelMajor {
     norm: Normalise,
     sums: Sums,
     g: Grads,
-    sums_out: Mutex<Option<CpuStorage>>,
+    sums_out: SideOutput,
 }
 
 impl ChannelMajor {
     pub(super) fn new(norm: Normalise, g: Grads) -> ChannelMajor {
         let sums = Sums { mean: norm.mean.clone(), inv_std: norm.inv_std.clone(), gate: g.gate.clone() };
-        ChannelMajor { norm, sums, g, sums_out: Mutex::new(None) }
+        ChannelMajor { norm, sums, g, sums_out: SideOutput::default() }
     }
 
     /// (dx, d scale, d bias) of x [N, C, ...] from dy.
@@ -45,13 +43,7 @@ impl ChannelMajor {
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dx = x.apply_op2_no_bwd(dy, self)?;
-        let missing = || candle_core::Error::Msg(format!("{}: no sums", self.name()));
-        let c = self.g.scale.len();
-        let sums = match self.sums_out.lock().map_err(|_| missing())?.take().ok_or_else(missing)? {
-            CpuStorage::F32(v) => Tensor::from_vec(v, (2, c), x.device())?,
-            CpuStorage::F64(v) => Tensor::from_vec(v, (2, c), x.device())?,
-            _ => return Err(missing()),
-        };
+        let sums = self.sums_out.take_tensor((2, self.g.scale.len()), x.device(), self.name())?;
         Ok((Some(dx), Some(sums.get(0)?), Some(sums.get(1)?)))
     }
 
@@ -136,7 +128,7 @@ impl CustomOp2 for ChannelMajor {
                 _ => Err(unsupported(self.name())),
             },
         )?;
-        *self.sums_out.lock().map_err(|_| candle_core::Error::Msg(format!("{}: lock", self.name())))? = Some(sums);
+        self.sums_out.put(sums, self.name())?;
         Ok((dx, l1.shape().clone()))
     }
 }

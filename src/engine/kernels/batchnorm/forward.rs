@@ -6,12 +6,10 @@
 //! megabytes). The same statistics, the same affine map and clamp as the separate ops: the
 //! values bit for bit.
 
-use std::sync::Mutex;
-
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::super::{slice, timing, Real};
+use super::super::{slice, timing, Real, SideOutput};
 use super::{affine, host, normalise_plane, planes, unsupported, ChannelPlanes, ChannelStats, Clamp, Normalise};
 
 /// Planes of at least this many elements take the channel-by-channel pass (the same bound
@@ -26,12 +24,12 @@ pub(super) fn batch_norm_train(
     eps: f64,
     clamp: Option<Clamp>,
 ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-    let fused = StatsAndOutput { scale: host(scale)?, bias: host(bias)?, eps, clamp, y: Mutex::new(None) };
+    let fused = StatsAndOutput { scale: host(scale)?, bias: host(bias)?, eps, clamp, y: SideOutput::default() };
     let stats = x.detach().apply_op1_no_bwd(&fused)?;
     let (mean_t, var_t) = (stats.get(0)?, stats.get(1)?);
     let norm = Normalise::with_batch_statistics(&mean_t, &var_t, eps, clamp)?;
-    let y = fused.y.lock().map_err(|_| candle_core::Error::Msg("batchnorm: lock".into()))?.take();
-    let y = x.apply_op3(&scale.contiguous()?, &bias.contiguous()?, Computed { norm, y: Mutex::new(y) })?;
+    let y = SideOutput::holding(fused.y.take());
+    let y = x.apply_op3(&scale.contiguous()?, &bias.contiguous()?, Computed { norm, y })?;
     Ok((y, mean_t, var_t))
 }
 
@@ -42,7 +40,7 @@ struct StatsAndOutput {
     bias: Vec<f64>,
     eps: f64,
     clamp: Option<Clamp>,
-    y: Mutex<Option<CpuStorage>>,
+    y: SideOutput,
 }
 
 impl StatsAndOutput {
@@ -104,7 +102,7 @@ impl CustomOp1 for StatsAndOutput {
                 _ => Err(unsupported(self.name())),
             },
         )?;
-        *self.y.lock().map_err(|_| candle_core::Error::Msg(format!("{}: lock", self.name())))? = Some(y);
+        self.y.put(y, self.name())?;
         Ok((stats, Shape::from((2, dims.1))))
     }
 }
@@ -114,7 +112,7 @@ impl CustomOp1 for StatsAndOutput {
 /// is Normalise's.
 struct Computed {
     norm: Normalise,
-    y: Mutex<Option<CpuStorage>>,
+    y: SideOutput,
 }
 
 impl CustomOp3 for Computed {
@@ -131,7 +129,7 @@ impl CustomOp3 for Computed {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let ready = self.y.lock().ok().and_then(|mut y| y.take());
+        let ready = self.y.take();
         match ready {
             Some(y) if fits(&y, s1, l1.shape().elem_count()) => Ok((y, l1.shape().clone())),
             _ => self.norm.cpu_fwd(s1, l1, s2, l2, s3, l3),

@@ -6,18 +6,16 @@
 //! those of the two passes bit for bit: the same sums in the same order, images in the
 //! same units.
 
-use std::sync::Mutex;
-
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
-use super::super::{par_written_with, slice, sum_in_order, timing, Real};
+use super::super::{par_written_with, slice, sum_in_order, timing, Real, SideOutput};
 use super::{dims4, ConvParams, Geometry};
 
 /// (x, w, dy) -> dx; the weight gradient is left in `weight_grad`, a second output that a
 /// custom op cannot return.
 struct DepthwiseGrads {
     p: ConvParams,
-    weight_grad: Mutex<Option<CpuStorage>>,
+    weight_grad: SideOutput,
 }
 
 impl CustomOp3 for DepthwiseGrads {
@@ -64,9 +62,7 @@ impl CustomOp3 for DepthwiseGrads {
                 })
             },
         )?;
-        let mut slot =
-            self.weight_grad.lock().map_err(|_| candle_core::Error::Msg(format!("{}: lock", self.name())))?;
-        *slot = Some(dw);
+        self.weight_grad.put(dw, self.name())?;
         Ok((dx, Shape::from(xs.to_vec())))
     }
 }
@@ -79,14 +75,9 @@ pub(crate) fn depthwise_grads(
     dy: &Tensor,
     p: ConvParams,
 ) -> candle_core::Result<(Tensor, Tensor)> {
-    let op = DepthwiseGrads { p, weight_grad: Mutex::new(None) };
+    let op = DepthwiseGrads { p, weight_grad: SideOutput::default() };
     let dx = x.apply_op3_no_bwd(w, dy, &op)?;
-    let missing = || candle_core::Error::Msg(format!("{}: no weight gradient", op.name()));
-    let dw = match op.weight_grad.lock().map_err(|_| missing())?.take().ok_or_else(missing)? {
-        CpuStorage::F32(v) => Tensor::from_vec(v, w.shape(), w.device())?,
-        CpuStorage::F64(v) => Tensor::from_vec(v, w.shape(), w.device())?,
-        _ => return Err(missing()),
-    };
+    let dw = op.weight_grad.take_tensor(w.shape(), w.device(), op.name())?;
     Ok((dx, dw))
 }
 
