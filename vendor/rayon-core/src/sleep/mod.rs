@@ -24,6 +24,9 @@ pub(super) struct Sleep {
     worker_sleep_states: Vec<CachePadded<WorkerSleepState>>,
 
     counters: AtomicCounters,
+
+    /// mtpack: how long an idle thread keeps looking before it may become sleepy.
+    spin_before_sleepy: std::time::Duration,
 }
 
 /// An instance of this struct is created when a thread becomes idle.
@@ -60,10 +63,18 @@ const ROUNDS_UNTIL_SLEEPY: u32 = 32;
 const ROUNDS_UNTIL_SLEEPING: u32 = ROUNDS_UNTIL_SLEEPY + 1;
 
 /// mtpack: how long an idle thread keeps looking for work (yielding between looks) before it
-/// may become sleepy. 32 rounds of `yield_now` pass in a few microseconds on an idle core, so
-/// a thread went to sleep between two parallel regions of a training step, and waking it cost
-/// tens of microseconds per region on a virtual machine (see PATCH.md).
+/// may become sleepy, unless MTPACK_IDLE_SPIN_US says otherwise (0: upstream's behaviour).
+/// 32 rounds of `yield_now` pass in a few microseconds on an idle core, so a thread went to
+/// sleep between two parallel regions of a training step, and waking it cost tens of
+/// microseconds per region on a virtual machine (see PATCH.md).
 const SPIN_BEFORE_SLEEPY: std::time::Duration = std::time::Duration::from_millis(2);
+
+fn spin_before_sleepy() -> std::time::Duration {
+    std::env::var("MTPACK_IDLE_SPIN_US")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .map_or(SPIN_BEFORE_SLEEPY, std::time::Duration::from_micros)
+}
 
 impl Sleep {
     pub(super) fn new(n_threads: usize) -> Sleep {
@@ -71,6 +82,7 @@ impl Sleep {
         Sleep {
             worker_sleep_states: (0..n_threads).map(|_| Default::default()).collect(),
             counters: AtomicCounters::new(),
+            spin_before_sleepy: spin_before_sleepy(),
         }
     }
 
@@ -104,7 +116,7 @@ impl Sleep {
         if idle_state.rounds < ROUNDS_UNTIL_SLEEPY {
             thread::yield_now();
             // mtpack: the last round before sleepy waits for SPIN_BEFORE_SLEEPY to pass.
-            if idle_state.rounds + 1 < ROUNDS_UNTIL_SLEEPY || idle_state.since.elapsed() >= SPIN_BEFORE_SLEEPY {
+            if idle_state.rounds + 1 < ROUNDS_UNTIL_SLEEPY || idle_state.since.elapsed() >= self.spin_before_sleepy {
                 idle_state.rounds += 1;
             }
         } else if idle_state.rounds == ROUNDS_UNTIL_SLEEPY {
