@@ -163,8 +163,20 @@ fn repeat_channels(img: Array4<f32>, c: usize) -> Result<Array4<f32>, DataError>
             "cannot turn {have} channels into {c}: only a single channel repeats"
         )));
     }
-    let views: Vec<_> = (0..c).map(|_| img.view()).collect();
-    ndarray::concatenate(Axis(1), &views).map_err(|e| DataError::Preprocessing(e.to_string()))
+    // Written plane by plane in row-major order: ndarray's `concatenate` along axis 1 builds
+    // its result by appending, which leaves the channel axis outermost in memory, and every
+    // later copy of such an array (to the training engine) went element by element: 1.9 s for
+    // 6000 images at 64x64, longer than the data took to load.
+    let (n, _, h, w) = img.dim();
+    let src = img.as_standard_layout();
+    let src = src.as_slice().ok_or_else(|| DataError::Preprocessing("images are not contiguous".into()))?;
+    let mut out = Vec::with_capacity(n * c * h * w);
+    for plane in src.chunks_exact((h * w).max(1)) {
+        for _ in 0..c {
+            out.extend_from_slice(plane);
+        }
+    }
+    Array4::from_shape_vec((n, c, h, w), out).map_err(|e| DataError::Preprocessing(e.to_string()))
 }
 
 fn normalise(img: &mut Array4<f32>, mean: &[f32], std: &[f32]) -> Result<(), DataError> {
@@ -252,6 +264,14 @@ mod tests {
         assert_eq!(nhwc.dim(), (1, 2, 2, 3));
         assert_eq!(nhwc[[0, 0, 1, 2]], 1.0);
         assert_eq!(nhwc[[0, 0, 0, 1]], -1.0);
+    }
+
+    #[test]
+    fn repeated_channels_are_row_major_image_by_image() {
+        let x = Array4::from_shape_vec((2, 1, 1, 2), vec![1.0, 2.0, 3.0, 4.0]).unwrap();
+        let out = repeat_channels(x, 3).unwrap();
+        // Row-major, so the engine copies the buffer at once instead of element by element.
+        assert_eq!(out.as_slice(), Some(&[1.0, 2.0, 1.0, 2.0, 1.0, 2.0, 3.0, 4.0, 3.0, 4.0, 3.0, 4.0][..]));
     }
 
     #[test]

@@ -72,11 +72,13 @@ pub fn to_candle_on(t: &crate::tensor::Tensor, float: DType, dev: &Device) -> ca
 
 /// The elements of `a` in logical order as a 1-D tensor: one copy of the buffer when it is
 /// already in that order (a batch always is), where going element by element through
-/// ndarray's n-dimensional iterator was 3% of a MobileNetV2 `adapt` at 64x64 (perf).
+/// ndarray's n-dimensional iterator was 3% of a MobileNetV2 `adapt` at 64x64 (perf); any
+/// other layout is first copied into row-major order by ndarray, row by row.
 fn flat<T: candle_core::WithDType>(a: &ndarray::ArrayD<T>, dev: &Device) -> candle_core::Result<Tensor> {
-    match a.as_slice() {
+    let standard = a.as_standard_layout();
+    match standard.as_slice() {
         Some(s) => Tensor::from_slice(s, s.len(), dev),
-        None => Tensor::from_iter(a.iter().copied(), dev),
+        None => Tensor::from_iter(standard.iter().copied(), dev),
     }
 }
 
