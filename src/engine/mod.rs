@@ -76,10 +76,8 @@ pub fn to_candle_on(t: &crate::tensor::Tensor, float: DType, dev: &Device) -> ca
 /// other layout is first copied into row-major order by ndarray, row by row.
 fn flat<T: candle_core::WithDType>(a: &ndarray::ArrayD<T>, dev: &Device) -> candle_core::Result<Tensor> {
     let standard = a.as_standard_layout();
-    match standard.as_slice() {
-        Some(s) => Tensor::from_slice(s, s.len(), dev),
-        None => Tensor::from_iter(standard.iter().copied(), dev),
-    }
+    let s = standard.as_slice().ok_or_else(|| candle_core::Error::Msg("a row-major array without a slice".into()))?;
+    Tensor::from_slice(s, s.len(), dev)
 }
 
 /// candle tensor to host; floats come back as float32.
