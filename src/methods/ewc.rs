@@ -34,6 +34,8 @@ use crate::rng::Rng;
 use crate::train::loss::log_softmax;
 use crate::train::{candle, Hooks, TrainError};
 
+mod proximal;
+
 /// The record tables of sum_k F_k and sum_k F_k * theta*_k.
 const FISHER: &str = "F";
 const FISHER_THETA: &str = "FT";
@@ -258,9 +260,7 @@ impl Hooks for Ewc {
         }
         for (name, f) in &self.sum_f {
             let (Some(var), Some(ft)) = (params.get(name), self.sum_f_theta.get(name)) else { continue };
-            let num = (var.as_tensor() + ft.affine(c, 0.0)?)?;
-            let den = f.affine(c, 1.0)?;
-            var.set(&num.div(&den)?)?;
+            proximal::step(var, f, ft, c)?;
         }
         Ok(())
     }

@@ -2,7 +2,9 @@
 //! pass. As tensor expressions, a parameter's step allocated and wrote five buffers (scaled
 //! buffer, new buffer, update, new weight, and the copy into the variable): 5% of a
 //! MobileNetV2 training step at 3x64x64. The arithmetic is the expressions', in the same
-//! order and precision, so the weights are bit for bit the same.
+//! order and precision, so the weights are bit for bit the same. A masked parameter (PackNet's)
+//! takes the same path with its update multiplied by the mask in the weight's pass: as
+//! expressions it wrote seven buffers a step.
 
 use candle_core::{CpuStorage, InplaceOp2, InplaceOp3, Layout, Tensor, Var};
 
@@ -18,6 +20,13 @@ struct Momentum {
 
 /// w = w - (buf * lr + 0); applied to the weight, reading [buf].
 struct Descend {
+    lr: f64,
+}
+
+/// w = w - ((buf * lr + 0) * mask); applied to the weight, reading [buf, mask]: a masked
+/// parameter's step (PackNet's frozen weights), where the expressions multiplied the update
+/// by the mask before subtracting it.
+struct DescendMasked {
     lr: f64,
 }
 
@@ -114,21 +123,58 @@ impl InplaceOp2 for Descend {
     }
 }
 
-/// Whether the in-place step applies: the weight, its gradient and its momentum buffer (if
-/// any, such as one read from a checkpoint) CPU float tensors of one type, contiguous.
-pub(super) fn applies(w: &Tensor, g: &Tensor, buf: Option<&Tensor>) -> bool {
-    let float = matches!(w.dtype(), candle_core::DType::F32 | candle_core::DType::F64);
-    let like_w = |t: &Tensor| t.dtype() == w.dtype() && t.is_contiguous() && t.device().is_cpu();
-    float && like_w(w) && like_w(g) && buf.is_none_or(like_w)
+impl DescendMasked {
+    fn run<T: Real + candle_core::WithDType + std::ops::SubAssign>(
+        &self,
+        dst: &mut [T],
+        l: &Layout,
+        [(bs, bl), (ms, ml)]: [(&CpuStorage, &Layout); 2],
+    ) -> candle_core::Result<()> {
+        let (w, buf, mask) = (part(dst, l)?, slice::<T>(bs, bl)?, slice::<T>(ms, ml)?);
+        same_len(w, buf)?;
+        same_len(w, mask)?;
+        let (lr, zero) = (T::real(self.lr), T::zero());
+        w.iter_mut().zip(buf).zip(mask).for_each(|((w, &b), &m)| *w -= (b * lr + zero) * m);
+        Ok(())
+    }
 }
 
-/// One SGD step of `var` with gradient `g`: updates `buf` (the momentum buffer) in place, or
-/// returns the new one when there was none (a copy, so that later steps own it), then the
-/// weight in place. The caller checks [`applies`].
+impl InplaceOp3 for DescendMasked {
+    fn name(&self) -> &'static str {
+        "mtpack-sgd-descend-masked"
+    }
+
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        l: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+        ms: &CpuStorage,
+        ml: &Layout,
+    ) -> candle_core::Result<()> {
+        on_dst!(dst, self.name(), |T, v| self.run::<T>(v, l, [(bs, bl), (ms, ml)]))
+    }
+}
+
+/// Whether the in-place step applies: the weight, its gradient and its momentum buffer (if
+/// any, such as one read from a checkpoint) CPU float tensors of one type, contiguous.
+pub(super) fn applies(w: &Tensor, g: &Tensor, buf: Option<&Tensor>, mask: Option<&Tensor>) -> bool {
+    let float = matches!(w.dtype(), candle_core::DType::F32 | candle_core::DType::F64);
+    let like_w = |t: &Tensor| t.dtype() == w.dtype() && t.is_contiguous() && t.device().is_cpu();
+    let same_size = |t: &Tensor| t.elem_count() == w.elem_count();
+    float && like_w(w) && like_w(g) && buf.is_none_or(like_w) && mask.is_none_or(|m| like_w(m) && same_size(m))
+}
+
+/// One SGD step of `var` with gradient `g` (already multiplied by `mask` where there is
+/// one): updates `buf` (the momentum buffer) in place, or returns the new one when there was
+/// none (a copy, so that later steps own it), then the weight in place, its update
+/// multiplied by `mask`. The caller checks [`applies`] (with the mask as one more tensor).
 pub(super) fn step(
     var: &Var,
     g: &Tensor,
     buf: Option<&Tensor>,
+    mask: Option<&Tensor>,
     (momentum, decay, lr): (f64, f64, f64),
 ) -> candle_core::Result<Option<Tensor>> {
     let w = var.as_tensor();
@@ -144,6 +190,9 @@ pub(super) fn step(
             (Some(b.clone()), b)
         }
     };
-    w.inplace_op2(&buf, &Descend { lr })?;
+    match mask {
+        Some(m) => w.inplace_op3(&buf, m, &DescendMasked { lr })?,
+        None => w.inplace_op2(&buf, &Descend { lr })?,
+    }
     Ok(fresh)
 }
