@@ -461,6 +461,9 @@ mod sequence {
         Some(last.iter().filter_map(|v| v.as_f64()).sum::<f64>() / last.len().max(1) as f64)
     }
 
+    /// The methods scripts/pytorch_sequence_baseline.py writes.
+    const BASELINES: [&str; 4] = ["finetune-plain", "finetune", "lwf", "ewc"];
+
     /// mtpack's flags for a comparison row: `finetune-plain` is fine-tuning as the
     /// continual-learning library's naive strategy runs it; the others are the method at
     /// mtpack's defaults, with the sequence's epochs and batch.
@@ -506,6 +509,13 @@ mod sequence {
         let threads = rayon::current_num_threads().to_string();
         let mut rows = Vec::new();
         for method in methods.split(',').map(str::trim).filter(|m| !m.is_empty()) {
+            if !BASELINES.contains(&method) {
+                eprintln!(
+                    "sequence: MTPACK_BENCH_SEQUENCE_METHODS: {method} has no PyTorch baseline (one of {})",
+                    BASELINES.join(", ")
+                );
+                continue;
+            }
             match compare_one(root, &python, &threads, method) {
                 Some(r) => rows.push((method.to_string(), r)),
                 None => eprintln!("sequence: {method}: no comparison"),

@@ -227,8 +227,11 @@ def main():
         arrays, pixel_max, classes = read_dataset(os.path.join(root, name + ".safetensors"))
         y, yt = torch.from_numpy(arrays["y"].astype(np.int64)), torch.from_numpy(arrays["y_test"].astype(np.int64))
         data.append((preprocess(arrays["x"], pixel_max), y, preprocess(arrays["x_test"], pixel_max), yt, classes))
-    method = {"finetune": lambda: Finetune(), "lwf": lambda: Lwf(), "ewc": lambda: Ewc(backbone),
-              "finetune-plain": lambda: Plain()}[method_name]()
+    methods = {"finetune-plain": lambda: Plain(), "finetune": lambda: Finetune(), "lwf": lambda: Lwf(),
+               "ewc": lambda: Ewc(backbone)}
+    if method_name not in methods:
+        sys.exit(f"pytorch_sequence_baseline.py: METHOD {method_name!r} is not one of {', '.join(methods)}")
+    method = methods[method_name]()
     heads, matrix = [], []
     start = time.perf_counter()
     for t, (x, y, _, _, classes) in enumerate(data):
