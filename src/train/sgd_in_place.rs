@@ -8,7 +8,7 @@
 
 use candle_core::{CpuStorage, InplaceOp2, InplaceOp3, Layout, Tensor, Var};
 
-use crate::engine::kernels::{slice, Real};
+use crate::engine::kernels::{in_place_cpu, slice, slice_mut, Real};
 
 /// buf = (buf * momentum + 0) + d, with d = g, or g + (w * decay + 0) when `decay` is not 0
 /// (the + 0 of candle's affine, which the expressions used, turns -0 into +0);
@@ -28,12 +28,6 @@ struct Descend {
 /// by the mask before subtracting it.
 struct DescendMasked {
     lr: f64,
-}
-
-/// The contiguous part of `data` a layout covers.
-fn part<'a, T>(data: &'a mut [T], l: &Layout) -> candle_core::Result<&'a mut [T]> {
-    let (start, end) = l.contiguous_offsets().ok_or(candle_core::Error::RequiresContiguous { op: "sgd in place" })?;
-    data.get_mut(start..end).ok_or_else(|| candle_core::Error::Msg("sgd in place: layout out of range".into()))
 }
 
 /// Runs `f` on the float32 or float64 data of `dst`.
@@ -67,7 +61,7 @@ impl Momentum {
         l: &Layout,
         [(gs, gl), (ws, wl)]: [(&CpuStorage, &Layout); 2],
     ) -> candle_core::Result<()> {
-        let (buf, g, w) = (part(dst, l)?, slice::<T>(gs, gl)?, slice::<T>(ws, wl)?);
+        let (buf, g, w) = (slice_mut(dst, l)?, slice::<T>(gs, gl)?, slice::<T>(ws, wl)?);
         same_len(buf, g)?;
         same_len(buf, w)?;
         let (mu, decay, zero) = (T::real(self.momentum), T::real(self.decay), T::zero());
@@ -105,7 +99,7 @@ impl Descend {
         l: &Layout,
         [(bs, bl)]: [(&CpuStorage, &Layout); 1],
     ) -> candle_core::Result<()> {
-        let (w, buf) = (part(dst, l)?, slice::<T>(bs, bl)?);
+        let (w, buf) = (slice_mut(dst, l)?, slice::<T>(bs, bl)?);
         same_len(w, buf)?;
         let (lr, zero) = (T::real(self.lr), T::zero());
         w.iter_mut().zip(buf).for_each(|(w, &b)| *w -= b * lr + zero);
@@ -130,7 +124,7 @@ impl DescendMasked {
         l: &Layout,
         [(bs, bl), (ms, ml)]: [(&CpuStorage, &Layout); 2],
     ) -> candle_core::Result<()> {
-        let (w, buf, mask) = (part(dst, l)?, slice::<T>(bs, bl)?, slice::<T>(ms, ml)?);
+        let (w, buf, mask) = (slice_mut(dst, l)?, slice::<T>(bs, bl)?, slice::<T>(ms, ml)?);
         same_len(w, buf)?;
         same_len(w, mask)?;
         let (lr, zero) = (T::real(self.lr), T::zero());
@@ -160,10 +154,8 @@ impl InplaceOp3 for DescendMasked {
 /// Whether the in-place step applies: the weight, its gradient and its momentum buffer (if
 /// any, such as one read from a checkpoint) CPU float tensors of one type, contiguous.
 pub(super) fn applies(w: &Tensor, g: &Tensor, buf: Option<&Tensor>, mask: Option<&Tensor>) -> bool {
-    let float = matches!(w.dtype(), candle_core::DType::F32 | candle_core::DType::F64);
-    let like_w = |t: &Tensor| t.dtype() == w.dtype() && t.is_contiguous() && t.device().is_cpu();
-    let same_size = |t: &Tensor| t.elem_count() == w.elem_count();
-    float && like_w(w) && like_w(g) && buf.is_none_or(like_w) && mask.is_none_or(|m| like_w(m) && same_size(m))
+    let others: Vec<&Tensor> = [Some(g), buf, mask].into_iter().flatten().collect();
+    in_place_cpu(w, &others) && mask.is_none_or(|m| m.elem_count() == w.elem_count())
 }
 
 /// One SGD step of `var` with gradient `g` (already multiplied by `mask` where there is

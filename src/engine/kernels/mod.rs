@@ -195,6 +195,24 @@ pub fn slice<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout) -> ca
     }
 }
 
+/// The contiguous part of a destination's data for a layout (in-place ops write there).
+pub fn slice_mut<'a, T>(data: &'a mut [T], l: &Layout) -> candle_core::Result<&'a mut [T]> {
+    match l.contiguous_offsets() {
+        Some((start, end)) => {
+            data.get_mut(start..end).ok_or_else(|| candle_core::Error::Msg("layout out of range".into()))
+        }
+        None => Err(candle_core::Error::RequiresContiguous { op: "mtpack in-place kernel" }),
+    }
+}
+
+/// Whether an in-place CPU pass may update `w` reading `others`: all contiguous CPU float32
+/// or float64 tensors of `w`'s type (otherwise callers take their tensor expressions).
+pub fn in_place_cpu(w: &candle_core::Tensor, others: &[&candle_core::Tensor]) -> bool {
+    let float = matches!(w.dtype(), candle_core::DType::F32 | candle_core::DType::F64);
+    let like_w = |t: &candle_core::Tensor| t.dtype() == w.dtype() && t.is_contiguous() && t.device().is_cpu();
+    float && like_w(w) && others.iter().all(|t| like_w(t))
+}
+
 /// Runs `f` compiled for AVX2 where the CPU has it, else as built. The binary targets the
 /// x86-64 baseline (SSE2), so without this the kernels' loops run four floats wide; `f` and
 /// what it calls must be inlined into it (`#[inline(always)]`) for the wider code to apply.

@@ -7,7 +7,7 @@
 
 use candle_core::{CpuStorage, InplaceOp3, Layout, Tensor, Var};
 
-use crate::engine::kernels::{slice, Real};
+use crate::engine::kernels::{in_place_cpu, slice, slice_mut, Real};
 
 /// theta = (theta + (ft * c + 0)) / (f * c + 1); applied to the weight, reading [f, ft].
 struct Proximal {
@@ -21,10 +21,7 @@ impl Proximal {
         l: &Layout,
         [(fs, fl), (fts, ftl)]: [(&CpuStorage, &Layout); 2],
     ) -> candle_core::Result<()> {
-        let (start, end) = l.contiguous_offsets().ok_or(candle_core::Error::RequiresContiguous { op: "ewc proximal" })?;
-        let theta = theta
-            .get_mut(start..end)
-            .ok_or_else(|| candle_core::Error::Msg("ewc proximal: layout out of range".into()))?;
+        let theta = slice_mut(theta, l)?;
         let (f, ft) = (slice::<T>(fs, fl)?, slice::<T>(fts, ftl)?);
         if f.len() != theta.len() || ft.len() != theta.len() {
             return Err(candle_core::Error::Msg(format!(
@@ -66,9 +63,7 @@ impl InplaceOp3 for Proximal {
 /// are contiguous CPU floats of one type, else as tensor expressions (CUDA).
 pub(super) fn step(var: &Var, f: &Tensor, ft: &Tensor, c: f64) -> candle_core::Result<()> {
     let w = var.as_tensor();
-    let float = matches!(w.dtype(), candle_core::DType::F32 | candle_core::DType::F64);
-    let like_w = |t: &Tensor| t.dtype() == w.dtype() && t.is_contiguous() && t.device().is_cpu();
-    if float && like_w(w) && like_w(f) && like_w(ft) {
+    if in_place_cpu(w, &[f, ft]) {
         return w.inplace_op3(f, ft, &Proximal { c });
     }
     let num = (w + ft.affine(c, 0.0)?)?;
