@@ -255,11 +255,18 @@ mod tests {
 
     #[test]
     fn sgd_in_place_equals_the_tensor_expressions_bit_for_bit() {
+        // One part, and several parts of the pool's split with a shorter last one.
+        for (rows, cols) in [(3, 5), (97, 171)] {
+            sgd_in_place_matches_on(rows, cols);
+        }
+    }
+
+    fn sgd_in_place_matches_on(rows: usize, cols: usize) {
         let dev = Device::Cpu;
-        let start = Tensor::randn(0f32, 1f32, (3, 5), &dev).unwrap();
-        let x = Tensor::randn(0f32, 1f32, (5, 2), &dev).unwrap();
-        let half: Vec<f32> = (0..15).map(|i| (i % 2) as f32).collect();
-        let half = Tensor::from_vec(half, (3, 5), &dev).unwrap();
+        let start = Tensor::randn(0f32, 1f32, (rows, cols), &dev).unwrap();
+        let x = Tensor::randn(0f32, 1f32, (cols, 2), &dev).unwrap();
+        let half: Vec<f32> = (0..rows * cols).map(|i| (i % 2) as f32).collect();
+        let half = Tensor::from_vec(half, (rows, cols), &dev).unwrap();
         for cfg in [OptimConfig::sgd(0.05, 0.9, 0.0), OptimConfig::sgd(0.05, 0.9, 0.01)] {
             for mask in [None, Some(half.clone())] {
                 let run = |in_place: bool| {

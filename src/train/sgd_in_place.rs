@@ -8,7 +8,7 @@
 
 use candle_core::{CpuStorage, InplaceOp2, InplaceOp3, Layout, Tensor, Var};
 
-use crate::engine::kernels::{in_place_cpu, slice, slice_mut, Real};
+use crate::engine::kernels::{beside, in_place_cpu, par_update, simd, slice, slice_mut, Real};
 
 /// buf = (buf * momentum + 0) + d, with d = g, or g + (w * decay + 0) when `decay` is not 0
 /// (the + 0 of candle's affine, which the expressions used, turns -0 into +0);
@@ -65,11 +65,21 @@ impl Momentum {
         same_len(buf, g)?;
         same_len(buf, w)?;
         let (mu, decay, zero) = (T::real(self.momentum), T::real(self.decay), T::zero());
-        if self.decay == 0.0 {
-            buf.iter_mut().zip(g).for_each(|(b, &g)| *b = (*b * mu + zero) + g);
-        } else {
-            buf.iter_mut().zip(g).zip(w).for_each(|((b, &g), &w)| *b = (*b * mu + zero) + (g + (w * decay + zero)));
-        }
+        let plain = self.decay == 0.0;
+        par_update(buf, |at, part| {
+            let (g, w) = (beside(g, at, part.len()), beside(w, at, part.len()));
+            simd(
+                #[inline(always)]
+                || match plain {
+                    true => part.iter_mut().zip(g).for_each(|(b, &g)| *b = (*b * mu + zero) + g),
+                    false => part
+                        .iter_mut()
+                        .zip(g)
+                        .zip(w)
+                        .for_each(|((b, &g), &w)| *b = (*b * mu + zero) + (g + (w * decay + zero))),
+                },
+            )
+        });
         Ok(())
     }
 }
@@ -102,7 +112,13 @@ impl Descend {
         let (w, buf) = (slice_mut(dst, l)?, slice::<T>(bs, bl)?);
         same_len(w, buf)?;
         let (lr, zero) = (T::real(self.lr), T::zero());
-        w.iter_mut().zip(buf).for_each(|(w, &b)| *w -= b * lr + zero);
+        par_update(w, |at, part| {
+            let buf = beside(buf, at, part.len());
+            simd(
+                #[inline(always)]
+                || part.iter_mut().zip(buf).for_each(|(w, &b)| *w -= b * lr + zero),
+            )
+        });
         Ok(())
     }
 }
@@ -128,7 +144,13 @@ impl DescendMasked {
         same_len(w, buf)?;
         same_len(w, mask)?;
         let (lr, zero) = (T::real(self.lr), T::zero());
-        w.iter_mut().zip(buf).zip(mask).for_each(|((w, &b), &m)| *w -= (b * lr + zero) * m);
+        par_update(w, |at, part| {
+            let (buf, mask) = (beside(buf, at, part.len()), beside(mask, at, part.len()));
+            simd(
+                #[inline(always)]
+                || part.iter_mut().zip(buf).zip(mask).for_each(|((w, &b), &m)| *w -= (b * lr + zero) * m),
+            )
+        });
         Ok(())
     }
 }

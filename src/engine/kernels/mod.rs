@@ -205,6 +205,30 @@ pub fn slice_mut<'a, T>(data: &'a mut [T], l: &Layout) -> candle_core::Result<&'
     }
 }
 
+/// Elements per part of an elementwise in-place update split over the pool (16 KiB of
+/// float32 per operand): smaller tensors (biases, BatchNorm, most early weights) are one
+/// part, updated on the calling thread.
+const UPDATE_PART: usize = 1 << 12;
+
+/// Runs `f(start, part)` over consecutive parts of `dst` in parallel, `start` being the
+/// part's offset in `dst`. For elementwise updates only: each element's result does not
+/// depend on how the tensor is split or which thread runs which part, so it is the same on
+/// any number of threads. SGD's and EWC's steps ran on one thread over every weight after
+/// each training step (2.7 and 2.1 ms of a 76 ms MobileNetV2 step at 3x64x64).
+pub fn par_update<T: Send>(dst: &mut [T], f: impl Fn(usize, &mut [T]) + Sync + Send) {
+    if dst.len() <= UPDATE_PART {
+        f(0, dst);
+        return;
+    }
+    dst.par_chunks_mut(UPDATE_PART).enumerate().for_each(|(i, part)| f(i * UPDATE_PART, part));
+}
+
+/// The elements of `s` beside a part of [`par_update`] (`start`, `len`); empty where `s` is
+/// shorter, which callers rule out by checking lengths first.
+pub fn beside<T>(s: &[T], start: usize, len: usize) -> &[T] {
+    s.get(start..start + len).unwrap_or(&[])
+}
+
 /// Whether an in-place CPU pass may update `w` reading `others`: all contiguous CPU float32
 /// or float64 tensors of `w`'s type (otherwise callers take their tensor expressions).
 pub fn in_place_cpu(w: &candle_core::Tensor, others: &[&candle_core::Tensor]) -> bool {

@@ -7,7 +7,7 @@
 
 use candle_core::{CpuStorage, InplaceOp3, Layout, Tensor, Var};
 
-use crate::engine::kernels::{in_place_cpu, slice, slice_mut, Real};
+use crate::engine::kernels::{beside, in_place_cpu, par_update, simd, slice, slice_mut, Real};
 
 /// theta = (theta + (ft * c + 0)) / (f * c + 1); applied to the weight, reading [f, ft].
 struct Proximal {
@@ -32,7 +32,18 @@ impl Proximal {
             )));
         }
         let (c, zero, one) = (T::real(self.c), T::zero(), T::one());
-        theta.iter_mut().zip(f).zip(ft).for_each(|((w, &f), &ft)| *w = (*w + (ft * c + zero)) / (f * c + one));
+        par_update(theta, |at, part| {
+            let (f, ft) = (beside(f, at, part.len()), beside(ft, at, part.len()));
+            simd(
+                #[inline(always)]
+                || {
+                    part.iter_mut()
+                        .zip(f)
+                        .zip(ft)
+                        .for_each(|((w, &f), &ft)| *w = (*w + (ft * c + zero)) / (f * c + one))
+                },
+            )
+        });
         Ok(())
     }
 }
@@ -78,7 +89,13 @@ mod tests {
 
     #[test]
     fn in_place_equals_the_tensor_expressions_bit_for_bit() {
-        let n = 1000;
+        // One part, and several parts of the pool's split with a shorter last one.
+        for n in [1000, 3 * 4096 + 17] {
+            in_place_matches_on(n);
+        }
+    }
+
+    fn in_place_matches_on(n: usize) {
         let vals = |k: f32| (0..n).map(|i| (i as f32 * 0.37 + k).sin() * 3.0).collect::<Vec<f32>>();
         let f = Tensor::from_vec(vals(1.0).iter().map(|v| v.abs()).collect::<Vec<_>>(), n, &Device::Cpu).unwrap();
         let ft = Tensor::from_vec(vals(2.0), n, &Device::Cpu).unwrap();
