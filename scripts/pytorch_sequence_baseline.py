@@ -11,6 +11,8 @@ than the library), at the settings `mtpack adapt --method METHOD` runs by defaul
   finetune        the same, then BatchNorm recalibrated on the task's training data
   lwf             Learning without Forgetting (class Lwf below)
   ewc             Elastic Weight Consolidation (class Ewc below)
+  packnet         PackNet (class PackNet below)
+  piggyback       Piggyback (class Piggyback below; the library has no such strategy)
 Common settings: 3x64x64 (bilinear, half-pixel, no antialias; grey repeated to three
 channels; ImageNet mean and std), 2 epochs per task, batch 32, SGD momentum 0.9 (lr 0.01, LwF
 1e-4 after its probe), a fresh optimizer per task; after each task every task so far is
@@ -96,6 +98,18 @@ def features(backbone, x):
         return torch.cat([backbone(x[i:i + 256]) for i in range(0, len(x), 256)])
 
 
+def probe(head, f, y, epochs):
+    """mtpack's linear probe: the new head alone on the frozen backbone's features `f`
+    (eval() mode, computed once), SGD lr 0.01 momentum 0.9."""
+    opt = torch.optim.SGD(head.parameters(), lr=0.01, momentum=0.9)
+
+    def step(fb, yb, _):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(head(fb), yb).backward()
+        opt.step()
+    epochs_of(f, y, epochs, step)
+
+
 def epochs_of(x, y, epochs, step):
     for _ in range(epochs):
         order = torch.randperm(len(x))
@@ -114,8 +128,20 @@ class Finetune:
     def loss(self, backbone, heads, xb, yb, idx):
         return torch.nn.functional.cross_entropy(heads[-1](backbone(xb)), yb)
 
+    def optimizer(self, backbone, heads):
+        trained = list(backbone.parameters()) + [p for h in heads for p in h.parameters()]
+        return torch.optim.SGD(trained, lr=self.lr, momentum=0.9)
+
+    def before_step(self, backbone):
+        pass
+
     def after_step(self, backbone):
         pass
+
+    def retrain(self, backbone, opt):
+        """Epochs to train after the task's own (PackNet's retraining), after adjusting
+        the network and the optimizer for them."""
+        return 0
 
     def end(self, backbone, heads, x, y):
         recalibrate(backbone, x)
@@ -135,13 +161,7 @@ class Lwf(Finetune):
         f = features(backbone, x)
         with torch.no_grad():
             self.targets = [torch.softmax(h(f) / self.temperature, 1) for h in heads[:-1]]
-        probe = torch.optim.SGD(heads[-1].parameters(), lr=0.01, momentum=0.9)
-
-        def step(fb, yb, _):
-            probe.zero_grad()
-            torch.nn.functional.cross_entropy(heads[-1](fb), yb).backward()
-            probe.step()
-        epochs_of(f, y, self.probe_epochs, step)
+        probe(heads[-1], f, y, self.probe_epochs)
 
     def loss(self, backbone, heads, xb, yb, idx):
         z = backbone(xb)
@@ -155,18 +175,15 @@ class Lwf(Finetune):
         pass
 
 
-class Ewc(Finetune):
-    """mtpack's EWC at its defaults: BatchNorm (scale, shift, statistics) per task from the
-    backbone's values, the convolutions penalised at lambda 100 through the exact proximal
-    step after every SGD step, the true Fisher from 200 single-sample gradients in eval()
-    mode, divided by its mean, floor 0.01; recalibration before the Fisher."""
-    lam, samples, floor = 100.0, 200, 0.01
+class PerTaskBatchNorm(Finetune):
+    """BatchNorm (scale, shift, statistics) per task, each task starting from the
+    backbone's values: mtpack's `shared = per-task`, EWC's and PackNet's default on a
+    backbone with BatchNorm."""
 
     def __init__(self, backbone):
         self.own = {n for n, m in backbone.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
         self.original = self.bn_state(backbone)
-        self.rows, self.sum_f, self.sum_ft = [], {}, {}
-        self.shared = [(n, p) for n, p in backbone.named_parameters() if n.rsplit(".", 1)[0] not in self.own]
+        self.rows = []
 
     def bn_state(self, backbone):
         return {n: {k: v.clone() for k, v in m.state_dict().items()}
@@ -179,6 +196,22 @@ class Ewc(Finetune):
 
     def begin(self, backbone, heads, x, y):
         self.load_bn(backbone, self.original)
+
+    def view(self, backbone, task):
+        self.load_bn(backbone, self.rows[task])
+
+
+class Ewc(PerTaskBatchNorm):
+    """mtpack's EWC at its defaults: BatchNorm (scale, shift, statistics) per task from the
+    backbone's values, the convolutions penalised at lambda 100 through the exact proximal
+    step after every SGD step, the true Fisher from 200 single-sample gradients in eval()
+    mode, divided by its mean, floor 0.01; recalibration before the Fisher."""
+    lam, samples, floor = 100.0, 200, 0.01
+
+    def __init__(self, backbone):
+        super().__init__(backbone)
+        self.sum_f, self.sum_ft = {}, {}
+        self.shared = [(n, p) for n, p in backbone.named_parameters() if n.rsplit(".", 1)[0] not in self.own]
 
     def after_step(self, backbone):
         c = self.lr * self.lam
@@ -211,8 +244,115 @@ class Ewc(Finetune):
                 self.sum_ft[n] = self.sum_ft.get(n, 0) + f * p
         backbone.zero_grad()
 
+
+class PackNet(PerTaskBatchNorm):
+    """mtpack's PackNet at its defaults: every convolution weight has an owner (0 free, t
+    the t-th task); a task trains the free weights (gradients masked, so their momentum
+    stays 0 too), then per layer frees again the smallest by magnitude among them (0.5 of
+    the first task's, 0.75 of later ones', set to 0), retrains the kept ones for one epoch
+    at lr x 0.1 and owns them; task s is evaluated with the weights of owners 1..s and its
+    own BatchNorm. BatchNorm per task, recalibrated after the retraining."""
+    prune_first, prune, retrain_epochs, retrain_lr_scale = 0.5, 0.75, 1, 0.1
+
+    def __init__(self, backbone):
+        super().__init__(backbone)
+        self.weights = [(n, p) for n, p in backbone.named_parameters() if p.dim() > 1]
+        self.owner = {n: torch.zeros(p.shape, dtype=torch.uint8) for n, p in self.weights}
+
+    def begin(self, backbone, heads, x, y):
+        super().begin(backbone, heads, x, y)
+        self.id = len(self.rows) + 1
+        self.set_masks(0)
+
+    def set_masks(self, target):
+        self.masks = {n: (o == target).float() for n, o in self.owner.items()}
+
+    def before_step(self, backbone):
+        for n, p in self.weights:
+            if p.grad is not None:
+                p.grad.mul_(self.masks[n])
+
+    def retrain(self, backbone, opt):
+        frac = self.prune_first if self.id == 1 else self.prune
+        with torch.no_grad():
+            for n, p in self.weights:
+                free = (self.owner[n] == 0).flatten().nonzero().flatten()
+                magnitude = p.flatten()[free].abs()
+                freed = int(round(frac * len(free)))
+                order = torch.argsort(magnitude, stable=True)
+                p.view(-1)[free[order[:freed]]] = 0.0
+                self.owner[n].view(-1)[free[order[freed:]]] = self.id
+        self.set_masks(self.id)
+        for n, p in self.weights:
+            buf = opt.state.get(p, {}).get("momentum_buffer")
+            if buf is not None:
+                buf.mul_(self.masks[n])
+        for g in opt.param_groups:
+            g["lr"] = self.lr * self.retrain_lr_scale
+        return self.retrain_epochs
+
+    def end(self, backbone, heads, x, y):
+        recalibrate(backbone, x)
+        self.rows.append(self.bn_state(backbone))
+        self.full = {n: p.detach().clone() for n, p in self.weights}
+
     def view(self, backbone, task):
-        self.load_bn(backbone, self.rows[task])
+        super().view(backbone, task)
+        with torch.no_grad():
+            for n, p in self.weights:
+                o = self.owner[n]
+                p.copy_(self.full[n] * ((o > 0) & (o <= task + 1)).float())
+
+
+class Piggyback(Finetune):
+    """mtpack's Piggyback at its defaults: the backbone never changes (BatchNorm on its
+    recorded statistics, eval() mode throughout); each task learns a real-valued score per
+    convolution weight, initialised at 0.01, and sees W * (score > 0.005), the scores taking
+    the binary mask's gradient straight through; a 10-epoch linear probe first, then AdamW
+    (no weight decay) at lr 0.01 for the head and 1e-4 for the scores; after the task only
+    the binary masks are kept, and task s is evaluated with its own."""
+    lr, batch_stats, probe_epochs = 1e-2, False, 10
+    init, threshold, mask_lr = 1e-2, 5e-3, 1e-4
+
+    def __init__(self, backbone):
+        self.convs = [m for m in backbone.modules() if isinstance(m, torch.nn.Conv2d)]
+        for p in backbone.parameters():
+            p.requires_grad_(False)
+        self.base = []
+        for m in self.convs:
+            w = m.weight.detach().clone()
+            del m.weight  # a plain tensor from here on, recomputed before each forward
+            m.weight = w
+            self.base.append(w)
+            m.register_forward_pre_hook(self.masked_weight)
+        self.index = {id(m): i for i, m in enumerate(self.convs)}
+        self.rows, self.scores, self.fixed = [], None, None
+
+    def masked_weight(self, module, _inputs):
+        i = self.index[id(module)]
+        if self.fixed is not None:
+            module.weight = self.base[i] * self.fixed[i]
+        else:
+            s = self.scores[i]
+            module.weight = self.base[i] * ((s > self.threshold).float() + (s - s.detach()))
+
+    def begin(self, backbone, heads, x, y):
+        self.fixed = [torch.ones_like(w) for w in self.base]
+        probe(heads[-1], features(backbone, x), y, self.probe_epochs)
+        self.fixed = None
+        self.scores = [torch.full_like(w, self.init, requires_grad=True) for w in self.base]
+
+    def optimizer(self, backbone, heads):
+        groups = [{"params": list(heads[-1].parameters()), "lr": self.lr},
+                  {"params": self.scores, "lr": self.mask_lr}]
+        return torch.optim.AdamW(groups, lr=self.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+
+    def end(self, backbone, heads, x, y):
+        self.rows.append([(s > self.threshold).float() for s in self.scores])
+        self.scores = None
+
+    def view(self, backbone, task):
+        self.fixed = self.rows[task]
 
 
 def main():
@@ -228,7 +368,8 @@ def main():
         y, yt = torch.from_numpy(arrays["y"].astype(np.int64)), torch.from_numpy(arrays["y_test"].astype(np.int64))
         data.append((preprocess(arrays["x"], pixel_max), y, preprocess(arrays["x_test"], pixel_max), yt, classes))
     methods = {"finetune-plain": lambda: Plain(), "finetune": lambda: Finetune(), "lwf": lambda: Lwf(),
-               "ewc": lambda: Ewc(backbone)}
+               "ewc": lambda: Ewc(backbone), "packnet": lambda: PackNet(backbone),
+               "piggyback": lambda: Piggyback(backbone)}
     if method_name not in methods:
         sys.exit(f"pytorch_sequence_baseline.py: METHOD {method_name!r} is not one of {', '.join(methods)}")
     method = methods[method_name]()
@@ -237,16 +378,17 @@ def main():
     for t, (x, y, _, _, classes) in enumerate(data):
         heads.append(torch.nn.Linear(1280, classes))
         method.begin(backbone, heads, x, y)
-        trained = list(backbone.parameters()) + [p for h in heads for p in h.parameters()]
-        opt = torch.optim.SGD(trained, lr=method.lr, momentum=0.9)
+        opt = method.optimizer(backbone, heads)
 
         def step(xb, yb, idx):
             backbone.train(method.batch_stats)
             opt.zero_grad()
             method.loss(backbone, heads, xb, yb, idx).backward()
+            method.before_step(backbone)
             opt.step()
             method.after_step(backbone)
         epochs_of(x, y, EPOCHS, step)
+        epochs_of(x, y, method.retrain(backbone, opt), step)
         method.end(backbone, heads, x, y)
         row = []
         for s in range(t + 1):
