@@ -13,6 +13,8 @@ use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use super::masks;
+
+mod straight_through;
 use super::{positive, Method, Record, SharedParams, Spec, TaskCtx, TrainingData};
 use crate::engine::Engine;
 use crate::graph::masks::StoredMask;
@@ -188,13 +190,7 @@ impl Method for Piggyback {
             let scores = s.clone();
             engine.set_reparam(
                 name,
-                Arc::new(move |w: &Tensor| {
-                    let s = scores.as_tensor();
-                    let bin = s.gt(threshold)?.to_dtype(w.dtype())?;
-                    // Exactly `bin` in value; the gradient reaches the scores unchanged.
-                    let straight = (bin + (s - s.detach())?)?;
-                    w.mul(&straight)
-                }),
+                Arc::new(move |w: &Tensor| straight_through::masked(w, scores.as_tensor(), threshold)),
             )?;
             self.scores.insert(name.clone(), s);
         }

@@ -2,6 +2,7 @@
 //! and schedules, cross-entropy, method hooks, the epoch loop, evaluation through ONNX Runtime,
 //! and the frozen prefix computed once in ONNX Runtime.
 
+mod adamw_in_place;
 mod batches;
 pub mod device_check;
 pub mod eval;

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 
-use super::sgd_in_place;
+use super::{adamw_in_place, sgd_in_place};
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -112,6 +112,16 @@ impl Optimizer {
                         self.m.insert(name.to_string(), fresh);
                     }
                     continue;
+                }
+            }
+            if let OptimKind::Adamw { beta1, beta2, eps } = self.config.kind {
+                let (m, v) = (self.m.get(name), self.v.get(name));
+                if self.in_place && adamw_in_place::applies(w, &g, m, v, mask.is_some()) {
+                    if let (Some(m), Some(v)) = (m, v) {
+                        let t = self.steps as i32;
+                        adamw_in_place::step(var, &g, [m, v], (beta1, beta2, eps), (t, self.config.weight_decay, lr))?;
+                        continue;
+                    }
                 }
             }
             let update = match self.config.kind {
@@ -254,20 +264,26 @@ mod tests {
     }
 
     #[test]
-    fn sgd_in_place_equals_the_tensor_expressions_bit_for_bit() {
+    fn in_place_steps_equal_the_tensor_expressions_bit_for_bit() {
         // One part, and several parts of the pool's split with a shorter last one.
         for (rows, cols) in [(3, 5), (97, 171)] {
-            sgd_in_place_matches_on(rows, cols);
+            in_place_matches_on(rows, cols);
         }
     }
 
-    fn sgd_in_place_matches_on(rows: usize, cols: usize) {
+    fn in_place_matches_on(rows: usize, cols: usize) {
         let dev = Device::Cpu;
         let start = Tensor::randn(0f32, 1f32, (rows, cols), &dev).unwrap();
         let x = Tensor::randn(0f32, 1f32, (cols, 2), &dev).unwrap();
         let half: Vec<f32> = (0..rows * cols).map(|i| (i % 2) as f32).collect();
         let half = Tensor::from_vec(half, (rows, cols), &dev).unwrap();
-        for cfg in [OptimConfig::sgd(0.05, 0.9, 0.0), OptimConfig::sgd(0.05, 0.9, 0.01)] {
+        let configs = [
+            OptimConfig::sgd(0.05, 0.9, 0.0),
+            OptimConfig::sgd(0.05, 0.9, 0.01),
+            OptimConfig::adamw(0.05, 0.0),
+            OptimConfig::adamw(0.05, 0.01),
+        ];
+        for cfg in configs {
             for mask in [None, Some(half.clone())] {
                 let run = |in_place: bool| {
                     let w = Var::from_tensor(&start.copy().unwrap()).unwrap();

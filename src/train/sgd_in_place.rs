@@ -31,7 +31,7 @@ struct DescendMasked {
 }
 
 /// Runs `f` on the float32 or float64 data of `dst`.
-macro_rules! on_dst {
+macro_rules! on_dst_impl {
     ($dst:expr, $name:expr, |$t:ident, $v:ident| $body:expr) => {
         match $dst {
             CpuStorage::F32($v) => {
@@ -47,10 +47,16 @@ macro_rules! on_dst {
     };
 }
 
-fn same_len<T>(dst: &[T], src: &[T]) -> candle_core::Result<()> {
+pub(super) use on_dst_impl as on_dst;
+
+pub(super) fn same_len<T>(dst: &[T], src: &[T]) -> candle_core::Result<()> {
     match dst.len() == src.len() {
         true => Ok(()),
-        false => Err(candle_core::Error::Msg(format!("sgd in place: {} elements against {}", dst.len(), src.len()))),
+        false => Err(candle_core::Error::Msg(format!(
+            "optimizer step in place: {} elements against {}",
+            dst.len(),
+            src.len()
+        ))),
     }
 }
 
