@@ -198,13 +198,13 @@ impl Ewc {
         // nothing from a second thread (MobileNetV2 at 3x64x64: 1.84 s for 200 samples on
         // one, 1.85 s on two). The labels are drawn and the squares added in sample order,
         // so the Fisher is the one-at-a-time one whatever the thread count.
-        for pair in idx.chunks(rayon::current_num_threads().max(1)) {
-            let logps = pair
+        for group in idx.chunks(rayon::current_num_threads().max(1)) {
+            let logps = group
                 .par_iter()
                 .map(|&i| self.log_probs(engine, (input, logits), x, i))
                 .collect::<Result<Vec<_>, TrainError>>()?;
-            let mut picked = Vec::with_capacity(pair.len());
-            for (&i, logp) in pair.iter().zip(&logps) {
+            let mut picked = Vec::with_capacity(group.len());
+            for (&i, logp) in group.iter().zip(&logps) {
                 let label = match self.kind {
                     FisherKind::Empirical => y.get(i).copied().unwrap_or(0) as usize,
                     FisherKind::True => sample(logp, &mut rng).map_err(candle("Fisher sampling"))?,
@@ -235,9 +235,7 @@ impl Ewc {
         let floor = if scale > 0.0 { self.floor } else { 0.0 };
         acc.into_iter().map(|(k, t)| Ok((k, t.affine(scale, floor).map_err(candle("Fisher"))?))).collect()
     }
-}
 
-impl Ewc {
     /// log p(. | x_i): one training image through the network, as a vector of classes.
     fn log_probs(&self, engine: &Engine, (input, logits): (&str, &str), x: &Tensor, i: usize) -> Result<Tensor, TrainError> {
         let xi = x.narrow(0, i, 1).map_err(candle("Fisher sample"))?;
@@ -390,5 +388,65 @@ impl Method for Ewc {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use candle_core::{DType, Device};
+
+    use super::*;
+    use crate::onnx::build::{model, node, value_info};
+    use crate::onnx::pb::GraphProto;
+    use crate::onnx::tensor_proto;
+    use crate::tensor::{DType as HostDType, Tensor as Host};
+
+    /// y = x @ W with W [3, 4] as an initializer: four classes from three inputs.
+    fn matmul() -> Model {
+        let w: Vec<f32> = (0..12).map(|i| ((i * 7 % 5) as f32 - 2.0) * 0.4).collect();
+        let w = Host::F32(ndarray::Array2::from_shape_vec((3, 4), w).unwrap().into_dyn());
+        let graph = GraphProto {
+            node: vec![node("MatMul", "mm", &["x", "W"], &["y"], vec![])],
+            input: vec![value_info("x", HostDType::F32, None)],
+            output: vec![value_info("y", HostDType::F32, None)],
+            initializer: vec![tensor_proto::from_tensor("W", &w)],
+            ..Default::default()
+        };
+        model(graph, 13)
+    }
+
+    /// The Fisher's samples run one per thread; its labels and sums keep sample order, so
+    /// one thread and three give the same Fisher to the last bit.
+    #[test]
+    fn the_fisher_does_not_depend_on_the_thread_count() {
+        let engine = Engine::new(&matmul(), &|n| n == "W", DType::F32, &Device::Cpu).unwrap();
+        let x = crate::engine::gradcheck::seeded(&[11, 3], 5, DType::F32);
+        let y: Vec<i64> = (0..11).map(|i| i % 4).collect();
+        let (weights, empty) = (BTreeSet::from(["W".to_string()]), BTreeSet::new());
+        let ctx = TaskCtx {
+            index: 0,
+            input: "x",
+            name: "t",
+            logits: "y",
+            head_params: &empty,
+            backbone_params: &weights,
+            masked: &weights,
+            epochs: 1,
+            last: true,
+            old_logits: &[],
+            old_head_params: &empty,
+            seed: 3,
+        };
+        let ewc = Ewc::new(&Params { ewc_samples: Some(9), ..Default::default() });
+        let on = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            let f = pool.install(|| ewc.fisher(&engine, &ctx, &["W".to_string()], &x, &y)).unwrap();
+            f["W"].flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        };
+        let one = on(1);
+        assert!(one.iter().any(|&v| v > EWC_FISHER_FLOOR as f32), "some weight matters more than the floor");
+        assert_eq!(one, on(3));
     }
 }
