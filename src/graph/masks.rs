@@ -373,15 +373,7 @@ mod tests {
 
     /// y = x @ W, W [3, 3] (9 weights: an odd count exercises the slice).
     fn matmul(w: &[f32]) -> Model {
-        let w = Tensor::F32(ArrayD::from_shape_vec(ndarray::IxDyn(&[3, 3]), w.to_vec()).unwrap());
-        let graph = GraphProto {
-            node: vec![node("MatMul", "mm", &["x", "W"], &["y"], vec![])],
-            input: vec![value_info("x", DType::F32, None)],
-            output: vec![value_info("y", DType::F32, None)],
-            initializer: vec![tensor_proto::from_tensor("W", &w)],
-            ..Default::default()
-        };
-        model(graph, 13)
+        crate::onnx::build::matmul(&Tensor::F32(ArrayD::from_shape_vec(ndarray::IxDyn(&[3, 3]), w.to_vec()).unwrap()))
     }
 
     fn run(m: &Model, task: i64) -> Vec<f32> {

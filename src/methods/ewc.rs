@@ -398,23 +398,12 @@ mod tests {
     use candle_core::{DType, Device};
 
     use super::*;
-    use crate::onnx::build::{model, node, value_info};
-    use crate::onnx::pb::GraphProto;
-    use crate::onnx::tensor_proto;
-    use crate::tensor::{DType as HostDType, Tensor as Host};
+    use crate::tensor::Tensor as Host;
 
-    /// y = x @ W with W [3, 4] as an initializer: four classes from three inputs.
+    /// y = x @ W with W [3, 4]: four classes from three inputs.
     fn matmul() -> Model {
         let w: Vec<f32> = (0..12).map(|i| ((i * 7 % 5) as f32 - 2.0) * 0.4).collect();
-        let w = Host::F32(ndarray::Array2::from_shape_vec((3, 4), w).unwrap().into_dyn());
-        let graph = GraphProto {
-            node: vec![node("MatMul", "mm", &["x", "W"], &["y"], vec![])],
-            input: vec![value_info("x", HostDType::F32, None)],
-            output: vec![value_info("y", HostDType::F32, None)],
-            initializer: vec![tensor_proto::from_tensor("W", &w)],
-            ..Default::default()
-        };
-        model(graph, 13)
+        crate::onnx::build::matmul(&Host::F32(ndarray::Array2::from_shape_vec((3, 4), w).unwrap().into_dyn()))
     }
 
     /// The Fisher's samples run one per thread; its labels and sums keep sample order, so

@@ -328,22 +328,10 @@ mod tests {
     use candle_core::{DType, Device};
 
     use super::*;
-    use crate::onnx::build::{model, node, value_info};
-    use crate::onnx::pb::GraphProto;
-    use crate::onnx::tensor_proto;
-    use crate::tensor::DType as HostDType;
 
-    /// y = x @ W with W [3, 2] as an initializer.
+    /// y = x @ W with W [3, 2].
     fn matmul() -> Model {
-        let w = Host::F32(ndarray::arr2(&[[1.0f32, -2.0], [0.5, 3.0], [-1.5, 0.25]]).into_dyn());
-        let graph = GraphProto {
-            node: vec![node("MatMul", "mm", &["x", "W"], &["y"], vec![])],
-            input: vec![value_info("x", HostDType::F32, None)],
-            output: vec![value_info("y", HostDType::F32, None)],
-            initializer: vec![tensor_proto::from_tensor("W", &w)],
-            ..Default::default()
-        };
-        model(graph, 13)
+        crate::onnx::build::matmul(&Host::F32(ndarray::arr2(&[[1.0f32, -2.0], [0.5, 3.0], [-1.5, 0.25]]).into_dyn()))
     }
 
     #[test]

@@ -50,6 +50,19 @@ pub fn value_info(name: &str, dtype: DType, shape: Option<&[Dim]>) -> ValueInfoP
 
 /// A model importing the default domain at `opset`, IR version 8 (read by every runtime
 /// mtpack targets).
+/// y = x @ W, with `w` as the initializer W and x of any shape: the smallest trainable
+/// model, for tests.
+pub fn matmul(w: &crate::tensor::Tensor) -> Model {
+    let graph = GraphProto {
+        node: vec![node("MatMul", "mm", &["x", "W"], &["y"], vec![])],
+        input: vec![value_info("x", DType::F32, None)],
+        output: vec![value_info("y", DType::F32, None)],
+        initializer: vec![tensor_proto::from_tensor("W", w)],
+        ..Default::default()
+    };
+    model(graph, 13)
+}
+
 pub fn model(graph: GraphProto, opset: i64) -> Model {
     let proto = ModelProto {
         ir_version: Some(8),
