@@ -3,7 +3,7 @@
 # line, the range of its first number over the runs: one run's figures move with this
 # machine's load (PyTorch's own 224x224 step has read 14.6 and 21.9 images/s on different
 # days), so the README quotes ranges. Extra arguments go to cargo bench's environment, e.g.
-#   MTPACK_BENCH_PYTORCH=$PWD/.cache/torch-venv/bin/python MTPACK_BENCH_STEPS=16 scripts/bench-ranges.sh 3
+#   MTPACK_BENCH_PYTORCH=$(scripts/torch-venv.sh) MTPACK_BENCH_STEPS=16 scripts/bench-ranges.sh 3
 # Each run's full output is kept in target/bench-ranges/run-K.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
