@@ -414,20 +414,7 @@ mod tests {
         let x = crate::engine::gradcheck::seeded(&[11, 3], 5, DType::F32);
         let y: Vec<i64> = (0..11).map(|i| i % 4).collect();
         let (weights, empty) = (BTreeSet::from(["W".to_string()]), BTreeSet::new());
-        let ctx = TaskCtx {
-            index: 0,
-            input: "x",
-            name: "t",
-            logits: "y",
-            head_params: &empty,
-            backbone_params: &weights,
-            masked: &weights,
-            epochs: 1,
-            last: true,
-            old_logits: &[],
-            old_head_params: &empty,
-            seed: 3,
-        };
+        let ctx = TaskCtx::single(&weights, &empty, 3);
         let ewc = Ewc::new(&Params { ewc_samples: Some(9), ..Default::default() });
         let on = |threads: usize| {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();

@@ -162,6 +162,28 @@ pub struct TaskCtx<'a> {
     pub seed: u64,
 }
 
+impl<'a> TaskCtx<'a> {
+    /// For tests: the only task of a plan over a model `x -> y`, training and masking
+    /// `weights`, with no head of its own (`none`: an empty set) and no earlier heads.
+    #[cfg(test)]
+    pub fn single(weights: &'a BTreeSet<String>, none: &'a BTreeSet<String>, seed: u64) -> TaskCtx<'a> {
+        TaskCtx {
+            index: 0,
+            input: "x",
+            name: "t",
+            logits: "y",
+            head_params: none,
+            backbone_params: weights,
+            masked: weights,
+            epochs: 1,
+            last: true,
+            old_logits: &[],
+            old_head_params: none,
+            seed,
+        }
+    }
+}
+
 /// Runs the current model through ONNX Runtime on the task's training inputs and returns
 /// the named outputs.
 pub type Recorder<'a> = dyn FnMut(&[String]) -> Result<Vec<Tensor>, TrainError> + 'a;

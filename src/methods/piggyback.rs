@@ -340,20 +340,7 @@ mod tests {
         let mut engine = Engine::new(&m, &|_| false, DType::F32, &Device::Cpu).unwrap();
         let masked: BTreeSet<String> = ["W".to_string()].into();
         let empty = BTreeSet::new();
-        let ctx = TaskCtx {
-            index: 0,
-            input: "x",
-            name: "t",
-            logits: "y",
-            head_params: &empty,
-            backbone_params: &masked,
-            masked: &masked,
-            epochs: 1,
-            last: true,
-            old_logits: &[],
-            old_head_params: &empty,
-            seed: 0,
-        };
+        let ctx = TaskCtx::single(&masked, &empty, 0);
         let mut pb = Piggyback::new(&Params::default());
         pb.prepare_engine(&mut engine, &ctx).unwrap();
         let scores = engine.params().get(&score_name("W")).unwrap().clone();

@@ -117,18 +117,22 @@ impl InplaceOp3 for Descend {
     }
 }
 
-/// Whether the in-place step applies: the weight, its gradient and both moments CPU float
-/// tensors of one type, contiguous, and no mask (masked AdamW keeps the expressions). The
-/// first step, which creates the moments, takes the expressions too.
-pub(super) fn applies(w: &Tensor, g: &Tensor, m: Option<&Tensor>, v: Option<&Tensor>, masked: bool) -> bool {
-    match (m, v) {
-        (Some(m), Some(v)) => !masked && crate::engine::kernels::in_place_cpu(w, &[g, m, v]),
-        _ => false,
-    }
+/// The moments to update in place, where the in-place step applies: the weight, its
+/// gradient and both moments CPU float tensors of one type, contiguous, and no mask (masked
+/// AdamW keeps the expressions). The first step, which creates the moments, takes the
+/// expressions too.
+pub(super) fn moments<'a>(
+    w: &Tensor,
+    g: &Tensor,
+    [m, v]: [Option<&'a Tensor>; 2],
+    masked: bool,
+) -> Option<[&'a Tensor; 2]> {
+    let (m, v) = (m?, v?);
+    (!masked && crate::engine::kernels::in_place_cpu(w, &[g, m, v])).then_some([m, v])
 }
 
 /// One AdamW step of `var` with gradient `g` at step `t` (from 1), updating the moments `m`
-/// and `v` in place; the caller checks [`applies`].
+/// and `v` in place, as [`moments`] returns them.
 pub(super) fn step(
     var: &Var,
     g: &Tensor,

@@ -115,13 +115,11 @@ impl Optimizer {
                 }
             }
             if let OptimKind::Adamw { beta1, beta2, eps } = self.config.kind {
-                let (m, v) = (self.m.get(name), self.v.get(name));
-                if self.in_place && adamw_in_place::applies(w, &g, m, v, mask.is_some()) {
-                    if let (Some(m), Some(v)) = (m, v) {
-                        let t = self.steps as i32;
-                        adamw_in_place::step(var, &g, [m, v], (beta1, beta2, eps), (t, self.config.weight_decay, lr))?;
-                        continue;
-                    }
+                let moments = [self.m.get(name), self.v.get(name)];
+                if let Some(mv) = adamw_in_place::moments(w, &g, moments, mask.is_some()).filter(|_| self.in_place) {
+                    let t = self.steps as i32;
+                    adamw_in_place::step(var, &g, mv, (beta1, beta2, eps), (t, self.config.weight_decay, lr))?;
+                    continue;
                 }
             }
             let update = match self.config.kind {
