@@ -457,13 +457,20 @@ impl Engine {
         let mut env = self.bind_inputs(inputs)?;
         let key: Vec<Vec<usize>> = self.inputs.iter().filter_map(|n| env.get(n)).map(|t| t.dims().to_vec()).collect();
         let mut cached = self.static_cache.lock().map(|mut c| c.remove(&key).unwrap_or_default()).unwrap_or_default();
-        let reparam_cache = self.reparam_values()?;
+        // Recalibration needs no gradient: parameters read detached record no backward graph,
+        // so each activation is freed after its last reader instead of at the pass's end.
+        let untracked = self.calibrating.load(std::sync::atomic::Ordering::Relaxed);
+        let param = |v: &Var| if untracked { v.as_tensor().detach() } else { v.as_tensor().clone() };
+        let mut reparam_cache = self.reparam_values()?;
+        if untracked {
+            reparam_cache.values_mut().for_each(|t| *t = t.detach());
+        }
         let lookup = |env: &HashMap<String, Tensor>, name: &str| -> Option<Tensor> {
             env.get(name)
                 .or_else(|| reparam_cache.get(name))
                 .or_else(|| self.constants.get(name))
                 .cloned()
-                .or_else(|| self.params.get(name).map(|v| v.as_tensor().clone()))
+                .or_else(|| self.params.get(name).map(param))
         };
         for (i, s) in self.steps.iter().enumerate() {
             if wanted.iter().all(|w| env.contains_key(*w) || self.constants.contains_key(*w)) {
