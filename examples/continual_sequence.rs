@@ -90,6 +90,7 @@ fn main() -> anyhow::Result<()> {
             seed,
             device: Default::default(),
             kernels: Default::default(),
+            precision: Default::default(),
             batchnorm: match (frozen_bn_lr, own_defaults) {
                 (Some(_), _) => Some(BatchNormMode::Frozen),
                 (None, true) => None,

@@ -1,5 +1,6 @@
 //! Where a training step's time goes on MobileNetV2 (3x64x64, batch 32; 3x224x224, batch 16
 //! with MTPACK_PROFILE_SIZE=224), or with
+//! MTPACK_PROFILE_PRECISION=bf16 with the linear layers' matrix products in bf16, or
 //! MTPACK_PROFILE_MODEL=vit on the ViT-S/14 encoder (3x224x224, batch 8, cut at its final
 //! LayerNorm, class token): forward and backward wall time, the time of mtpack's kernels
 //! (convolution, BatchNorm, the transformer's row-wise ops) in one step, forward and
@@ -31,7 +32,11 @@ fn profile() -> anyhow::Result<()> {
     let vit = std::env::var("MTPACK_PROFILE_MODEL").is_ok_and(|m| m == "vit");
     let (model, input, shape) = if vit { vit_model()? } else { mobilenetv2()? };
     let names = mtpack::graph::analysis::trainable_names(model.graph());
-    let engine = Engine::new(&model, &|n| names.contains(n), DType::F32, &Device::Cpu)?;
+    let mut engine = Engine::new(&model, &|n| names.contains(n), DType::F32, &Device::Cpu)?;
+    // MTPACK_PROFILE_PRECISION=bf16: the linear layers' matrix products in bf16 (AMX).
+    if std::env::var("MTPACK_PROFILE_PRECISION").is_ok_and(|p| p == "bf16") {
+        engine.set_precision(mtpack::engine::kernels::Precision::Bf16);
+    }
     // Batch-statistics BatchNorm, as `mtpack adapt` and the throughput bench train.
     engine.set_training(true);
     let x = Tensor::randn(0f32, 1f32, shape, &Device::Cpu)?;

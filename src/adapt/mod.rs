@@ -328,6 +328,15 @@ pub fn run(plan: &Plan, opts: &Options) -> Result<Manifest, AdaptError> {
 
 /// Which library runs each part of `adapt`, on which device: never left for the user to guess.
 fn where_it_runs(plan: &Plan) -> String {
+    use crate::engine::kernels::Precision;
+    let place = where_it_trains(plan);
+    match plan.precision {
+        Precision::F32 => place,
+        Precision::Bf16 => format!("{place}; the linear layers' matrix products train in bf16 on AMX tiles (f32 sums)"),
+    }
+}
+
+fn where_it_trains(plan: &Plan) -> String {
     use crate::engine::kernels::Kernels;
     use crate::runtime::device::DeviceChoice;
     match (plan.device, plan.kernels) {

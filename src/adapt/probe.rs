@@ -49,6 +49,7 @@ impl Runner<'_> {
         let mut engine = Engine::new(&suffix, &|n| head_params.contains(n), DType::F32, self.device)
             .map_err(crate::train::TrainError::from)?;
         engine.set_kernels(self.plan.kernels);
+        engine.set_precision(self.plan.precision);
         let x = to_candle_on(&train, DType::F32, self.device).map_err(candle("probe features"))?;
         let task = crate::train::Task { input: feature, logits, extra_outputs: &[], x: &x, y: &d.train_y };
         let config = OptimConfig {

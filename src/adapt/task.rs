@@ -184,6 +184,7 @@ impl Runner<'_> {
         let mut engine = Engine::new(&graph_model, &|n| method.trainable(n, &ctx), DType::F32, self.device)
             .map_err(TrainError::from)?;
         engine.set_kernels(self.plan.kernels);
+        engine.set_precision(self.plan.precision);
         method.prepare_engine(&mut engine, &ctx)?;
         let mut opt = Optimizer::new(hyper.optim);
         let restored = checkpoint::restore(&self.pack.checkpoint_dir(), &names.name, &engine, &mut opt, method)?;

@@ -6,7 +6,7 @@ use anyhow::Context;
 
 use super::{print_json, Outcome};
 use crate::adapt::{self, report, Options};
-use crate::engine::kernels::Kernels;
+use crate::engine::kernels::{Kernels, Precision};
 use crate::methods::{MethodKind, MethodParams};
 use crate::plan::{self, BatchNormMode, Plan, TaskPlan};
 use crate::runtime::device::DeviceChoice;
@@ -52,6 +52,11 @@ pub struct Args {
     /// ops, the ones a GPU runs; portable on the CPU checks a GPU run's computation.
     #[arg(long, value_enum, default_value = "native")]
     pub kernels: Kernels,
+    /// Of the linear layers' matrix products while training (a transformer's MatMuls): f32,
+    /// or bf16 operands with f32 sums on AMX tiles (Intel Xeon 4th generation and later).
+    /// Convolutions, normalisation, activations, weights and evaluation stay f32.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub precision: Precision,
     /// BatchNormalization while the backbone trains: batch statistics with running
     /// averages updated (batch, PyTorch's train()) or the recorded ones (frozen)
     /// [default: frozen for lwf on a backbone with BatchNormalization, else batch].
@@ -105,6 +110,7 @@ fn plan_from_flags(a: &Args) -> Plan {
         seed: a.seed,
         device: a.device,
         kernels: a.kernels,
+        precision: a.precision,
         batchnorm: a.batchnorm,
         at: a.at.clone(),
         pool: a.pool,

@@ -125,6 +125,8 @@ pub struct Engine {
     calibrating: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// mtpack's CPU kernels or candle's portable ops (always portable off the CPU).
     kernels: kernels::Kernels,
+    /// Of the linear layers' matrix products (mtpack's CPU kernels only).
+    precision: kernels::Precision,
     /// Steps whose outputs depend only on constants and on the shapes of the graph inputs
     /// (shape arithmetic, constants expanded to the batch, resized position embeddings).
     statics: Vec<bool>,
@@ -339,6 +341,7 @@ impl Engine {
             training,
             calibrating,
             kernels: kernels::Kernels::Native,
+            precision: kernels::Precision::F32,
             statics,
             static_cache: Default::default(),
         })
@@ -364,6 +367,12 @@ impl Engine {
     /// engine does, to compare against the CPU kernels.
     pub fn set_kernels(&mut self, k: kernels::Kernels) {
         self.kernels = k;
+    }
+
+    /// The precision of the linear layers' matrix products, forward and backward (the
+    /// portable ops always compute in the engine's float type).
+    pub fn set_precision(&mut self, p: kernels::Precision) {
+        self.precision = p;
     }
 
     pub fn input_names(&self) -> &[String] {
@@ -445,7 +454,8 @@ impl Engine {
         wanted: &[&str],
         times: Option<&mut HashMap<String, std::time::Duration>>,
     ) -> Result<Vec<Tensor>, EngineError> {
-        kernels::with_kernels(self.kernels, || self.run_steps_with(inputs, wanted, times))
+        let run = || self.run_steps_with(inputs, wanted, times);
+        kernels::with_kernels(self.kernels, || kernels::with_precision(self.precision, run))
     }
 
     fn run_steps_with(

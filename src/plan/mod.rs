@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::data::Preprocessing;
-use crate::engine::kernels::Kernels;
+use crate::engine::kernels::{Kernels, Precision};
 use crate::methods::{MethodKind, MethodParams};
 use crate::runtime::device::DeviceChoice;
 use crate::train::Hyper;
@@ -106,6 +106,9 @@ pub struct Plan {
     /// mtpack's CPU kernels (native) or candle's portable ops, which a GPU always runs.
     #[serde(default, skip_serializing_if = "is_native")]
     pub kernels: Kernels,
+    /// Of the linear layers' matrix products while training (bf16: AMX, f32 sums).
+    #[serde(default, skip_serializing_if = "is_f32")]
+    pub precision: Precision,
     /// None: the method's default for the backbone (see `Plan::for_backbone`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batchnorm: Option<BatchNormMode>,
@@ -148,6 +151,10 @@ fn is_native(k: &Kernels) -> bool {
     *k == Kernels::Native
 }
 
+fn is_f32(p: &Precision) -> bool {
+    *p == Precision::F32
+}
+
 impl Plan {
     /// A plan with every setting at its default.
     pub fn new(backbone: Option<PathBuf>, method: MethodKind, tasks: Vec<TaskPlan>) -> Plan {
@@ -157,6 +164,7 @@ impl Plan {
             seed: 0,
             device: DeviceChoice::default(),
             kernels: Kernels::Native,
+            precision: Precision::F32,
             batchnorm: None,
             at: None,
             pool: None,
@@ -211,6 +219,14 @@ impl Plan {
             return Err("bn_recalibrate needs batchnorm = batch: with frozen statistics BatchNorm's \
                         running values are the backbone's recorded ones, and training never used others"
                 .into());
+        }
+        if self.precision == Precision::Bf16 {
+            if self.kernels == Kernels::Portable || self.device != DeviceChoice::Cpu {
+                return Err("--precision bf16 runs mtpack's CPU kernels only (AMX): not with \
+                            --kernels portable or --device cuda"
+                    .into());
+            }
+            self.precision.check_available()?;
         }
         self.params.validate()
     }
@@ -424,6 +440,17 @@ mod tests {
     }
 
     #[test]
+    fn bf16_products_are_refused_off_mtpack_cpu_kernels() {
+        let mut p = Plan::new(None, MethodKind::Finetune, default_tasks());
+        p.precision = Precision::Bf16;
+        p.kernels = Kernels::Portable;
+        assert!(p.validate().unwrap_err().contains("--precision bf16"));
+        p.kernels = Kernels::Native;
+        p.device = DeviceChoice::Cuda;
+        assert!(p.validate().unwrap_err().contains("--device cuda"));
+    }
+
+    #[test]
     fn lwf_on_a_batchnorm_backbone_defaults_to_frozen_statistics_at_a_lower_lr() {
         let bn = crate::onnx::Model::load(&crate::plan::default_backbone()).unwrap();
         let plan = |method: MethodKind, mode: Option<BatchNormMode>, lr: Option<f64>| Plan {
@@ -432,6 +459,7 @@ mod tests {
             seed: 0,
             device: Default::default(),
             kernels: Default::default(),
+            precision: Default::default(),
             batchnorm: mode,
             at: None,
             pool: None,

@@ -176,3 +176,31 @@ fn real_vit_runs_in_the_engine_as_in_onnx_runtime_and_adapts_at_its_encoder() {
         std::fs::remove_file(&out).unwrap();
     }
 }
+
+/// `--precision bf16` trains a transformer's linear layers in bf16 on AMX (where the CPU has
+/// it) and learns what f32 learns; with the portable ops, which have no bf16 path, it is
+/// refused before anything trains.
+#[test]
+fn a_transformer_trains_in_bf16_as_in_f32() {
+    let dir = tempfile::tempdir().unwrap();
+    let task = format!("low={}:classes=0,1,2,3,4:optimizer=adamw:lr=0.003:epochs=2", p(&digits()));
+    let vit = tiny_vit();
+    let refused = ["adapt", p(&vit), "--task", &task, "--precision", "bf16", "--kernels", "portable"];
+    let r = mtpack(refused.iter().copied().chain(["-o", p(&dir.path().join("no"))])).expect(2);
+    assert!(r.stderr.contains("--precision bf16") && r.stderr.contains("portable"), "{}", r.stderr);
+    if !std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|c| c.contains(" amx_bf16")) {
+        eprintln!("skipped the bf16 run: this CPU has no AMX-BF16");
+        return;
+    }
+    let mut first = Vec::new();
+    for precision in ["f32", "bf16"] {
+        let pack = dir.path().join(precision);
+        let args = ["adapt", p(&vit), "--method", "finetune", "--task", &task, "--precision", precision];
+        let out = mtpack(args.iter().copied().chain(["-o", p(&pack), "--json"])).expect(0);
+        assert_eq!(out.stderr.contains("bf16 on AMX"), precision == "bf16", "{}", out.stderr);
+        let m = manifest(&pack);
+        assert_eq!(m["plan"]["precision"].as_str().unwrap_or("f32"), precision);
+        first.push(out.json()["accuracy_matrix"][0][0].as_f64().unwrap());
+    }
+    assert!(first[1] > 0.5 && (first[0] - first[1]).abs() <= 0.1, "f32, bf16: {first:?}");
+}

@@ -65,6 +65,55 @@ pub fn native(t: &candle_core::Tensor) -> bool {
     t.device().is_cpu() && !PORTABLE.with(std::cell::Cell::get)
 }
 
+/// The arithmetic of the linear layers' matrix products (`--precision`): a transformer's
+/// MatMuls. Everything else (convolutions, whose products are bound by memory rather than
+/// arithmetic here; normalisation, activations, the loss, the weights and optimizer state)
+/// stays f32 either way.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// f32 operands and sums.
+    #[default]
+    F32,
+    /// Operands rounded to bf16, sums in f32, on AMX tiles (CPUs with AMX-BF16 only).
+    Bf16,
+}
+
+impl Precision {
+    /// An error naming what is missing when this machine cannot compute at `self`.
+    pub fn check_available(self) -> Result<(), String> {
+        match self {
+            Precision::Bf16 if !amx::available() => Err("--precision bf16 needs a CPU with AMX-BF16 (Intel Xeon \
+                 4th generation or later) and a Linux kernel that grants its tiles; this one has none"
+                .into()),
+            _ => Ok(()),
+        }
+    }
+}
+
+thread_local! {
+    // Set, like PORTABLE, for the span of an engine forward pass; a matrix product records it
+    // in its op so that its backward pass computes at the same precision.
+    static PRECISION: std::cell::Cell<Precision> = const { std::cell::Cell::new(Precision::F32) };
+}
+
+/// The precision of matrix products chosen on this thread.
+pub fn precision() -> Precision {
+    PRECISION.with(std::cell::Cell::get)
+}
+
+/// Runs `f` with matrix products at `p` on this thread, restoring the previous choice after.
+pub fn with_precision<R>(p: Precision, f: impl FnOnce() -> R) -> R {
+    struct Restore(Precision);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            PRECISION.with(|p| p.set(self.0));
+        }
+    }
+    let _restore = Restore(PRECISION.with(|c| c.replace(p)));
+    f()
+}
+
 /// Runs `f` with the portable implementations chosen on this thread (or not), restoring the
 /// previous choice after.
 pub fn with_kernels<R>(k: Kernels, f: impl FnOnce() -> R) -> R {
@@ -78,10 +127,12 @@ pub fn with_kernels<R>(k: Kernels, f: impl FnOnce() -> R) -> R {
     f()
 }
 
+pub mod amx;
 pub mod batchnorm;
 pub mod conv2d;
 mod depthwise;
 mod depthwise_small;
+pub mod matmul_bf16;
 pub mod pointwise;
 pub mod pool2d;
 pub mod rows;

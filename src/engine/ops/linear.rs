@@ -1,8 +1,10 @@
 //! Gemm and MatMul.
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 use super::{opt, req};
+use crate::engine::kernels::matmul_bf16::matmul_bf16;
+use crate::engine::kernels::{native, precision, Precision};
 use crate::engine::registry::{BuildCtx, FnOp, Op, OpSpec, Registry};
 use crate::engine::EngineError;
 use crate::onnx::attr;
@@ -45,7 +47,7 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
     if a.rank() > 2 && b.rank() == 2 {
         let (lead, k) = a.dims().split_at(a.rank() - 1);
         let rows: usize = lead.iter().product();
-        let y = a.reshape((rows, k[0]))?.matmul(b)?;
+        let y = product(&a.reshape((rows, k[0]))?, b)?;
         let mut shape = lead.to_vec();
         shape.push(b.dims()[1]);
         return y.reshape(shape);
@@ -53,12 +55,23 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
     let (a1, b1) = (a.rank() == 1, b.rank() == 1);
     let a = if a1 { a.unsqueeze(0)? } else { a.clone() };
     let b = if b1 { b.unsqueeze(1)? } else { b.clone() };
-    let y = if a.rank() == 2 && b.rank() == 2 { a.matmul(&b)? } else { a.broadcast_matmul(&b)? };
+    let y = if a.rank() == 2 && b.rank() == 2 { product(&a, &b)? } else { a.broadcast_matmul(&b)? };
     let y = if b1 { y.squeeze(y.rank() - 1)? } else { y };
     if a1 {
         y.squeeze(y.rank().saturating_sub(if b1 { 1 } else { 2 }))
     } else {
         Ok(y)
+    }
+}
+
+/// A 2-D product: in bf16 on AMX under `--precision bf16` (f32 tensors, mtpack's CPU
+/// kernels), else candle's. Attention's batched products stay f32: with k = 64 they are
+/// bound by memory, not arithmetic.
+fn product(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    let bf16 = precision() == Precision::Bf16 && native(a) && a.dtype() == DType::F32 && b.dtype() == DType::F32;
+    match bf16 {
+        true => matmul_bf16(a, b),
+        false => a.matmul(b),
     }
 }
 
