@@ -14,7 +14,8 @@
 //! MTPACK_BENCH_PYTORCH naming a Python that has torch, the same model, batch and optimizer
 //! in PyTorch (scripts/pytorch_baseline.py; for the ViT scripts/pytorch_vit_baseline.py, which
 //! also needs transformers and onnx: the same Dinov2 architecture the ONNX file was exported
-//! from, with its weights) run in the same process tree and join the table.
+//! from, with its weights) run in the same process tree and join the table. On a CPU with
+//! AMX-BF16 the ViT also trains with `--precision bf16`, beside PyTorch under autocast bf16.
 //!
 //! With MTPACK_BENCH_SEQUENCE=1 as well (`only`: nothing else), the real sequence end to end (Fashion-MNIST, MNIST,
 //! digits; scripts/prepare_sequence.sh) is learned by `mtpack adapt` and by the same method
@@ -29,6 +30,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor as CTensor};
 use mtpack::data::{import, Preprocessing};
+use mtpack::engine::kernels::Precision;
 use mtpack::engine::{to_candle, Engine};
 use mtpack::graph::cut;
 use mtpack::graph::heads::{add_heads, LinearHead};
@@ -98,7 +100,7 @@ fn main() {
     // after them, PyTorch ran ~40% slower here than on a quiet machine.
     let torch = pytorch(64, BATCH);
     let torch_224 = pytorch(224, BATCH_224);
-    let torch_vit = pytorch_vit();
+    let torch_vit = [pytorch_vit("f32"), pytorch_vit("bf16")];
     // On a pool thread, as the `mtpack` binary runs its commands (see mtpack::parallel).
     mtpack::parallel::on_pool(|| {
         mobilenetv2(torch, peak.gflops);
@@ -224,7 +226,7 @@ const VIT_AT: &str = "/backbone/layernorm/Add_1_output_0";
 
 /// The ViT-S/14 encoder as `mtpack adapt --at VIT_AT --pool cls` trains it: weights made by
 /// nodes folded, cut at the final LayerNorm, class token, a new 10-class head.
-fn vit(torch: Option<(f64, f64, String)>, peak: f64) {
+fn vit([torch, torch_bf16]: [Option<(f64, f64, String)>; 2], peak: f64) {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/models/vit_s14_focus.onnx");
     let loaded = Model::load(&path).expect("ViT-S/14: run scripts/fetch.sh first");
     let (folded, _) = mtpack::graph::materialize::weights_from_nodes(&loaded).expect("fold");
@@ -241,6 +243,11 @@ fn vit(torch: Option<(f64, f64, String)>, peak: f64) {
         ort.run(&input).expect("ort run");
     });
     let (train_ips, trainable) = training_rate(&model, "input_image", &x, &y, VIT_BATCH);
+    // `--precision bf16` where this CPU has AMX-BF16.
+    let bf16 = Precision::Bf16
+        .check_available()
+        .is_ok()
+        .then(|| training_rate_at(&model, ("input_image", &x, &y), VIT_BATCH, Precision::Bf16).0);
     let flops = flops_per_image(&model, &input, VIT_BATCH);
     println!(
         "ViT-S/14 encoder (cut at its final LayerNorm, class token), input 3x224x224, batch {VIT_BATCH}, {} threads, {} trainable tensors, {:.2} GFLOP per image forward",
@@ -257,24 +264,57 @@ fn vit(torch: Option<(f64, f64, String)>, peak: f64) {
         train_ips / ort_ips,
         arithmetic(train_ips, flops, peak)
     );
-    if let Some((train, infer, version)) = torch {
+    if let Some(b) = bf16 {
+        println!(
+            "| mtpack training step, `--precision bf16` (linear layers on AMX) | {b:.2} | {:.3} | {} |",
+            b / ort_ips,
+            arithmetic(b, flops, peak)
+        );
+    }
+    if let Some((train, infer, version)) = &torch {
         println!(
             "| PyTorch {version} training step (fwd+bwd+SGD) | {train:.2} | {:.3} | {} |",
             train / ort_ips,
-            arithmetic(train, flops, peak)
+            arithmetic(*train, flops, peak)
         );
         println!("| PyTorch {version} inference, eval() | {infer:.2} | {:.3} | |", infer / ort_ips);
-        println!();
+    }
+    if let Some((train, _, version)) = &torch_bf16 {
+        println!(
+            "| PyTorch {version} training step, autocast bf16 | {train:.2} | {:.3} | {} |",
+            train / ort_ips,
+            arithmetic(*train, flops, peak)
+        );
+    }
+    println!();
+    if let Some((train, _, _)) = &torch {
         println!("mtpack training / PyTorch training (ViT): {:.2}x", train_ips / train);
+    }
+    if let Some(b) = bf16 {
+        println!("mtpack bf16 / mtpack f32 training (ViT): {:.2}x", b / train_ips);
+        if let Some((train, _, _)) = &torch_bf16 {
+            println!("mtpack bf16 / PyTorch autocast bf16 training (ViT): {:.2}x", b / train);
+        }
     }
 }
 
 /// Images/s of a full training step (forward, backward, SGD lr 0.01 momentum 0.9) on one
 /// batch, every trainable tensor training; and how many tensors train.
 fn training_rate(model: &Model, input: &str, x: &Tensor, y: &[i64], batch: usize) -> (f64, usize) {
+    training_rate_at(model, (input, x, y), batch, Precision::F32)
+}
+
+/// [`training_rate`] with the linear layers' products at `precision`.
+fn training_rate_at(
+    model: &Model,
+    (input, x, y): (&str, &Tensor, &[i64]),
+    batch: usize,
+    precision: Precision,
+) -> (f64, usize) {
     let names = mtpack::graph::analysis::trainable_names(model.graph());
-    let engine = Engine::new(model, &|n| names.contains(n), DType::F32, &Device::Cpu).expect("engine");
+    let mut engine = Engine::new(model, &|n| names.contains(n), DType::F32, &Device::Cpu).expect("engine");
     engine.set_training(true);
+    engine.set_precision(precision);
     let xc = to_candle(x, DType::F32).expect("x");
     let task = Task { input, logits: "task/logits", extra_outputs: &[], x: &xc, y };
     let mut opt = Optimizer::new(OptimConfig::sgd(0.01, 0.9, 0.0));
@@ -299,10 +339,14 @@ fn pytorch(size: usize, batch: usize) -> Option<(f64, f64, String)> {
     baseline("scripts/pytorch_baseline.py", &wheel, &[size.to_string(), batch.to_string()])
 }
 
-/// The same for the ViT (scripts/pytorch_vit_baseline.py).
-fn pytorch_vit() -> Option<(f64, f64, String)> {
+/// The same for the ViT (scripts/pytorch_vit_baseline.py), in f32 or under autocast bf16.
+fn pytorch_vit(precision: &str) -> Option<(f64, f64, String)> {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    baseline("scripts/pytorch_vit_baseline.py", &root.join(".cache/models/vit_s14_focus.onnx"), &[])
+    baseline(
+        "scripts/pytorch_vit_baseline.py",
+        &root.join(".cache/models/vit_s14_focus.onnx"),
+        &[precision.to_string()],
+    )
 }
 
 fn baseline(script: &str, model: &std::path::Path, extra: &[String]) -> Option<(f64, f64, String)> {

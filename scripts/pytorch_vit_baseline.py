@@ -14,7 +14,11 @@ network.
 Prints one JSON line: {"train_images_per_second", "inference_images_per_second", "threads",
 "torch", "max_abs_diff_vs_onnx"}. Needs torch, transformers 4.x (5.0 renamed the Dinov2 attention
 weights), onnx (and optionally onnxruntime).
-Usage: pytorch_vit_baseline.py ONNX STEPS THREADS
+With a fourth argument `bf16` the step and inference run under torch.autocast("cpu",
+dtype=torch.bfloat16) (PyTorch's mixed precision: linear layers and matmuls in bf16 through
+oneDNN, on AMX where the CPU has it; weights and optimizer in f32), the counterpart of
+`mtpack adapt --precision bf16`.
+Usage: pytorch_vit_baseline.py ONNX STEPS THREADS [bf16]
 """
 import json
 import os
@@ -86,6 +90,8 @@ def parity(net, path):
 
 def main():
     path, steps, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    bf16 = len(sys.argv) > 4 and sys.argv[4] == "bf16"
+    cast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     encoder = load(path)
@@ -99,16 +105,23 @@ def main():
 
     def train_step():
         opt.zero_grad()
-        loss_fn(model(x), y).backward()
+        with cast:
+            loss = loss_fn(model(x), y)
+        loss.backward()
         opt.step()
+
+    def infer_step():
+        with cast:
+            model(x)
 
     model.train()
     train = rate(train_step, steps, BATCH)
     model.eval()
     with torch.no_grad():
-        infer = rate(lambda: model(x), steps, BATCH)
+        infer = rate(infer_step, steps, BATCH)
     print(json.dumps({"train_images_per_second": train, "inference_images_per_second": infer,
-                      "threads": threads, "torch": torch.__version__, "max_abs_diff_vs_onnx": diff}))
+                      "threads": threads, "torch": torch.__version__, "max_abs_diff_vs_onnx": diff,
+                      "precision": "bf16" if bf16 else "f32"}))
 
 
 if __name__ == "__main__":
