@@ -60,15 +60,8 @@ fn os_permits_tiles() -> bool {
 }
 
 /// f32 to bf16, rounding to nearest even; NaN stays NaN.
-#[inline(always)]
 pub fn bf16(x: f32) -> u16 {
-    let b = x.to_bits();
-    let rounded = (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16;
-    if x.is_nan() {
-        ((b >> 16) | 0x40) as u16
-    } else {
-        rounded
-    }
+    (rounded_high(x) >> 16) as u16
 }
 
 /// The f32 a bf16 stands for.
@@ -76,8 +69,8 @@ pub fn f32_of(h: u16) -> f32 {
     f32::from_bits((h as u32) << 16)
 }
 
-/// The bf16 of `x` in the upper half of a word: [`bf16`] without branches, so that packing
-/// loops vectorise.
+/// The bf16 of `x` in the upper half of a word, the lower half zero; a select rather than a
+/// branch for NaN, so that packing loops vectorise.
 #[inline(always)]
 fn rounded_high(x: f32) -> u32 {
     let b = x.to_bits();
@@ -160,7 +153,7 @@ impl Operand<'_> {
                     row.iter_mut().zip(even.iter().zip(odd)).for_each(|(v, (&lo, &hi))| *v = pair(lo, hi));
                 }
             }
-            // ... or a column of A's (transposed weights: once per layer, not per image).
+            // ... or a column of A's (A read transposed: the activations of a weight gradient).
             (false, true) => {
                 for q in 0..pairs {
                     let even = &self.data[d(o0, 2 * (q0 + q))..][..outers];
