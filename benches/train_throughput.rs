@@ -21,8 +21,8 @@
 //! digits; scripts/prepare_sequence.sh) is learned by `mtpack adapt` and by the same method
 //! in PyTorch (scripts/pytorch_sequence_baseline.py), each in its own process, for each
 //! method in MTPACK_BENCH_SEQUENCE_METHODS (comma-separated; default `finetune-plain`, the
-//! continual-learning library's naive strategy; `finetune`, `lwf`, `ewc`, `packnet`,
-//! `piggyback`: the method at mtpack's defaults): wall time, peak resident memory (from the kernel's accounting of the
+//! continual-learning library's naive strategy; `finetune`, `feature-extract`, `joint`, `lwf`,
+//! `ewc`, `packnet`, `piggyback`: the method at mtpack's defaults): wall time, peak resident memory (from the kernel's accounting of the
 //! finished process) and final average accuracy side by side.
 //! Run: `cargo bench --bench train_throughput` (MTPACK_BENCH_STEPS to change the count).
 
@@ -506,7 +506,8 @@ mod sequence {
     }
 
     /// The methods scripts/pytorch_sequence_baseline.py writes.
-    const BASELINES: [&str; 6] = ["finetune-plain", "finetune", "lwf", "ewc", "packnet", "piggyback"];
+    const BASELINES: [&str; 8] =
+        ["finetune-plain", "finetune", "feature-extract", "joint", "lwf", "ewc", "packnet", "piggyback"];
 
     /// mtpack's flags for a comparison row: `finetune-plain` is fine-tuning as the
     /// continual-learning library's naive strategy runs it; the others are the method at

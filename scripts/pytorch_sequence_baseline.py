@@ -13,6 +13,13 @@ than the library), at the settings `mtpack adapt --method METHOD` runs by defaul
   ewc             Elastic Weight Consolidation (class Ewc below)
   packnet         PackNet (class PackNet below)
   piggyback       Piggyback (class Piggyback below; the library has no such strategy)
+  feature-extract the new head alone on the frozen backbone's features, computed once per
+                  image in eval() mode as mtpack computes them (class FeatureExtract below;
+                  the library's naive strategy on a frozen backbone would recompute them
+                  every epoch)
+  joint           every task so far at once, in mixed batches scored each by its own head,
+                  then BatchNorm recalibrated on that mixture (class Joint below; the
+                  library's joint strategy trains one head on batches of the union)
 Common settings: 3x64x64 (bilinear, half-pixel, no antialias; grey repeated to three
 channels; ImageNet mean and std), 2 epochs per task, batch 32, SGD momentum 0.9 (lr 0.01, LwF
 1e-4 after its probe), a fresh optimizer per task; after each task every task so far is
@@ -137,6 +144,10 @@ class Finetune:
 
     def after_step(self, backbone):
         pass
+
+    def train_set(self, data, t):
+        """The examples task t trains on: its own."""
+        return data[t][0], data[t][1]
 
     def retrain(self, backbone, opt):
         """Epochs to train after the task's own (PackNet's retraining), after adjusting
@@ -272,6 +283,10 @@ class PackNet(PerTaskBatchNorm):
             if p.grad is not None:
                 p.grad.mul_(self.masks[n])
 
+    def train_set(self, data, t):
+        """The examples task t trains on: its own."""
+        return data[t][0], data[t][1]
+
     def retrain(self, backbone, opt):
         frac = self.prune_first if self.id == 1 else self.prune
         with torch.no_grad():
@@ -369,14 +384,16 @@ def main():
         data.append((preprocess(arrays["x"], pixel_max), y, preprocess(arrays["x_test"], pixel_max), yt, classes))
     methods = {"finetune-plain": lambda: Plain(), "finetune": lambda: Finetune(), "lwf": lambda: Lwf(),
                "ewc": lambda: Ewc(backbone), "packnet": lambda: PackNet(backbone),
-               "piggyback": lambda: Piggyback(backbone)}
+               "piggyback": lambda: Piggyback(backbone), "feature-extract": lambda: FeatureExtract(),
+               "joint": lambda: Joint()}
     if method_name not in methods:
         sys.exit(f"pytorch_sequence_baseline.py: METHOD {method_name!r} is not one of {', '.join(methods)}")
     method = methods[method_name]()
     heads, matrix = [], []
     start = time.perf_counter()
-    for t, (x, y, _, _, classes) in enumerate(data):
+    for t, (_, _, _, _, classes) in enumerate(data):
         heads.append(torch.nn.Linear(1280, classes))
+        x, y = method.train_set(data, t)
         method.begin(backbone, heads, x, y)
         opt = method.optimizer(backbone, heads)
 
@@ -408,6 +425,45 @@ class Plain(Finetune):
 
     def end(self, backbone, heads, x, y):
         pass
+
+
+class FeatureExtract(Finetune):
+    """mtpack's feature-extract at its defaults: the backbone frozen in eval() mode, its
+    features of the task's training images computed once, the new head trained on them
+    (SGD 0.01, momentum 0.9)."""
+    batch_stats = False
+
+    def begin(self, backbone, heads, x, y):
+        self.features = features(backbone, x)
+
+    def loss(self, backbone, heads, xb, yb, idx):
+        return torch.nn.functional.cross_entropy(heads[-1](self.features[idx]), yb)
+
+    def optimizer(self, backbone, heads):
+        return torch.optim.SGD(heads[-1].parameters(), lr=self.lr, momentum=0.9)
+
+    def end(self, backbone, heads, x, y):
+        self.features = None
+
+
+class Joint(Finetune):
+    """mtpack's joint at its defaults: at task t, every task so far in shuffled mixed
+    batches through the backbone once, each example scored by its own task's head (the
+    batch mean), backbone and all heads trained, then BatchNorm recalibrated on the
+    mixture."""
+
+    def train_set(self, data, t):
+        self.owner = torch.cat([torch.full((len(d[1]),), k) for k, d in enumerate(data[:t + 1])])
+        return torch.cat([d[0] for d in data[:t + 1]]), torch.cat([d[1] for d in data[:t + 1]])
+
+    def loss(self, backbone, heads, xb, yb, idx):
+        z, owner = backbone(xb), self.owner[idx]
+        loss = 0.0
+        for k, head in enumerate(heads):
+            mine = owner == k
+            if mine.any():
+                loss = loss + torch.nn.functional.cross_entropy(head(z[mine]), yb[mine], reduction="sum")
+        return loss / len(xb)
 
 
 if __name__ == "__main__":
