@@ -279,7 +279,7 @@ pub fn run(plan: &Plan, opts: &Options) -> Result<Manifest, AdaptError> {
     }
     let device = crate::runtime::device::candle_device(plan.device).map_err(AdaptError::Device)?;
     if !opts.quiet {
-        eprintln!("{}", where_it_runs(plan));
+        eprintln!("{}", where_it_runs(plan, &model, &backbone.shared));
     }
     let pack = Pack::new(&opts.pack);
     // Held until the run ends, however it ends: one writer per pack.
@@ -327,12 +327,37 @@ pub fn run(plan: &Plan, opts: &Options) -> Result<Manifest, AdaptError> {
 }
 
 /// Which library runs each part of `adapt`, on which device: never left for the user to guess.
-fn where_it_runs(plan: &Plan) -> String {
+fn where_it_runs(plan: &Plan, model: &Model, shared: &std::collections::BTreeSet<String>) -> String {
     use crate::engine::kernels::Precision;
     let place = where_it_trains(plan);
     match plan.precision {
         Precision::F32 => place,
-        Precision::Bf16 => format!("{place}; the linear layers' matrix products train in bf16 on AMX tiles (f32 sums)"),
+        Precision::Bf16 => format!("{place}; {}", bf16_reach(model, shared)),
+    }
+}
+
+/// What `--precision bf16` changes on this backbone, counted from its graph: the linear
+/// layers (MatMul or Gemm with a `shared` weight: the backbone's own head is not one) and
+/// the heads train in bf16; convolutions do not. On a CNN that is the heads alone, and the
+/// run says so rather than promise a speed-up.
+fn bf16_reach(model: &Model, shared: &std::collections::BTreeSet<String>) -> String {
+    let count = |ops: &[&str]| {
+        let layers = model.graph().node.iter().filter(|n| ops.contains(&n.op_type()));
+        layers.filter(|n| n.input.iter().any(|i| shared.contains(i))).count()
+    };
+    let (linear, convs) = (count(&["MatMul", "Gemm"]), count(&["Conv"]));
+    let convs = match convs {
+        0 => String::new(),
+        1 => "; its convolution stays f32".into(),
+        n => format!("; its {n} convolutions stay f32"),
+    };
+    match linear {
+        0 => format!(
+            "--precision bf16 reaches only the heads: the backbone has no linear layers (MatMul or Gemm with a \
+             weight){convs}, so expect f32's speed"
+        ),
+        1 => format!("the heads and the backbone's linear layer train in bf16 on AMX tiles (f32 sums){convs}"),
+        n => format!("the heads and the backbone's {n} linear layers train in bf16 on AMX tiles (f32 sums){convs}"),
     }
 }
 

@@ -26,7 +26,8 @@ fn build_gemm(node: &NodeProto, _: &BuildCtx) -> Result<Box<dyn Op>, EngineError
     Ok(Box::new(FnOp(move |x: &[Option<Tensor>]| {
         let a = if ta { req(x, 0)?.t()? } else { req(x, 0)?.clone() };
         let b = if tb { req(x, 1)?.t()? } else { req(x, 1)?.clone() };
-        let mut y = a.matmul(&b)?;
+        // A 2-D product like MatMul's: PyTorch exports nn.Linear on [batch, features] as Gemm.
+        let mut y = product(&a, &b)?;
         if alpha != 1.0 {
             y = y.affine(alpha, 0.0)?;
         }
