@@ -376,3 +376,34 @@ fn where_it_trains(plan: &Plan) -> String {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::bf16_reach;
+    use crate::onnx::build::{model, node};
+    use crate::onnx::pb::GraphProto;
+
+    /// The first line's account of `--precision bf16`, on any CPU (the CLI test needs AMX):
+    /// linear layers counted only where their weight may train, convolutions always.
+    #[test]
+    fn bf16_reach_counts_trainable_linear_layers_and_convolutions() {
+        let graph = GraphProto {
+            node: vec![
+                node("Conv", "c1", &["x", "cw1"], &["a"], vec![]),
+                node("Conv", "c2", &["a", "cw2"], &["b"], vec![]),
+                node("MatMul", "attn", &["b", "b"], &["s"], vec![]),
+                node("MatMul", "fc", &["s", "fw"], &["f"], vec![]),
+                node("Gemm", "own_head", &["f", "hw"], &["y"], vec![]),
+            ],
+            ..Default::default()
+        };
+        let m = model(graph, 13);
+        let shared = |names: &[&str]| names.iter().map(|s| s.to_string()).collect();
+        let cnn = bf16_reach(&m, &shared(&["cw1", "cw2"]));
+        assert!(cnn.contains("reaches only the heads") && cnn.contains("its 2 convolutions stay f32"), "{cnn}");
+        let one = bf16_reach(&m, &shared(&["cw1", "fw"]));
+        assert!(one.contains("the backbone's linear layer train") && one.contains("its convolution stays"), "{one}");
+        let two = bf16_reach(&m, &shared(&["fw", "hw"]));
+        assert!(two.contains("the backbone's 2 linear layers train") && !two.contains("convolution"), "{two}");
+    }
+}
