@@ -152,7 +152,8 @@ fn running_statistics(g: &crate::onnx::pb::GraphProto, trainable: &dyn Fn(&str) 
 }
 
 /// One step per node, in graph order, with BatchNormalization + clamp pairs whose
-/// parameters are `fixed` fused into one step, and written-out LayerNorm and GELU chains
+/// parameters are `fixed` fused into one step, a BatchNormalization (+ clamp) that only a
+/// grouped Conv reads fused into the Conv's step, and written-out LayerNorm and GELU chains
 /// each fused into one step at their last node.
 fn build_steps(
     g: &crate::onnx::pb::GraphProto,
@@ -160,11 +161,13 @@ fn build_steps(
     fixed: &dyn Fn(&str) -> bool,
 ) -> Result<Vec<Step>, EngineError> {
     let folded = fuse::batch_norm_clamps(g, ctx.opset, fixed);
+    let fed = fuse::batch_norm_convs(g, &folded);
     let chains = fuse::written_out(&fuse::View::new(g), ctx.opset, fixed);
     let chain_at: HashMap<usize, &fuse::Chain> = chains.iter().map(|c| (c.last, c)).collect();
     let folded_away: HashSet<usize> = folded
         .values()
         .map(|f| f.clamp_node)
+        .chain(fed.values().copied())
         .chain(chains.iter().flat_map(|c| c.nodes.iter().copied().filter(|&i| i != c.last)))
         .collect();
     let mut steps = Vec::with_capacity(g.node.len());
@@ -176,11 +179,12 @@ fn build_steps(
             steps.push(chain_step(g, chain, n));
             continue;
         }
+        if let Some(bn) = fed.get(&idx).and_then(|&b| g.node.get(b).map(|bn| (b, bn))) {
+            steps.push(batch_norm_conv_step(g, ctx, bn, folded.get(&bn.0), n)?);
+            continue;
+        }
         let mut step = Step {
-            running: match (n.op_type(), n.input.get(3), n.input.get(4)) {
-                ("BatchNormalization", Some(m), Some(v)) if ctx.stateful.contains(m) => Some((m.clone(), v.clone())),
-                _ => None,
-            },
+            running: running_of(n, ctx),
             label: node_label(n),
             op_type: n.op_type().to_string(),
             inputs: n.input.iter().map(|i| (!i.is_empty()).then(|| i.clone())).collect(),
@@ -200,6 +204,43 @@ fn build_steps(
         steps.push(step);
     }
     Ok(steps)
+}
+
+/// The running statistics a BatchNormalization node updates while training.
+fn running_of(n: &crate::onnx::pb::NodeProto, ctx: &registry::BuildCtx) -> Option<(String, String)> {
+    match (n.op_type(), n.input.get(3), n.input.get(4)) {
+        ("BatchNormalization", Some(m), Some(v)) if ctx.stateful.contains(m) => Some((m.clone(), v.clone())),
+        _ => None,
+    }
+}
+
+/// The step of a BatchNormalization `bn` (index, node), with its folded clamp, and the Conv
+/// `conv` that alone reads it, at the Conv's place: the BatchNormalization's inputs, then
+/// the Conv's weight (and bias); the Conv's outputs. Each node is still checked as if it ran
+/// on its own.
+fn batch_norm_conv_step(
+    g: &crate::onnx::pb::GraphProto,
+    ctx: &registry::BuildCtx,
+    (_, bn): (usize, &crate::onnx::pb::NodeProto),
+    folded: Option<&fuse::Folded>,
+    conv: &crate::onnx::pb::NodeProto,
+) -> Result<Step, EngineError> {
+    let clamp_node = folded.and_then(|f| g.node.get(f.clamp_node));
+    let nodes: Vec<&crate::onnx::pb::NodeProto> = std::iter::once(bn).chain(clamp_node).chain([conv]).collect();
+    for n in &nodes {
+        registry::build(n, ctx)?;
+    }
+    let join =
+        |f: &dyn Fn(&crate::onnx::pb::NodeProto) -> String| nodes.iter().map(|n| f(n)).collect::<Vec<_>>().join("+");
+    let inputs = bn.input.iter().take(5).chain(conv.input.iter().skip(1));
+    Ok(Step {
+        running: running_of(bn, ctx),
+        label: join(&node_label),
+        op_type: join(&|n| n.op_type().to_string()),
+        inputs: inputs.map(|i| (!i.is_empty()).then(|| i.clone())).collect(),
+        outputs: conv.output.clone(),
+        op: ops::build_batch_norm_depthwise(bn, folded.map(|f| f.clamp), conv, ctx)?,
+    })
 }
 
 /// The step of a fused chain, labelled by its first and last nodes, producing `last`'s outputs.

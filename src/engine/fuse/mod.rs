@@ -4,9 +4,11 @@
 //! run one by one.
 
 mod clamp;
+mod depthwise;
 mod written;
 
-pub use clamp::batch_norm_clamps;
+pub use clamp::{batch_norm_clamps, Folded};
+pub use depthwise::batch_norm_convs;
 pub use written::{written_out, Chain, Kind};
 
 use std::collections::HashMap;

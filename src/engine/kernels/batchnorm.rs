@@ -15,8 +15,11 @@ use std::mem::MaybeUninit;
 use super::{lanes_sum, par_planes, simd, slice, write_front, Real};
 
 mod backward;
+mod depthwise;
 mod forward;
 mod small;
+
+pub use depthwise::{batch_norm_depthwise, fuses as fuses_depthwise};
 
 /// Clamp applied to the normalised output: y = min(max(z, lo), hi).
 #[derive(Clone, Copy, Debug, PartialEq)]

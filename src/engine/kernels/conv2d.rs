@@ -36,23 +36,23 @@ pub struct ConvParams {
 
 /// Sizes of one convolution, derived once from the input and weight shapes.
 #[derive(Clone, Copy, Debug)]
-struct Geometry {
-    n: usize,
-    cin: usize,
-    h: usize,
-    w: usize,
-    cout: usize,
-    kh: usize,
-    kw: usize,
-    oh: usize,
-    ow: usize,
+pub(super) struct Geometry {
+    pub(super) n: usize,
+    pub(super) cin: usize,
+    pub(super) h: usize,
+    pub(super) w: usize,
+    pub(super) cout: usize,
+    pub(super) kh: usize,
+    pub(super) kw: usize,
+    pub(super) oh: usize,
+    pub(super) ow: usize,
     cin_g: usize,
-    cout_g: usize,
+    pub(super) cout_g: usize,
     p: ConvParams,
 }
 
 impl Geometry {
-    fn new(x: &[usize], wt: &[usize], p: ConvParams) -> candle_core::Result<Geometry> {
+    pub(super) fn new(x: &[usize], wt: &[usize], p: ConvParams) -> candle_core::Result<Geometry> {
         let (&[n, cin, h, w], &[cout, cin_g, kh, kw]) = (x, wt) else {
             return Err(candle_core::Error::Msg(format!("conv2d needs 4-D input and weight, got {x:?} and {wt:?}")));
         };
@@ -91,7 +91,7 @@ impl Geometry {
         }
     }
 
-    fn depthwise(&self) -> bool {
+    pub(super) fn depthwise(&self) -> bool {
         self.cin_g == 1 && self.p.groups > 1
     }
 
@@ -99,7 +99,7 @@ impl Geometry {
         self.cin_g * self.kh * self.kw
     }
 
-    fn ohw(&self) -> usize {
+    pub(super) fn ohw(&self) -> usize {
         self.oh * self.ow
     }
 
@@ -246,7 +246,7 @@ impl Geometry {
 
     /// The channels-last kernels of a depthwise convolution with multiplier 1 whose output
     /// map has at most [`SMALL_MAP`] positions; None for every other convolution.
-    fn small(&self) -> Option<SmallDepthwise> {
+    pub(super) fn small(&self) -> Option<SmallDepthwise> {
         if !self.depthwise() || self.cout_g != 1 || self.ohw() > SMALL_MAP {
             return None;
         }
@@ -265,7 +265,7 @@ impl Geometry {
     }
 
     /// The padded-plane layout of a depthwise convolution.
-    fn plane(&self) -> Plane {
+    pub(super) fn plane(&self) -> Plane {
         Plane {
             h: self.h,
             w: self.w,

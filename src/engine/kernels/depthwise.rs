@@ -92,6 +92,13 @@ impl Plane {
     /// channel without clearing.
     #[inline(always)]
     pub fn fill<T: Real>(&self, x: &[T], s: &mut Scratch<T>) {
+        self.fill_mapped(x, s, |v| v);
+    }
+
+    /// [`Plane::fill`] with `f` of each element: the input of a convolution computed as it
+    /// is copied (a BatchNormalization's output from its input), never stored whole.
+    #[inline(always)]
+    pub fn fill_mapped<T: Real>(&self, x: &[T], s: &mut Scratch<T>, f: impl Fn(T) -> T) {
         if s.dirty {
             s.buf.iter_mut().for_each(|v| *v = T::zero());
             s.dirty = false;
@@ -101,17 +108,17 @@ impl Plane {
         for (row, runs) in x.chunks_exact(self.w).zip(s.runs.chunks_exact(self.runs_per_row())) {
             if let (2, &[(0, a), (1, b)]) = (sx, runs) {
                 if let Some((e, o)) = two_runs(&mut s.buf, (a, even), (b, odd)) {
-                    deinterleave(row, e, o);
+                    deinterleave(row, e, o, &f);
                     continue;
                 }
             }
             for &(first, at) in runs {
                 let dst = &mut s.buf[at..];
                 if sx == 1 {
-                    // A plain copy: `step_by` kept this loop scalar.
-                    dst[..row.len()].copy_from_slice(row);
+                    // A plain loop: `step_by` kept this loop scalar.
+                    dst[..row.len()].iter_mut().zip(row).for_each(|(d, &v)| *d = f(v));
                 } else {
-                    row.iter().skip(first).step_by(sx).zip(dst.iter_mut()).for_each(|(&v, d)| *d = v);
+                    row.iter().skip(first).step_by(sx).zip(dst.iter_mut()).for_each(|(&v, d)| *d = f(v));
                 }
             }
         }
@@ -232,6 +239,18 @@ impl Plane {
         dw: &mut [T],
     ) {
         self.fill(x, s);
+        self.backward_filled(s, [dy, w], dx, dw);
+    }
+
+    /// [`Plane::backward_both`] of the input already in the scratch buffer.
+    #[inline(always)]
+    pub fn backward_filled<T: Real>(
+        &self,
+        s: &mut Scratch<T>,
+        [dy, w]: [&[T]; 2],
+        dx: &mut [MaybeUninit<T>],
+        dw: &mut [T],
+    ) {
         let (ohw, len) = (self.oh * self.ow, self.extended_len());
         let Scratch { buf, ext, taps, runs, grad, .. } = s;
         if grad.len() == buf.len() {
@@ -267,18 +286,18 @@ fn two_runs<T>(buf: &mut [T], a: (usize, usize), b: (usize, usize)) -> Option<(&
     Some(if swapped { (y, x) } else { (x, y) })
 }
 
-/// A row's even columns into `even` and odd ones into `odd`: one pass over pairs, which the
+/// A row's even columns into `even` and odd ones into `odd`, each through `f`: one pass over pairs, which the
 /// compiler vectorises with shuffles, where a strided loop per column phase stayed scalar
 /// (the stride-2 layers' copies were a tenth of a 224x224 step's samples).
 #[inline(always)]
-fn deinterleave<T: Copy>(row: &[T], even: &mut [T], odd: &mut [T]) {
+fn deinterleave<T: Copy>(row: &[T], even: &mut [T], odd: &mut [T], f: impl Fn(T) -> T) {
     let (pairs, rest) = row.as_chunks::<2>();
     for ((p, e), o) in pairs.iter().zip(even.iter_mut()).zip(odd.iter_mut()) {
-        *e = p[0];
-        *o = p[1];
+        *e = f(p[0]);
+        *o = f(p[1]);
     }
     if let (Some(&last), Some(e)) = (rest.first(), even.get_mut(pairs.len())) {
-        *e = last;
+        *e = f(last);
     }
 }
 

@@ -111,18 +111,39 @@ fn as_2d(x: &Tensor, f: impl FnOnce(&Tensor) -> candle_core::Result<Tensor>) -> 
     }
 }
 
-fn build_conv(node: &NodeProto, _: &BuildCtx) -> Result<Box<dyn Op>, EngineError> {
-    let w = window(node)?;
-    let groups = attr::int_or(node, "group", 1)?;
-    let groups =
-        usize::try_from(groups).ok().filter(|g| *g > 0).ok_or_else(|| invalid(node, format!("group {groups}")))?;
+/// A Conv node's attributes, resolved against each input's shape.
+#[derive(Clone, Debug)]
+pub(crate) struct ConvSpec {
+    window: Window,
+    groups: usize,
+}
+
+impl ConvSpec {
+    pub fn of(node: &NodeProto) -> Result<ConvSpec, EngineError> {
+        let window = window(node)?;
+        let groups = attr::int_or(node, "group", 1)?;
+        let groups =
+            usize::try_from(groups).ok().filter(|g| *g > 0).ok_or_else(|| invalid(node, format!("group {groups}")))?;
+        Ok(ConvSpec { window, groups })
+    }
+
+    /// The 2-D parameters for this input, and the weight as 4-D.
+    pub fn params(&self, input: &Tensor, weight: &Tensor) -> candle_core::Result<(ConvParams, Tensor)> {
+        let wdims = weight.dims();
+        let kernel: Vec<usize> =
+            self.window.kernel.clone().unwrap_or_else(|| wdims.get(2..).unwrap_or_default().to_vec());
+        let r = self.window.resolve(input.dims().get(2..).unwrap_or_default(), &kernel)?;
+        let p = ConvParams { stride: r.stride, dilation: r.dilation, pads: r.pads, groups: self.groups };
+        let weight = if weight.rank() == 3 { weight.unsqueeze(2)? } else { weight.clone() };
+        Ok((p, weight))
+    }
+}
+
+pub(crate) fn build_conv(node: &NodeProto, _: &BuildCtx) -> Result<Box<dyn Op>, EngineError> {
+    let spec = ConvSpec::of(node)?;
     Ok(Box::new(FnOp(move |x: &[Option<Tensor>]| {
         let (input, weight) = (req(x, 0)?, req(x, 1)?);
-        let wdims = weight.dims();
-        let kernel: Vec<usize> = w.kernel.clone().unwrap_or_else(|| wdims.get(2..).unwrap_or_default().to_vec());
-        let r = w.resolve(input.dims().get(2..).unwrap_or_default(), &kernel)?;
-        let p = ConvParams { stride: r.stride, dilation: r.dilation, pads: r.pads, groups };
-        let weight = if weight.rank() == 3 { weight.unsqueeze(2)? } else { weight.clone() };
+        let (p, weight) = spec.params(input, weight)?;
         let y = as_2d(input, |x4| if native(x4) { conv2d(x4, &weight, p) } else { portable::conv2d(x4, &weight, p) })?;
         let y = match opt(x, 2) {
             Some(b) => {

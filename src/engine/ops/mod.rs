@@ -3,6 +3,7 @@
 
 mod conv;
 mod elementwise;
+mod fused;
 mod generate;
 mod linear;
 mod norm;
@@ -11,6 +12,7 @@ mod select;
 mod shape;
 
 pub(crate) use elementwise::gelu_op;
+pub(crate) use fused::build_batch_norm_depthwise;
 pub(crate) use norm::{build_batch_norm_clamped, layer_norm_op};
 
 use candle_core::{DType, Tensor};

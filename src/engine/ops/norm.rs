@@ -24,40 +24,80 @@ fn build_batch_norm(node: &NodeProto, ctx: &BuildCtx) -> Result<Box<dyn Op>, Eng
     build_batch_norm_clamped(node, ctx, None)
 }
 
+/// A BatchNormalization node's training behaviour: whether a pass normalises by the
+/// batch's statistics, and the running averages it then returns.
+#[derive(Clone)]
+pub(crate) struct Training {
+    pub eps: f64,
+    /// ONNX's: running = running * momentum + batch * (1 - momentum).
+    momentum: f64,
+    /// Its running statistics are state the step updates (its scale trains).
+    stateful: bool,
+    training: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    calibrating: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Training {
+    pub fn of(node: &NodeProto, ctx: &BuildCtx) -> Result<Training, EngineError> {
+        if attr::int_or(node, "training_mode", 0)? != 0 {
+            return Err(EngineError::Invalid {
+                node: attr::node_label(node),
+                op: node.op_type().into(),
+                problem: "training_mode=1 is not supported: mtpack trains with the recorded statistics".into(),
+            });
+        }
+        Ok(Training {
+            eps: attr::float_or(node, "epsilon", 1e-5)? as f64,
+            // PyTorch's momentum 0.1 is 0.9 here.
+            momentum: attr::float_or(node, "momentum", 0.9)? as f64,
+            stateful: node.input.get(3).is_some_and(|m| ctx.stateful.contains(m))
+                && node.input.get(4).is_some_and(|v| ctx.stateful.contains(v)),
+            training: ctx.training.clone(),
+            calibrating: ctx.calibrating.clone(),
+        })
+    }
+
+    /// Whether this pass over `input` normalises by the batch's own statistics.
+    pub fn batch_statistics(&self, input: &Tensor) -> bool {
+        self.stateful && self.training.load(std::sync::atomic::Ordering::Relaxed) && input.rank() >= 2
+    }
+
+    /// The running mean and variance after a batch of `input` with statistics (`bm`, `bv`,
+    /// the biased variance).
+    pub fn running(
+        &self,
+        input: &Tensor,
+        [mean, var]: [&Tensor; 2],
+        [bm, bv]: [&Tensor; 2],
+    ) -> candle_core::Result<[Tensor; 2]> {
+        let momentum = if self.calibrating.load(std::sync::atomic::Ordering::Relaxed) { 0.0 } else { self.momentum };
+        // Running variance takes the unbiased batch variance, as PyTorch does.
+        let m = (input.elem_count() / bm.elem_count().max(1)) as f64;
+        let unbiased = (bv * (m / (m - 1.0).max(1.0)))?;
+        let new_mean = (mean.affine(momentum, 0.0)? + bm.affine(1.0 - momentum, 0.0)?)?;
+        let new_var = (var.affine(momentum, 0.0)? + unbiased.affine(1.0 - momentum, 0.0)?)?;
+        Ok([new_mean, new_var])
+    }
+}
+
 /// BatchNormalization followed by `clamp` (a Clip or Relu the engine folded into it).
 pub fn build_batch_norm_clamped(
     node: &NodeProto,
     ctx: &BuildCtx,
     clamp: Option<Clamp>,
 ) -> Result<Box<dyn Op>, EngineError> {
-    if attr::int_or(node, "training_mode", 0)? != 0 {
-        return Err(EngineError::Invalid {
-            node: attr::node_label(node),
-            op: node.op_type().into(),
-            problem: "training_mode=1 is not supported: mtpack trains with the recorded statistics".into(),
-        });
-    }
-    let eps = attr::float_or(node, "epsilon", 1e-5)? as f64;
-    // ONNX: running = running * momentum + batch * (1 - momentum); PyTorch's 0.1 is 0.9 here.
-    let momentum = attr::float_or(node, "momentum", 0.9)? as f64;
-    let stateful = node.input.get(3).is_some_and(|m| ctx.stateful.contains(m))
-        && node.input.get(4).is_some_and(|v| ctx.stateful.contains(v));
-    let (training, calibrating) = (ctx.training.clone(), ctx.calibrating.clone());
+    let train = Training::of(node, ctx)?;
+    let eps = train.eps;
     Ok(Box::new(FnOp(move |x: &[Option<Tensor>]| {
         let (input, scale, bias, mean, var) = (req(x, 0)?, req(x, 1)?, req(x, 2)?, req(x, 3)?, req(x, 4)?);
         let r = input.rank();
-        if stateful && training.load(std::sync::atomic::Ordering::Relaxed) && r >= 2 {
+        if train.batch_statistics(input) {
             let (y, bm, bv) = if native(input) {
                 batchnorm::batch_norm_train(input, scale, bias, eps, clamp)?
             } else {
                 portable::batch_norm_train(input, scale, bias, eps, clamp)?
             };
-            let momentum = if calibrating.load(std::sync::atomic::Ordering::Relaxed) { 0.0 } else { momentum };
-            // Running variance takes the unbiased batch variance, as PyTorch does.
-            let m = (input.elem_count() / bm.elem_count().max(1)) as f64;
-            let unbiased = (bv * (m / (m - 1.0).max(1.0)))?;
-            let new_mean = (mean.affine(momentum, 0.0)? + bm.affine(1.0 - momentum, 0.0)?)?;
-            let new_var = (var.affine(momentum, 0.0)? + unbiased.affine(1.0 - momentum, 0.0)?)?;
+            let [new_mean, new_var] = train.running(input, [mean, var], [&bm, &bv])?;
             return Ok(vec![y, new_mean, new_var]);
         }
         if native(input) && r >= 2 {

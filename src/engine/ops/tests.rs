@@ -3,7 +3,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::engine::gradcheck::{check_gradients, seeded};
+use crate::engine::gradcheck::{bits, check_gradients, seeded};
 use crate::engine::Engine;
 use crate::onnx::attr::{make_float, make_int, make_ints};
 use crate::onnx::build::{model, node, value_info};
@@ -219,6 +219,71 @@ fn clip_after_batch_norm_is_folded_with_the_same_values_and_gradients() {
     let diff: f64 = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap();
     assert_eq!(diff, 0.0);
     check_gradients(&v, |t| run(&fused, t), 1e-6).unwrap();
+}
+
+/// BatchNormalization (trained, so in training it normalises by the batch's statistics) ->
+/// Clip -> depthwise Conv with stride 2, all weights initializers; optionally also exposing
+/// the Clip's output, which keeps the engine from fusing the three.
+fn bn_depthwise_model(expose: bool) -> crate::onnx::Model {
+    let init = |name: &str, t: Tensor| {
+        let v: Vec<f64> = t.flatten_all().unwrap().to_vec1().unwrap();
+        let host = crate::tensor::Tensor::F64(ndarray::ArrayD::from_shape_vec(t.dims(), v).unwrap());
+        crate::onnx::tensor_proto::from_tensor(name, &host)
+    };
+    let mut output = vec![value_info("y", HostDType::F64, None)];
+    if expose {
+        output.push(value_info("z", HostDType::F64, None));
+    }
+    let conv = vec![
+        make_ints("kernel_shape", &[3, 3]),
+        make_ints("strides", &[2, 2]),
+        make_int("group", 3),
+        make_ints("pads", &[1, 1, 1, 1]),
+    ];
+    let graph = GraphProto {
+        node: vec![
+            node("BatchNormalization", "bn", &["x", "s", "b", "m", "v"], &["n"], vec![make_float("epsilon", 1e-3)]),
+            node("Clip", "clip", &["n", "lo", "hi"], &["z"], vec![]),
+            node("Conv", "dw", &["z", "w"], &["y"], conv),
+        ],
+        input: vec![value_info("x", HostDType::F64, None)],
+        output,
+        initializer: vec![
+            init("s", seeded(&[3], 2, DType::F64)),
+            init("b", seeded(&[3], 3, DType::F64)),
+            init("m", seeded(&[3], 4, DType::F64)),
+            init("v", (seeded(&[3], 5, DType::F64).abs().unwrap() + 0.5).unwrap()),
+            init("w", seeded(&[3, 1, 3, 3], 6, DType::F64)),
+            init("lo", Tensor::new(-0.2f64, &Device::Cpu).unwrap()),
+            init("hi", Tensor::new(0.4f64, &Device::Cpu).unwrap()),
+        ],
+        ..Default::default()
+    };
+    model(graph, 13)
+}
+
+#[test]
+fn batch_norm_into_depthwise_runs_as_one_step_with_the_same_values_gradients_and_statistics() {
+    let trains = |n: &str| ["s", "b", "w"].contains(&n);
+    let x = ((seeded(&[2, 3, 18, 17], 1, DType::F64) * 3.0).unwrap() + 0.5).unwrap();
+    let run = |expose: bool| {
+        let engine = Engine::new(&bn_depthwise_model(expose), &trains, DType::F64, &Device::Cpu).unwrap();
+        engine.set_training(true);
+        let ops: Vec<String> =
+            engine.profile_forward(&[("x", x.clone())]).unwrap().into_iter().map(|(op, _)| op).collect();
+        let y = engine.forward_to(&[("x", x.clone())], &["y"]).unwrap().remove(0);
+        let grads = y.mul(&seeded(y.dims(), 7, DType::F64)).unwrap().sum_all().unwrap().backward().unwrap();
+        let params = engine.params();
+        let value = |n: &str| bits(params[n].as_tensor());
+        let grad = |n: &str| bits(grads.get(params[n].as_tensor()).unwrap());
+        (ops, bits(&y), ["s", "b", "w"].map(grad), ["m", "v"].map(value))
+    };
+    let (fused, plain) = (run(false), run(true));
+    assert_eq!(fused.0, ["BatchNormalization+Clip+Conv"]);
+    assert!(plain.0.contains(&"Conv".to_string()), "an activation read twice stays unfused: {:?}", plain.0);
+    assert!(fused.1 == plain.1, "output");
+    assert!(fused.2 == plain.2, "gradients of scale, bias and filters");
+    assert!(fused.3 == plain.3, "running statistics after the passes");
 }
 
 #[test]

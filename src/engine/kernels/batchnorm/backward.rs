@@ -55,39 +55,12 @@ impl ChannelMajor {
         let per: Vec<[T; 2]> = (0..c)
             .into_par_iter()
             .map(|ch| {
-                let out = &out;
+                let span = |i: usize| (i * c + ch) * inner..(i * c + ch + 1) * inner;
+                // SAFETY: `out` holds n * c planes of `inner` elements, and only this
+                // channel's task writes channel `ch`'s.
                 simd(
                     #[inline(always)]
-                    || {
-                        let span = |i: usize| (i * c + ch) * inner..(i * c + ch + 1) * inner;
-                        let mut totals = [0.0f64; 2];
-                        for i in 0..n {
-                            let planes = (&x[span(i)], &dy[span(i)]);
-                            let t = match &self.g.gate {
-                                Some(g) => plane_sums(planes, g.channel(ch)),
-                                None => plane_sums(planes, |d, _| d),
-                            };
-                            totals[0] += t[0];
-                            totals[1] += t[1];
-                        }
-                        let sums: [T; 2] = self.sums.channel(ch, totals);
-                        let f = |v: T| v.to_f64().unwrap_or(f64::NAN);
-                        let coef = self.norm.coefficients(ch, &self.g.scale, [f(sums[0]), f(sums[1])], self.g.m);
-                        let [a, b, c0] = coef.map(T::real);
-                        for i in 0..n {
-                            let planes = [&dy[span(i)], &x[span(i)]];
-                            let (coef, batch) = ([a, b, c0], self.norm.batch);
-                            // SAFETY: plane (i, ch) lies inside the buffer of n * c * inner
-                            // elements, and only this channel's task writes it.
-                            unsafe {
-                                out.write(span(i).start, inner, |o| match &self.g.gate {
-                                    Some(g) => combine_plane(o, planes, coef, batch, g.channel(ch)),
-                                    None => combine_plane(o, planes, coef, batch, |d, _| d),
-                                })
-                            };
-                        }
-                        sums
-                    },
+                    || unsafe { self.channel(ch, (n, c, inner), x, |i| &dy[span(i)], &out) },
                 )
             })
             .collect();
@@ -95,6 +68,52 @@ impl ChannelMajor {
         // in full above (combine_plane's front, then zeros).
         unsafe { dx.set_len(len) };
         (dx, per.iter().map(|p| p[0]).chain(per.iter().map(|p| p[1])).collect())
+    }
+
+    /// Channel `ch`'s sums [sum(dy * xhat), sum(dy)] (dy masked by the clamp), returned, and
+    /// its input gradient planes, written into `out` where x's planes lie; `dy(i)` is image
+    /// i's output gradient plane of this channel.
+    ///
+    /// # Safety
+    /// `out` must hold n * c planes of `inner` elements, and no other task may write this
+    /// channel's planes.
+    #[inline(always)]
+    pub(super) unsafe fn channel<'a, T: Real>(
+        &self,
+        ch: usize,
+        (n, c, inner): (usize, usize, usize),
+        x: &[T],
+        dy: impl Fn(usize) -> &'a [T],
+        out: &ChannelPlanes<T>,
+    ) -> [T; 2] {
+        let span = |i: usize| (i * c + ch) * inner..(i * c + ch + 1) * inner;
+        let mut totals = [0.0f64; 2];
+        for i in 0..n {
+            let planes = (&x[span(i)], dy(i));
+            let t = match &self.g.gate {
+                Some(g) => plane_sums(planes, g.channel(ch)),
+                None => plane_sums(planes, |d, _| d),
+            };
+            totals[0] += t[0];
+            totals[1] += t[1];
+        }
+        let sums: [T; 2] = self.sums.channel(ch, totals);
+        let f = |v: T| v.to_f64().unwrap_or(f64::NAN);
+        let coef = self.norm.coefficients(ch, &self.g.scale, [f(sums[0]), f(sums[1])], self.g.m);
+        let [a, b, c0] = coef.map(T::real);
+        for i in 0..n {
+            let planes = [dy(i), &x[span(i)]];
+            let (coef, batch) = ([a, b, c0], self.norm.batch);
+            // SAFETY: plane (i, ch) lies inside `out`, and only this task writes it (this
+            // function's contract).
+            unsafe {
+                out.write(span(i).start, inner, |o| match &self.g.gate {
+                    Some(g) => combine_plane(o, planes, coef, batch, g.channel(ch)),
+                    None => combine_plane(o, planes, coef, batch, |d, _| d),
+                })
+            };
+        }
+        sums
     }
 }
 
