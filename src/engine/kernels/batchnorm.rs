@@ -247,10 +247,8 @@ impl<T: Real> ChannelPlanes<T> {
 #[inline(always)]
 fn normalise_plane<T: Real>(y: &mut [MaybeUninit<T>], x: &[T], (k, b): (T, T), clamp: Option<(T, T)>) -> usize {
     match clamp {
-        // The same max/min as the Clip kernel: folding the Clip in changes no value.
-        Some((lo, hi)) => {
-            write_front(y, x.iter(), |&v| num_traits::Float::min(num_traits::Float::max(v * k + b, lo), hi))
-        }
+        // The same clamp as the Clip kernel: folding the Clip in changes no value.
+        Some((lo, hi)) => write_front(y, x.iter(), |&v| super::clamp_to(v * k + b, lo, hi)),
         None => write_front(y, x.iter(), |&v| v * k + b),
     }
 }

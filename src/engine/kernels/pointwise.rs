@@ -5,7 +5,7 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{par_written, simd, slice, write_front, Real};
+use super::{clamp_to, par_written, simd, slice, write_front, Real};
 
 /// Clamp to [lo, hi]; the gradient passes where lo < x < hi.
 #[derive(Clone, Copy, Debug)]
@@ -34,10 +34,10 @@ impl CustomOp1 for Clamp {
         match s {
             CpuStorage::F32(_) => {
                 let (lo, hi) = (self.lo as f32, self.hi as f32);
-                Ok((CpuStorage::F32(self.map(slice::<f32>(s, l)?, |v| v.max(lo).min(hi))), shape))
+                Ok((CpuStorage::F32(self.map(slice::<f32>(s, l)?, |v| clamp_to(v, lo, hi))), shape))
             }
             CpuStorage::F64(_) => {
-                Ok((CpuStorage::F64(self.map(slice::<f64>(s, l)?, |v| v.max(self.lo).min(self.hi))), shape))
+                Ok((CpuStorage::F64(self.map(slice::<f64>(s, l)?, |v| clamp_to(v, self.lo, self.hi))), shape))
             }
             _ => Err(candle_core::Error::Msg("mtpack-clamp supports float32 and float64 only".into())),
         }

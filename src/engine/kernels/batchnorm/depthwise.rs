@@ -18,17 +18,17 @@ use rayon::prelude::*;
 
 use super::super::conv2d::{ConvParams, Geometry};
 use super::super::depthwise::{Plane, Scratch};
-use super::super::{simd, slice, Real, SideOutput};
+use super::super::{clamp_to, simd, slice, Real, SideOutput};
 use super::backward::{ChannelMajor, PLANE};
 use super::{affine, host, ChannelPlanes, ChannelStats, Clamp, Gate, Grads, Normalise};
 
 /// Input planes of at least this many elements take the fused kernel. Measured per plane
-/// size on MobileNetV2's step (examples/profile_step, both passes' kernel time against the
-/// two ops'): at 224x224 batch 16, 112x112 and 56x56 planes 1.2-1.6x faster, 28x28 and
-/// 14x14 1.1-1.2x slower (a channel's short planes lie an image apart, where the two ops
-/// each read their tensor in storage order); at 64x64 batch 32, 32x32 about even, 16x16
-/// slower.
-const FUSED_PLANE: usize = 1024;
+/// size on MobileNetV2's step (examples/profile_step, each pass's kernel time against the
+/// two ops'): at 224x224 batch 16, 112x112 to 28x28 planes faster both ways (forward
+/// 1.1-1.7x, backward 1.1-1.7x), 14x14 faster forward and 1.1x slower backward (a channel's
+/// short planes lie an image apart, where the two ops each read their tensor in storage
+/// order); at 64x64 batch 32, 32x32 faster both ways, 16x16 even.
+const FUSED_PLANE: usize = 512;
 
 /// Whether [`batch_norm_depthwise`] takes x of shape `x` into a convolution with weight
 /// `w`: a depthwise convolution on the padded-plane path (maps too small for it go channels
@@ -110,9 +110,7 @@ impl Forward {
                         Planes { pl: &pl, x, w: &w[ch * taps..][..taps], out: &out, ch, dims: (n, c, hw, outs) };
                     // The clamp chosen outside the per-element closure, so each form vectorises.
                     match clamp {
-                        Some((lo, hi)) => {
-                            planes.forward(s, |v| num_traits::Float::min(num_traits::Float::max(v * k + b, lo), hi))
-                        }
+                        Some((lo, hi)) => planes.forward(s, |v| clamp_to(v * k + b, lo, hi)),
                         None => planes.forward(s, |v| v * k + b),
                     }
                     (mean, var)
@@ -306,9 +304,7 @@ impl Backward {
                         #[inline(always)]
                         || {
                             let dw = match clamp {
-                                Some((lo, hi)) => planes.backward(s, dy, dz, |v| {
-                                    num_traits::Float::min(num_traits::Float::max(v * k + b, lo), hi)
-                                }),
+                                Some((lo, hi)) => planes.backward(s, dy, dz, |v| clamp_to(v * k + b, lo, hi)),
                                 None => planes.backward(s, dy, dz, |v| v * k + b),
                             };
                             // SAFETY: `out` holds the n * c input planes, and only this

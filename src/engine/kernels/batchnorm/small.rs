@@ -45,9 +45,7 @@ pub(super) fn normalise<T: Real>(x: &[T], [k, b]: [&[T]; 2], clamp: Option<(T, T
                 let terms = x[i * len..].iter().zip(k).zip(b);
                 match clamp {
                     // The same max/min as the plane kernel and the Clip kernel.
-                    Some((lo, hi)) => write_front(y, terms, |((&v, &k), &b)| {
-                        num_traits::Float::min(num_traits::Float::max(v * k + b, lo), hi)
-                    }),
+                    Some((lo, hi)) => write_front(y, terms, |((&v, &k), &b)| super::super::clamp_to(v * k + b, lo, hi)),
                     None => write_front(y, terms, |((&v, &k), &b)| v * k + b),
                 }
             },
