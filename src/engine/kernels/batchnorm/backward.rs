@@ -70,6 +70,12 @@ impl ChannelMajor {
         (dx, per.iter().map(|p| p[0]).chain(per.iter().map(|p| p[1])).collect())
     }
 
+    /// Channel `ch`'s (mean, 1 / sqrt(var + eps)) the pass normalises by.
+    pub(super) fn statistics(&self, ch: usize) -> (f64, f64) {
+        let at = |v: &[f64]| v.get(ch).copied().unwrap_or(0.0);
+        (at(&self.norm.mean), at(&self.norm.inv_std))
+    }
+
     /// Channel `ch`'s sums [sum(dy * xhat), sum(dy)] (dy masked by the clamp), returned, and
     /// its input gradient planes, written into `out` where x's planes lie; `dy(i)` is image
     /// i's output gradient plane of this channel.

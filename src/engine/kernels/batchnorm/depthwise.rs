@@ -236,21 +236,19 @@ impl CustomOp3 for Forward {
         let (scale, bias) = (sb[..c.min(sb.len())].to_vec(), sb[c.min(sb.len())..].to_vec());
         let affine = sb.clone();
         let inv_std: Vec<f64> = var.iter().map(|v| 1.0 / (v + self.eps).sqrt()).collect();
-        let norm = Normalise { mean: mean.clone(), inv_std: inv_std.clone(), clamp: self.clamp, batch: true };
         let gate = self.clamp.map(|clamp| Gate {
             clamp,
             scale: scale.clone(),
-            bias: bias.clone(),
+            bias,
             mean: mean.clone(),
             inv_std: inv_std.clone(),
         });
+        let norm = Normalise { mean, inv_std, clamp: self.clamp, batch: true };
         let m = (self.g.n * self.g.h * self.g.w).max(1) as f64;
         let op = Backward {
             g: self.g,
             clamp: self.clamp,
             affine,
-            mean,
-            inv_std,
             bn: ChannelMajor::new(norm, Grads { scale, gate, m }),
             sums: SideOutput::default(),
             weight_grad: SideOutput::default(),
@@ -269,8 +267,7 @@ struct Backward {
     clamp: Option<Clamp>,
     /// [scale; bias], [2, C]
     affine: Vec<f64>,
-    mean: Vec<f64>,
-    inv_std: Vec<f64>,
+    /// The BatchNormalization's backward pass (and the statistics it normalises by).
     bn: ChannelMajor,
     sums: SideOutput,
     weight_grad: SideOutput,
@@ -296,8 +293,8 @@ impl Backward {
             .map_init(
                 || (pl.scratch::<T>(), vec![T::zero(); n * hw]),
                 |(s, dz), ch| {
-                    let at = |v: &[f64]| v.get(ch).copied().unwrap_or(0.0);
-                    let (k, b) = affine_of(&sb, c, ch, at(&self.mean), at(&self.inv_std));
+                    let (mean, inv_std) = self.bn.statistics(ch);
+                    let (k, b) = affine_of(&sb, c, ch, mean, inv_std);
                     let planes =
                         Planes { pl: &pl, x, w: &w[ch * taps..][..taps], out: &out, ch, dims: (n, c, hw, outs) };
                     simd(
