@@ -49,7 +49,7 @@ fn softmax_rows<T: Real>(x: &[T], d: usize) -> Vec<T> {
             let e: Vec<T> = row.iter().map(|&v| (v - m).exp_fast()).collect();
             let inv = T::one() / lanes_sum(&e);
             out.iter_mut().zip(&e).for_each(|(o, &v)| {
-                o.write(v * inv);
+                o.write((v * inv).flush_tiny());
             });
         })
     })
@@ -80,7 +80,7 @@ fn softmax_grad_rows<T: Real>(y: &[T], dy: &[T], d: usize) -> Vec<T> {
             let (yr, gr) = (&y[r * d..(r + 1) * d], &dy[r * d..(r + 1) * d]);
             let s = lanes_dot(yr, gr);
             out.iter_mut().zip(yr.iter().zip(gr)).for_each(|(o, (&yv, &g))| {
-                o.write(yv * (g - s));
+                o.write((yv * (g - s)).flush_tiny());
             });
         })
     })
@@ -469,6 +469,24 @@ mod tests {
         let diff32 = (y32 - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
         assert!(diff32 < 1e-6, "float32 softmax differs by {diff32}");
         check_gradients(&[x], |v| softmax_last(&v[0]), 1e-6).unwrap();
+    }
+
+    /// Probabilities and their gradients below 2^-100 are written as 0 in float32 (a peaked
+    /// attention row otherwise hands subnormals to the next product); larger ones stay.
+    #[test]
+    fn softmax_writes_no_tiny_float32_values() {
+        let x = [0.0f32, -60.0, -68.0, -95.0, -120.0];
+        let y = softmax_rows(&x, x.len());
+        assert_eq!(&y[3..], &[0.0, 0.0]);
+        assert!(y[1] > 0.0 && y[2] > 0.0 && (y[1] as f64 - (-60f64).exp()).abs() < 1e-6 * (-60f64).exp());
+        let dy = [1.0f32, -1.0, 2.0, 0.5, 1.0];
+        let dx = softmax_grad_rows(&y, &dy, x.len());
+        let s: f32 = y.iter().zip(&dy).map(|(a, b)| a * b).sum();
+        assert!((dx[1] - y[1] * (dy[1] - s)).abs() <= 1e-6 * dx[1].abs());
+        assert!(dx.iter().all(|&v| v == 0.0 || v.abs() >= <f32 as Real>::TINY));
+        // A row of tiny probabilities times a tiny gradient: flushed, not subnormal.
+        let tiny = softmax_grad_rows(&[1e-20f32, 1.0], &[1e-15, 0.0], 2);
+        assert_eq!(tiny[0], 0.0);
     }
 
     #[test]
