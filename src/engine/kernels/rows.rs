@@ -10,7 +10,7 @@ use std::mem::MaybeUninit;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{lanes_dot, lanes_sum, lanes_sum_sq_dev, par_written, simd, slice, Real};
+use super::{lanes_dot, lanes_sum, lanes_sum_sq_dev, par_written, simd, simd_widest, slice, Real};
 
 /// Elements a thread takes at a time: whole rows, about this many.
 const BLOCK: usize = 16 * 1024;
@@ -43,15 +43,18 @@ struct Softmax;
 
 fn softmax_rows<T: Real>(x: &[T], d: usize) -> Vec<T> {
     by_rows(x.len(), d, |r, out| {
-        simd(|| {
-            let row = &x[r * d..(r + 1) * d];
-            let m = row.iter().copied().fold(T::neg_infinity(), T::max);
-            let e: Vec<T> = row.iter().map(|&v| (v - m).exp_fast()).collect();
-            let inv = T::one() / lanes_sum(&e);
-            out.iter_mut().zip(&e).for_each(|(o, &v)| {
-                o.write((v * inv).flush_tiny());
-            });
-        })
+        simd_widest(
+            #[inline(always)]
+            || {
+                let row = &x[r * d..(r + 1) * d];
+                let m = row.iter().copied().fold(T::neg_infinity(), T::max);
+                let e: Vec<T> = row.iter().map(|&v| (v - m).exp_fast()).collect();
+                let inv = T::one() / lanes_sum(&e);
+                out.iter_mut().zip(&e).for_each(|(o, &v)| {
+                    o.write((v * inv).flush_tiny());
+                });
+            },
+        )
     })
 }
 
@@ -76,13 +79,16 @@ struct SoftmaxGrad;
 
 fn softmax_grad_rows<T: Real>(y: &[T], dy: &[T], d: usize) -> Vec<T> {
     by_rows(y.len(), d, |r, out| {
-        simd(|| {
-            let (yr, gr) = (&y[r * d..(r + 1) * d], &dy[r * d..(r + 1) * d]);
-            let s = lanes_dot(yr, gr);
-            out.iter_mut().zip(yr.iter().zip(gr)).for_each(|(o, (&yv, &g))| {
-                o.write((yv * (g - s)).flush_tiny());
-            });
-        })
+        simd_widest(
+            #[inline(always)]
+            || {
+                let (yr, gr) = (&y[r * d..(r + 1) * d], &dy[r * d..(r + 1) * d]);
+                let s = lanes_dot(yr, gr);
+                out.iter_mut().zip(yr.iter().zip(gr)).for_each(|(o, (&yv, &g))| {
+                    o.write((yv * (g - s)).flush_tiny());
+                });
+            },
+        )
     })
 }
 
@@ -139,13 +145,16 @@ fn row_stats<T: Real>(row: &[T], eps: f64) -> (T, T) {
 
 fn layer_norm_rows<T: Real>(x: &[T], scale: &[T], bias: &[T], d: usize, eps: f64) -> Vec<T> {
     by_rows(x.len(), d, |r, out| {
-        simd(|| {
-            let row = &x[r * d..(r + 1) * d];
-            let (mean, inv) = row_stats(row, eps);
-            out.iter_mut().zip(row.iter().zip(scale.iter().zip(bias))).for_each(|(o, (&v, (&s, &b)))| {
-                o.write((v - mean) * inv * s + b);
-            });
-        })
+        simd(
+            #[inline(always)]
+            || {
+                let row = &x[r * d..(r + 1) * d];
+                let (mean, inv) = row_stats(row, eps);
+                out.iter_mut().zip(row.iter().zip(scale.iter().zip(bias))).for_each(|(o, (&v, (&s, &b)))| {
+                    o.write((v - mean) * inv * s + b);
+                });
+            },
+        )
     })
 }
 
@@ -209,17 +218,20 @@ struct LayerNormGradX {
 
 fn layer_norm_dx_rows<T: Real>(x: &[T], dy: &[T], scale: &[T], d: usize, eps: f64) -> Vec<T> {
     by_rows(x.len(), d, |r, out| {
-        simd(|| {
-            let (row, gr) = (&x[r * d..(r + 1) * d], &dy[r * d..(r + 1) * d]);
-            let (mean, inv) = row_stats(row, eps);
-            let g: Vec<T> = gr.iter().zip(scale).map(|(&a, &s)| a * s).collect();
-            let xhat: Vec<T> = row.iter().map(|&v| (v - mean) * inv).collect();
-            let n = T::real(d as f64);
-            let (a, b) = (lanes_sum(&g) / n, lanes_dot(&g, &xhat) / n);
-            out.iter_mut().zip(g.iter().zip(&xhat)).for_each(|(o, (&gv, &h))| {
-                o.write(inv * (gv - a - h * b));
-            });
-        })
+        simd(
+            #[inline(always)]
+            || {
+                let (row, gr) = (&x[r * d..(r + 1) * d], &dy[r * d..(r + 1) * d]);
+                let (mean, inv) = row_stats(row, eps);
+                let g: Vec<T> = gr.iter().zip(scale).map(|(&a, &s)| a * s).collect();
+                let xhat: Vec<T> = row.iter().map(|&v| (v - mean) * inv).collect();
+                let n = T::real(d as f64);
+                let (a, b) = (lanes_sum(&g) / n, lanes_dot(&g, &xhat) / n);
+                out.iter_mut().zip(g.iter().zip(&xhat)).for_each(|(o, (&gv, &h))| {
+                    o.write(inv * (gv - a - h * b));
+                });
+            },
+        )
     })
 }
 
@@ -259,15 +271,21 @@ struct LayerNormGradParams {
 }
 
 fn layer_norm_dparams<T: Real>(x: &[T], dy: &[T], d: usize, eps: f64) -> Vec<T> {
-    column_sums(x.len() / d, d, 2, |r, acc| {
-        let (row, gr) = (&x[r * d..(r + 1) * d], &dy[r * d..(r + 1) * d]);
-        let (mean, inv) = row_stats(row, eps);
-        let (ds, db) = acc.split_at_mut(d);
-        for j in 0..d {
-            ds[j] += gr[j] * (row[j] - mean) * inv;
-            db[j] += gr[j];
-        }
-    })
+    column_sums(
+        x.len() / d,
+        d,
+        2,
+        #[inline(always)]
+        |r, acc| {
+            let (row, gr) = (&x[r * d..(r + 1) * d], &dy[r * d..(r + 1) * d]);
+            let (mean, inv) = row_stats(row, eps);
+            let (ds, db) = acc.split_at_mut(d);
+            for j in 0..d {
+                ds[j] += gr[j] * (row[j] - mean) * inv;
+                db[j] += gr[j];
+            }
+        },
+    )
 }
 
 /// `k` sums of length d over `rows` rows: `add(r, acc)` adds row r's terms into `acc`
@@ -279,13 +297,16 @@ pub(crate) fn column_sums<T: Real>(rows: usize, d: usize, k: usize, add: impl Fn
     let partial: Vec<Vec<T>> = (0..blocks)
         .into_par_iter()
         .map(|b| {
-            simd(|| {
-                let mut acc = vec![T::zero(); k * d];
-                for r in b * rows_per_block..((b + 1) * rows_per_block).min(rows) {
-                    add(r, &mut acc);
-                }
-                acc
-            })
+            simd(
+                #[inline(always)]
+                || {
+                    let mut acc = vec![T::zero(); k * d];
+                    for r in b * rows_per_block..((b + 1) * rows_per_block).min(rows) {
+                        add(r, &mut acc);
+                    }
+                    acc
+                },
+            )
         })
         .collect();
     let mut total = vec![T::zero(); k * d];
@@ -347,11 +368,14 @@ impl RowOp {
 fn row_broadcast_rows<T: Real>(x: &[T], v: &[T], op: RowOp) -> Vec<T> {
     let d = v.len();
     by_rows(x.len(), d, |r, out| {
-        simd(|| {
-            out.iter_mut().zip(x[r * d..(r + 1) * d].iter().zip(v)).for_each(|(o, (&a, &b))| {
-                o.write(op.apply(a, b));
-            });
-        })
+        simd(
+            #[inline(always)]
+            || {
+                out.iter_mut().zip(x[r * d..(r + 1) * d].iter().zip(v)).for_each(|(o, (&a, &b))| {
+                    o.write(op.apply(a, b));
+                });
+            },
+        )
     })
 }
 
@@ -399,14 +423,20 @@ struct ColumnSums {
 }
 
 fn column_sums_of<T: Real>(dy: &[T], x: &[T], d: usize, times_other: bool) -> Vec<T> {
-    column_sums(dy.len() / d, d, 1, |r, acc| {
-        let g = &dy[r * d..(r + 1) * d];
-        if times_other {
-            acc.iter_mut().zip(g.iter().zip(&x[r * d..(r + 1) * d])).for_each(|(a, (&gv, &xv))| *a += gv * xv);
-        } else {
-            acc.iter_mut().zip(g).for_each(|(a, &gv)| *a += gv);
-        }
-    })
+    column_sums(
+        dy.len() / d,
+        d,
+        1,
+        #[inline(always)]
+        |r, acc| {
+            let g = &dy[r * d..(r + 1) * d];
+            if times_other {
+                acc.iter_mut().zip(g.iter().zip(&x[r * d..(r + 1) * d])).for_each(|(a, (&gv, &xv))| *a += gv * xv);
+            } else {
+                acc.iter_mut().zip(g).for_each(|(a, &gv)| *a += gv);
+            }
+        },
+    )
 }
 
 impl CustomOp2 for ColumnSums {
@@ -487,6 +517,28 @@ mod tests {
         // A row of tiny probabilities times a tiny gradient: flushed, not subnormal.
         let tiny = softmax_grad_rows(&[1e-20f32, 1.0], &[1e-15, 0.0], 2);
         assert_eq!(tiny[0], 0.0);
+    }
+
+    /// The kernels run AVX-512 (or AVX2) code; every element must be what this test's own
+    /// code, built for the baseline, computes from the same formula, bit for bit.
+    #[test]
+    fn softmax_vector_code_equals_baseline_code() {
+        let d = 300;
+        let x: Vec<f32> = (0..3 * d).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.37).collect();
+        let dy: Vec<f32> = (0..3 * d).map(|i| ((i * 13 % 29) as f32 - 14.0) * 0.1).collect();
+        let (y, dx) = (softmax_rows(&x, d), softmax_grad_rows(&softmax_rows(&x, d), &dy, d));
+        for r in 0..3 {
+            let (row, yr, gr) = (&x[r * d..(r + 1) * d], &y[r * d..(r + 1) * d], &dy[r * d..(r + 1) * d]);
+            let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let e: Vec<f32> = row.iter().map(|&v| (v - m).exp_fast()).collect();
+            let inv = 1.0 / lanes_sum(&e);
+            let dot = lanes_dot(yr, gr);
+            for j in 0..d {
+                assert_eq!(yr[j].to_bits(), (e[j] * inv).flush_tiny().to_bits(), "softmax row {r} column {j}");
+                let want = (yr[j] * (gr[j] - dot)).flush_tiny();
+                assert_eq!(dx[r * d + j].to_bits(), want.to_bits(), "gradient row {r} column {j}");
+            }
+        }
     }
 
     #[test]
