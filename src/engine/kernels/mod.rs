@@ -552,7 +552,7 @@ pub(crate) fn write_front<T, I>(
 /// Sums `f(a[i], b[i])` in eight independent lanes, so that the loop vectorises (the
 /// compiler may not reassociate one serial float sum).
 #[inline(always)]
-fn lanes<T: Real>(a: &[T], b: &[T], f: impl Fn(T, T) -> T) -> T {
+pub(crate) fn lanes<T: Real>(a: &[T], b: &[T], f: impl Fn(T, T) -> T) -> T {
     let mut acc = [T::zero(); 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let tail: T = ca.remainder().iter().zip(cb.remainder()).map(|(&x, &y)| f(x, y)).sum();

@@ -10,7 +10,7 @@ use std::mem::MaybeUninit;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{lanes_dot, lanes_sum, lanes_sum_sq_dev, par_written, simd, simd_widest, slice, Real};
+use super::{lanes, lanes_dot, lanes_sum, lanes_sum_sq_dev, par_written, simd, simd_widest, slice, Real};
 
 /// Elements a thread takes at a time: whole rows, about this many.
 const BLOCK: usize = 16 * 1024;
@@ -37,6 +37,19 @@ fn by_rows<T: Real>(n: usize, d: usize, f: impl Fn(usize, &mut [MaybeUninit<T>])
     }
 }
 
+/// A row the caller has written in full, as initialised values. Kernels write intermediate
+/// values (softmax's exponentials) into their output row and finish them in place: collected
+/// into a `Vec` instead, they were computed out of line, by the collecting function, in
+/// baseline four-wide code rather than in the kernel's vector code (and allocated per row).
+///
+/// # Safety
+/// Every element of `out` must have been written.
+#[inline(always)]
+unsafe fn written<T>(out: &mut [MaybeUninit<T>]) -> &mut [T] {
+    // SAFETY: MaybeUninit<T> has T's layout, and the caller wrote every element.
+    unsafe { &mut *(out as *mut [MaybeUninit<T>] as *mut [T]) }
+}
+
 /// Softmax over the last axis.
 #[derive(Clone, Copy, Debug)]
 struct Softmax;
@@ -48,11 +61,14 @@ fn softmax_rows<T: Real>(x: &[T], d: usize) -> Vec<T> {
             || {
                 let row = &x[r * d..(r + 1) * d];
                 let m = row.iter().copied().fold(T::neg_infinity(), T::max);
-                let e: Vec<T> = row.iter().map(|&v| (v - m).exp_fast()).collect();
-                let inv = T::one() / lanes_sum(&e);
-                out.iter_mut().zip(&e).for_each(|(o, &v)| {
-                    o.write((v * inv).flush_tiny());
+                // The exponentials go into the output row and are scaled there ([`written`]).
+                out.iter_mut().zip(row).for_each(|(o, &v)| {
+                    o.write((v - m).exp_fast());
                 });
+                // SAFETY: every element of `out` was written just above (both are d long).
+                let e = unsafe { written(out) };
+                let inv = T::one() / lanes_sum(e);
+                e.iter_mut().for_each(|v| *v = (*v * inv).flush_tiny());
             },
         )
     })
@@ -223,13 +239,16 @@ fn layer_norm_dx_rows<T: Real>(x: &[T], dy: &[T], scale: &[T], d: usize, eps: f6
             || {
                 let (row, gr) = (&x[r * d..(r + 1) * d], &dy[r * d..(r + 1) * d]);
                 let (mean, inv) = row_stats(row, eps);
-                let g: Vec<T> = gr.iter().zip(scale).map(|(&a, &s)| a * s).collect();
-                let xhat: Vec<T> = row.iter().map(|&v| (v - mean) * inv).collect();
-                let n = T::real(d as f64);
-                let (a, b) = (lanes_sum(&g) / n, lanes_dot(&g, &xhat) / n);
-                out.iter_mut().zip(g.iter().zip(&xhat)).for_each(|(o, (&gv, &h))| {
-                    o.write(inv * (gv - a - h * b));
+                // g = dy * scale is built in the output row and dx computed over it there, as
+                // softmax does; xhat = (x - mean) * inv is recomputed where it is needed.
+                out.iter_mut().zip(gr.iter().zip(scale)).for_each(|(o, (&a, &s))| {
+                    o.write(a * s);
                 });
+                // SAFETY: every element of `out` was written just above (all three are d long).
+                let g = unsafe { written(out) };
+                let n = T::real(d as f64);
+                let (a, b) = (lanes_sum(g) / n, lanes(g, row, |gv, v| gv * ((v - mean) * inv)) / n);
+                g.iter_mut().zip(row).for_each(|(gv, &v)| *gv = inv * (*gv - a - (v - mean) * inv * b));
             },
         )
     })
@@ -537,6 +556,28 @@ mod tests {
                 assert_eq!(yr[j].to_bits(), (e[j] * inv).flush_tiny().to_bits(), "softmax row {r} column {j}");
                 let want = (yr[j] * (gr[j] - dot)).flush_tiny();
                 assert_eq!(dx[r * d + j].to_bits(), want.to_bits(), "gradient row {r} column {j}");
+            }
+        }
+    }
+
+    /// As for softmax: LayerNorm's input gradient in the kernel's vector code equals the
+    /// baseline code's g = dy * scale, xhat, and inv * (g - mean(g) - xhat * mean(g * xhat)).
+    #[test]
+    fn layer_norm_dx_vector_code_equals_baseline_code() {
+        let d = 384;
+        let x: Vec<f32> = (0..2 * d).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.05).collect();
+        let dy: Vec<f32> = (0..2 * d).map(|i| ((i * 13 % 29) as f32 - 14.0) * 0.1).collect();
+        let scale: Vec<f32> = (0..d).map(|i| 0.5 + (i % 7) as f32 * 0.1).collect();
+        let dx = layer_norm_dx_rows(&x, &dy, &scale, d, 1e-6);
+        for r in 0..2 {
+            let (row, gr) = (&x[r * d..(r + 1) * d], &dy[r * d..(r + 1) * d]);
+            let (mean, inv) = row_stats(row, 1e-6);
+            let g: Vec<f32> = gr.iter().zip(&scale).map(|(&a, &s)| a * s).collect();
+            let xhat: Vec<f32> = row.iter().map(|&v| (v - mean) * inv).collect();
+            let (a, b) = (lanes_sum(&g) / d as f32, lanes_dot(&g, &xhat) / d as f32);
+            for j in 0..d {
+                let want = inv * (g[j] - a - xhat[j] * b);
+                assert_eq!(dx[r * d + j].to_bits(), want.to_bits(), "row {r} column {j}");
             }
         }
     }

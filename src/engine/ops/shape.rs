@@ -249,4 +249,37 @@ mod tests {
         assert!(target_shape(&[2, 3, 4], &[5, -1], false).is_err());
         assert!(target_shape(&[2, 3], &[-2], false).is_err());
     }
+
+    /// Transposes as large as attention's heads are copied in slices on separate threads
+    /// (the vendored candle's strided copy); every element must land where the permutation
+    /// puts it, for blocks of 64 contiguous elements and of one.
+    #[test]
+    fn large_transposes_put_every_element_in_place() -> candle_core::Result<()> {
+        let dims = [8usize, 97, 6, 64];
+        let n: usize = dims.iter().product();
+        assert!(n >= 1 << 18, "large enough for the split copy");
+        let x = Tensor::arange(0f32, n as f32, &candle_core::Device::Cpu)?.reshape(&dims[..])?;
+        for perm in [[0, 2, 1, 3], [0, 2, 3, 1]] {
+            let y = x.permute(perm)?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+            let out_dims: Vec<usize> = perm.iter().map(|&p| dims[p]).collect();
+            let mut idx = [0usize; 4];
+            for (at, v) in y.into_iter().enumerate() {
+                // The element's index in x: out index i along axis k is x's index along perm[k].
+                let mut src = [0usize; 4];
+                for k in 0..4 {
+                    src[perm[k]] = idx[k];
+                }
+                let want = ((src[0] * dims[1] + src[1]) * dims[2] + src[2]) * dims[3] + src[3];
+                assert_eq!(v, want as f32, "perm {perm:?} element {at}");
+                for k in (0..4).rev() {
+                    idx[k] += 1;
+                    if idx[k] < out_dims[k] {
+                        break;
+                    }
+                    idx[k] = 0;
+                }
+            }
+        }
+        Ok(())
+    }
 }
