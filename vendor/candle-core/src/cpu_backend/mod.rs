@@ -985,10 +985,14 @@ fn par_copy_strided<T: Copy + Send + Sync>(
     dst_offset: usize,
     src_l: &Layout,
 ) -> bool {
-    let threads = crate::utils::get_num_threads();
     let n = src_l.shape().elem_count();
+    if n < PAR_COPY_ELEMENTS || src_l.is_contiguous() {
+        return false;
+    }
+    // The pool the slices run on (get_num_threads reads the environment on every call).
+    let threads = rayon::current_num_threads();
     let slices = src_l.dims().first().copied().unwrap_or(0);
-    if threads < 2 || n < PAR_COPY_ELEMENTS || slices < 2 * threads || src_l.is_contiguous() {
+    if threads < 2 || slices < 2 * threads {
         return false;
     }
     let per_slice = n / slices;
