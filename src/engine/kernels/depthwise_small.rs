@@ -10,7 +10,7 @@ use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
-use super::{par_written, par_written_with, simd, sum_in_order, Real};
+use super::{par_written, par_written_with, simd, sum_in_order, transposed, Real};
 
 /// One depthwise convolution with multiplier 1 over [n, c, hw] -> [n, c, ohw]: which input
 /// position each kernel tap of each output position reads.
@@ -173,34 +173,6 @@ impl SmallDepthwise {
         };
         (dx, transposed(&sum_in_order(partials, self.k * c), self.k, c))
     }
-}
-
-/// `a` [rows, cols] as [cols, rows].
-#[inline(always)]
-fn transposed<T: Real>(a: &[T], rows: usize, cols: usize) -> Vec<T> {
-    let mut t = vec![T::zero(); rows * cols];
-    let Some(a) = a.get(..rows * cols) else { return t };
-    // Eight rows side by side: each column's eight values are stored as one run, where a
-    // row at a time stored every value on its own, a row of `t` apart (scalar stores were
-    // most of these layers' transposes).
-    let blocks = a.chunks_exact(8 * cols.max(1));
-    let rest = blocks.remainder();
-    for (b, block) in blocks.enumerate() {
-        let src: [&[T]; 8] = std::array::from_fn(|j| &block[j * cols..][..cols]);
-        for col in 0..cols {
-            let run = &mut t[col * rows + 8 * b..][..8];
-            for (j, d) in run.iter_mut().enumerate() {
-                *d = src[j][col];
-            }
-        }
-    }
-    let first = rows - rest.len() / cols.max(1);
-    for (r, row) in rest.chunks_exact(cols.max(1)).enumerate() {
-        for (col, &v) in row.iter().enumerate() {
-            t[col * rows + first + r] = v;
-        }
-    }
-    t
 }
 
 /// Writes channels-last `t` [positions, c] into `out` [c, positions]; returns the count

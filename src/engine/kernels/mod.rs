@@ -468,6 +468,34 @@ pub(crate) fn sum_in_order<T: Real>(parts: Vec<Vec<T>>, len: usize) -> Vec<T> {
     total
 }
 
+/// `a` [rows, cols] as [cols, rows].
+#[inline(always)]
+pub(crate) fn transposed<T: Real>(a: &[T], rows: usize, cols: usize) -> Vec<T> {
+    let mut t = vec![T::zero(); rows * cols];
+    let Some(a) = a.get(..rows * cols) else { return t };
+    // Eight rows side by side: each column's eight values are stored as one run, where a
+    // row at a time stored every value on its own, a row of `t` apart (scalar stores were
+    // most of these layers' transposes).
+    let blocks = a.chunks_exact(8 * cols.max(1));
+    let rest = blocks.remainder();
+    for (b, block) in blocks.enumerate() {
+        let src: [&[T]; 8] = std::array::from_fn(|j| &block[j * cols..][..cols]);
+        for col in 0..cols {
+            let run = &mut t[col * rows + 8 * b..][..8];
+            for (j, d) in run.iter_mut().enumerate() {
+                *d = src[j][col];
+            }
+        }
+    }
+    let first = rows - rest.len() / cols.max(1);
+    for (r, row) in rest.chunks_exact(cols.max(1)).enumerate() {
+        for (col, &v) in row.iter().enumerate() {
+            t[col * rows + first + r] = v;
+        }
+    }
+    t
+}
+
 /// [`par_written`] over planes of `inner` elements: `write(p, plane)` writes plane `p` from
 /// the front and returns how many it wrote. Small planes are grouped, so that a task and a
 /// call into the wide code (see [`simd`]) cover at least [`PLANE_GROUP`] elements: one
