@@ -135,6 +135,17 @@ impl Geometry {
         self.k() > self.cout_g && self.unit() * self.ohw() >= 512
     }
 
+    /// Images per task of the passes whose values do not depend on how the batch is cut
+    /// (the output and the input gradient: each element is one GEMM dot product over the
+    /// same k, whatever the columns beside it): as many tasks as [`Geometry::unit`] makes,
+    /// of even sizes. A batch of 16 on 7x7 maps went in units of 10 and 6 images, one thread
+    /// idle for the last four. The weight gradient sums over a unit's columns, so it keeps
+    /// [`Geometry::unit`] and its results.
+    fn even_unit(&self) -> usize {
+        let unit = self.unit();
+        self.n.div_ceil(self.n.div_ceil(unit).max(1)).max(1)
+    }
+
     /// Whether the columns of a unit are the input itself (one image, pointwise).
     fn direct(&self, imgs: usize) -> bool {
         self.pointwise() && imgs == 1
@@ -313,6 +324,11 @@ impl Geometry {
 }
 
 fn forward<T: Real>(x: &[T], w: &[T], g: &Geometry) -> candle_core::Result<Vec<T>> {
+    forward_in_units(x, w, g, g.even_unit())
+}
+
+/// The output, dense groups' GEMMs taking `unit` images at a time.
+fn forward_in_units<T: Real>(x: &[T], w: &[T], g: &Geometry, unit: usize) -> candle_core::Result<Vec<T>> {
     if let Some(small) = g.small() {
         return Ok(small.forward(x, w));
     }
@@ -335,7 +351,7 @@ fn forward<T: Real>(x: &[T], w: &[T], g: &Geometry) -> candle_core::Result<Vec<T
             })
         });
     }
-    let unit = g.unit();
+    let unit = unit.max(1);
     // SAFETY: forward_unit writes every element of its images' outputs when it succeeds: the
     // groups' output channels make them up.
     unsafe {
@@ -373,6 +389,11 @@ fn forward_unit<T: Real>(
 }
 
 fn backward_input<T: Real>(w: &[T], dy: &[T], g: &Geometry) -> candle_core::Result<Vec<T>> {
+    backward_input_in_units(w, dy, g, g.even_unit())
+}
+
+/// The input gradient, dense groups' GEMMs taking `unit` images at a time.
+fn backward_input_in_units<T: Real>(w: &[T], dy: &[T], g: &Geometry, unit: usize) -> candle_core::Result<Vec<T>> {
     if let Some(small) = g.small() {
         return Ok(small.backward_input(dy, w));
     }
@@ -392,10 +413,10 @@ fn backward_input<T: Real>(w: &[T], dy: &[T], g: &Geometry) -> candle_core::Resu
         });
     }
     if g.pointwise() {
-        return pointwise_backward_input(w, dy, g);
+        return pointwise_backward_input(w, dy, g, unit);
     }
     let mut dx = vec![T::zero(); g.n * in_item];
-    let unit = g.unit();
+    let unit = unit.max(1);
     dx.par_chunks_mut((unit * in_item).max(1)).zip(dy.par_chunks((unit * out_item).max(1))).try_for_each(
         |(dxu, dyu)| -> candle_core::Result<()> {
             let imgs = dyu.len() / out_item.max(1);
@@ -418,8 +439,8 @@ fn backward_input<T: Real>(w: &[T], dy: &[T], g: &Geometry) -> candle_core::Resu
 
 /// The input gradient of a pointwise convolution: every element is written once (no
 /// overlapping taps), so it is written into uninitialised memory, not added to zeros.
-fn pointwise_backward_input<T: Real>(w: &[T], dy: &[T], g: &Geometry) -> candle_core::Result<Vec<T>> {
-    let (in_item, out_item, unit) = (g.cin * g.h * g.w, g.cout * g.ohw(), g.unit());
+fn pointwise_backward_input<T: Real>(w: &[T], dy: &[T], g: &Geometry, unit: usize) -> candle_core::Result<Vec<T>> {
+    let (in_item, out_item, unit) = (g.cin * g.h * g.w, g.cout * g.ohw(), unit.max(1));
     // SAFETY: the groups' input channels make up every image's gradient, and each group's
     // is written whole (gemm_into or scatter) before Ok.
     unsafe {
@@ -728,9 +749,7 @@ mod tests {
 
     fn dw_bits<T: Real + candle_core::WithDType>(x: &Tensor, dy: &Tensor, g: &Geometry, transposed: bool) -> Vec<u64> {
         let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<T>().unwrap();
-        let dw = backward_weight_oriented(&v(x), &v(dy), g, transposed).unwrap();
-        let len = dw.len();
-        crate::engine::gradcheck::bits(&Tensor::from_vec(dw, len, &Device::Cpu).unwrap())
+        vec_bits(backward_weight_oriented(&v(x), &v(dy), g, transposed).unwrap())
     }
 
     #[test]
@@ -756,6 +775,48 @@ mod tests {
             };
             assert_eq!(bits(true), bits(false), "{xs:?} {ws:?} {p:?}");
         }
+    }
+
+    #[test]
+    fn output_and_input_gradient_do_not_depend_on_the_units() {
+        // Units of one image, of the old and the even sizes, and the whole batch: the same
+        // bits (16 images on 7x7 maps: units of 10 and 6, or 8 and 8).
+        let p1 = ConvParams { stride: [1, 1], dilation: [1, 1], pads: [0; 4], groups: 1 };
+        let mut shapes: Vec<_> = cases().into_iter().map(|(xs, ws, p)| (xs, ws, p, DType::F64)).collect();
+        shapes.push(([16, 24, 7, 7], [40, 24, 1, 1], p1, DType::F32));
+        shapes.push(([11, 8, 6, 6], [12, 8, 3, 3], ConvParams { pads: [1; 4], ..p1 }, DType::F32));
+        for (xs, ws, p, dtype) in shapes {
+            let g = Geometry::new(&xs, &ws, p).unwrap();
+            let x = seeded(&xs, 7, dtype);
+            let w = seeded(&ws, 8, dtype);
+            let dy = seeded(&[g.n, g.cout, g.oh, g.ow], 9, dtype);
+            let passes = |unit: usize| match dtype {
+                DType::F32 => unit_bits::<f32>(&x, &w, &dy, &g, unit),
+                _ => unit_bits::<f64>(&x, &w, &dy, &g, unit),
+            };
+            let want = passes(g.unit());
+            for unit in [1, g.even_unit(), g.n] {
+                assert_eq!(passes(unit), want, "{xs:?} {ws:?} {p:?}, units of {unit}");
+            }
+        }
+    }
+
+    fn unit_bits<T: Real + candle_core::WithDType>(
+        x: &Tensor,
+        w: &Tensor,
+        dy: &Tensor,
+        g: &Geometry,
+        unit: usize,
+    ) -> [Vec<u64>; 2] {
+        let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<T>().unwrap();
+        let y = forward_in_units(&v(x), &v(w), g, unit).unwrap();
+        let dx = backward_input_in_units(&v(w), &v(dy), g, unit).unwrap();
+        [vec_bits(y), vec_bits(dx)]
+    }
+
+    fn vec_bits<T: Real + candle_core::WithDType>(t: Vec<T>) -> Vec<u64> {
+        let len = t.len();
+        crate::engine::gradcheck::bits(&Tensor::from_vec(t, len, &Device::Cpu).unwrap())
     }
 
     #[test]
