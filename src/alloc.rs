@@ -21,9 +21,9 @@ pub use recycle::{keep_large_blocks, KeepGuard, Recycling};
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 const ARENA_HEAP_BYTES: libc::c_int = 64 << 20;
 
-/// Raises glibc's mmap and trim thresholds and its top pad (a no-op on other platforms), stops candle's
-/// pool threads from spinning between ops, and builds rayon's pool with the stacks the step
-/// needs on it ([`crate::parallel::configure_pool`]).
+/// Raises glibc's mmap and trim thresholds and its top pad (a no-op on other platforms),
+/// stops candle's pool threads from spinning between ops, and builds rayon's pool with the
+/// stacks the step needs on it ([`crate::parallel::configure_pool`]).
 pub fn tune_for_training() {
     // candle's CPU pool spins 25 000 iterations after each parallel op before parking. The
     // training step interleaves candle ops with mtpack's rayon kernels, so those spinning

@@ -132,7 +132,7 @@ impl Geometry {
     /// 5.0), hence the length. Each element is the same sum over the same columns in the
     /// same order either way (tested bit for bit).
     fn weight_grad_transposed(&self) -> bool {
-        self.k() > self.cout_g && self.unit() * self.ohw() >= 512
+        !self.depthwise() && self.k() > self.cout_g && self.unit() * self.ohw() >= 512
     }
 
     /// Images per task of the passes whose values do not depend on how the batch is cut
@@ -467,7 +467,7 @@ fn pointwise_backward_input<T: Real>(w: &[T], dy: &[T], g: &Geometry, unit: usiz
 }
 
 fn backward_weight<T: Real>(x: &[T], dy: &[T], g: &Geometry) -> candle_core::Result<Vec<T>> {
-    backward_weight_oriented(x, dy, g, !g.depthwise() && g.weight_grad_transposed())
+    backward_weight_oriented(x, dy, g, g.weight_grad_transposed())
 }
 
 /// The weight gradient, its GEMMs computing the transpose when `by_transpose` (dense groups).
@@ -752,17 +752,27 @@ mod tests {
         vec_bits(backward_weight_oriented(&v(x), &v(dy), g, transposed).unwrap())
     }
 
+    /// The small cases in float64, then `pointwise` ([n, cin, cout, hw] of a 1x1 convolution
+    /// on hw x hw maps) and `dense` (input and weight shapes of a 3x3 convolution, padding 1)
+    /// in float32.
+    fn f64_cases_and_f32(
+        pointwise: &[[usize; 4]],
+        dense: &[([usize; 4], [usize; 4])],
+    ) -> Vec<([usize; 4], [usize; 4], ConvParams, DType)> {
+        let p1 = ConvParams { stride: [1, 1], dilation: [1, 1], pads: [0; 4], groups: 1 };
+        let mut shapes: Vec<_> = cases().into_iter().map(|(xs, ws, p)| (xs, ws, p, DType::F64)).collect();
+        shapes
+            .extend(pointwise.iter().map(|&[n, cin, cout, hw]| ([n, cin, hw, hw], [cout, cin, 1, 1], p1, DType::F32)));
+        shapes.extend(dense.iter().map(|&(xs, ws)| (xs, ws, ConvParams { pads: [1; 4], ..p1 }, DType::F32)));
+        shapes
+    }
+
     #[test]
     fn weight_gradient_is_the_same_either_way_round() {
         // Transposed or not, each element is the same sum in the same order: bit for bit,
         // on the small cases and on MobileNetV2-like projections and expansions in float32.
-        let p1 = ConvParams { stride: [1, 1], dilation: [1, 1], pads: [0; 4], groups: 1 };
-        let mut shapes: Vec<_> = cases().into_iter().map(|(xs, ws, p)| (xs, ws, p, DType::F64)).collect();
-        for (n, cin, cout, hw) in [(3, 48, 8, 9), (2, 8, 48, 9), (2, 40, 24, 28), (5, 64, 16, 7), (4, 16, 64, 7)] {
-            shapes.push(([n, cin, hw, hw], [cout, cin, 1, 1], p1, DType::F32));
-        }
-        shapes.push(([2, 24, 9, 9], [8, 24, 3, 3], ConvParams { pads: [1; 4], ..p1 }, DType::F32));
-        for (xs, ws, p, dtype) in shapes {
+        let pointwise = [[3, 48, 8, 9], [2, 8, 48, 9], [2, 40, 24, 28], [5, 64, 16, 7], [4, 16, 64, 7]];
+        for (xs, ws, p, dtype) in f64_cases_and_f32(&pointwise, &[([2, 24, 9, 9], [8, 24, 3, 3])]) {
             let g = Geometry::new(&xs, &ws, p).unwrap();
             if g.depthwise() {
                 continue;
@@ -781,11 +791,7 @@ mod tests {
     fn output_and_input_gradient_do_not_depend_on_the_units() {
         // Units of one image, of the old and the even sizes, and the whole batch: the same
         // bits (16 images on 7x7 maps: units of 10 and 6, or 8 and 8).
-        let p1 = ConvParams { stride: [1, 1], dilation: [1, 1], pads: [0; 4], groups: 1 };
-        let mut shapes: Vec<_> = cases().into_iter().map(|(xs, ws, p)| (xs, ws, p, DType::F64)).collect();
-        shapes.push(([16, 24, 7, 7], [40, 24, 1, 1], p1, DType::F32));
-        shapes.push(([11, 8, 6, 6], [12, 8, 3, 3], ConvParams { pads: [1; 4], ..p1 }, DType::F32));
-        for (xs, ws, p, dtype) in shapes {
+        for (xs, ws, p, dtype) in f64_cases_and_f32(&[[16, 24, 40, 7]], &[([11, 8, 6, 6], [12, 8, 3, 3])]) {
             let g = Geometry::new(&xs, &ws, p).unwrap();
             let x = seeded(&xs, 7, dtype);
             let w = seeded(&ws, 8, dtype);

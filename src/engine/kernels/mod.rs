@@ -475,7 +475,7 @@ pub(crate) fn transposed<T: Real>(a: &[T], rows: usize, cols: usize) -> Vec<T> {
     let Some(a) = a.get(..rows * cols) else { return t };
     // Eight rows side by side: each column's eight values are stored as one run, where a
     // row at a time stored every value on its own, a row of `t` apart (scalar stores were
-    // most of these layers' transposes).
+    // most of the small-map depthwise layers' transposes).
     let blocks = a.chunks_exact(8 * cols.max(1));
     let rest = blocks.remainder();
     for (b, block) in blocks.enumerate() {
