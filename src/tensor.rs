@@ -127,6 +127,37 @@ impl Tensor {
         })
     }
 
+    /// Tensors of one type and trailing shape stacked along their first axis.
+    pub fn concat_rows(parts: &[&Tensor]) -> Result<Tensor, String> {
+        fn join<T: Clone>(arrays: Vec<&ArrayD<T>>) -> Result<ArrayD<T>, String> {
+            let views: Vec<_> = arrays.iter().map(|a| a.view()).collect();
+            ndarray::concatenate(ndarray::Axis(0), &views).map_err(|e| e.to_string())
+        }
+        macro_rules! all {
+            ($variant:ident) => {
+                parts
+                    .iter()
+                    .map(|t| match t {
+                        Tensor::$variant(a) => Ok(a),
+                        other => Err(format!("{} among {} parts", other.dtype().name(), stringify!($variant))),
+                    })
+                    .collect::<Result<Vec<_>, String>>()
+                    .and_then(join)
+                    .map(Tensor::$variant)
+            };
+        }
+        match parts.first() {
+            None => Err("nothing to stack".into()),
+            Some(Tensor::F32(_)) => all!(F32),
+            Some(Tensor::F64(_)) => all!(F64),
+            Some(Tensor::I64(_)) => all!(I64),
+            Some(Tensor::I32(_)) => all!(I32),
+            Some(Tensor::I8(_)) => all!(I8),
+            Some(Tensor::U8(_)) => all!(U8),
+            Some(Tensor::Bool(_)) => all!(Bool),
+        }
+    }
+
     /// The values as f64, for comparisons and statistics across element types.
     pub fn to_f64_vec(&self) -> Vec<f64> {
         match self {
@@ -234,6 +265,18 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rows_stack_in_order_and_types_do_not_mix() {
+        let a = Tensor::I64(ndarray::arr2(&[[1i64, 2]]).into_dyn());
+        let b = Tensor::I64(ndarray::arr2(&[[3i64, 4], [5, 6]]).into_dyn());
+        let s = Tensor::concat_rows(&[&a, &b]).unwrap();
+        assert_eq!(s.shape(), [3, 2]);
+        assert_eq!(s.to_f64_vec(), [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+        let f = Tensor::zeros(DType::F32, &[1, 2]);
+        assert!(Tensor::concat_rows(&[&a, &f]).unwrap_err().contains("float32"));
+        assert!(Tensor::concat_rows(&[]).is_err());
+    }
 
     #[test]
     fn bytes_round_trip_every_dtype() {

@@ -2,6 +2,7 @@
 //! directory that survives being killed at any point.
 
 pub mod checkpoint;
+mod fixed_batch;
 
 mod probe;
 pub mod report;
@@ -90,6 +91,8 @@ pub struct Backbone {
     pub shared: std::collections::BTreeSet<String>,
     /// The Conv/Gemm/MatMul weights among them: what mask methods mask.
     pub masked: std::collections::BTreeSet<String>,
+    /// What was changed so that a backbone exported for one image takes batches.
+    pub freed_batch: Option<crate::graph::batch::FreedBatch>,
 }
 
 fn backbone_err(path: &Path, e: impl std::error::Error + Send + Sync + 'static) -> AdaptError {
@@ -103,6 +106,7 @@ pub fn analyse_backbone(path: &Path, plan: &Plan) -> Result<(Model, Backbone), A
     let loaded = Model::load(path).map_err(|e| backbone_err(path, e))?;
     validate(loaded.graph()).map_err(|e| backbone_err(path, e))?;
     let (model, _folded) = weights_from_nodes(&loaded).map_err(|e| backbone_err(path, e))?;
+    let (model, freed_batch) = fixed_batch::free_fixed_batch(path, model)?;
     let (model, head, feature, feature_dim, cut) = choose_feature(path, model, plan)?;
     let g = model.graph();
     let missing = crate::engine::missing_ops_with_nodes(&model);
@@ -142,7 +146,7 @@ pub fn analyse_backbone(path: &Path, plan: &Plan) -> Result<(Model, Backbone), A
         own_head,
         cut,
     };
-    Ok((model, Backbone { record, input_shape, shared, masked }))
+    Ok((model, Backbone { record, input_shape, shared, masked, freed_batch }))
 }
 
 type FeatureChoice = (Model, Option<crate::graph::analysis::Head>, String, usize, Option<CutRecord>);
@@ -279,6 +283,14 @@ pub fn run(plan: &Plan, opts: &Options) -> Result<Manifest, AdaptError> {
     }
     let device = crate::runtime::device::candle_device(plan.device).map_err(AdaptError::Device)?;
     if !opts.quiet {
+        if let Some(f) = &backbone.freed_batch {
+            eprintln!(
+                "input '{}' is exported for a batch of 1: it takes batches here ({} Reshape shape(s) follow the batch; \
+                 a batch of two computes what each image does alone)",
+                f.input,
+                f.reshapes.len()
+            );
+        }
         eprintln!("{}", where_it_runs(plan, &model, &backbone.shared));
     }
     let pack = Pack::new(&opts.pack);

@@ -141,7 +141,7 @@ impl Runner<'_> {
         let runner = Runner { pack: &scratch, plan: &plan, data, quiet: true, agreement: None, trial: true, ..*self };
         let outcome = match runner.learn(t, method.as_mut(), &mut m) {
             Ok(()) => Ok(m.tasks.get(t).and_then(|r| r.accuracy)),
-            Err(AdaptError::Train(TrainError::Diverged { .. })) => Ok(None),
+            Err(AdaptError::Train(TrainError::Diverged { .. } | TrainError::WeightsDiverged { .. })) => Ok(None),
             Err(AdaptError::Interrupted { .. }) => Err(self.interrupted(name, 0, None)),
             Err(e) => Err(e),
         };

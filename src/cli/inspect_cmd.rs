@@ -64,8 +64,8 @@ pub fn text(r: &Report) -> String {
     if f.total() > 0 {
         let _ = writeln!(
             s,
-            "from nodes  {} Constant, {} ConstantOfShape, {} Identity outputs folded into initializers",
-            f.constants, f.constant_of_shape, f.identities
+            "from nodes  {} Constant, {} ConstantOfShape, {} Identity, {} Reshape outputs folded into initializers",
+            f.constants, f.constant_of_shape, f.identities, f.reshapes
         );
     }
     let _ = writeln!(

@@ -151,7 +151,7 @@ pub fn run(a: Args) -> anyhow::Result<Outcome> {
     let label = a.model.display().to_string();
     let mut results: Vec<(&'static str, Named)> = Vec::new();
     for mut b in backends(&model, &a)? {
-        let out = b.run(&inputs).with_context(|| format!("running {label} in {}", b.name()))?;
+        let out = run_rows(b.as_mut(), &model, &inputs).with_context(|| format!("running {label} in {}", b.name()))?;
         results.push((b.name(), out));
     }
     let mut comparisons = Vec::new();
@@ -332,12 +332,53 @@ fn first_rows(t: Tensor, n: usize) -> Tensor {
     }
 }
 
-/// Refuses inputs whose rank or fixed dimensions disagree with the model's declaration.
+/// Whether input `name` is declared for a batch of one image ([1, ...], deploy exports).
+fn batch_of_one(model: &Model, name: &str) -> bool {
+    let decl = model.graph().input.iter().find(|i| i.name() == name);
+    matches!(decl.and_then(tensor_type).and_then(|(_, d)| d).as_deref(), Some([Dim::Fixed(1), _, ..]))
+}
+
+/// Runs `inputs` in `b`; an input declared for a batch of one but holding more rows is run
+/// a row at a time, and each output's rows stacked.
+fn run_rows(b: &mut dyn Backend, model: &Model, inputs: &[(String, Tensor)]) -> anyhow::Result<Named> {
+    let rows_of = |(n, t): &(String, Tensor)| t.shape().first().copied().filter(|&r| r > 1 && batch_of_one(model, n));
+    let Some(rows) = inputs.iter().find_map(rows_of) else { return Ok(b.run(inputs)?) };
+    let mut parts: Vec<Named> = Vec::with_capacity(rows);
+    for r in 0..rows {
+        let one = inputs
+            .iter()
+            .map(|i| match rows_of(i) {
+                Some(_) => i.1.select_rows(&[r]).map(|t| (i.0.clone(), t)),
+                None => Ok(i.clone()),
+            })
+            .collect::<Result<Named, String>>()
+            .map_err(|e| anyhow::anyhow!("input row {r}: {e}"))?;
+        parts.push(b.run(&one)?);
+    }
+    let first = parts.first().cloned().unwrap_or_default();
+    first
+        .iter()
+        .enumerate()
+        .map(|(j, (name, _))| {
+            let each: Vec<&Tensor> = parts.iter().filter_map(|p| p.get(j).map(|(_, t)| t)).collect();
+            let stacked = Tensor::concat_rows(&each).map_err(|e| anyhow::anyhow!("output '{name}': {e}"))?;
+            Ok((name.clone(), stacked))
+        })
+        .collect()
+}
+
+/// Refuses inputs whose rank or fixed dimensions disagree with the model's declaration (a
+/// batch fixed at one takes any number of rows: they run one at a time).
 fn check_shape(model: &Model, name: &str, t: &Tensor) -> anyhow::Result<()> {
     let Some(decl) = model.graph().input.iter().find(|i| i.name() == name) else { return Ok(()) };
     let Some((_, Some(dims))) = tensor_type(decl) else { return Ok(()) };
+    let one = batch_of_one(model, name);
     let fits = dims.len() == t.shape().len()
-        && dims.iter().zip(t.shape()).all(|(d, &s)| !matches!(d, Dim::Fixed(n) if *n >= 0 && *n as usize != s));
+        && dims
+            .iter()
+            .zip(t.shape())
+            .enumerate()
+            .all(|(k, (d, &s))| (k == 0 && one) || !matches!(d, Dim::Fixed(n) if *n >= 0 && *n as usize != s));
     if !fits {
         let want: Vec<String> = dims.iter().map(ToString::to_string).collect();
         bail!("x has shape {:?} but model input '{name}' expects [{}]", t.shape(), want.join(", "));

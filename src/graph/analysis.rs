@@ -351,8 +351,10 @@ pub fn find_feature(g: &GraphProto, head: Option<&Head>) -> Option<Feature> {
 }
 
 /// Initializers that training may update: weights and biases of Conv/ConvTranspose/Gemm/MatMul
-/// layers (with a MatMul's Add bias) and the scale and bias of BatchNormalization and
-/// LayerNormalization (also when written out as ReduceMean/Sub/.../Mul/Add). Running statistics and shape constants never train.
+/// layers (with a MatMul's Add bias), the scale and bias of BatchNormalization,
+/// LayerNormalization (also when written out as ReduceMean/Sub/.../Mul/Add),
+/// InstanceNormalization and GroupNormalization, and PRelu's slope. Running statistics and
+/// shape constants never train.
 pub fn trainable_names(g: &GraphProto) -> std::collections::BTreeSet<String> {
     let mut names: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
     for l in trainable_layers(g) {
@@ -360,19 +362,84 @@ pub fn trainable_names(g: &GraphProto) -> std::collections::BTreeSet<String> {
         names.extend(l.bias);
     }
     let prod = producers(g);
+    let mut fixed = std::collections::BTreeSet::new();
     for n in &g.node {
-        // LayerNorm written out by exporters: its scale and bias train like LayerNormalization's.
+        // LayerNorm and GroupNorm written out by exporters: their scale and bias train like
+        // LayerNormalization's (a GroupNorm's inner unit scale and zero bias stay constant).
         if let Some((scale, bias)) = super::features::layer_norm_affine(g, &prod, n) {
             names.extend([scale, bias].into_iter().filter(|t| const_shape(g, t).is_some()));
         }
-        if matches!(n.op_type(), "BatchNormalization" | "LayerNormalization") {
-            for i in n.input.iter().skip(1).take(2).filter(|i| !i.is_empty()) {
+        if let Some((affine, constants)) = super::features::group_norm_affine(g, &prod, n) {
+            names.extend(affine.into_iter().filter(|t| const_shape(g, t).is_some()));
+            fixed.extend(constants);
+        }
+        // A normalisation's scale and bias, PRelu's slope: per-channel parameters PyTorch
+        // trains.
+        let params = match n.op_type() {
+            "BatchNormalization" | "LayerNormalization" | "InstanceNormalization" | "GroupNormalization" => 2,
+            "PRelu" => 1,
+            _ => 0,
+        };
+        if params > 0 {
+            for i in n.input.iter().skip(1).take(params).filter(|i| !i.is_empty()) {
                 if const_shape(g, i).is_some() {
                     names.insert(i.clone());
                 }
             }
         }
     }
-    names.retain(|n| g.initializer.iter().any(|t| t.name() == n));
+    names.retain(|n| !fixed.contains(n) && g.initializer.iter().any(|t| t.name() == n));
     names
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::onnx::build::{model, node, value_info};
+    use crate::onnx::pb::GraphProto;
+    use crate::onnx::tensor_proto;
+    use crate::tensor::{DType, Tensor};
+
+    fn init(name: &str, shape: &[usize]) -> crate::onnx::pb::TensorProto {
+        let n = shape.iter().product();
+        let t = Tensor::F32(ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(shape), vec![1.0; n]).unwrap());
+        tensor_proto::from_tensor(name, &t)
+    }
+
+    /// PRelu's slope, InstanceNormalization's and GroupNormalization's scale and bias train;
+    /// in GroupNorm as PyTorch writes it before opset 18 the outer per-channel Mul and Add
+    /// train and the inner InstanceNormalization's unit scale and zero bias do not.
+    #[test]
+    fn per_channel_parameters_of_other_normalisations_train() {
+        let graph = GraphProto {
+            node: vec![
+                node("PRelu", "act", &["x", "slope"], &["a"], vec![]),
+                node("InstanceNormalization", "in", &["a", "in_s", "in_b"], &["b"], vec![]),
+                node("GroupNormalization", "gn", &["b", "gn_s", "gn_b"], &["c"], vec![]),
+                node("Reshape", "grouped", &["c", "groups"], &["d"], vec![]),
+                node("InstanceNormalization", "gn2", &["d", "ones", "zeros"], &["e"], vec![]),
+                node("Shape", "shape", &["c"], &["c_shape"], vec![]),
+                node("Reshape", "back", &["e", "c_shape"], &["f"], vec![]),
+                node("Mul", "scale", &["f", "gn2_weight"], &["g"], vec![]),
+                node("Add", "bias", &["gn2_bias", "g"], &["y"], vec![]),
+            ],
+            input: vec![value_info("x", DType::F32, None)],
+            output: vec![value_info("y", DType::F32, None)],
+            initializer: vec![
+                init("slope", &[4, 1, 1]),
+                init("in_s", &[4]),
+                init("in_b", &[4]),
+                init("gn_s", &[4]),
+                init("gn_b", &[4]),
+                tensor_proto::from_tensor("groups", &Tensor::I64(ndarray::arr1(&[0i64, 2, -1]).into_dyn())),
+                init("ones", &[2]),
+                init("zeros", &[2]),
+                init("gn2_weight", &[4, 1, 1]),
+                init("gn2_bias", &[4, 1, 1]),
+            ],
+            ..Default::default()
+        };
+        let names = super::trainable_names(model(graph, 21).graph());
+        let want = ["gn2_bias", "gn2_weight", "gn_b", "gn_s", "in_b", "in_s", "slope"];
+        assert_eq!(names.iter().map(String::as_str).collect::<Vec<_>>(), want);
+    }
 }

@@ -31,4 +31,6 @@ pub enum GraphError {
     NameTaken { what: String },
     #[error("tensor '{tensor}': {problem}")]
     Shape { tensor: String, problem: String },
+    #[error("the model imports opset {from} and cannot be raised to {to}: {why}; re-export it at opset {to} or later")]
+    Opset { from: i64, to: i64, why: String },
 }

@@ -80,12 +80,51 @@ pub(crate) fn layer_norm_affine(
     prod: &std::collections::HashMap<&str, Source>,
     n: &NodeProto,
 ) -> Option<(String, String)> {
-    let from = |t: &str, op: &str| -> Option<&NodeProto> {
-        match prod.get(t) {
-            Some(Source::Node(i)) => g.node.get(*i).filter(|p| p.op_type() == op),
-            _ => None,
-        }
-    };
+    let (scale, bias, _) = written_out_affine(g, prod, n, "Div", |div| {
+        div.input.first().and_then(|x| produced(g, prod, x, "Sub")).is_some()
+    })?;
+    Some((scale, bias))
+}
+
+/// For the final Add of a GroupNorm written out as `Add(Mul(Reshape(InstanceNormalization(
+/// Reshape(x))), scale), bias)` (PyTorch before opset 18, whose InstanceNormalization runs
+/// over the groups with a constant unit scale and zero bias), its per-channel (scale, bias)
+/// inputs, then the InstanceNormalization's constant ones.
+pub(crate) fn group_norm_affine(
+    g: &GraphProto,
+    prod: &std::collections::HashMap<&str, Source>,
+    n: &NodeProto,
+) -> Option<([String; 2], Vec<String>)> {
+    let instance_norm = |r: &NodeProto| r.input.first().and_then(|x| produced(g, prod, x, "InstanceNormalization"));
+    let (scale, bias, reshape) = written_out_affine(g, prod, n, "Reshape", |r| instance_norm(r).is_some())?;
+    let constants = instance_norm(reshape)?.input.iter().skip(1).cloned().collect();
+    Some(([scale, bias], constants))
+}
+
+/// The node of op `op` that produces `t`.
+fn produced<'g>(
+    g: &'g GraphProto,
+    prod: &std::collections::HashMap<&str, Source>,
+    t: &str,
+    op: &str,
+) -> Option<&'g NodeProto> {
+    match prod.get(t) {
+        Some(Source::Node(i)) => g.node.get(*i).filter(|p| p.op_type() == op),
+        _ => None,
+    }
+}
+
+/// (scale, bias, the normalisation's last node) of `Add(Mul(normalised, scale), bias)`
+/// ending at `n`, either operand order, where `normalised` comes from a node of op `op` that
+/// `is_norm` accepts.
+fn written_out_affine<'g>(
+    g: &'g GraphProto,
+    prod: &std::collections::HashMap<&str, Source>,
+    n: &NodeProto,
+    op: &str,
+    is_norm: impl Fn(&NodeProto) -> bool,
+) -> Option<(String, String, &'g NodeProto)> {
+    let from = |t: &str, op: &str| produced(g, prod, t, op);
     if n.op_type() != "Add" {
         return None;
     }
@@ -95,18 +134,18 @@ pub(crate) fn layer_norm_affine(
         _ => return None,
     };
     let mul = from(mul_out, "Mul")?;
-    let (div_out, scale) = match mul.input.as_slice() {
-        [a, b] if from(a, "Div").is_some() => (a, b),
-        [a, b] if from(b, "Div").is_some() => (b, a),
+    let (norm_out, scale) = match mul.input.as_slice() {
+        [a, b] if from(a, op).is_some() => (a, b),
+        [a, b] if from(b, op).is_some() => (b, a),
         _ => return None,
     };
-    from(div_out, "Div")?.input.first().and_then(|x| from(x, "Sub"))?;
-    Some((scale.clone(), bias.clone()))
+    let norm = from(norm_out, op).filter(|norm| is_norm(norm))?;
+    Some((scale.clone(), bias.clone(), norm))
 }
 
 /// Tensors computed from the graph inputs by data (a Shape node passes on no data), not
 /// passing through `avoid`.
-fn data_reach(g: &GraphProto, from: &[&str], avoid: &str) -> HashSet<String> {
+pub(crate) fn data_reach(g: &GraphProto, from: &[&str], avoid: &str) -> HashSet<String> {
     let cons = consumers(g);
     let mut reached: HashSet<String> = from.iter().map(|s| s.to_string()).collect();
     let mut stack: Vec<String> = from.iter().map(|s| s.to_string()).collect();

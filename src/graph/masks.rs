@@ -118,13 +118,10 @@ pub fn embed(
     gates: &[(String, i64)],
     ranks: &HashMap<String, usize>,
 ) -> Result<Model, GraphError> {
-    let opset = model.opset("").unwrap_or(0);
-    if opset < 11 {
-        return Err(GraphError::Shape {
-            tensor: TASK_INPUT.into(),
-            problem: format!("masks in the graph need opset 11 or later, the model imports {opset}"),
-        });
-    }
+    // The mask ops need opset 12 (Max of int64); older models are raised where that changes
+    // no node.
+    let raised = super::opset::raise(model, 12)?;
+    let model = &raised;
     let mut b = Builder { patch: Patch::new() };
     let mut masks = masks.clone();
     if masks.values().any(|s| matches!(s, StoredMask::PerTask(_))) {

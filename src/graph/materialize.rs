@@ -1,6 +1,7 @@
 //! Weights made by nodes become initializers. Exporters write some weights as `Constant`
-//! nodes, as `ConstantOfShape` of a constant shape (zero-initialised tokens and biases) or as
-//! an `Identity` of an initializer (tied weights); ONNX Runtime folds them at load. mtpack
+//! nodes, as `ConstantOfShape` of a constant shape (zero-initialised tokens and biases), as
+//! an `Identity` of an initializer (tied weights) or as a `Reshape` of one (Caffe2's
+//! classifiers, stored 4-D); ONNX Runtime folds them at load. mtpack
 //! folds them once, before analysis, so that they are found, trained and masked like stored
 //! weights, and a tied weight stays one tensor.
 
@@ -15,11 +16,13 @@ pub struct Folded {
     pub constants: usize,
     pub constant_of_shape: usize,
     pub identities: usize,
+    /// Float initializers read only by a Reshape of a constant shape.
+    pub reshapes: usize,
 }
 
 impl Folded {
     pub fn total(&self) -> usize {
-        self.constants + self.constant_of_shape + self.identities
+        self.constants + self.constant_of_shape + self.identities + self.reshapes
     }
 }
 
@@ -55,6 +58,11 @@ pub fn weights_from_nodes(model: &Model) -> Result<(Model, Folded), GraphError> 
                     patch.remove_producer(name).rename_tensor(name, src);
                     folded.identities += 1;
                 }
+                "Reshape" => {
+                    let Some((source, value)) = reshaped_weight(g, n, name)? else { continue };
+                    patch.remove_producer(name).remove_initializer(&source).add_initializer(value);
+                    folded.reshapes += 1;
+                }
                 _ => continue,
             }
             changed = true;
@@ -84,6 +92,48 @@ fn constant_value(n: &NodeProto, name: &str) -> Result<Option<TensorProto>, Grap
         return Ok(None);
     };
     Ok(Some(tensor_proto::from_tensor(name, &host)))
+}
+
+/// A Reshape of a float initializer that nothing else reads, by a constant shape: the source's
+/// name and the reshaped values as an initializer named `name` (a source read elsewhere too
+/// stays, so that a weight is never split in two).
+fn reshaped_weight(g: &GraphProto, n: &NodeProto, name: &str) -> Result<Option<(String, TensorProto)>, GraphError> {
+    let init = |i: usize| n.input.get(i).and_then(|s| g.initializer.iter().find(|t| t.name() == s));
+    let (Some(source), Some(shape_t)) = (init(0), init(1)) else { return Ok(None) };
+    let readers = g.node.iter().filter(|m| m.input.iter().any(|i| i == source.name())).count();
+    let is_output = g.output.iter().any(|o| o.name() == source.name());
+    if readers != 1 || is_output || attr::int_or(n, "allowzero", 0)? != 0 {
+        return Ok(None);
+    }
+    let (Tensor::F32(data), Tensor::I64(shape)) = (tensor_proto::to_tensor(source)?, tensor_proto::to_tensor(shape_t)?)
+    else {
+        return Ok(None);
+    };
+    let Some(dims) = resolve_shape(data.shape(), &shape.iter().copied().collect::<Vec<_>>()) else { return Ok(None) };
+    let Ok(reshaped) = data.into_shape_with_order(ndarray::IxDyn(&dims)) else { return Ok(None) };
+    Ok(Some((source.name().to_string(), tensor_proto::from_tensor(name, &Tensor::F32(reshaped)))))
+}
+
+/// ONNX Reshape's target dims for an input of `from`: 0 copies the input's dim, one -1 takes
+/// what is left; None where they do not fit.
+fn resolve_shape(from: &[usize], shape: &[i64]) -> Option<Vec<usize>> {
+    let total: usize = from.iter().product();
+    let mut dims: Vec<Option<usize>> = Vec::with_capacity(shape.len());
+    for (i, &d) in shape.iter().enumerate() {
+        dims.push(match d {
+            0 => Some(*from.get(i)?),
+            -1 => None,
+            d => Some(usize::try_from(d).ok()?),
+        });
+    }
+    let known: usize = dims.iter().flatten().product();
+    match dims.iter().filter(|d| d.is_none()).count() {
+        0 if known == total => Some(dims.into_iter().flatten().collect()),
+        1 if known > 0 && total.is_multiple_of(known) => {
+            Some(dims.into_iter().map(|d| d.unwrap_or(total / known)).collect())
+        }
+        _ => None,
+    }
 }
 
 /// ConstantOfShape whose shape is an initializer: its value filled to that shape.
@@ -141,7 +191,7 @@ mod tests {
             ..Default::default()
         };
         let (m, f) = weights_from_nodes(&model(graph, 17)).unwrap();
-        assert_eq!(f, Folded { constants: 1, constant_of_shape: 1, identities: 1 });
+        assert_eq!(f, Folded { constants: 1, constant_of_shape: 1, identities: 1, reshapes: 0 });
         let g = m.graph();
         assert_eq!(g.node.iter().map(|n| n.op_type()).collect::<Vec<_>>(), ["MatMul", "Add", "MatMul"]);
         assert!(g.node[2].input.contains(&"V".to_string()), "the tied weight is read directly");
@@ -149,5 +199,47 @@ mod tests {
         assert_eq!(tensor_proto::shape_of(b).unwrap(), [3]);
         let names = crate::graph::analysis::trainable_names(g);
         assert!(names.contains("W") && names.contains("B") && names.contains("V"), "{names:?}");
+    }
+
+    /// Caffe2's classifier weight stored 4-D and reshaped for its Gemm folds to a 2-D weight;
+    /// a source also read elsewhere, or a shape that does not fit, stays a node.
+    #[test]
+    fn reshaped_weights_fold_unless_shared() {
+        let f32s = |shape: &[usize]| {
+            let n = shape.iter().product();
+            Tensor::F32(
+                ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(shape), (0..n).map(|v| v as f32).collect()).unwrap(),
+            )
+        };
+        let i64s = |v: &[i64]| Tensor::I64(ndarray::Array1::from(v.to_vec()).into_dyn());
+        let graph = GraphProto {
+            node: vec![
+                node("Reshape", "r", &["W4", "S"], &["W"], vec![]),
+                node("Gemm", "fc", &["x", "W"], &["h"], vec![crate::onnx::attr::make_int("transB", 1)]),
+                node("Reshape", "shared", &["V", "S"], &["V2"], vec![]),
+                node("Add", "add", &["V", "V"], &["v"], vec![]),
+                node("Reshape", "misfit", &["U", "S5"], &["U2"], vec![]),
+                node("Concat", "out", &["h", "V2", "v", "U2"], &["y"], vec![crate::onnx::attr::make_int("axis", 0)]),
+            ],
+            input: vec![value_info("x", DType::F32, None)],
+            output: vec![value_info("y", DType::F32, None)],
+            initializer: vec![
+                tensor_proto::from_tensor("W4", &f32s(&[2, 3, 1, 1])),
+                tensor_proto::from_tensor("S", &i64s(&[0, -1])),
+                tensor_proto::from_tensor("S5", &i64s(&[5, -1])),
+                tensor_proto::from_tensor("V", &f32s(&[2, 3, 1, 1])),
+                tensor_proto::from_tensor("U", &f32s(&[2, 3, 1, 1])),
+            ],
+            ..Default::default()
+        };
+        let (m, f) = weights_from_nodes(&model(graph, 9)).unwrap();
+        assert_eq!(f.reshapes, 1);
+        let g = m.graph();
+        let w = g.initializer.iter().find(|t| t.name() == "W").unwrap();
+        assert_eq!(tensor_proto::shape_of(w).unwrap(), [2, 3]);
+        assert_eq!(tensor_proto::to_tensor(w).unwrap().to_f64_vec(), [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]);
+        assert!(!g.initializer.iter().any(|t| t.name() == "W4"), "the source is gone");
+        let left: Vec<&str> = g.node.iter().filter(|n| n.op_type() == "Reshape").map(|n| n.name()).collect();
+        assert_eq!(left, ["shared", "misfit"]);
     }
 }

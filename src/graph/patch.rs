@@ -136,7 +136,9 @@ impl Patch {
         for (old, new) in &self.renames {
             rename_everywhere(g, old, new);
         }
+        let kept = g.node.len();
         g.node.extend(self.add_nodes.iter().cloned());
+        name_apart(&mut g.node, kept);
         g.initializer.extend(self.add_initializers.iter().cloned());
         if let Some(v) = &self.set_inputs {
             g.input = v.clone();
@@ -150,6 +152,26 @@ impl Patch {
         prune(&mut out);
         validate(out.graph())?;
         Ok(out)
+    }
+}
+
+/// Renames the nodes from `added` on whose names an earlier node already has, with a
+/// numbered suffix. Added nodes are named after their output, and a model may already have a
+/// node of that name (a Softmax `prob` writing `prob`, when the export gates `prob`): ONNX
+/// Runtime refuses a graph with two nodes of one name.
+fn name_apart(nodes: &mut [NodeProto], added: usize) {
+    let (before, after) = nodes.split_at_mut(added.min(nodes.len()));
+    let mut taken: HashSet<String> = before.iter().map(|n| n.name().to_string()).collect();
+    for n in after.iter_mut().filter(|n| !n.name().is_empty()) {
+        let base = n.name().to_string();
+        let mut name = base.clone();
+        let mut k = 1;
+        while taken.contains(&name) {
+            name = format!("{base}_{k}");
+            k += 1;
+        }
+        taken.insert(name.clone());
+        n.name = Some(name);
     }
 }
 
@@ -206,4 +228,34 @@ fn prune(model: &mut Model) {
     g.input.retain(|i| used.contains(i.name()));
     let live: HashSet<String> = g.node.iter().flat_map(|n| n.output.iter().cloned()).collect();
     g.value_info.retain(|v| live.contains(v.name()));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Patch;
+    use crate::onnx::build::{model, node, value_info};
+    use crate::onnx::pb::GraphProto;
+    use crate::tensor::DType;
+
+    /// A model whose Softmax node is named like its output; the patch gates that output with
+    /// an added node named after it too (as the export does).
+    #[test]
+    fn added_nodes_are_named_apart_from_the_model_s() {
+        let graph = GraphProto {
+            node: vec![node("Softmax", "prob", &["x"], &["prob"], vec![])],
+            input: vec![value_info("x", DType::F32, None)],
+            output: vec![value_info("prob", DType::F32, None)],
+            ..Default::default()
+        };
+        let m = model(graph, 13);
+        let mut p = Patch::new();
+        p.rename_tensor("prob", "prob/ungated");
+        p.add_node(node("Identity", "prob", &["prob/ungated"], &["prob"], vec![]));
+        p.add_node(node("Identity", "prob", &["prob"], &["again"], vec![]));
+        p.add_output(value_info("again", DType::F32, None));
+        let out = p.apply(&m).unwrap();
+        let mut names: Vec<&str> = out.graph().node.iter().map(|n| n.name()).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["prob", "prob_1", "prob_2"]);
+    }
 }

@@ -52,6 +52,10 @@ pub enum TrainError {
     /// The loss stopped being a number: the learning rate is too high for this network.
     #[error("loss became {value} at epoch {epoch}, step {step}; lower the learning rate")]
     Diverged { value: f64, epoch: u64, step: usize },
+    /// A weight holds NaN or infinity after an epoch whose loss stayed finite (a ReLU or a
+    /// max pool passes NaN on as 0, so the loss does not always show it).
+    #[error("weight '{weight}' became non-finite in epoch {epoch}; lower the learning rate")]
+    WeightsDiverged { weight: String, epoch: u64 },
     /// What was being done, and the error that stopped it.
     #[error("{context}")]
     Failed {

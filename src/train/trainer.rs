@@ -183,7 +183,7 @@ pub fn train_epoch(
     keyed.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
     let order: Vec<(usize, &Vec<usize>)> = keyed.into_iter().map(|(_, k, idx)| (k, idx)).collect();
     let dev = engine.device().clone();
-    run.drive(&order, |step, (k, idx)| {
+    let end = run.drive(&order, |step, (k, idx)| {
         let Some(task) = tasks.get(*k) else { return Ok((0, 0.0, 0)) };
         let mut wanted: Vec<&str> = vec![task.logits];
         wanted.extend(task.extra_outputs.iter().map(String::as_str));
@@ -204,7 +204,29 @@ pub fn train_epoch(
         let right = correct(logits, &yb).map_err(candle("accuracy"))?;
         let value = optimise(engine, &loss, lr, opt, hooks, (epoch, step))?;
         Ok((idx.len(), value, right))
-    })
+    })?;
+    if matches!(end, EpochEnd::Complete(_)) {
+        check_finite(engine, epoch)?;
+    }
+    Ok(end)
+}
+
+/// An error naming the first weight that holds NaN or infinity. Summed in f64, where no sum
+/// of finite f32 values overflows, so the sum is finite exactly when every value is; one
+/// pass over the weights an epoch.
+fn check_finite(engine: &Engine, epoch: u64) -> Result<(), TrainError> {
+    for (name, v) in engine.params() {
+        let sum = v
+            .as_tensor()
+            .to_dtype(candle_core::DType::F64)
+            .and_then(|t| t.sum_all())
+            .and_then(|t| t.to_scalar::<f64>())
+            .map_err(candle("checking the weights"))?;
+        if !sum.is_finite() {
+            return Err(TrainError::WeightsDiverged { weight: name.clone(), epoch });
+        }
+    }
+    Ok(())
 }
 
 /// Backward pass, optimizer step and after-step hook for one batch's `loss`; returns its
@@ -227,4 +249,24 @@ pub(crate) fn optimise(
         .map_err(candle("optimizer step"))?;
     hooks.after_step(engine.params()).map_err(candle("after-step hook"))?;
     Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device};
+
+    use super::*;
+
+    #[test]
+    fn a_non_finite_weight_is_named() {
+        let w = crate::tensor::Tensor::F32(ndarray::ArrayD::from_elem(ndarray::IxDyn(&[3, 2]), 0.5));
+        let engine = Engine::new(&crate::onnx::build::matmul(&w), &|n| n == "W", DType::F32, &Device::Cpu).unwrap();
+        check_finite(&engine, 0).unwrap();
+        for bad in [f32::NAN, f32::INFINITY] {
+            let values = Tensor::new(&[[0.5f32, 0.5], [bad, 0.5], [0.5, 0.5]], &Device::Cpu).unwrap();
+            engine.params().get("W").unwrap().set(&values).unwrap();
+            let e = check_finite(&engine, 3).unwrap_err().to_string();
+            assert!(e.contains("weight 'W'") && e.contains("epoch 3"), "{e}");
+        }
+    }
 }

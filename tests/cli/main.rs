@@ -8,6 +8,7 @@ mod bench;
 mod data;
 mod device;
 mod export;
+mod exporters;
 mod fuzz;
 mod graph;
 mod helpers;

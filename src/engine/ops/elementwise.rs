@@ -1,4 +1,5 @@
-//! Element-wise ops: arithmetic with numpy broadcasting, activations, softmax.
+//! Element-wise ops: arithmetic with numpy broadcasting (two operands, and Sum and Mean of
+//! any number), activations, softmax.
 
 use candle_core::{DType, Tensor};
 
@@ -16,6 +17,9 @@ pub fn register(r: &mut Registry) {
     r.insert("Sub", OpSpec::new(2, 2, |_, _| binary(|a, b| a.broadcast_sub(b))));
     r.insert("Mul", OpSpec::new(2, 2, |_, _| binary(|a, b| row_or_broadcast(a, b, RowOp::Mul))));
     r.insert("Div", OpSpec::new(2, 2, |_, _| binary(|a, b| a.broadcast_div(b))));
+    // Caffe2's ResNet and ShuffleNet exports join a block's branches with Sum.
+    r.insert("Sum", OpSpec::new(1, usize::MAX, |_, _| nary(false)));
+    r.insert("Mean", OpSpec::new(1, usize::MAX, |_, _| nary(true)));
     r.insert("Relu", OpSpec::new(1, 1, |_, _| unary(|a| a.relu())));
     r.insert("Sigmoid", OpSpec::new(1, 1, |_, _| unary(sigmoid)));
     r.insert("Tanh", OpSpec::new(1, 1, |_, _| unary(|a| a.tanh())));
@@ -31,6 +35,14 @@ pub fn register(r: &mut Registry) {
     r.insert("HardSigmoid", OpSpec::new(1, 1, build_hard_sigmoid));
     r.insert("HardSwish", OpSpec::new(1, 1, |_, _| unary(|a| a.mul(&hard_sigmoid(a, 1.0 / 6.0, 0.5)?))).since(14));
     r.insert("Gelu", OpSpec::new(1, 1, build_gelu).since(20));
+    r.insert("PRelu", OpSpec::new(2, 2, |_, _| binary(prelu)));
+    r.insert("Elu", OpSpec::new(1, 1, |n, _| exponential_unit(n, 1.0, None)));
+    r.insert("Selu", OpSpec::new(1, 1, |n, _| exponential_unit(n, SELU_ALPHA, Some(SELU_GAMMA))));
+    r.insert("Celu", OpSpec::new(1, 1, build_celu).since(12));
+    r.insert("ThresholdedRelu", OpSpec::new(1, 1, build_thresholded_relu).since(10));
+    r.insert("Softplus", OpSpec::new(1, 1, |_, _| unary(softplus)));
+    r.insert("Softsign", OpSpec::new(1, 1, |_, _| unary(|a| a.div(&(a.abs()? + 1.0)?))));
+    r.insert("Mish", OpSpec::new(1, 1, |_, _| unary(|a| a.mul(&softplus(a)?.tanh()?))).since(18));
     r.insert("Pow", OpSpec::new(2, 2, |_, _| binary(pow)));
     r.insert("Softmax", OpSpec::new(1, 1, |n, c| build_softmax(n, c, false)));
     r.insert("LogSoftmax", OpSpec::new(1, 1, |n, c| build_softmax(n, c, true)));
@@ -56,6 +68,25 @@ fn row_or_broadcast(a: &Tensor, b: &Tensor, op: RowOp) -> candle_core::Result<Te
         RowOp::Add => a.broadcast_add(b),
         RowOp::Mul => a.broadcast_mul(b),
     }
+}
+
+/// Sum (or `mean`) of any number of operands, broadcast together.
+fn nary(mean: bool) -> Res {
+    Ok(Box::new(FnOp(move |x: &[Option<Tensor>]| {
+        let mut it = x.iter().flatten();
+        let first = it.next().ok_or_else(|| candle_core::Error::Msg("no inputs".into()))?;
+        let mut acc = first.clone();
+        let mut count = 1usize;
+        for t in it {
+            let (a, b) = unify(&acc, t)?;
+            acc = row_or_broadcast(&a, &b, RowOp::Add)?;
+            count += 1;
+        }
+        if mean && count > 1 {
+            acc = acc.affine(1.0 / count as f64, 0.0)?;
+        }
+        Ok(vec![acc])
+    })))
 }
 
 fn unary(f: fn(&Tensor) -> candle_core::Result<Tensor>) -> Res {
@@ -129,6 +160,61 @@ fn build_leaky_relu(node: &NodeProto, _: &BuildCtx) -> Res {
         let a = req(x, 0)?;
         Ok(vec![(a.relu()? - a.neg()?.relu()?.affine(alpha, 0.0)?)?])
     })))
+}
+
+/// max(0, x) + slope * min(0, x), the slope broadcast to x (one per channel as [C, 1, 1]
+/// in converted models) and trainable.
+fn prelu(x: &Tensor, slope: &Tensor) -> candle_core::Result<Tensor> {
+    x.relu()? - x.neg()?.relu()?.broadcast_mul(slope)?
+}
+
+/// ONNX's Selu defaults (the self-normalising constants, as float32 values).
+const SELU_ALPHA: f64 = 1.673_263_192_176_818_8;
+const SELU_GAMMA: f64 = 1.050_701_022_148_132_3;
+
+/// x for x > 0, alpha * (exp(x / scale) - 1) below, times `gamma`: written as
+/// relu(x) + alpha * (exp(-relu(-x) / scale) - 1), which is 0 past 0 on the exponential side,
+/// so both pieces differentiate through candle's primitives without a select.
+fn exponential(x: &Tensor, alpha: f64, scale: f64, gamma: Option<f64>) -> candle_core::Result<Tensor> {
+    let negative = x.neg()?.relu()?.affine(-1.0 / scale, 0.0)?.exp()?.affine(alpha, -alpha)?;
+    let y = (x.relu()? + negative)?;
+    match gamma {
+        Some(g) => y.affine(g, 0.0),
+        None => Ok(y),
+    }
+}
+
+/// Elu (alpha default 1) and Selu (alpha and gamma default to the self-normalising values).
+fn exponential_unit(node: &NodeProto, alpha: f64, gamma: Option<f64>) -> Res {
+    let alpha = attr::float_or(node, "alpha", alpha as f32)? as f64;
+    let gamma = match gamma {
+        Some(g) => Some(attr::float_or(node, "gamma", g as f32)? as f64),
+        None => None,
+    };
+    Ok(Box::new(FnOp(move |x: &[Option<Tensor>]| Ok(vec![exponential(req(x, 0)?, alpha, 1.0, gamma)?]))))
+}
+
+fn build_celu(node: &NodeProto, _: &BuildCtx) -> Res {
+    let alpha = attr::float_or(node, "alpha", 1.0)? as f64;
+    if alpha == 0.0 {
+        return Err(super::invalid(node, "Celu's alpha must not be 0"));
+    }
+    Ok(Box::new(FnOp(move |x: &[Option<Tensor>]| Ok(vec![exponential(req(x, 0)?, alpha, alpha, None)?]))))
+}
+
+/// x where x > alpha, else 0; the comparison carries no gradient.
+fn build_thresholded_relu(node: &NodeProto, _: &BuildCtx) -> Res {
+    let alpha = attr::float_or(node, "alpha", 1.0)? as f64;
+    Ok(Box::new(FnOp(move |x: &[Option<Tensor>]| {
+        let a = req(x, 0)?;
+        let keep = a.detach().gt(alpha)?.to_dtype(a.dtype())?;
+        Ok(vec![a.mul(&keep)?])
+    })))
+}
+
+/// log(1 + exp(x)) as relu(x) + log(1 + exp(-|x|)), which does not overflow for large x.
+fn softplus(a: &Tensor) -> candle_core::Result<Tensor> {
+    a.relu()? + (a.abs()?.neg()?.exp()? + 1.0)?.log()?
 }
 
 fn build_hard_sigmoid(node: &NodeProto, _: &BuildCtx) -> Res {

@@ -1,5 +1,5 @@
 //! Normalisations and reductions: BatchNormalization (inference statistics), LayerNormalization,
-//! ReduceMean, ReduceSum, ReduceMax.
+//! InstanceNormalization, GroupNormalization, LRN, ReduceMean, ReduceSum, ReduceMax.
 
 use candle_core::Tensor;
 
@@ -15,6 +15,9 @@ use crate::onnx::pb::NodeProto;
 pub fn register(r: &mut Registry) {
     r.insert("BatchNormalization", OpSpec::new(5, 5, build_batch_norm));
     r.insert("LayerNormalization", OpSpec::new(2, 3, build_layer_norm).since(17));
+    r.insert("InstanceNormalization", OpSpec::new(3, 3, build_instance_norm).since(6));
+    r.insert("GroupNormalization", OpSpec::new(3, 3, build_group_norm).since(18));
+    r.insert("LRN", OpSpec::new(1, 1, build_lrn));
     r.insert("ReduceMean", OpSpec::new(1, 2, |n, c| build_reduce(n, c, Reduce::Mean)));
     r.insert("ReduceSum", OpSpec::new(1, 2, |n, c| build_reduce(n, c, Reduce::Sum)));
     r.insert("ReduceMax", OpSpec::new(1, 2, |n, c| build_reduce(n, c, Reduce::Max)));
@@ -153,15 +156,103 @@ fn layer_norm(
         };
         return crate::engine::kernels::rows::layer_norm_last(input, scale, bias, eps);
     }
-    let dims: Vec<usize> = (first..input.rank()).collect();
-    let mean = input.mean_keepdim(dims.clone())?;
-    let centred = input.broadcast_sub(&mean)?;
-    let var = centred.sqr()?.mean_keepdim(dims)?;
-    let mut y = centred.broadcast_div(&(var + eps)?.sqrt()?)?.broadcast_mul(scale)?;
+    let mut y = standardise(input, (first..input.rank()).collect(), eps)?.broadcast_mul(scale)?;
     if let Some(b) = bias {
         y = y.broadcast_add(b)?;
     }
     Ok(y)
+}
+
+/// (x - mean) / sqrt(var + eps) over `dims`, the biased variance, as every normalisation
+/// of one sample computes it.
+fn standardise(x: &Tensor, dims: Vec<usize>, eps: f64) -> candle_core::Result<Tensor> {
+    let centred = x.broadcast_sub(&x.mean_keepdim(dims.clone())?)?;
+    let var = centred.sqr()?.mean_keepdim(dims)?;
+    centred.broadcast_div(&(var + eps)?.sqrt()?)
+}
+
+/// Each sample's channels normalised over their spatial axes, then a per-channel scale and
+/// bias (trainable, as BatchNormalization's). PyTorch exports GroupNorm before opset 18 as
+/// Reshape, InstanceNormalization over the groups, Reshape, Mul, Add.
+fn build_instance_norm(node: &NodeProto, _: &BuildCtx) -> Result<Box<dyn Op>, EngineError> {
+    let eps = attr::float_or(node, "epsilon", 1e-5)? as f64;
+    Ok(Box::new(FnOp(move |x: &[Option<Tensor>]| {
+        let input = req(x, 0)?;
+        let r = input.rank();
+        if r < 3 {
+            return Err(candle_core::Error::Msg(format!(
+                "input of rank {r}: InstanceNormalization needs [N, C, D1, ...]"
+            )));
+        }
+        let y = standardise(input, (2..r).collect(), eps)?;
+        Ok(vec![y.broadcast_mul(&per_channel(req(x, 1)?, r)?)?.broadcast_add(&per_channel(req(x, 2)?, r)?)?])
+    })))
+}
+
+/// Channels in `num_groups` groups, each normalised over its channels and spatial axes. The
+/// scale and bias are per group before opset 21 and per channel from it (the operator's two
+/// versions), as tract reads them.
+fn build_group_norm(node: &NodeProto, ctx: &BuildCtx) -> Result<Box<dyn Op>, EngineError> {
+    let eps = attr::float_or(node, "epsilon", 1e-5)? as f64;
+    let groups = attr::int_or(node, "num_groups", 0)?;
+    if groups <= 0 {
+        return Err(super::invalid(node, format!("num_groups {groups}: a positive number of groups is required")));
+    }
+    let groups = groups as usize;
+    let per_channel_affine = ctx.opset >= 21;
+    Ok(Box::new(FnOp(move |x: &[Option<Tensor>]| {
+        let (input, scale, bias) = (req(x, 0)?, req(x, 1)?, req(x, 2)?);
+        let dims = input.dims().to_vec();
+        let n = match dims.as_slice() {
+            [n, c, ..] if c % groups == 0 => *n,
+            _ => {
+                return Err(candle_core::Error::Msg(format!(
+                    "input {dims:?}: GroupNormalization needs [N, C, ...] with C divisible by {groups} groups"
+                )))
+            }
+        };
+        let grouped = standardise(&input.reshape((n, groups, ()))?, vec![2], eps)?;
+        let y = if per_channel_affine {
+            let r = dims.len();
+            grouped
+                .reshape(dims.as_slice())?
+                .broadcast_mul(&per_channel(scale, r)?)?
+                .broadcast_add(&per_channel(bias, r)?)?
+        } else {
+            let y = grouped.broadcast_mul(&per_channel(scale, 3)?)?.broadcast_add(&per_channel(bias, 3)?)?;
+            y.reshape(dims.as_slice())?
+        };
+        Ok(vec![y])
+    })))
+}
+
+/// Local response normalisation across channels (AlexNet, GoogLeNet, ZFNet):
+/// y = x / (bias + alpha / size * sum of x^2 over the `size` channels around each)^beta,
+/// the window running floor((size - 1) / 2) channels below and ceil((size - 1) / 2) above.
+fn build_lrn(node: &NodeProto, _: &BuildCtx) -> Result<Box<dyn Op>, EngineError> {
+    let size = attr::int_or(node, "size", 0)?;
+    if size <= 0 {
+        return Err(super::invalid(node, format!("size {size}: a positive window size is required")));
+    }
+    let size = size as usize;
+    let alpha = attr::float_or(node, "alpha", 1e-4)? as f64;
+    let beta = attr::float_or(node, "beta", 0.75)? as f64;
+    let bias = attr::float_or(node, "bias", 1.0)? as f64;
+    Ok(Box::new(FnOp(move |x: &[Option<Tensor>]| {
+        let input = req(x, 0)?;
+        let c = match input.dims() {
+            [_, c, ..] => *c,
+            d => return Err(candle_core::Error::Msg(format!("input {d:?}: LRN needs [N, C, ...]"))),
+        };
+        let below = (size - 1) / 2;
+        let padded = input.sqr()?.pad_with_zeros(1, below, size - 1 - below)?;
+        let mut window = padded.narrow(1, 0, c)?;
+        for j in 1..size {
+            window = (window + padded.narrow(1, j, c)?)?;
+        }
+        let denominator = window.affine(alpha / size as f64, bias)?.powf(beta)?;
+        Ok(vec![input.div(&denominator)?])
+    })))
 }
 
 #[derive(Clone, Copy)]

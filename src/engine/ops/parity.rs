@@ -206,3 +206,59 @@ fn conv_transpose_matches_onnx_runtime() {
     case("ConvTranspose", attrs(), &feeds, 1, 14);
     case("ConvTranspose", vec![make_ints("strides", &[1, 1])], &feeds[..2], 1, 14);
 }
+
+/// The ops of backbones from other exporters: Caffe2's ResNet and ShuffleNet (Sum), AlexNet
+/// and GoogLeNet (LRN), converted face and detection models (PRelu, Elu, Mish), GroupNorm
+/// networks (InstanceNormalization, GroupNormalization).
+#[test]
+fn other_exporters_ops_match_onnx_runtime() {
+    let x = f32s(&[2, 6, 3, 4], 20);
+    let (b, c) = (f32s(&[6, 1, 1], 21), f32s(&[3, 4], 22));
+    case("Sum", vec![], &[("a", x.clone(), true), ("b", b.clone(), true), ("c", c.clone(), false)], 1, 13);
+    case("Sum", vec![], &[("a", x.clone(), true)], 1, 13);
+    case("Mean", vec![], &[("a", x.clone(), true), ("b", b.clone(), true), ("c", c, false)], 1, 13);
+    case("PRelu", vec![], &[("x", x.clone(), true), ("s", b, false)], 1, 16);
+    case("PRelu", vec![], &[("x", x.clone(), true), ("s", f32v(&[0.25]), false)], 1, 9);
+    for (op, attrs, opset) in [
+        ("Elu", vec![make_float("alpha", 0.7)], 6),
+        ("Selu", vec![], 6),
+        ("Celu", vec![make_float("alpha", 1.5)], 12),
+        ("ThresholdedRelu", vec![make_float("alpha", 0.3)], 10),
+        ("Softplus", vec![], 1),
+        ("Softsign", vec![], 1),
+        ("Mish", vec![], 18),
+    ] {
+        case(op, attrs, &[("x", x.clone(), true)], 1, opset);
+    }
+    // Large inputs: Softplus and Mish must not overflow where exp(x) would.
+    let big = f32v(&[-100.0, -20.0, 0.0, 20.0, 100.0]);
+    case("Softplus", vec![], &[("x", big.clone(), true)], 1, 1);
+    case("Mish", vec![], &[("x", big, true)], 1, 18);
+    // ONNX Runtime takes odd sizes only.
+    for size in [3, 5] {
+        let attrs =
+            vec![make_int("size", size), make_float("alpha", 0.3), make_float("beta", 0.75), make_float("bias", 2.0)];
+        case("LRN", attrs, &[("x", x.clone(), true)], 1, 13);
+    }
+    case("LRN", vec![make_int("size", 5)], &[("x", x.clone(), true)], 1, 1);
+    let (g, h) = (f32s(&[6], 23), f32s(&[6], 24));
+    case(
+        "InstanceNormalization",
+        vec![],
+        &[("x", x.clone(), true), ("g", g.clone(), false), ("h", h.clone(), false)],
+        1,
+        6,
+    );
+    let three = f32s(&[2, 6, 5], 25);
+    case(
+        "InstanceNormalization",
+        vec![make_float("epsilon", 1e-3)],
+        &[("x", three, true), ("g", g.clone(), false), ("h", h.clone(), false)],
+        1,
+        6,
+    );
+    let groups = vec![make_int("num_groups", 3)];
+    case("GroupNormalization", groups.clone(), &[("x", x.clone(), true), ("g", g, false), ("h", h, false)], 1, 21);
+    let (g3, h3) = (f32s(&[3], 26), f32s(&[3], 27));
+    case("GroupNormalization", groups, &[("x", x, true), ("g", g3, false), ("h", h3, false)], 1, 18);
+}

@@ -23,8 +23,7 @@ pub fn register(r: &mut Registry) {
     r.insert("Gather", OpSpec::new(2, 2, build_gather));
     r.insert("Constant", OpSpec::new(0, 0, build_constant));
     r.insert("Identity", OpSpec::new(1, 1, |_, _| identity()));
-    // Inference semantics: the mask output is not produced.
-    r.insert("Dropout", OpSpec::new(1, 3, |_, _| identity()));
+    r.insert("Dropout", OpSpec::new(1, 3, build_dropout).outputs(2));
     r.insert("Cast", OpSpec::new(1, 1, build_cast));
 }
 
@@ -34,6 +33,21 @@ fn msg(m: String) -> candle_core::Error {
 
 fn identity() -> Res {
     Ok(Box::new(FnOp(|x: &[Option<Tensor>]| Ok(vec![req(x, 0)?.clone()]))))
+}
+
+/// Inference semantics: the input passes unchanged, and the mask, where the node names one
+/// (Caffe2 exports do, unread), keeps everything: booleans from opset 10, before it ones of
+/// the input's type.
+fn build_dropout(node: &NodeProto, ctx: &BuildCtx) -> Res {
+    if node.output.get(1).is_none_or(|m| m.is_empty()) {
+        return identity();
+    }
+    let boolean = ctx.opset >= 10;
+    Ok(Box::new(FnOp(move |x: &[Option<Tensor>]| {
+        let a = req(x, 0)?;
+        let dtype = if boolean { DType::U8 } else { a.dtype() };
+        Ok(vec![a.clone(), Tensor::ones(a.shape(), dtype, a.device())?])
+    })))
 }
 
 fn build_flatten(node: &NodeProto, _: &BuildCtx) -> Res {

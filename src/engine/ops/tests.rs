@@ -115,6 +115,17 @@ fn elementwise_and_activations() {
     check("Softmax", vec![make_int("axis", 1)], &[&[2, 3, 4]], &[], 17);
     check("LogSoftmax", vec![], &[&[3, 5]], &[], 17);
     check("Gelu", vec![], &[&[3, 5]], &[], 20);
+    check("Sum", vec![], &[&[2, 3, 4], &[3, 1], &[4]], &[], 13);
+    check("Mean", vec![], &[&[2, 3, 4], &[3, 1]], &[], 13);
+    check("PRelu", vec![], &[&[2, 3, 4], &[3, 1]], &[], 16);
+    check("Elu", vec![make_float("alpha", 0.7)], &[&[3, 5]], &[], 6);
+    check("Selu", vec![], &[&[3, 5]], &[], 6);
+    check("Celu", vec![make_float("alpha", 1.5)], &[&[3, 5]], &[], 12);
+    check("ThresholdedRelu", vec![make_float("alpha", 0.2)], &[&[3, 5]], &[], 10);
+    for op in ["Softplus", "Softsign"] {
+        check(op, vec![], &[&[3, 5]], &[], 1);
+    }
+    check("Mish", vec![], &[&[3, 5]], &[], 18);
 }
 
 #[test]
@@ -129,6 +140,12 @@ fn normalisations_and_reductions() {
         15,
     );
     check("LayerNormalization", vec![], &[&[2, 3, 6], &[6], &[6]], &[], 17);
+    check("InstanceNormalization", vec![], &[&[2, 3, 4, 3], &[3], &[3]], &[], 6);
+    let groups = || vec![make_int("num_groups", 2)];
+    check("GroupNormalization", groups(), &[&[2, 4, 3, 2], &[4], &[4]], &[], 21);
+    check("GroupNormalization", groups(), &[&[2, 4, 3, 2], &[2], &[2]], &[], 18);
+    let lrn = vec![make_int("size", 3), make_float("alpha", 0.5), make_float("beta", 0.75), make_float("bias", 1.5)];
+    check("LRN", lrn, &[&[2, 5, 3, 2]], &[], 13);
     check("ReduceMean", vec![make_ints("axes", &[1]), make_int("keepdims", 0)], &[&[2, 3, 4]], &[], 13);
     check("ReduceSum", vec![], &[&[2, 3, 4]], &[(1, i64s(&[-1]))], 13);
     check("ReduceMean", vec![], &[&[2, 3, 4]], &[(1, i64s(&[0, 2]))], 18);
