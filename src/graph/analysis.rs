@@ -53,7 +53,8 @@ pub struct Head {
 pub struct Feature {
     pub tensor: String,
     pub dim: Option<usize>,
-    /// "head input" when a head was found, "graph output" for a headless backbone.
+    /// "head input" when a head was found; for a headless backbone the input of the 1x1
+    /// convolution that ends it as a classifier, else "graph output".
     pub from: &'static str,
 }
 
@@ -340,6 +341,9 @@ pub fn find_feature(g: &GraphProto, head: Option<&Head>) -> Option<Feature> {
         return Some(Feature { tensor: first.input.first()?.clone(), dim: dim.copied(), from: "head input" });
     }
     let out = g.output.first()?;
+    if let Some((tensor, dim)) = conv_classifier_input(g, out.name()) {
+        return Some(Feature { tensor, dim: Some(dim), from: "input of the 1x1-convolution classifier" });
+    }
     let dim = match tensor_type(out).and_then(|(_, s)| s) {
         Some(dims) if dims.len() == 2 => match dims.get(1) {
             Some(Dim::Fixed(n)) if *n > 0 => Some(*n as usize),
@@ -348,6 +352,35 @@ pub fn find_feature(g: &GraphProto, head: Option<&Head>) -> Option<Feature> {
         _ => None,
     };
     Some(Feature { tensor: out.name().to_string(), dim, from: "graph output" })
+}
+
+/// Ops a classifier's output passes through after a 1x1 convolution: pooling its map,
+/// flattening or squeezing it, Relu (SqueezeNet), Softmax.
+const CONV_CLASSIFIER_TAIL: &[&str] =
+    &["Identity", "Dropout", "Softmax", "LogSoftmax", "Relu", "GlobalAveragePool", "Flatten", "Reshape", "Squeeze"];
+
+/// The input and channels of the 1x1 convolution that ends a headless classifier (DenseNet's
+/// pooled features into a 1x1 Conv, SqueezeNet's Conv, Relu, pool, Softmax, TF-slim's
+/// logits convolution): new heads read what the old classifier read, pooled, rather than
+/// its logits. None where the output comes from anything else.
+fn conv_classifier_input(g: &GraphProto, output: &str) -> Option<(String, usize)> {
+    let prod = producers(g);
+    let mut tensor = output.to_string();
+    loop {
+        let Some(Source::Node(i)) = prod.get(tensor.as_str()) else { return None };
+        let n = g.node.get(*i)?;
+        match n.op_type() {
+            op if CONV_CLASSIFIER_TAIL.contains(&op) => tensor = n.input.first()?.clone(),
+            "Conv" if attr::int_or(n, "group", 1).ok()? == 1 => {
+                let shape = const_shape(g, n.input.get(1)?)?;
+                return match shape.as_slice() {
+                    [_, c, 1, 1] => Some((n.input.first()?.clone(), *c)),
+                    _ => None,
+                };
+            }
+            _ => return None,
+        }
+    }
 }
 
 /// Initializers that training may update: weights and biases of Conv/ConvTranspose/Gemm/MatMul
@@ -441,5 +474,42 @@ mod tests {
         let names = super::trainable_names(model(graph, 21).graph());
         let want = ["gn2_bias", "gn2_weight", "gn_b", "gn_s", "in_b", "in_s", "slope"];
         assert_eq!(names.iter().map(String::as_str).collect::<Vec<_>>(), want);
+    }
+
+    /// DenseNet's pooled features into a 1x1 Conv and SqueezeNet's Conv, Relu, pool, Softmax
+    /// end as classifiers: heads read the convolution's input; a 3x3 or grouped last
+    /// convolution is not a classifier.
+    #[test]
+    fn a_headless_classifier_ending_in_a_1x1_convolution_gives_its_input() {
+        let graph = |tail: Vec<crate::onnx::pb::NodeProto>, kernel: usize, group: i64| GraphProto {
+            node: [
+                vec![node("Conv", "c", &["x", "w"], &["z"], vec![crate::onnx::attr::make_int("group", group)])],
+                tail,
+            ]
+            .concat(),
+            input: vec![value_info("x", DType::F32, None)],
+            output: vec![value_info("y", DType::F32, None)],
+            initializer: vec![init("w", &[10, 6, kernel, kernel])],
+            ..Default::default()
+        };
+        let squeeze = || {
+            vec![
+                node("Relu", "r", &["z"], &["a"], vec![]),
+                node("GlobalAveragePool", "p", &["a"], &["b"], vec![]),
+                node("Softmax", "s", &["b"], &["y"], vec![]),
+            ]
+        };
+        let dense = || vec![node("Identity", "i", &["z"], &["y"], vec![])];
+        for (tail, kernel, group, want) in [
+            (squeeze(), 1, 1, Some(("x".to_string(), 6))),
+            (dense(), 1, 1, Some(("x".to_string(), 6))),
+            (squeeze(), 3, 1, None),
+            (dense(), 1, 2, None),
+        ] {
+            let g = graph(tail, kernel, group);
+            assert_eq!(super::conv_classifier_input(&g, "y"), want, "kernel {kernel} group {group}");
+            let f = super::find_feature(&g, None).unwrap();
+            assert_eq!(f.tensor == "x", want.is_some());
+        }
     }
 }
