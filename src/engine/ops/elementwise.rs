@@ -30,6 +30,9 @@ pub fn register(r: &mut Registry) {
     r.insert("Abs", OpSpec::new(1, 1, |_, _| unary(|a| a.abs())));
     r.insert("Reciprocal", OpSpec::new(1, 1, |_, _| unary(|a| a.recip())));
     r.insert("Erf", OpSpec::new(1, 1, |_, _| unary(|a| a.erf())));
+    // Sinusoidal position embeddings computed in the graph.
+    r.insert("Sin", OpSpec::new(1, 1, |_, _| unary(|a| a.sin())).since(7));
+    r.insert("Cos", OpSpec::new(1, 1, |_, _| unary(|a| a.cos())).since(7));
     r.insert("Clip", OpSpec::new(1, 3, build_clip));
     r.insert("LeakyRelu", OpSpec::new(1, 1, build_leaky_relu));
     r.insert("HardSigmoid", OpSpec::new(1, 1, build_hard_sigmoid));

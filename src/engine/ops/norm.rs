@@ -1,5 +1,7 @@
 //! Normalisations and reductions: BatchNormalization (inference statistics), LayerNormalization,
-//! InstanceNormalization, GroupNormalization, LRN, ReduceMean, ReduceSum, ReduceMax.
+//! InstanceNormalization, GroupNormalization, LRN, LpNormalization, and the reductions
+//! (ReduceMean, ReduceSum, ReduceMax, ReduceMin, ReduceSumSquare, ReduceL1, ReduceL2,
+//! ReduceLogSumExp).
 
 use candle_core::Tensor;
 
@@ -21,6 +23,12 @@ pub fn register(r: &mut Registry) {
     r.insert("ReduceMean", OpSpec::new(1, 2, |n, c| build_reduce(n, c, Reduce::Mean)));
     r.insert("ReduceSum", OpSpec::new(1, 2, |n, c| build_reduce(n, c, Reduce::Sum)));
     r.insert("ReduceMax", OpSpec::new(1, 2, |n, c| build_reduce(n, c, Reduce::Max)));
+    r.insert("ReduceMin", OpSpec::new(1, 2, |n, c| build_reduce(n, c, Reduce::Min)));
+    r.insert("ReduceSumSquare", OpSpec::new(1, 2, |n, c| build_reduce(n, c, Reduce::SumSquare)));
+    r.insert("ReduceL1", OpSpec::new(1, 2, |n, c| build_reduce(n, c, Reduce::L1)));
+    r.insert("ReduceL2", OpSpec::new(1, 2, |n, c| build_reduce(n, c, Reduce::L2)));
+    r.insert("ReduceLogSumExp", OpSpec::new(1, 2, |n, c| build_reduce(n, c, Reduce::LogSumExp)));
+    r.insert("LpNormalization", OpSpec::new(1, 1, build_lp_norm));
 }
 
 fn build_batch_norm(node: &NodeProto, ctx: &BuildCtx) -> Result<Box<dyn Op>, EngineError> {
@@ -260,6 +268,53 @@ enum Reduce {
     Mean,
     Sum,
     Max,
+    Min,
+    SumSquare,
+    L1,
+    L2,
+    LogSumExp,
+}
+
+/// `y` reduced over `dims` (sorted, distinct) by `kind`, each kept as size 1: the element map
+/// (square, absolute value) once, then one axis after another (every sum, extremum and
+/// log-sum-exp over several axes is the same reduction repeated), then L2's square root.
+fn reduce(y: &Tensor, dims: &[usize], kind: Reduce) -> candle_core::Result<Tensor> {
+    let mut y = match kind {
+        Reduce::SumSquare | Reduce::L2 => y.sqr()?,
+        Reduce::L1 => y.abs()?,
+        _ => y.clone(),
+    };
+    for &d in dims.iter().rev() {
+        y = match kind {
+            Reduce::Mean => y.mean_keepdim(d)?,
+            Reduce::Sum | Reduce::SumSquare | Reduce::L1 | Reduce::L2 => y.sum_keepdim(d)?,
+            Reduce::Max => y.max_keepdim(d)?,
+            Reduce::Min => y.min_keepdim(d)?,
+            Reduce::LogSumExp => {
+                let top = y.max_keepdim(d)?.detach();
+                (y.broadcast_sub(&top)?.exp()?.sum_keepdim(d)?.log()? + top)?
+            }
+        };
+    }
+    match kind {
+        Reduce::L2 => y.sqrt(),
+        _ => Ok(y),
+    }
+}
+
+/// x divided by its L1 or L2 norm along `axis` (embedding models end in it).
+fn build_lp_norm(node: &NodeProto, _: &BuildCtx) -> Result<Box<dyn Op>, EngineError> {
+    let ax = attr::int_or(node, "axis", -1)?;
+    let kind = match attr::int_or(node, "p", 2)? {
+        1 => Reduce::L1,
+        2 => Reduce::L2,
+        p => return Err(super::invalid(node, format!("p {p}: LpNormalization takes 1 or 2"))),
+    };
+    Ok(Box::new(FnOp(move |x: &[Option<Tensor>]| {
+        let input = req(x, 0)?;
+        let d = axis(ax, input.rank())?;
+        Ok(vec![input.broadcast_div(&reduce(input, &[d], kind)?)?])
+    })))
 }
 
 fn build_reduce(node: &NodeProto, ctx: &BuildCtx, kind: Reduce) -> Result<Box<dyn Op>, EngineError> {
@@ -285,14 +340,7 @@ fn build_reduce(node: &NodeProto, ctx: &BuildCtx, kind: Reduce) -> Result<Box<dy
         };
         dims.sort_unstable();
         dims.dedup();
-        let mut y = input.clone();
-        for &d in dims.iter().rev() {
-            y = match kind {
-                Reduce::Mean => y.mean_keepdim(d)?,
-                Reduce::Sum => y.sum_keepdim(d)?,
-                Reduce::Max => y.max_keepdim(d)?,
-            };
-        }
+        let mut y = reduce(input, &dims, kind)?;
         if !keep {
             for &d in dims.iter().rev() {
                 y = y.squeeze(d)?;

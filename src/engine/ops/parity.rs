@@ -262,3 +262,30 @@ fn other_exporters_ops_match_onnx_runtime() {
     let (g3, h3) = (f32s(&[3], 26), f32s(&[3], 27));
     case("GroupNormalization", groups, &[("x", x, true), ("g", g3, false), ("h", h3, false)], 1, 18);
 }
+
+/// Block rearrangements, the other reductions, Lp normalisation and the sinusoids.
+#[test]
+fn rearrangements_reductions_and_sinusoids_match_onnx_runtime() {
+    let x = f32s(&[2, 8, 4, 6], 28);
+    case("SpaceToDepth", vec![make_int("blocksize", 2)], &[("x", x.clone(), true)], 1, 13);
+    for mode in ["DCR", "CRD"] {
+        case(
+            "DepthToSpace",
+            vec![make_int("blocksize", 2), make_string("mode", mode)],
+            &[("x", x.clone(), true)],
+            1,
+            13,
+        );
+    }
+    let y = f32s(&[2, 5, 6], 29);
+    for op in ["ReduceMin", "ReduceSumSquare", "ReduceL1", "ReduceL2", "ReduceLogSumExp"] {
+        case(op, vec![make_ints("axes", &[1, -1]), make_int("keepdims", 0)], &[("x", y.clone(), true)], 1, 13);
+        case(op, vec![], &[("x", y.clone(), true), ("a", i64s(&[1]), false)], 1, 18);
+    }
+    for p in [1, 2] {
+        case("LpNormalization", vec![make_int("p", p), make_int("axis", 1)], &[("x", y.clone(), true)], 1, 13);
+    }
+    for op in ["Sin", "Cos"] {
+        case(op, vec![], &[("x", y.clone(), true)], 1, 13);
+    }
+}

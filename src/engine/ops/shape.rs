@@ -15,6 +15,8 @@ pub fn register(r: &mut Registry) {
     r.insert("Flatten", OpSpec::new(1, 1, build_flatten));
     r.insert("Reshape", OpSpec::new(2, 2, build_reshape).since(5));
     r.insert("Transpose", OpSpec::new(1, 1, build_transpose));
+    r.insert("SpaceToDepth", OpSpec::new(1, 1, |n, _| build_blocks(n, Blocks::SpaceToDepth)));
+    r.insert("DepthToSpace", OpSpec::new(1, 1, |n, _| build_blocks(n, Blocks::DepthToSpace)));
     r.insert("Concat", OpSpec::new(1, usize::MAX, build_concat));
     r.insert("Squeeze", OpSpec::new(1, 2, |n, c| build_squeeze(n, c, true)));
     r.insert("Unsqueeze", OpSpec::new(1, 2, |n, c| build_squeeze(n, c, false)));
@@ -107,6 +109,43 @@ fn build_transpose(node: &NodeProto, _: &BuildCtx) -> Res {
             None => (0..a.rank()).rev().collect(),
         };
         Ok(vec![a.permute(perm)?.contiguous()?])
+    })))
+}
+
+#[derive(Clone, Copy)]
+enum Blocks {
+    SpaceToDepth,
+    DepthToSpace,
+}
+
+/// SpaceToDepth and DepthToSpace (DCR, the default, and CRD): a reshape to six axes, a
+/// permutation and a reshape back, as the operator defines them.
+fn build_blocks(node: &NodeProto, kind: Blocks) -> Res {
+    let b = attr::int(node, "blocksize")?
+        .filter(|&b| b > 0)
+        .ok_or_else(|| invalid(node, "blocksize must be positive"))? as usize;
+    let crd = attr::string(node, "mode")?.is_some_and(|m| m == "CRD");
+    Ok(Box::new(FnOp(move |x: &[Option<Tensor>]| {
+        let a = req(x, 0)?;
+        let &[n, c, h, w] = a.dims() else {
+            return Err(msg(format!("input {:?}: a block rearrangement needs [N, C, H, W]", a.dims())));
+        };
+        let y = match kind {
+            Blocks::SpaceToDepth if h % b == 0 && w % b == 0 => a
+                .reshape(vec![n, c, h / b, b, w / b, b])?
+                .permute(vec![0, 3, 5, 1, 2, 4])?
+                .reshape(vec![n, c * b * b, h / b, w / b])?,
+            Blocks::DepthToSpace if c % (b * b) == 0 && crd => a
+                .reshape(vec![n, c / (b * b), b, b, h, w])?
+                .permute(vec![0, 1, 4, 2, 5, 3])?
+                .reshape(vec![n, c / (b * b), h * b, w * b])?,
+            Blocks::DepthToSpace if c % (b * b) == 0 => a
+                .reshape(vec![n, b, b, c / (b * b), h, w])?
+                .permute(vec![0, 3, 4, 1, 5, 2])?
+                .reshape(vec![n, c / (b * b), h * b, w * b])?,
+            _ => return Err(msg(format!("input {:?} does not divide into blocks of {b}", a.dims()))),
+        };
+        Ok(vec![y])
     })))
 }
 

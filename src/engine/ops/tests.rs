@@ -126,6 +126,9 @@ fn elementwise_and_activations() {
         check(op, vec![], &[&[3, 5]], &[], 1);
     }
     check("Mish", vec![], &[&[3, 5]], &[], 18);
+    for op in ["Sin", "Cos"] {
+        check(op, vec![], &[&[3, 5]], &[], 13);
+    }
 }
 
 #[test]
@@ -146,6 +149,11 @@ fn normalisations_and_reductions() {
     check("GroupNormalization", groups(), &[&[2, 4, 3, 2], &[2], &[2]], &[], 18);
     let lrn = vec![make_int("size", 3), make_float("alpha", 0.5), make_float("beta", 0.75), make_float("bias", 1.5)];
     check("LRN", lrn, &[&[2, 5, 3, 2]], &[], 13);
+    for op in ["ReduceMin", "ReduceSumSquare", "ReduceL1", "ReduceL2", "ReduceLogSumExp"] {
+        check(op, vec![make_ints("axes", &[0, 2]), make_int("keepdims", 0)], &[&[2, 3, 4]], &[], 13);
+    }
+    check("LpNormalization", vec![make_int("axis", 1)], &[&[2, 3, 4]], &[], 13);
+    check("LpNormalization", vec![make_int("axis", -1), make_int("p", 1)], &[&[2, 3, 4]], &[], 13);
     check("ReduceMean", vec![make_ints("axes", &[1]), make_int("keepdims", 0)], &[&[2, 3, 4]], &[], 13);
     check("ReduceSum", vec![], &[&[2, 3, 4]], &[(1, i64s(&[-1]))], 13);
     check("ReduceMean", vec![], &[&[2, 3, 4]], &[(1, i64s(&[0, 2]))], 18);
@@ -162,6 +170,11 @@ fn shape_ops_pass_gradients_through() {
     check("Slice", vec![], &[&[4, 5]], &[(1, i64s(&[1, -3])), (2, i64s(&[3, 100])), (3, i64s(&[0, 1]))], 17);
     check("Gather", vec![make_int("axis", 1)], &[&[3, 4]], &[(1, i64s(&[3, 0, -1]))], 17);
     check("Identity", vec![], &[&[3]], &[], 17);
+    check("SpaceToDepth", vec![make_int("blocksize", 2)], &[&[1, 2, 4, 6]], &[], 13);
+    for mode in ["DCR", "CRD"] {
+        let attrs = vec![make_int("blocksize", 2), crate::onnx::attr::make_string("mode", mode)];
+        check("DepthToSpace", attrs, &[&[1, 8, 2, 3]], &[], 13);
+    }
     check("Dropout", vec![], &[&[3]], &[], 17);
 }
 
