@@ -56,7 +56,7 @@ fn batch_independent(original: &Model, freed: &Model, input: &str) -> Result<(),
         each.push(alone.run(&[(input.to_string(), x.clone())]).map_err(err)?);
     }
     let mut batched = OrtSession::from_bytes(&freed.to_bytes(), "the backbone taking batches").map_err(err)?;
-    let stacked = stack(&images).ok_or("the seeded images do not stack")?;
+    let stacked = Tensor::concat_rows(&images.iter().collect::<Vec<_>>())?;
     let both = batched.run(&[(input.to_string(), stacked)]).map_err(|e| format!("on a batch of 2: {e:#}"))?;
     for (j, (name, got)) in both.iter().enumerate() {
         let parts: Vec<&Tensor> = each.iter().filter_map(|outs| outs.get(j).map(|(_, t)| t)).collect();
@@ -81,18 +81,6 @@ fn seeded(shape: &[usize], seed: u64) -> Tensor {
     let n = shape.iter().product();
     let values = (0..n).map(|_| rng.uniform() as f32).collect();
     Tensor::F32(ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(shape), values).unwrap_or_default())
-}
-
-/// Batch-1 images as one batch.
-fn stack(images: &[Tensor]) -> Option<Tensor> {
-    let arrays: Vec<ndarray::ArrayViewD<f32>> = images
-        .iter()
-        .map(|t| match t {
-            Tensor::F32(a) => Some(a.view()),
-            _ => None,
-        })
-        .collect::<Option<_>>()?;
-    ndarray::concatenate(ndarray::Axis(0), &arrays).ok().map(Tensor::F32)
 }
 
 #[cfg(test)]

@@ -45,20 +45,11 @@ pub fn free_batch(model: &Model) -> Result<Option<(Model, FreedBatch)>, GraphErr
         }
         let Some(t) = g.initializer.iter().find(|t| t.name() == shape) else { continue };
         let Ok(Tensor::I64(values)) = tensor_proto::to_tensor(t) else { continue };
-        let mut v: Vec<i64> = values.iter().copied().collect();
-        let copy_allowed = attr::int_or(n, "allowzero", 0)? == 0;
-        match v.first_mut() {
-            Some(first) if *first == 1 => {
-                let inferred = v.iter().skip(1).any(|&d| d == -1);
-                if inferred && !copy_allowed {
-                    continue;
-                }
-                if let Some(first) = v.first_mut() {
-                    *first = if inferred { 0 } else { -1 };
-                }
-            }
-            _ => continue,
-        }
+        let Some(v) =
+            batch_free_shape(&values.iter().copied().collect::<Vec<_>>(), attr::int_or(n, "allowzero", 0)? == 0)
+        else {
+            continue;
+        };
         let name = format!("{shape}/batch/{i}");
         patch.add_initializer(tensor_proto::from_tensor(&name, &Tensor::I64(ndarray::Array1::from(v).into_dyn())));
         let mut edited = n.clone();
@@ -78,6 +69,19 @@ pub fn free_batch(model: &Model) -> Result<Option<(Model, FreedBatch)>, GraphErr
     // Shapes recorded for a batch of one no longer hold.
     g.value_info.clear();
     Ok(Some((out, FreedBatch { input: name, reshapes })))
+}
+
+/// A Reshape shape whose leading 1 is the batch, with the batch taken from the input
+/// instead: -1, or 0 (copy the input's first axis, where `copy_allowed`) when another axis
+/// already holds the -1. None for a shape that does not start with 1 or cannot be freed.
+fn batch_free_shape(shape: &[i64], copy_allowed: bool) -> Option<Vec<i64>> {
+    let (&1, rest) = shape.split_first()? else { return None };
+    let first = match rest.contains(&-1) {
+        false => -1,
+        true if copy_allowed => 0,
+        true => return None,
+    };
+    Some(std::iter::once(first).chain(rest.iter().copied()).collect())
 }
 
 /// A value's first axis, where it is 1, named `batch`.

@@ -121,7 +121,7 @@ pub fn embed(
     // The mask ops need opset 12 (Max of int64); older models are raised where that changes
     // no node.
     let raised = super::opset::raise(model, 12)?;
-    let model = &raised;
+    let model: &Model = &raised;
     let mut b = Builder { patch: Patch::new() };
     let mut masks = masks.clone();
     if masks.values().any(|s| matches!(s, StoredMask::PerTask(_))) {

@@ -7,6 +7,8 @@
 //! Resize, TopK, ...) are not in [`UNCHANGED_7_TO_12`], and a model using them is refused with
 //! their names: re-exporting it at opset 12 or later is the way.
 
+use std::borrow::Cow;
+
 use super::GraphError;
 use crate::onnx::{attr, Model};
 
@@ -98,10 +100,10 @@ const UNCHANGED_7_TO_12: &[&str] = &[
 /// `model` importing the default domain at opset `to` (at most 12), where it imports 7 or
 /// later and every node reads the same there; the model itself where it already imports `to`
 /// or later.
-pub fn raise(model: &Model, to: i64) -> Result<Model, GraphError> {
+pub fn raise(model: &Model, to: i64) -> Result<Cow<'_, Model>, GraphError> {
     let from = model.opset("").unwrap_or(0);
     if from >= to {
-        return Ok(model.clone());
+        return Ok(Cow::Borrowed(model));
     }
     let refuse = |why: String| GraphError::Opset { from, to, why };
     if from < 7 || to > 12 {
@@ -134,7 +136,7 @@ pub fn raise(model: &Model, to: i64) -> Result<Model, GraphError> {
     if out.proto.ir_version() < 7 {
         out.proto.ir_version = Some(7);
     }
-    Ok(out)
+    Ok(Cow::Owned(out))
 }
 
 #[cfg(test)]
@@ -156,7 +158,8 @@ mod tests {
 
     #[test]
     fn an_opset_9_model_of_unchanged_ops_is_raised_to_12() {
-        let m = raise(&with("Softmax", 9), 12).unwrap();
+        let softmax = with("Softmax", 9);
+        let m = raise(&softmax, 12).unwrap();
         assert_eq!(m.opset(""), Some(12));
         assert!(m.proto.ir_version() >= 7);
         assert_eq!(raise(&with("Clip", 13), 12).unwrap().opset(""), Some(13), "already later: unchanged");
